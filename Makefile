@@ -1,0 +1,39 @@
+# fraudstream: `make demo` runs the whole service on embedded defaults, `make test` the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DURATION ?= 0
+RATE ?= 1000
+
+.PHONY: help venv demo test test-deps lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed  ## create .venv and install the project
+
+demo: venv  ## run broker, registry, worker and generator with a live summary (DURATION=60 to stop by itself)
+	$(BIN)/fraudstream demo --duration $(DURATION) --rate $(RATE)
+
+test-deps:  ## Debian packages the tests use (kcat)
+	@command -v kcat >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat >/dev/null; \
+	  else echo "kcat missing: sudo apt-get install kcat"; exit 1; fi; }
+
+lint: venv  ## ruff
+	$(BIN)/ruff check .
+
+test: venv test-deps lint  ## install what the tests need and run them all (e2e included)
+	$(BIN)/pytest
+
+bench: venv  ## issue-2 throughput/latency benchmark (prints numbers)
+	$(BIN)/python -m loadtest
+
+clean:  ## remove the virtual environment and local state
+	rm -rf $(VENV) data results *.egg-info

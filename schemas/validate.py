@@ -1,0 +1,208 @@
+"""Validation of a decoded transaction, and card-number masking for anything we write.
+
+:func:`validate_transaction` takes a dict from Avro or JSON and returns a normalized
+Transaction dict, or raises :class:`ValidationError` naming the field and the reason: the
+worker turns that into a dead-letter record. JSON input is held to the same types as the
+Avro schema (an ``event_time`` may also be an ISO-8601 string there).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+CHANNELS = frozenset({"pos", "ecom", "atm", "moto", "contactless"})
+OPTIONAL_STRINGS = ("customer_id", "terminal_id", "device_id")
+MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake
+MAX_ID_LEN = 128
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_MCC = re.compile(r"^[0-9]{4}$")
+_PAN_TEXT = re.compile(r"^[0-9][0-9 -]{11,22}[0-9]$")
+_PAN_BYTES = re.compile(rb"(?<![0-9])(?:[0-9][ -]?){12,18}[0-9](?![0-9])")
+
+
+class ValidationError(Exception):
+    """A transaction field is missing, of the wrong type or out of range."""
+
+    kind = "validation"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = f"{field}: {reason}"
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def looks_like_pan(value: str) -> bool:
+    """True for 13-19 digits (spaces or dashes allowed) passing the Luhn check."""
+    if not _PAN_TEXT.match(value):
+        return False
+    digits = value.replace(" ", "").replace("-", "")
+    return 13 <= len(digits) <= 19 and luhn_ok(digits)
+
+
+def mask_pans(data: bytes | None) -> bytes | None:
+    """Replace every digit of card-number-like runs with ``*`` except the last four.
+
+    Length is kept, so Avro or JSON bytes keep their shape. Used on every byte string the
+    service writes that came from outside (dead letters).
+    """
+    if not data:
+        return data
+
+    def _mask(m: re.Match[bytes]) -> bytes:
+        run = m.group(0)
+        digits = bytes(c for c in run if 48 <= c <= 57)
+        if not 13 <= len(digits) <= 19 or not luhn_ok(digits.decode()):
+            return run
+        keep = 4
+        out = bytearray(run)
+        for i in range(len(out) - 1, -1, -1):
+            if 48 <= out[i] <= 57:
+                if keep:
+                    keep -= 1
+                else:
+                    out[i] = ord("*")
+        return bytes(out)
+
+    return _PAN_BYTES.sub(_mask, data)
+
+
+def _string(rec: dict[str, Any], name: str, required: bool = True) -> str | None:
+    value = rec.get(name)
+    if value is None:
+        if required:
+            raise ValidationError(name, "missing")
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(name, f"expected a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise ValidationError(name, "empty")
+    if len(value) > MAX_ID_LEN:
+        raise ValidationError(name, f"longer than {MAX_ID_LEN} characters")
+    return value
+
+
+def _number(rec: dict[str, Any], name: str, required: bool = True) -> float | None:
+    value = rec.get(name)
+    if value is None:
+        if required:
+            raise ValidationError(name, "missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(name, f"expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValidationError(name, f"not a finite number ({value})")
+    return value
+
+
+def _event_time(rec: dict[str, Any]) -> int:
+    value = rec.get("event_time")
+    if value is None:
+        raise ValidationError("event_time", "missing")
+    if isinstance(value, datetime):  # fastavro decodes timestamp-millis to datetime
+        return int(value.timestamp() * 1000)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValidationError("event_time", f"not an ISO-8601 time: {value!r}") from exc
+        if parsed.tzinfo is None:
+            raise ValidationError("event_time", "ISO-8601 time without a time zone")
+        return int(parsed.timestamp() * 1000)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError("event_time", f"expected epoch millis, got {type(value).__name__}")
+    return value
+
+
+def validate_transaction(
+    rec: dict[str, Any], now_ms: int, max_future_ms: int, max_amount: float
+) -> dict[str, Any]:
+    """Return the normalized transaction, or raise :class:`ValidationError`."""
+    txn_id = _string(rec, "transaction_id")
+    card_id = _string(rec, "card_id")
+    assert card_id is not None
+    if looks_like_pan(card_id):
+        raise ValidationError("card_id", "looks like a raw card number; send a token")
+    merchant_id = _string(rec, "merchant_id")
+
+    event_time = _event_time(rec)
+    if event_time < MIN_EVENT_TIME_MS:
+        raise ValidationError("event_time", f"{event_time} is before 2000 (seconds, not millis?)")
+    if event_time > now_ms + max_future_ms:
+        ahead = (event_time - now_ms) / 1000
+        raise ValidationError("event_time", f"{ahead:.0f}s in the future")
+
+    amount = _number(rec, "amount")
+    assert amount is not None
+    if amount <= 0:
+        raise ValidationError("amount", f"must be positive, got {amount}")
+    if amount > max_amount:
+        raise ValidationError("amount", f"{amount} is over the maximum {max_amount}")
+
+    currency = _string(rec, "currency")
+    if not _CURRENCY.match(currency or ""):
+        raise ValidationError("currency", f"expected an ISO 4217 code, got {currency!r}")
+    country = _string(rec, "country")
+    if not _COUNTRY.match(country or ""):
+        raise ValidationError("country", f"expected an ISO 3166 alpha-2 code, got {country!r}")
+    card_country = _string(rec, "card_country", required=False)
+    if card_country is not None and not _COUNTRY.match(card_country):
+        raise ValidationError("card_country", f"expected an ISO 3166 code, got {card_country!r}")
+    mcc = _string(rec, "mcc", required=False)
+    if mcc is not None and not _MCC.match(mcc):
+        raise ValidationError("mcc", f"expected 4 digits, got {mcc!r}")
+    channel = _string(rec, "channel")
+    if channel not in CHANNELS:
+        raise ValidationError("channel", f"expected one of {sorted(CHANNELS)}, got {channel!r}")
+
+    lat = _number(rec, "lat", required=False)
+    lon = _number(rec, "lon", required=False)
+    if (lat is None) != (lon is None):
+        raise ValidationError("lat" if lat is None else "lon", "lat and lon come together")
+    if lat is not None and not -90.0 <= lat <= 90.0:
+        raise ValidationError("lat", f"{lat} out of [-90, 90]")
+    if lon is not None and not -180.0 <= lon <= 180.0:
+        raise ValidationError("lon", f"{lon} out of [-180, 180]")
+
+    ip = _string(rec, "ip", required=False)
+    if ip is not None:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError as exc:
+            raise ValidationError("ip", f"not an IP address: {ip!r}") from exc
+
+    out = {
+        "transaction_id": txn_id,
+        "event_time": event_time,
+        "card_id": card_id,
+        "merchant_id": merchant_id,
+        "amount": amount,
+        "currency": currency,
+        "mcc": mcc,
+        "country": country,
+        "card_country": card_country,
+        "lat": lat,
+        "lon": lon,
+        "ip": ip,
+        "channel": channel,
+    }
+    for name in OPTIONAL_STRINGS:
+        out[name] = _string(rec, name, required=False)
+    return out

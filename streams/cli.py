@@ -1,0 +1,132 @@
+"""``fraudstream``: one command, with subcommands.
+
+    fraudstream broker     run the embedded Kafka-compatible broker (in memory)
+    fraudstream registry   run the embedded Schema Registry (in memory)
+    fraudstream topics     create the service's topics
+    fraudstream worker     run the scoring worker (Faust)
+    fraudstream produce    send generated traffic, or a CSV file, to the topics
+    fraudstream tail       print decoded records of a topic (decisions, dlq, ...)
+    fraudstream demo       all of the above on embedded defaults, with a live summary
+    fraudstream settings   list every setting (environment variable) and its default
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from streams.settings import Settings, SettingsError, describe
+
+
+def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.broker import run_forever
+
+    port = args.port or int(settings.kafka.bootstrap.rsplit(":", 1)[1])
+    return run_forever(port)
+
+
+def _cmd_registry(args: argparse.Namespace, settings: Settings) -> int:
+    from urllib.parse import urlsplit
+
+    from streams.registry import run_forever
+
+    return run_forever(args.port or urlsplit(settings.codec.registry_url).port or 8081)
+
+
+def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.topics import ensure_topics
+
+    for topic, partitions in ensure_topics(settings).items():
+        print(f"{topic}\t{partitions} partitions")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.app import run_worker
+    from streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.produce import main as produce_main
+
+    return produce_main(args, settings)
+
+
+def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.tail import main as tail_main
+
+    return tail_main(args, settings)
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.demo import main as demo_main
+
+    return demo_main(args, settings)
+
+
+def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    for name, default, _doc in describe():
+        print(f"{name}={default}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fraudstream", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (in memory)")
+    p.add_argument("--port", type=int, default=0, help="default: the port of KAFKA_BOOTSTRAP")
+    p.set_defaults(func=_cmd_broker)
+
+    p = sub.add_parser("registry", help="run the embedded Schema Registry (in memory)")
+    p.add_argument("--port", type=int, default=0, help="default: the port of REGISTRY_URL")
+    p.set_defaults(func=_cmd_registry)
+
+    p = sub.add_parser("topics", help="create the topics")
+    p.set_defaults(func=_cmd_topics)
+
+    p = sub.add_parser("worker", help="run the scoring worker")
+    p.add_argument("--loglevel", default="warning")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("produce", help="send generated or CSV traffic")
+    from streams.produce import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_produce)
+
+    p = sub.add_parser("tail", help="print decoded records of a topic")
+    p.add_argument("topic", help="decisions, transactions.dlq, transactions, labels, drift, ...")
+    p.add_argument("--count", type=int, default=10, help="stop after this many (0: follow)")
+    p.add_argument("--from-beginning", action="store_true")
+    p.set_defaults(func=_cmd_tail)
+
+    p = sub.add_parser("demo", help="run everything on embedded defaults with a live summary")
+    p.add_argument("--duration", type=float, default=0, help="seconds; 0 = until Ctrl-C")
+    p.add_argument("--rate", type=float, default=1000, help="transactions per second")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--bad-ratio", type=float, default=0.01,
+                   help="share of malformed records sent, to show the DLQ")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("settings", help="list every setting and its default")
+    p.set_defaults(func=_cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"fraudstream: {exc}", file=sys.stderr)
+        return 2
+    return int(args.func(args, settings) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""A user's own history (CSV with their column names) as a stream of events in event-time order.
+
+Contract of :func:`read_csv_events`:
+
+* Yields ``("transaction", dict)`` (every field of ``schemas/transaction.avsc``),
+  ``("label", dict)`` (``schemas/label.avsc``) and ``("error", dict)``.
+* Transactions and labels come in non-decreasing time order (a transaction's
+  ``event_time``, a label's ``label_time``); ties keep file order. A label comes after its
+  transaction, at ``event_time + label_delay_days``, and only for rows whose label cell is
+  filled (both classes: ``confirmed_fraud`` / ``confirmed_genuine``).
+* Nothing vanishes: a row that cannot be mapped (missing required value, unparsable number
+  or time, bad code) becomes ``("error", {"line", "column", "field", "reason"})``, the reason
+  naming the user's column. An unreadable label cell gives an error too, and the transaction
+  is still emitted. Errors come in file order; for a file that is not already sorted by
+  time they all come before the first transaction.
+* Raw card numbers never leave this module: a ``card_id`` of 13-19 digits (spaces or dashes
+  allowed) is replaced by :func:`tokenize_card` under the caller's key. Without a key such a
+  file is refused up front (:class:`CsvMappingError`), as are unknown or missing columns.
+* A file already in time order streams in constant memory; otherwise its rows are held in
+  memory (about 1 KB each) to be sorted. The file is read twice (check, then stream).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+REQUIRED = ("transaction_id", "event_time", "card_id", "merchant_id", "amount")
+OPTIONAL = ("customer_id", "terminal_id", "currency", "mcc", "country", "card_country", "lat",
+            "lon", "device_id", "ip", "channel", "label", "fraud_type")
+#: Schema fields the Transaction needs: from a column or from ``defaults``.
+NEEDED = ("currency", "country", "channel")
+_NO_DEFAULT = frozenset({"transaction_id", "event_time", "card_id", "amount", "label"})
+MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01, as the worker checks: older is a unit mistake
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_PAN = re.compile(r"^[0-9][0-9 -]*[0-9](\.0+)?$")  # "4111 1111 ...", "4111...1111.0"
+_PAN_SCI = re.compile(r"^[0-9](\.[0-9]+)?[eE]\+?(1[2-8])$")  # spreadsheet: 4.111111111111111e+15
+_CHANNELS = {"pos": "pos", "ecom": "ecom", "atm": "atm", "moto": "moto",
+             "contactless": "contactless", "online": "ecom", "internet": "ecom", "web": "ecom",
+             "cnp": "ecom", "card_present": "pos", "nfc": "contactless"}
+_TRUE = frozenset({"1", "1.0", "true", "t", "yes", "y", "fraud"})
+_FALSE = frozenset({"0", "0.0", "false", "f", "no", "n", "genuine", "legit"})
+
+
+class CsvMappingError(ValueError):
+    """The file and the mapping do not fit (missing column, unknown field, key needed)."""
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Our field name -> the user's column name.
+
+    Required fields default to a column of the same name. Optional ones: ``None`` uses a
+    column of the same name when the header has one, ``""`` ignores the field. ``defaults``
+    fills a field whose column is absent or whose cell is empty (e.g. ``currency="EUR"``);
+    currency, country and channel need a column or a default. ``time_format``: ``auto``
+    (ISO-8601, or epoch seconds / millis / micros told apart by magnitude), ``iso``,
+    ``epoch_s``, ``epoch_ms``, or a ``strptime`` pattern. Times without a zone are UTC.
+    ``transaction_id=None`` makes ids from the file name and line (``<stem>-<line>``).
+    """
+
+    transaction_id: str | None = "transaction_id"
+    event_time: str = "event_time"
+    card_id: str = "card_id"
+    merchant_id: str = "merchant_id"
+    amount: str = "amount"
+    customer_id: str | None = None
+    terminal_id: str | None = None
+    currency: str | None = None
+    mcc: str | None = None
+    country: str | None = None
+    card_country: str | None = None
+    lat: str | None = None
+    lon: str | None = None
+    device_id: str | None = None
+    ip: str | None = None
+    channel: str | None = None
+    label: str | None = None
+    fraud_type: str | None = None
+    defaults: Mapping[str, str] = field(default_factory=dict, hash=False)
+    time_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.defaults) - (set(REQUIRED + OPTIONAL) - _NO_DEFAULT))
+        if bad:
+            raise CsvMappingError(f"no default allowed for {bad}")
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    @classmethod
+    def from_flags(cls, maps: Iterable[str] = (), defaults: Iterable[str] = (),
+                   time_format: str = "auto") -> ColumnMapping:
+        """Build from CLI flags: ``maps`` like ``card_id=cc_num``, ``defaults`` like
+        ``currency=EUR``. ``is_fraud`` is accepted as another name for ``label``."""
+        names = set(REQUIRED + OPTIONAL)
+
+        def pairs(items: Iterable[str], what: str) -> dict[str, str]:
+            out = {}
+            for item in items:
+                key, sep, value = item.partition("=")
+                key = "label" if key.strip() == "is_fraud" else key.strip()
+                if not sep or key not in names:
+                    raise CsvMappingError(
+                        f"{what} {item!r}: expected FIELD=VALUE, FIELD among {sorted(names)}")
+                out[key] = value.strip()
+            return out
+
+        return cls(**pairs(maps, "--map"), defaults=pairs(defaults, "--default"),
+                   time_format=time_format)
+
+    def resolve(self, header: Sequence[str]) -> dict[str, int]:
+        """Field -> column index for this header; raises :class:`CsvMappingError`."""
+        index = {name.strip(): i for i, name in enumerate(header)}
+        unset = [n for n in REQUIRED[1:] if not getattr(self, n) and n not in self.defaults]
+        if unset:
+            raise CsvMappingError(f"{unset} must be mapped to a column")
+        out: dict[str, int] = {}
+        missing = []
+        for f in fields(self):
+            if f.name in ("defaults", "time_format"):
+                continue
+            column = getattr(self, f.name)
+            if f.name in OPTIONAL and column is None:
+                column = f.name if f.name in index else ""
+            if column == "" or column is None:
+                continue
+            if column in index:
+                out[f.name] = index[column]
+            elif f.name not in self.defaults:
+                missing.append(f"{f.name} -> {column!r}")
+        missing += [f"{n} (no column: map one or give a default)" for n in NEEDED
+                    if n not in out and n not in self.defaults]
+        if missing:
+            raise CsvMappingError(f"columns not found: {missing}; the header has {list(index)}")
+        return out
+
+
+def _card_digits(value: str) -> str | None:
+    v = value.strip()
+    if _PAN_SCI.match(v):
+        digits = str(int(Decimal(v)))
+    elif _PAN.match(v):
+        digits = "".join(c for c in v.partition(".")[0] if c.isdigit())
+    else:
+        return None
+    return digits if 13 <= len(digits) <= 19 else None
+
+
+def looks_like_card_number(value: str) -> bool:
+    """13-19 digits, spaces or dashes allowed, also as a spreadsheet would write them
+    (``...1111.0``, ``4.111111111111111e+15``). No Luhn check: we err on the safe side."""
+    return _card_digits(value) is not None
+
+
+def tokenize_card(value: str, key: bytes | str) -> str:
+    """Keyed, stable token for a card number: ``tok_`` + 16 hex of HMAC-SHA256(key, digits).
+
+    Formatting (spaces, dashes, ``.0``) does not change the token; without the key it cannot
+    be reversed by enumerating card numbers.
+    """
+    digits = _card_digits(value) or "".join(c for c in value if c.isdigit())
+    k = key.encode() if isinstance(key, str) else key
+    return "tok_" + hmac.new(k, digits.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def parse_event_time(value: str, time_format: str = "auto") -> int:
+    """Epoch millis (UTC) from a cell; raises ValueError saying what was expected."""
+    v = value.strip()
+    if time_format in ("auto", "epoch_s", "epoch_ms"):
+        try:
+            num = float(v)
+        except ValueError:
+            if time_format != "auto":
+                raise ValueError(f"expected an epoch number, got {v!r}") from None
+        else:
+            if not math.isfinite(num):
+                raise ValueError(f"not a finite time: {v!r}")
+            if time_format == "epoch_ms":
+                return round(num)
+            if time_format == "auto" and abs(num) >= 1e11:  # 1e11 s is year 5138: millis
+                return round(num / 1000) if abs(num) >= 1e14 else round(num)
+            return round(num * 1000)
+    try:
+        if time_format in ("auto", "iso"):
+            dt = datetime.fromisoformat(v)
+        else:
+            dt = datetime.strptime(v, time_format)
+    except ValueError:
+        want = "an ISO-8601 time or epoch number" if time_format == "auto" else time_format
+        raise ValueError(f"expected {want}, got {v!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _MS
+
+
+def read_csv_events(path: str | Path, mapping: ColumnMapping | None = None, *,
+                    label_delay_days: float = 3.0, token_key: bytes | str | None = None,
+                    delimiter: str = ",", encoding: str = "utf-8-sig",
+                    ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Events of a CSV file in time order; see the module docstring for the contract.
+
+    Header problems and card numbers without ``token_key`` raise :class:`CsvMappingError`
+    here, before anything is yielded.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        raise CsvMappingError("Parquet needs pyarrow, which is not installed: export to CSV")
+    mapping = mapping or ColumnMapping()
+    rows = _Rows(path, mapping, label_delay_days, token_key, delimiter, encoding)
+    rows.check()
+    return rows.events()
+
+
+class _Rows:
+    def __init__(self, path: Path, mapping: ColumnMapping, label_delay_days: float,
+                 token_key: bytes | str | None, delimiter: str, encoding: str) -> None:
+        if label_delay_days < 0:
+            raise CsvMappingError("label_delay_days must be >= 0")
+        self.path, self.mapping, self.key = path, mapping, token_key
+        self.delay_ms = round(label_delay_days * 86_400_000)
+        self.delimiter, self.encoding = delimiter, encoding
+        self.sorted = True
+
+    def _reader(self) -> Iterator[tuple[int, list[str]]]:
+        with self.path.open(newline="", encoding=self.encoding) as fh:
+            reader = csv.reader(fh, delimiter=self.delimiter)
+            self.header = next(reader, None)
+            if self.header is None:
+                raise CsvMappingError(f"{self.path}: empty file, no header")
+            for row in reader:
+                if row:
+                    yield reader.line_num, row
+
+    def check(self) -> None:
+        """Pass 1: header vs mapping, default values, sortedness, card numbers vs key."""
+        rows = self._reader()
+        first = next(rows, None)
+        self.cols = self.mapping.resolve(self.header)
+        for name, value in self.mapping.defaults.items():
+            try:
+                _PARSE.get(name, _text)(value)
+            except ValueError as exc:
+                raise CsvMappingError(f"default {name}={value!r}: {exc}") from None
+        t_col, c_col = self.cols["event_time"], self.cols["card_id"]
+        last = -math.inf
+        for _, row in _chain(first, rows):
+            if c_col < len(row) and self.key is None and looks_like_card_number(row[c_col]):
+                raise CsvMappingError(
+                    f"column {self.header[c_col]!r} (card_id) holds card numbers: pass a "
+                    "tokenization key so they are replaced by tokens")
+            try:
+                t = parse_event_time(row[t_col], self.mapping.time_format)
+            except (ValueError, IndexError):
+                continue
+            if t < last:
+                self.sorted = False
+            last = max(last, t)
+
+    def events(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Pass 2: map rows, merge labels in time order."""
+        labels: list[tuple[int, int, dict[str, Any]]] = []
+        held: list[tuple[int, int, dict[str, Any], dict[str, Any] | None]] = []
+        for line, row in self._reader():
+            txn, label, error = self._map(line, row)
+            if error is not None:
+                yield "error", error
+            if txn is None:
+                continue
+            if not self.sorted:
+                held.append((txn["event_time"], line, txn, label))
+                continue
+            yield from _due(labels, txn["event_time"])
+            yield "transaction", txn
+            if label is not None:
+                heapq.heappush(labels, (label["label_time"], line, label))
+        held.sort(key=lambda h: (h[0], h[1]))
+        for t, line, txn, label in held:
+            yield from _due(labels, t)
+            yield "transaction", txn
+            if label is not None:
+                heapq.heappush(labels, (label["label_time"], line, label))
+        yield from _due(labels, math.inf)
+
+    def _map(self, line: int, row: list[str]) -> tuple[
+            dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+        """One row -> (transaction or None, label or None, error or None)."""
+        if len(row) != len(self.header):
+            reason = f"has {len(row)} fields, the header has {len(self.header)}"
+            return None, None, {"line": line, "column": None, "field": None, "reason": reason}
+        m, cols, problems = self.mapping, self.cols, []
+        rec: dict[str, Any] = {}
+        for name in REQUIRED + OPTIONAL:
+            cell = row[cols[name]].strip() if name in cols else ""
+            if cell == "":
+                cell = m.defaults.get(name, "")
+            if cell == "":
+                if name in REQUIRED and not (name == "transaction_id" and not m.transaction_id):
+                    problems.append((name, "missing value"))
+                rec[name] = None
+                continue
+            try:
+                if name == "event_time":
+                    rec[name] = parse_event_time(cell, m.time_format)
+                    if rec[name] < MIN_EVENT_TIME_MS:
+                        raise ValueError(f"{cell!r} is before 2000 (wrong unit?)")
+                else:
+                    rec[name] = _PARSE.get(name, _text)(cell)
+            except ValueError as exc:
+                problems.append((name, str(exc)))
+        if (rec["lat"] is None) != (rec["lon"] is None) and not any(
+                p[0] in ("lat", "lon") for p in problems):
+            problems.append(("lat" if rec["lat"] is None else "lon", "lat and lon come together"))
+        label_problem = next((p for p in problems if p[0] == "label"), None)
+        problems = [p for p in problems if p[0] != "label"]
+        if problems:
+            return None, None, self._error(line, problems)
+        if rec["transaction_id"] is None:
+            rec["transaction_id"] = f"{self.path.stem}-{line}"
+        if looks_like_card_number(rec["card_id"]):
+            rec["card_id"] = tokenize_card(rec["card_id"], self.key or b"")
+        is_fraud, fraud_type = rec.pop("label", None), rec.pop("fraud_type")
+        label = None
+        if is_fraud is not None:
+            label = {"transaction_id": rec["transaction_id"], "card_id": rec["card_id"],
+                     "is_fraud": is_fraud, "fraud_type": fraud_type if is_fraud else None,
+                     "source": "confirmed_fraud" if is_fraud else "confirmed_genuine",
+                     "event_time": rec["event_time"],
+                     "label_time": rec["event_time"] + self.delay_ms}
+        error = self._error(line, [label_problem]) if label_problem else None
+        if error:
+            error["reason"] += " (transaction kept, no label)"
+        return rec, label, error
+
+    def _error(self, line: int, problems: list[tuple[str, str]]) -> dict[str, Any]:
+        def column(name: str) -> str:
+            if name in self.cols:
+                return self.header[self.cols[name]]
+            return f"default {name}" if name in self.mapping.defaults else name
+
+        reason = "; ".join(f"column {column(n)!r} ({n}): {why}" for n, why in problems)
+        return {"line": line, "column": column(problems[0][0]), "field": problems[0][0],
+                "reason": reason}
+
+
+def _chain(first: tuple[int, list[str]] | None,
+           rest: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, list[str]]]:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def _due(labels: list[tuple[int, int, dict[str, Any]]],
+         until: float) -> Iterator[tuple[str, dict[str, Any]]]:
+    while labels and labels[0][0] <= until:
+        yield "label", heapq.heappop(labels)[2]
+
+
+def _text(v: str) -> str:
+    return v
+
+
+def _number(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"cannot read {v!r} as a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"not a finite number: {v!r}")
+    return x
+
+
+def _amount(v: str) -> float:
+    x = _number(v)
+    if x <= 0:
+        raise ValueError(f"must be positive, got {v!r}")
+    return x
+
+
+def _ranged(limit: float) -> Any:
+    def parse(v: str) -> float:
+        x = _number(v)
+        if not -limit <= x <= limit:
+            raise ValueError(f"{v!r} out of [-{limit:g}, {limit:g}]")
+        return x
+    return parse
+
+
+def _code(n: int, what: str) -> Any:
+    pattern = re.compile(rf"^[A-Z]{{{n}}}$")
+
+    def parse(v: str) -> str:
+        if not pattern.match(v.upper()):
+            raise ValueError(f"expected {what}, got {v!r}")
+        return v.upper()
+    return parse
+
+
+def _mcc(v: str) -> str:
+    m = re.fullmatch(r"([0-9]{1,4})(\.0*)?", v)
+    if not m:
+        raise ValueError(f"expected a 4-digit merchant category code, got {v!r}")
+    return m.group(1).zfill(4)
+
+
+def _channel(v: str) -> str:
+    if v.lower() not in _CHANNELS:
+        raise ValueError(f"expected one of pos, ecom, atm, moto, contactless, got {v!r}")
+    return _CHANNELS[v.lower()]
+
+
+def _ip(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"not an IP address: {v!r}") from None
+
+
+def _label(v: str) -> bool:
+    if v.lower() in _TRUE:
+        return True
+    if v.lower() in _FALSE:
+        return False
+    raise ValueError(f"expected 1/0, true/false or yes/no, got {v!r}")
+
+
+_PARSE = {
+    "amount": _amount, "lat": _ranged(90.0), "lon": _ranged(180.0),
+    "currency": _code(3, "an ISO 4217 code like EUR"),
+    "country": _code(2, "an ISO 3166 alpha-2 code like FR"),
+    "card_country": _code(2, "an ISO 3166 alpha-2 code like FR"),
+    "mcc": _mcc, "channel": _channel, "ip": _ip, "label": _label,
+}

@@ -1,0 +1,206 @@
+"""The worker's batch step, free of Faust and Kafka: raw records in, records to write out.
+
+:meth:`Pipeline.process` takes one fetched micro-batch of ``transactions`` records and
+returns a :class:`BatchResult`: the decisions (keyed by transaction_id), the dead letters
+(one per record that could not be decided, with the reason), and the new entries for the
+dedupe state. Every input record ends in exactly one decision or one dead letter: nothing
+is dropped. Writing those out, in a safe order, is :mod:`streams.delivery`'s job.
+
+Dedupe: a transaction_id already decided (``lookup`` finds it, or it appeared earlier in
+the same batch) gets the bytes of its first decision again, never a new decision.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.codec import Codecs, DecodeError, decode_json
+from schemas.validate import ValidationError, mask_pans, validate_transaction
+from scorers.base import Scorer
+
+#: (partition, [transaction_id bytes]) -> [stored decision bytes or None], aligned.
+Lookup = Callable[[int, list[bytes]], list[bytes | None]]
+
+
+@dataclass(slots=True, frozen=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class BatchResult:
+    #: (key, value) for the decisions topic, one per valid input record.
+    decisions: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: (partition, transaction_id, decision bytes): first decisions, for the dedupe state.
+    new_entries: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    #: (key, value) for the dead-letter topic, one per record that could not be decided.
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    dlq_reasons: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_record_bytes: int
+    max_future_ms: int
+    max_amount: float
+
+
+class Pipeline:
+    def __init__(
+        self,
+        codecs: Codecs,
+        scorer: Scorer,
+        limits: Limits,
+        input_format: str = "avro",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.codecs = codecs
+        self.scorer = scorer
+        self.limits = limits
+        self.clock = clock
+        self._decode: Callable[[bytes], dict[str, Any]] = (
+            codecs.transaction.decode if input_format == "avro" else decode_json
+        )
+
+    def process(self, records: Sequence[RawRecord], lookup: Lookup) -> BatchResult:
+        t0 = time.perf_counter()
+        out = BatchResult()
+        now_ms = int(self.clock() * 1000)
+        valid: list[tuple[RawRecord, dict[str, Any]]] = []
+        for rec in records:
+            try:
+                valid.append((rec, self._read(rec, now_ms)))
+            except (DecodeError, ValidationError) as exc:
+                out.dead_letters.append(self._dead_letter(rec, exc, now_ms))
+                out.dlq_reasons[f"{exc.kind}:{exc.field or '-'}"] += 1
+        t1 = time.perf_counter()
+
+        # Dedupe: earlier decisions (from state) and repeats inside this batch.
+        earlier = self._lookup_all(valid, lookup)
+        fresh: list[tuple[RawRecord, dict[str, Any]]] = []
+        first_in_batch: dict[str, int] = {}
+        repeats: list[tuple[int, str]] = []  # (index in valid, transaction_id)
+        for i, (rec, txn) in enumerate(valid):
+            txn_id = txn["transaction_id"]
+            if txn_id in earlier:
+                continue
+            if txn_id in first_in_batch:
+                repeats.append((i, txn_id))
+                continue
+            first_in_batch[txn_id] = len(fresh)
+            fresh.append((rec, txn))
+        t2 = time.perf_counter()
+
+        scores = self.scorer.score_batch([txn for _, txn in fresh]) if fresh else []
+        t3 = time.perf_counter()
+
+        timings = {
+            "decode": (t1 - t0) * 1000.0,
+            "dedupe": (t2 - t1) * 1000.0,
+            "rules": (t3 - t2) * 1000.0,
+        }
+        decided_at = int(self.clock() * 1000)
+        encode = self.codecs.decision.encode
+        version = self.scorer.version
+        fresh_bytes: list[bytes] = []
+        for (rec, txn), score in zip(fresh, scores, strict=True):
+            timings_ms = dict(timings, total=(time.perf_counter() - t0) * 1000.0)
+            value = encode(
+                {
+                    "transaction_id": txn["transaction_id"],
+                    "card_id": txn["card_id"],
+                    "decision": str(score.outcome),
+                    "score": float(score.score),
+                    "reasons": list(score.reasons),
+                    "model_version": version,
+                    "stage": "rules",
+                    "fallback": False,
+                    "timings_ms": timings_ms,
+                    "event_time": txn["event_time"],
+                    "source_timestamp": rec.timestamp_ms,
+                    "decided_at": decided_at,
+                }
+            )
+            fresh_bytes.append(value)
+            key = txn["transaction_id"].encode()
+            out.new_entries.append((rec.partition, key, value))
+            out.outcomes[str(score.outcome)] += 1
+
+        # Emit in input order: every valid record gets exactly one decision record.
+        fresh_iter = iter(fresh_bytes)
+        repeat_idx = {i for i, _ in repeats}
+        for i, (_rec, txn) in enumerate(valid):
+            txn_id = txn["transaction_id"]
+            key = txn_id.encode()
+            if txn_id in earlier:
+                value = earlier[txn_id]
+                out.duplicates += 1
+            elif i in repeat_idx:
+                value = fresh_bytes[first_in_batch[txn_id]]
+                out.duplicates += 1
+            else:
+                value = next(fresh_iter)
+            out.decisions.append((key, value))
+        timings["total"] = (time.perf_counter() - t0) * 1000.0
+        out.timings_ms = timings
+        return out
+
+    def _read(self, rec: RawRecord, now_ms: int) -> dict[str, Any]:
+        if rec.value is None:
+            raise DecodeError("decode", "empty record (null value)")
+        if len(rec.value) > self.limits.max_record_bytes:
+            raise DecodeError(
+                "oversize",
+                f"record of {len(rec.value)} bytes is over {self.limits.max_record_bytes}",
+            )
+        return validate_transaction(
+            self._decode(rec.value),
+            now_ms=now_ms,
+            max_future_ms=self.limits.max_future_ms,
+            max_amount=self.limits.max_amount,
+        )
+
+    @staticmethod
+    def _lookup_all(
+        valid: list[tuple[RawRecord, dict[str, Any]]], lookup: Lookup
+    ) -> dict[str, bytes]:
+        by_partition: dict[int, list[bytes]] = {}
+        for rec, txn in valid:
+            by_partition.setdefault(rec.partition, []).append(txn["transaction_id"].encode())
+        found: dict[str, bytes] = {}
+        for partition, keys in by_partition.items():
+            for key, value in zip(keys, lookup(partition, keys), strict=True):
+                if value is not None:
+                    found[key.decode()] = value
+        return found
+
+    def _dead_letter(
+        self, rec: RawRecord, exc: DecodeError | ValidationError, now_ms: int
+    ) -> tuple[bytes | None, bytes]:
+        key = mask_pans(rec.key)
+        value = self.codecs.dead_letter.encode(
+            {
+                "source_topic": rec.topic,
+                "source_partition": rec.partition,
+                "source_offset": rec.offset,
+                "key": key,
+                "value": mask_pans(rec.value),
+                "error_kind": exc.kind,
+                "field": exc.field,
+                "reason": (mask_pans(exc.reason.encode()) or b"").decode(),
+                "failed_at": now_ms,
+            }
+        )
+        return key, value

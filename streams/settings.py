@@ -1,0 +1,205 @@
+"""One typed, frozen settings object, read from ``FRAUDSTREAM_*`` environment variables.
+
+This is the only module that reads the environment. Every other module receives a
+:class:`Settings` (or one of its sections) from :mod:`streams.app` or the CLI.
+Each field's environment variable is ``FRAUDSTREAM_<SECTION>_<FIELD>`` in upper case,
+e.g. ``FRAUDSTREAM_KAFKA_BOOTSTRAP``; :func:`describe` lists them all (the README table
+is generated from it: ``fraudstream settings``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+PREFIX = "FRAUDSTREAM_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Where the broker is and how to talk to it. Only this changes between the embedded
+    broker and an Apache Kafka cluster."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    session_timeout_ms: int = 10_000
+    partitions: int = 4
+    replication_factor: int = 1
+    #: True when the broker is the embedded Tansu. It reports a partition's end offset as
+    #: the base offset of the last record batch + 1 (Kafka: last offset + 1), which breaks
+    #: Faust's table recovery; the worker then works around it (see streams/app.py).
+    embedded: bool = False
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka (confluent-kafka) configuration for this cluster."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "security.protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            conf.update(
+                {
+                    "sasl.mechanism": self.sasl_mechanism,
+                    "sasl.username": self.sasl_username,
+                    "sasl.password": self.sasl_password,
+                }
+            )
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            for key, value in (
+                ("ssl.ca.location", self.ssl_cafile),
+                ("ssl.certificate.location", self.ssl_certfile),
+                ("ssl.key.location", self.ssl_keyfile),
+            ):
+                if value:
+                    conf[key] = value
+        return conf
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """Topic names (the defaults are the documented ones)."""
+
+    transactions: str = "transactions"
+    labels: str = "labels"
+    decisions: str = "decisions"
+    decisions_shadow: str = "decisions.shadow"
+    drift: str = "drift"
+    dlq: str = "transactions.dlq"
+
+    def all(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """How bytes on the topics are read and written."""
+
+    input_format: Literal["avro", "json"] = "avro"
+    registry_url: str = "http://127.0.0.1:8081"
+    registry_username: str = ""
+    registry_password: str = ""
+    max_record_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The Faust worker: identity, batching, state, delivery."""
+
+    app_id: str = "fraudstream"
+    data_dir: Path = Path("data")
+    store: Literal["rocksdb", "memory"] = "rocksdb"
+    batch_max: int = 500
+    batch_wait_ms: float = 5.0
+    web_port: int = 6066
+    max_future_ms: int = 5 * 60 * 1000
+    max_amount: float = 1_000_000.0
+    dedupe_retention_days: int = 7
+    commit_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """The scoring cascade. Only rules exist so far."""
+
+    rules_path: Path = Path(__file__).resolve().parent.parent / "scorers" / "rules" / "default.toml"
+    budget_ms: float = 50.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    codec: CodecSettings = field(default_factory=CodecSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default: the process environment).
+
+        Unknown ``FRAUDSTREAM_*`` variables are an error, so a typo never goes unnoticed.
+        """
+        env = os.environ if env is None else env
+        known: set[str] = set()
+        sections: dict[str, Any] = {}
+        for section in fields(cls):
+            section_cls = section.default_factory  # type: ignore[misc]
+            hints = get_type_hints(section_cls)
+            values: dict[str, Any] = {}
+            for f in fields(section_cls):
+                name = f"{PREFIX}{section.name}_{f.name}".upper()
+                known.add(name)
+                if name in env:
+                    values[f.name] = _coerce(name, env[name], hints[f.name])
+            sections[section.name] = section_cls(**values)
+        unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**sections)
+
+    def replace(self, **sections: Mapping[str, Any]) -> Settings:
+        """A copy with some fields of some sections changed: ``s.replace(kafka={...})``."""
+        changed = {
+            name: dataclasses.replace(getattr(self, name), **values)
+            for name, values in sections.items()
+        }
+        return dataclasses.replace(self, **changed)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in a child process."""
+        out: dict[str, str] = {}
+        for section in fields(self):
+            obj = getattr(self, section.name)
+            for f in fields(obj):
+                out[f"{PREFIX}{section.name}_{f.name}".upper()] = str(getattr(obj, f.name))
+        return out
+
+
+def _coerce(name: str, raw: str, hint: Any) -> Any:
+    if get_origin(hint) is Literal:
+        allowed = get_args(hint)
+        if raw not in allowed:
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+        return raw
+    try:
+        if hint is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if hint in (int, float):
+            return hint(raw)
+        if hint is Path:
+            return Path(raw)
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: expected {getattr(hint, '__name__', hint)}") from exc
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, section doc) for every setting, in declaration order."""
+    rows = []
+    defaults = Settings()
+    for section in fields(Settings):
+        obj = getattr(defaults, section.name)
+        doc = (type(obj).__doc__ or "").split("\n")[0]
+        for f in fields(obj):
+            name = f"{PREFIX}{section.name}_{f.name}".upper()
+            default = getattr(obj, f.name)
+            if isinstance(default, Path) and default.is_absolute():
+                default = "scorers/rules/default.toml"
+            rows.append((name, str(default), doc))
+    return rows

@@ -1,0 +1,39 @@
+"""Create the service's topics (idempotent): ``fraudstream topics``."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.settings import Settings
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> dict[str, int]:
+    """Create every topic of ``settings.topics`` that does not exist yet.
+
+    Returns topic -> partition count as the broker reports it afterwards. A topic that
+    already exists is left as it is (its partition count is not changed).
+    """
+    admin = AdminClient(settings.kafka.client_config())
+    existing = admin.list_topics(timeout=timeout_s).topics
+    wanted = [t for t in settings.topics.all() if t not in existing]
+    if wanted:
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    t,
+                    num_partitions=settings.kafka.partitions,
+                    replication_factor=settings.kafka.replication_factor,
+                )
+                for t in wanted
+            ],
+            operation_timeout=timeout_s,
+        )
+        for fut in futures.values():
+            try:
+                fut.result()
+            except KafkaException as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+    meta = admin.list_topics(timeout=timeout_s).topics
+    return {t: len(meta[t].partitions) for t in settings.topics.all() if t in meta}

@@ -1,0 +1,155 @@
+"""Fixtures on real parts: the embedded broker (Tansu) and Schema Registry, started once per
+session; workers run as real ``fraudstream worker`` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from schemas.codec import Codecs, make_registry
+from streams.broker import EmbeddedBroker
+from streams.registry import EmbeddedRegistry
+from streams.settings import Settings, TopicSettings
+from streams.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[EmbeddedRegistry]:
+    with EmbeddedRegistry() as r:
+        yield r
+
+
+@pytest.fixture
+def stack_settings(broker: EmbeddedBroker, registry: EmbeddedRegistry, tmp_path: Path) -> Settings:
+    """Settings for one test: its own topics and consumer group on the shared broker."""
+    uid = uuid.uuid4().hex[:8]
+    topics = TopicSettings(**{
+        name: f"{value}-{uid}" for name, value in vars(TopicSettings()).items()
+    })
+    settings = Settings(topics=topics).replace(
+        kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "partitions": 3,
+               "embedded": True},
+        codec={"registry_url": registry.url},
+        worker={"app_id": f"fraudstream-{uid}", "data_dir": tmp_path / "state",
+                "commit_interval_s": 0.5},
+    )
+    ensure_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def codecs(stack_settings: Settings) -> Codecs:
+    return Codecs(make_registry(stack_settings.codec.registry_url), stack_settings.topics)
+
+
+class WorkerProcess:
+    """A real ``fraudstream worker`` process."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+        env.update(self.settings.to_env())
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            return None
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture
+def start_worker(
+    stack_settings: Settings, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def _start(settings: Settings | None = None) -> WorkerProcess:
+        w = WorkerProcess(settings or stack_settings, tmp_path / f"worker-{len(started)}.log")
+        started.append(w.start())
+        return w
+
+    yield _start
+    for w in started:
+        w.stop()
+
+
+def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
+def consume_all(
+    settings: Settings, topic: str, expected: int, timeout_s: float = 60.0,
+    settle_s: float = 1.0,
+) -> list[Any]:
+    """Every record of ``topic`` from the beginning: waits until ``expected`` arrived,
+    then ``settle_s`` more to catch extras (duplicates must be visible to the tests)."""
+    consumer = Consumer({**settings.kafka.client_config(), "group.id": "tests-reader",
+                         "enable.auto.commit": False})
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    settle_until: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.2):
+                if not msg.error():
+                    out.append(msg)
+            if len(out) >= expected:
+                settle_until = settle_until or time.monotonic() + settle_s
+                if time.monotonic() >= settle_until:
+                    break
+    finally:
+        consumer.close()
+    return out

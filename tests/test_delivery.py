@@ -1,0 +1,70 @@
+"""The commit order of streams/delivery.py, with recording fakes (a pure unit test)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streams.delivery import BatchCommitter, DeliveryError
+from streams.pipeline import BatchResult
+
+
+class Journal:
+    def __init__(self, fail_at: str | None = None) -> None:
+        self.steps: list[str] = []
+        self.fail_at = fail_at
+
+    def step(self, name: str) -> None:
+        self.steps.append(name)
+        if name == self.fail_at:
+            raise DeliveryError(f"broker did not acknowledge ({name})")
+
+
+class RecordingState:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def record(self, entries) -> None:
+        self.journal.step(f"record {len(entries)}")
+
+    async def flush(self) -> None:
+        self.journal.step("flush state")
+
+
+class RecordingSink:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    async def publish(self, batches) -> None:
+        self.journal.step("publish " + ",".join(f"{t}:{len(r)}" for t, r in batches))
+
+
+def result() -> BatchResult:
+    out = BatchResult()
+    out.decisions = [(b"t1", b"d1"), (b"t2", b"d2")]
+    out.new_entries = [(0, b"t1", b"d1")]  # t2 was a redelivery: no new entry
+    out.dead_letters = [(None, b"dl")]
+    return out
+
+
+def test_state_is_durable_before_any_decision_is_published():
+    journal = Journal()
+    committer = BatchCommitter(RecordingState(journal), RecordingSink(journal), "decisions", "dlq")
+    asyncio.run(committer.commit(result()))
+    assert journal.steps == ["record 1", "flush state", "publish decisions:2,dlq:1"]
+
+
+def test_a_failed_state_flush_publishes_nothing_and_fails_the_batch():
+    journal = Journal(fail_at="flush state")
+    committer = BatchCommitter(RecordingState(journal), RecordingSink(journal), "decisions", "dlq")
+    with pytest.raises(DeliveryError):
+        asyncio.run(committer.commit(result()))
+    assert journal.steps == ["record 1", "flush state"]
+
+
+def test_a_failed_publish_fails_the_batch_so_it_is_not_acknowledged():
+    journal = Journal(fail_at="publish decisions:2,dlq:1")
+    committer = BatchCommitter(RecordingState(journal), RecordingSink(journal), "decisions", "dlq")
+    with pytest.raises(DeliveryError):
+        asyncio.run(committer.commit(result()))

@@ -1,0 +1,111 @@
+"""The batch step without Kafka: every record ends as one decision or one dead letter."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import orjson
+import pytest
+
+from schemas.codec import Codecs, make_registry
+from schemas.validate import looks_like_pan, mask_pans
+from scorers.rules import RuleSet, RulesScorer
+from streams.malformed import MalformedFactory
+from streams.pipeline import Limits, Pipeline, RawRecord
+from streams.settings import TopicSettings
+
+LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)
+
+
+@pytest.fixture
+def unit_codecs() -> Codecs:
+    return Codecs(make_registry("mock://unit"), TopicSettings())
+
+
+def txn(i: int, **changes: object) -> dict:
+    base = {
+        "transaction_id": f"t{i}", "event_time": int(time.time() * 1000), "card_id": f"card_{i}",
+        "customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 25.0,
+        "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR", "lat": None,
+        "lon": None, "device_id": None, "ip": None, "channel": "pos",
+    }
+    base.update(changes)
+    return base
+
+
+def raw(values: list[bytes], partition: int = 0) -> list[RawRecord]:
+    return [RawRecord("transactions", partition, i, b"k", v, 1_700_000_000_000 + i)
+            for i, v in enumerate(values)]
+
+
+def nothing_seen(partition: int, keys: list[bytes]) -> list[bytes | None]:
+    return [None] * len(keys)
+
+
+@pytest.mark.parametrize("fmt", ["avro", "json"])
+def test_every_malformed_kind_becomes_a_dead_letter_naming_the_field(unit_codecs, fmt):
+    factory = MalformedFactory(unit_codecs, fmt, LIMITS.max_record_bytes)
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS, input_format=fmt)
+    good = txn(0)
+    encode = unit_codecs.transaction.encode if fmt == "avro" else orjson.dumps
+    values, expected = [encode(good)], []
+    for i, kind in enumerate(sorted(factory.kinds)):
+        value, want = factory.make(kind, txn(i + 1))
+        values.append(value)
+        expected.append((kind, want))
+    result = pipeline.process(raw(values), nothing_seen)
+
+    assert [k for k, _ in result.decisions] == [b"t0"]
+    assert len(result.dead_letters) == len(expected)
+    for (kind, (error_kind, field)), (_key, value) in zip(
+        expected, result.dead_letters, strict=True
+    ):
+        letter = unit_codecs.dead_letter.decode(value)
+        assert (letter["error_kind"], letter["field"]) == (error_kind, field), kind
+        assert letter["reason"], kind
+        assert b"4111111111111111" not in (letter["value"] or b""), kind
+
+
+def test_decisions_come_out_in_input_order_and_carry_what_consumers_need(unit_codecs):
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS)
+    values = [unit_codecs.transaction.encode(txn(i)) for i in range(20)]
+    values.append(unit_codecs.transaction.encode(
+        txn(99, merchant_id="merchant_blocked_demo_0001")))
+    result = pipeline.process(raw(values), nothing_seen)
+    assert [k for k, _ in result.decisions] == [f"t{i}".encode() for i in [*range(20), 99]]
+    last = unit_codecs.decision.decode(result.decisions[-1][1])
+    assert last["decision"] == "decline" and last["reasons"]
+    assert last["source_timestamp"].timestamp() * 1000 == 1_700_000_000_020
+    assert set(last["timings_ms"]) >= {"decode", "dedupe", "rules", "total"}
+    assert result.outcomes["decline"] == 1 and sum(result.outcomes.values()) == 21
+    assert [e[1] for e in result.new_entries] == [k for k, _ in result.decisions]
+
+
+def test_a_seen_transaction_id_gets_its_stored_decision_not_a_new_one(unit_codecs):
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS)
+    stored = b"stored-decision-bytes"
+    asked: list[tuple[int, list[bytes]]] = []
+
+    def seen(partition: int, keys: list[bytes]) -> list[bytes | None]:
+        asked.append((partition, keys))
+        return [stored if k == b"t1" else None for k in keys]
+
+    values = [unit_codecs.transaction.encode(txn(i)) for i in range(3)]
+    values.append(unit_codecs.transaction.encode(txn(2, amount=9999.0)))  # repeat in batch
+    result = pipeline.process(raw(values, partition=2), seen)
+    assert asked == [(2, [b"t0", b"t1", b"t2", b"t2"])]  # one lookup per partition per batch
+    got = dict(Counter(k for k, _ in result.decisions))
+    assert got == {b"t0": 1, b"t1": 1, b"t2": 2}
+    assert result.decisions[1] == (b"t1", stored)
+    assert result.decisions[2][1] == result.decisions[3][1]
+    assert [e[1] for e in result.new_entries] == [b"t0", b"t2"]
+    assert result.duplicates == 2
+
+
+def test_card_numbers_are_recognised_and_masked():
+    assert looks_like_pan("4111111111111111") and looks_like_pan("4111 1111 1111 1111")
+    assert not looks_like_pan("card_000123") and not looks_like_pan("4111111111111112")
+    masked = mask_pans(b'{"card_id":"4111111111111111","amount":12}')
+    assert masked == b'{"card_id":"************1111","amount":12}'
+    assert mask_pans(b"order 1234567890123 ok") == b"order 1234567890123 ok"  # fails Luhn

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streams.settings import Settings, SettingsError, describe
+
+
+def test_environment_variables_fill_the_typed_sections():
+    s = Settings.from_env({
+        "FRAUDSTREAM_KAFKA_BOOTSTRAP": "kafka-1:9093,kafka-2:9093",
+        "FRAUDSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "FRAUDSTREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "FRAUDSTREAM_KAFKA_SASL_USERNAME": "fraud",
+        "FRAUDSTREAM_KAFKA_SASL_PASSWORD": "secret",
+        "FRAUDSTREAM_KAFKA_SSL_CAFILE": "/etc/ca.pem",
+        "FRAUDSTREAM_WORKER_BATCH_MAX": "256",
+        "FRAUDSTREAM_WORKER_BATCH_WAIT_MS": "2.5",
+        "FRAUDSTREAM_WORKER_DATA_DIR": "/var/lib/fraudstream",
+        "FRAUDSTREAM_KAFKA_EMBEDDED": "false",
+        "PATH": "/usr/bin",
+    })
+    assert s.worker.batch_max == 256 and s.worker.batch_wait_ms == 2.5
+    assert s.worker.data_dir == Path("/var/lib/fraudstream")
+    assert s.kafka.client_config() == {
+        "bootstrap.servers": "kafka-1:9093,kafka-2:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "fraud",
+        "sasl.password": "secret",
+        "ssl.ca.location": "/etc/ca.pem",
+    }
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"FRAUDSTREAM_WORKER_BATCH_MAX": "many"}, "FRAUDSTREAM_WORKER_BATCH_MAX"),
+        ({"FRAUDSTREAM_CODEC_INPUT_FORMAT": "xml"}, "avro, json"),
+        ({"FRAUDSTREAM_KAFKA_BOOTSTAP": "x:1"}, "unknown setting"),
+        ({"FRAUDSTREAM_KAFKA_EMBEDDED": "maybe"}, "FRAUDSTREAM_KAFKA_EMBEDDED"),
+    ],
+)
+def test_a_bad_setting_is_refused_by_name(env, needle):
+    with pytest.raises(SettingsError, match=needle):
+        Settings.from_env(env)
+
+
+def test_settings_round_trip_through_the_environment_of_a_child_process():
+    s = Settings().replace(kafka={"bootstrap": "127.0.0.1:1234", "embedded": True},
+                           worker={"batch_max": 64})
+    assert Settings.from_env(s.to_env()) == s
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [name for name, _default, _doc in describe() if name not in readme]
+    assert not missing
