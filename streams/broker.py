@@ -7,6 +7,7 @@ and the tests run on a real Kafka protocol peer without a cluster; production po
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -42,9 +43,12 @@ def wait_until_ready(bootstrap: str, timeout_s: float = 20.0) -> None:
     """Block until the broker answers a Kafka metadata request."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
+    quiet = logging.getLogger("fraudstream.broker.probe")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
     while time.monotonic() < deadline:
         try:
-            AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=1.0)
+            AdminClient({"bootstrap.servers": bootstrap, "logger": quiet}).list_topics(timeout=1.0)
             return
         except Exception as exc:  # KafkaException while the port is not yet open
             last = exc

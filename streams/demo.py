@@ -42,10 +42,7 @@ class Summary:
     def __init__(self, settings: Settings, codecs: Codecs) -> None:
         self.codecs = codecs
         self.decisions_topic = settings.topics.decisions
-        self.consumer = Consumer(
-            {**settings.kafka.client_config(), "group.id": "fraudstream-demo-summary",
-             "enable.auto.commit": False}
-        )
+        self.consumer = Consumer(settings.kafka.consumer_config("fraudstream-demo-summary"))
         parts = []
         for topic in (settings.topics.decisions, settings.topics.dlq):
             meta = self.consumer.list_topics(topic, timeout=10).topics[topic]

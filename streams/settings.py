@@ -37,6 +37,9 @@ class KafkaSettings:
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
     session_timeout_ms: int = 10_000
+    #: How long a fetch may wait for data. Apache Kafka answers as soon as data arrives;
+    #: the embedded broker always waits this long, so it bounds the added latency there.
+    fetch_max_wait_ms: int = 10
     partitions: int = 4
     replication_factor: int = 1
     #: True when the broker is the embedded Tansu. It reports a partition's end offset as
@@ -67,6 +70,15 @@ class KafkaSettings:
                 if value:
                     conf[key] = value
         return conf
+
+    def consumer_config(self, group_id: str) -> dict[str, Any]:
+        """librdkafka consumer configuration: no auto-commit, our fetch wait."""
+        return {
+            **self.client_config(),
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": self.fetch_max_wait_ms,
+        }
 
 
 @dataclass(frozen=True)

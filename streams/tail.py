@@ -43,10 +43,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     consumer = Consumer(
         {
-            **settings.kafka.client_config(),
-            "group.id": f"fraudstream-tail-{uuid.uuid4().hex[:8]}",
+            **settings.kafka.consumer_config(f"fraudstream-tail-{uuid.uuid4().hex[:8]}"),
             "auto.offset.reset": "earliest" if args.from_beginning else "latest",
-            "enable.auto.commit": False,
         }
     )
     consumer.subscribe([args.topic])

@@ -134,8 +134,7 @@ def consume_all(
 ) -> list[Any]:
     """Every record of ``topic`` from the beginning: waits until ``expected`` arrived,
     then ``settle_s`` more to catch extras (duplicates must be visible to the tests)."""
-    consumer = Consumer({**settings.kafka.client_config(), "group.id": "tests-reader",
-                         "enable.auto.commit": False})
+    consumer = Consumer(settings.kafka.consumer_config("tests-reader"))
     meta = consumer.list_topics(topic, timeout=10).topics[topic]
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
     out: list[Any] = []
