@@ -86,6 +86,13 @@ class Summary:
         self.consumer.close()
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -161,6 +168,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         _stop(producer)
         _stop(worker)
+        sent = [line for line in _read(workdir / "producer.log").splitlines()
+                if line.startswith("sent ")]
+        if sent:
+            print(f"producer: {sent[-1]}", flush=True)
         if summary is not None:
             print(f"total: {summary.total} records out, "
                   f"{sum(summary.outcomes.values())} decisions {dict(summary.outcomes)}, "

@@ -116,10 +116,8 @@ class WorkerSettings:
     store: Literal["rocksdb", "memory"] = "rocksdb"
     batch_max: int = 500
     batch_wait_ms: float = 5.0
-    web_port: int = 6066
     max_future_ms: int = 5 * 60 * 1000
     max_amount: float = 1_000_000.0
-    dedupe_retention_days: int = 7
     commit_interval_s: float = 1.0
 
 
@@ -128,7 +126,6 @@ class ScoringSettings:
     """The scoring cascade. Only rules exist so far."""
 
     rules_path: Path = Path(__file__).resolve().parent.parent / "scorers" / "rules" / "default.toml"
-    budget_ms: float = 50.0
 
 
 @dataclass(frozen=True)

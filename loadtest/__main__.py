@@ -1,0 +1,235 @@
+"""``python -m loadtest``: how fast one worker decides, next to a bare Faust consumer.
+
+One run, one embedded broker and registry, the same pre-produced generator traffic:
+
+1. **bare Faust**: a Faust agent that only consumes ``--events`` records (loadtest/bare_faust.py);
+2. **worker**: ``fraudstream worker`` (rules scorer) decides the same records; its rate is
+   measured on the decisions topic, first decision to last (group join excluded);
+3. **latency**: the worker keeps running while traffic arrives at ``--latency-ratio`` x its
+   measured rate for ``--latency-seconds``; end-to-end latency = decision received minus
+   the transaction's Kafka timestamp (carried in the decision as ``source_timestamp``).
+
+Prints a table and writes JSON to ``results/``. Numbers depend on this machine's load:
+compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from schemas.codec import Codecs, make_registry
+from streams.broker import EmbeddedBroker
+from streams.generator import GeneratorConfig, TrafficGenerator
+from streams.registry import EmbeddedRegistry
+from streams.settings import Settings, TopicSettings
+from streams.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spawn(args: list[str], settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+    env.update(settings.to_env())
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=out, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _json_line(proc: subprocess.Popen[bytes], timeout_s: float) -> dict:
+    """The first line of ``proc``'s stdout that holds a JSON object."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if not ready:
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the bare Faust consumer exited without a result")
+        start = line.find(b"{")
+        if start >= 0:
+            return json.loads(line[start:])
+    raise TimeoutError("no result from the bare Faust consumer")
+
+
+def pre_produce(settings: Settings, codecs: Codecs, n: int, seed: int) -> None:
+    gen = TrafficGenerator(GeneratorConfig(seed=seed, id_prefix=f"b{uuid.uuid4().hex[:6]}"))
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 20})
+    now = int(time.time() * 1000)
+    topic = settings.topics.transactions
+    for i in range(n):
+        txn = gen.next_transaction(now + i // 50)
+        while True:
+            try:
+                producer.produce(topic, key=txn["card_id"].encode(),
+                                 value=codecs.transaction.encode(txn))
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+
+
+def read_decisions(settings: Settings, codecs: Codecs, stop: callable, timeout_s: float
+                   ) -> list[tuple[float, dict]]:
+    """(receive time, decision) until ``stop(received)`` says so or the timeout."""
+    consumer = Consumer(settings.kafka.consumer_config(f"bench-{uuid.uuid4().hex[:6]}"))
+    topic = settings.topics.decisions
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    out: list[tuple[float, dict]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not stop(out):
+            for msg in consumer.consume(1000, 0.1):
+                if not msg.error():
+                    out.append((time.time(), codecs.decision.decode(msg.value())))
+    finally:
+        consumer.close()
+    return out
+
+
+def paced_produce(settings: Settings, codecs: Codecs, rate: float, seconds: float,
+                  seed: int) -> int:
+    gen = TrafficGenerator(GeneratorConfig(seed=seed, id_prefix=f"l{uuid.uuid4().hex[:6]}"))
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 1})
+    start = time.monotonic()
+    sent = 0
+    topic = settings.topics.transactions
+    while (elapsed := time.monotonic() - start) < seconds:
+        due = int(elapsed * rate)
+        while sent < due:
+            txn = gen.next_transaction(int(time.time() * 1000))
+            producer.produce(topic, key=txn["card_id"].encode(),
+                             value=codecs.transaction.encode(txn))
+            sent += 1
+        producer.poll(0)
+        time.sleep(0.001)
+    producer.flush(30)
+    return sent
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--latency-ratio", type=float, default=0.5)
+    parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="fraudstream-bench-"))
+    args.results.mkdir(parents=True, exist_ok=True)
+    result: dict = {"events": args.events, "partitions": args.partitions,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with EmbeddedBroker(log_path=workdir / "broker.log") as broker, EmbeddedRegistry() as reg:
+        uid = uuid.uuid4().hex[:6]
+        settings = Settings(topics=TopicSettings(
+            **{k: f"{v}-{uid}" for k, v in vars(TopicSettings()).items()}
+        )).replace(
+            kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
+                   "partitions": args.partitions, "embedded": True},
+            codec={"registry_url": reg.url},
+            worker={"app_id": f"bench-{uid}", "data_dir": workdir / "state"},
+        )
+        ensure_topics(settings)
+        codecs = Codecs(make_registry(reg.url), settings.topics)
+        print(f"producing {args.events} generated transactions...", flush=True)
+        pre_produce(settings, codecs, args.events, args.seed)
+
+        print("bare Faust consumer...", flush=True)
+        bare = _spawn(["-m", "loadtest.bare_faust", "--topic", settings.topics.transactions,
+                       "--count", str(args.events), "--app-id", f"bare-{uid}"],
+                      settings, workdir / "bare.log")
+        try:
+            result["bare_faust"] = _json_line(bare, timeout_s=300)
+        finally:
+            _stop(bare)
+
+        print("worker (rules)...", flush=True)
+        worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
+                        workdir / "worker.log")
+        try:
+            got = read_decisions(settings, codecs, lambda out: len(out) >= args.events, 300)
+            times = [t for t, _ in got]
+            rate = (len(times) - 1) / (times[-1] - times[0])
+            result["worker"] = {"events": len(got), "seconds": times[-1] - times[0],
+                                "rate": rate}
+            target = rate * args.latency_ratio
+            print(f"latency at {target:.0f}/s for {args.latency_seconds:.0f}s...", flush=True)
+            t_start = time.time()
+            sent_box: list[int] = []
+            lat: list[tuple[float, dict]] = []
+
+            def _read() -> None:
+                lat.extend(read_decisions(
+                    settings, codecs,
+                    lambda out: bool(sent_box) and len(out) >= args.events + sent_box[0],
+                    args.latency_seconds + 120,
+                ))
+
+            reader = threading.Thread(target=_read)
+            reader.start()
+            sent_box.append(
+                paced_produce(settings, codecs, target, args.latency_seconds, args.seed + 1)
+            )
+            reader.join()
+            sent = sent_box[0]
+            latencies = [
+                (t - d["source_timestamp"].timestamp()) * 1000.0
+                for t, d in lat[args.events:]
+                if d["source_timestamp"].timestamp() >= t_start
+            ]
+            result["latency"] = {
+                "rate": target, "sent": sent, "measured": len(latencies),
+                "p50_ms": pct(latencies, 0.50), "p90_ms": pct(latencies, 0.90),
+                "p99_ms": pct(latencies, 0.99), "max_ms": max(latencies),
+                "mean_ms": statistics.fmean(latencies),
+            }
+        finally:
+            _stop(worker)
+    b, w, lt = result["bare_faust"], result["worker"], result["latency"]
+    result["worker_over_bare"] = w["rate"] / b["rate"]
+    print()
+    print(f"bare Faust consume      {b['rate']:>9,.0f} events/s")
+    print(f"worker (rules, dedupe)  {w['rate']:>9,.0f} events/s   "
+          f"({result['worker_over_bare']:.2f}x bare Faust)")
+    print(f"end-to-end latency at {lt['rate']:,.0f}/s ({lt['measured']} decisions): "
+          f"p50 {lt['p50_ms']:.1f} ms, p90 {lt['p90_ms']:.1f} ms, p99 {lt['p99_ms']:.1f} ms")
+    out = args.results / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
