@@ -5,7 +5,7 @@ One run, one embedded broker and registry, the same pre-produced generator traff
 1. **bare Faust**: a Faust agent that only consumes ``--events`` records (loadtest/bare_faust.py);
 2. **worker**: ``fraudstream worker`` (rules scorer) decides the same records; its rate is
    measured on the decisions topic, first decision to last (group join excluded);
-3. **latency**: the worker keeps running while traffic arrives at ``--latency-ratio`` x its
+3. **latency**: the worker keeps running while traffic arrives at ``--latency-ratios`` x its
    measured rate for ``--latency-seconds``; end-to-end latency = decision received minus
    the transaction's Kafka timestamp (carried in the decision as ``source_timestamp``).
 
@@ -27,9 +27,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 
 from schemas.codec import Codecs, make_registry
 from streams.broker import EmbeddedBroker
@@ -93,18 +94,26 @@ def pre_produce(settings: Settings, codecs: Codecs, n: int, seed: int) -> None:
     assert producer.flush(60) == 0
 
 
-def read_decisions(settings: Settings, codecs: Codecs, stop: callable, timeout_s: float
+def read_decisions(settings: Settings, codecs: Codecs, stop: Callable[[list], bool],
+                   timeout_s: float, from_end: threading.Event | None = None,
                    ) -> list[tuple[float, dict]]:
-    """(receive time, decision) until ``stop(received)`` says so or the timeout."""
+    """(receive time, decision) until ``stop(received)`` says so or the timeout. With
+    ``from_end``, reading starts at the current end and the event is set once it does."""
     consumer = Consumer(settings.kafka.consumer_config(f"bench-{uuid.uuid4().hex[:6]}"))
     topic = settings.topics.decisions
     meta = consumer.list_topics(topic, timeout=10).topics[topic]
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    start = OFFSET_END if from_end is not None else OFFSET_BEGINNING
+    consumer.assign([TopicPartition(topic, p, start) for p in meta.partitions])
+    if from_end is not None:
+        consumer.consume(1, 0.5)  # resolves the end offsets before anything is produced
+        from_end.set()
     out: list[tuple[float, dict]] = []
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline and not stop(out):
-            for msg in consumer.consume(1000, 0.1):
+            # consume() waits for its whole count or the timeout: a short timeout keeps
+            # this reader from adding latency of its own
+            for msg in consumer.consume(1000, 0.005):
                 if not msg.error():
                     out.append((time.time(), codecs.decision.decode(msg.value())))
     finally:
@@ -115,7 +124,7 @@ def read_decisions(settings: Settings, codecs: Codecs, stop: callable, timeout_s
 def paced_produce(settings: Settings, codecs: Codecs, rate: float, seconds: float,
                   seed: int) -> int:
     gen = TrafficGenerator(GeneratorConfig(seed=seed, id_prefix=f"l{uuid.uuid4().hex[:6]}"))
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 1})
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5})
     start = time.monotonic()
     sent = 0
     topic = settings.topics.transactions
@@ -132,6 +141,41 @@ def paced_produce(settings: Settings, codecs: Codecs, rate: float, seconds: floa
     return sent
 
 
+def measure_latency(settings: Settings, codecs: Codecs, rate: float, seconds: float,
+                    seed: int) -> dict:
+    """Paced traffic while a reader takes decisions as they arrive: latency = receive
+    time - source_timestamp (the transaction's Kafka timestamp)."""
+    sent_box: list[int] = []
+    got: list[tuple[float, dict]] = []
+    ready = threading.Event()
+
+    def _read() -> None:
+        got.extend(read_decisions(
+            settings, codecs, lambda out: bool(sent_box) and len(out) >= sent_box[0],
+            seconds + 120, from_end=ready,
+        ))
+
+    reader = threading.Thread(target=_read)
+    reader.start()
+    ready.wait(30)
+    t_start = time.time()
+    sent_box.append(paced_produce(settings, codecs, rate, seconds, seed))
+    reader.join()
+    # the embedded broker's end offset can lie inside the last batch: skip older records
+    fresh = [(t, d) for t, d in got if d["source_timestamp"].timestamp() >= t_start - 0.001]
+    latencies = [(t - d["source_timestamp"].timestamp()) * 1000.0 for t, d in fresh]
+    # where the time went: Kafka timestamp -> decided (in the worker), decided -> received
+    decided = [(d["decided_at"] - d["source_timestamp"]).total_seconds() * 1000.0
+               for _t, d in fresh]
+    return {
+        "rate": rate, "sent": sent_box[0], "measured": len(latencies),
+        "to_decided_p50_ms": pct(decided, 0.50), "to_decided_p99_ms": pct(decided, 0.99),
+        "p50_ms": pct(latencies, 0.50), "p90_ms": pct(latencies, 0.90),
+        "p99_ms": pct(latencies, 0.99), "max_ms": max(latencies),
+        "mean_ms": statistics.fmean(latencies),
+    }
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -140,7 +184,8 @@ def pct(values: list[float], q: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--latency-ratio", type=float, default=0.5)
+    parser.add_argument("--latency-ratios", type=lambda v: [float(x) for x in v.split(",")],
+                        default=[0.25, 0.5], help="latency runs at these x saturation")
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=3)
@@ -184,47 +229,28 @@ def main() -> int:
             rate = (len(times) - 1) / (times[-1] - times[0])
             result["worker"] = {"events": len(got), "seconds": times[-1] - times[0],
                                 "rate": rate}
-            target = rate * args.latency_ratio
-            print(f"latency at {target:.0f}/s for {args.latency_seconds:.0f}s...", flush=True)
-            t_start = time.time()
-            sent_box: list[int] = []
-            lat: list[tuple[float, dict]] = []
-
-            def _read() -> None:
-                lat.extend(read_decisions(
-                    settings, codecs,
-                    lambda out: bool(sent_box) and len(out) >= args.events + sent_box[0],
-                    args.latency_seconds + 120,
-                ))
-
-            reader = threading.Thread(target=_read)
-            reader.start()
-            sent_box.append(
-                paced_produce(settings, codecs, target, args.latency_seconds, args.seed + 1)
-            )
-            reader.join()
-            sent = sent_box[0]
-            latencies = [
-                (t - d["source_timestamp"].timestamp()) * 1000.0
-                for t, d in lat[args.events:]
-                if d["source_timestamp"].timestamp() >= t_start
-            ]
-            result["latency"] = {
-                "rate": target, "sent": sent, "measured": len(latencies),
-                "p50_ms": pct(latencies, 0.50), "p90_ms": pct(latencies, 0.90),
-                "p99_ms": pct(latencies, 0.99), "max_ms": max(latencies),
-                "mean_ms": statistics.fmean(latencies),
-            }
+            result["latency"] = []
+            for ratio in args.latency_ratios:
+                target = rate * ratio
+                print(f"latency at {target:.0f}/s ({ratio:.2f}x) for "
+                      f"{args.latency_seconds:.0f}s...", flush=True)
+                result["latency"].append(measure_latency(
+                    settings, codecs, target, args.latency_seconds, args.seed + 1
+                ) | {"ratio": ratio})
         finally:
             _stop(worker)
-    b, w, lt = result["bare_faust"], result["worker"], result["latency"]
+    b, w = result["bare_faust"], result["worker"]
     result["worker_over_bare"] = w["rate"] / b["rate"]
     print()
     print(f"bare Faust consume      {b['rate']:>9,.0f} events/s")
     print(f"worker (rules, dedupe)  {w['rate']:>9,.0f} events/s   "
           f"({result['worker_over_bare']:.2f}x bare Faust)")
-    print(f"end-to-end latency at {lt['rate']:,.0f}/s ({lt['measured']} decisions): "
-          f"p50 {lt['p50_ms']:.1f} ms, p90 {lt['p90_ms']:.1f} ms, p99 {lt['p99_ms']:.1f} ms")
+    for lt in result["latency"]:
+        print(f"end-to-end latency at {lt['rate']:>7,.0f}/s ({lt['ratio']:.2f}x, "
+              f"{lt['measured']} decisions): p50 {lt['p50_ms']:.1f} ms, "
+              f"p90 {lt['p90_ms']:.1f} ms, p99 {lt['p99_ms']:.1f} ms "
+              f"(until decided: p50 {lt['to_decided_p50_ms']:.1f}, "
+              f"p99 {lt['to_decided_p99_ms']:.1f})")
     out = args.results / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"results: {out}")

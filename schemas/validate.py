@@ -18,6 +18,15 @@ CHANNELS = frozenset({"pos", "ecom", "atm", "moto", "contactless"})
 OPTIONAL_STRINGS = ("customer_id", "terminal_id", "device_id")
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake
 MAX_ID_LEN = 128
+#: Rough units per euro, by order of magnitude, for currencies where one unit is worth far
+#: less than a euro. The absurd-amount bound (``max_amount``, in euro-sized units) is
+#: multiplied by this, so 1,176,000 NGN (about 735 EUR) is not refused as absurd.
+CURRENCY_SCALE = {
+    "ARS": 1000, "CLP": 1000, "COP": 5000, "HUF": 400, "IDR": 20000, "INR": 100,
+    "IRR": 50000, "ISK": 150, "JPY": 200, "KES": 150, "KRW": 1500, "KZT": 500, "LKR": 300,
+    "MAD": 10, "MXN": 20, "NGN": 2000, "PHP": 60, "PKR": 300, "RUB": 100, "THB": 40,
+    "TRY": 40, "TWD": 35, "UAH": 45, "UGX": 4000, "VND": 30000, "ZAR": 20,
+}
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _MCC = re.compile(r"^[0-9]{4}$")
@@ -153,12 +162,12 @@ def validate_transaction(
     assert amount is not None
     if amount <= 0:
         raise ValidationError("amount", f"must be positive, got {amount}")
-    if amount > max_amount:
-        raise ValidationError("amount", f"{amount} is over the maximum {max_amount}")
-
     currency = _string(rec, "currency")
     if not _CURRENCY.match(currency or ""):
         raise ValidationError("currency", f"expected an ISO 4217 code, got {currency!r}")
+    limit = max_amount * CURRENCY_SCALE.get(currency or "", 1)
+    if amount > limit:
+        raise ValidationError("amount", f"{amount} {currency} is over the maximum {limit:.0f}")
     country = _string(rec, "country")
     if not _COUNTRY.match(country or ""):
         raise ValidationError("country", f"expected an ISO 3166 alpha-2 code, got {country!r}")

@@ -26,7 +26,7 @@ If step 3 or 4 fails, :meth:`commit` raises and the batch is not acknowledged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Producer
@@ -88,29 +88,51 @@ class KafkaSink:
     async def publish(
         self, batches: Sequence[tuple[str, Sequence[tuple[bytes | None, bytes]]]]
     ) -> None:
-        if not any(records for _, records in batches):
-            return
-        errors: list[KafkaError] = []
+        await self.send(
+            (topic, None, key, value) for topic, records in batches for key, value in records
+        )
 
-        def on_delivery(err: KafkaError | None, _msg: object) -> None:
+    async def send(
+        self, records: Iterable[tuple[str, int | None, bytes | None, bytes | None]]
+    ) -> dict[tuple[str, int], int]:
+        """Produce (topic, partition or None, key, value) records and wait until the broker
+        acknowledged every one. Returns the highest offset written per (topic, partition).
+        Raises :class:`DeliveryError` if any record was not acknowledged."""
+        errors: list[KafkaError] = []
+        last: dict[tuple[str, int], int] = {}
+
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
                 errors.append(err)
+                return
+            tp = (msg.topic(), msg.partition())
+            offset = msg.offset()
+            if offset > last.get(tp, -1):
+                last[tp] = offset
 
         produce = self.producer.produce
-        for topic, records in batches:
-            for key, value in records:
-                while True:
-                    try:
+        count = 0
+        for topic, partition, key, value in records:
+            count += 1
+            while True:
+                try:
+                    if partition is None:
                         produce(topic, value=value, key=key, on_delivery=on_delivery)
-                        break
-                    except BufferError:  # local queue full: serve callbacks and retry
-                        self.producer.poll(0.05)
+                    else:
+                        produce(topic, value=value, key=key, partition=partition,
+                                on_delivery=on_delivery)
+                    break
+                except BufferError:  # local queue full: serve callbacks and retry
+                    self.producer.poll(0.05)
+        if not count:
+            return last
         # flush() serves every delivery callback; it blocks, so run it off the event loop.
         loop = asyncio.get_running_loop()
         left = await loop.run_in_executor(None, self.producer.flush, self.flush_timeout_s)
         if errors or left:
             first = errors[0] if errors else f"{left} still queued"
             raise DeliveryError(f"{len(errors) + left} record(s) not acknowledged: {first}")
+        return last
 
     def close(self) -> None:
         self.producer.flush(10.0)

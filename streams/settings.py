@@ -115,7 +115,6 @@ class WorkerSettings:
     data_dir: Path = Path("data")
     store: Literal["rocksdb", "memory"] = "rocksdb"
     batch_max: int = 500
-    batch_wait_ms: float = 5.0
     max_future_ms: int = 5 * 60 * 1000
     max_amount: float = 1_000_000.0
     commit_interval_s: float = 1.0

@@ -121,8 +121,12 @@ def start_worker(
         w.stop()
 
 
-def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5})
+def produce(
+    settings: Settings, topic: str, records: list[tuple[bytes | None, bytes]],
+    compression: str = "none",
+) -> None:
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5,
+                         "compression.type": compression})
     for key, value in records:
         producer.produce(topic, key=key, value=value)
     assert producer.flush(30) == 0

@@ -103,6 +103,17 @@ def test_a_seen_transaction_id_gets_its_stored_decision_not_a_new_one(unit_codec
     assert result.duplicates == 2
 
 
+def test_the_absurd_amount_bound_follows_the_currency(unit_codecs):
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS)
+    values = [unit_codecs.transaction.encode(t) for t in (
+        txn(1, amount=1_176_019.14, currency="NGN", country="NG"),  # about 735 EUR
+        txn(2, amount=1_176_019.14, currency="EUR"),
+    )]
+    result = pipeline.process(raw(values), nothing_seen)
+    assert [k for k, _ in result.decisions] == [b"t1"]
+    assert result.dlq_reasons == {"validation:amount": 1}
+
+
 def test_card_numbers_are_recognised_and_masked():
     assert looks_like_pan("4111111111111111") and looks_like_pan("4111 1111 1111 1111")
     assert not looks_like_pan("card_000123") and not looks_like_pan("4111111111111112")

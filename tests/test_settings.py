@@ -16,12 +16,11 @@ def test_environment_variables_fill_the_typed_sections():
         "FRAUDSTREAM_KAFKA_SASL_PASSWORD": "secret",
         "FRAUDSTREAM_KAFKA_SSL_CAFILE": "/etc/ca.pem",
         "FRAUDSTREAM_WORKER_BATCH_MAX": "256",
-        "FRAUDSTREAM_WORKER_BATCH_WAIT_MS": "2.5",
         "FRAUDSTREAM_WORKER_DATA_DIR": "/var/lib/fraudstream",
         "FRAUDSTREAM_KAFKA_EMBEDDED": "false",
         "PATH": "/usr/bin",
     })
-    assert s.worker.batch_max == 256 and s.worker.batch_wait_ms == 2.5
+    assert s.worker.batch_max == 256
     assert s.worker.data_dir == Path("/var/lib/fraudstream")
     assert s.kafka.client_config() == {
         "bootstrap.servers": "kafka-1:9093,kafka-2:9093",
