@@ -8,6 +8,7 @@ velocity features need), labels too. The Kafka timestamp is the send time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 import time
@@ -138,8 +139,19 @@ def _from_csv(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     fmt = args.format or settings.codec.input_format
+    if args.csv:
+        from streams.csv_source import CsvMappingError
+
+        try:  # a bad mapping is reported before anything is sent
+            events = _from_csv(args)
+            first = next(events, None)
+        except (CsvMappingError, OSError) as exc:
+            print(f"fraudstream produce: {args.csv}: {exc}", file=sys.stderr)
+            return 2
+        events = itertools.chain([first] if first else [], events)
+    else:
+        events = _generated(args)
     writer = TopicWriter(settings, fmt, args.bad_ratio, args.seed)
-    events = _from_csv(args) if args.csv else _generated(args)
     start = time.monotonic()
     last_report = start
     sent = 0

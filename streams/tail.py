@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 
 import orjson
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 from schemas.codec import Codecs, DecodeError, make_registry
 from streams.settings import Settings
@@ -41,13 +41,14 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if codec is None:
         print(f"unknown topic {args.topic!r}; one of {', '.join(by_topic)}", file=sys.stderr)
         return 2
-    consumer = Consumer(
-        {
-            **settings.kafka.consumer_config(f"fraudstream-tail-{uuid.uuid4().hex[:8]}"),
-            "auto.offset.reset": "earliest" if args.from_beginning else "latest",
-        }
-    )
-    consumer.subscribe([args.topic])
+    consumer = Consumer(settings.kafka.consumer_config(f"fraudstream-tail-{uuid.uuid4().hex[:8]}"))
+    # assign, not subscribe: no group join to wait for, and no committed offsets
+    meta = consumer.list_topics(args.topic, timeout=10).topics.get(args.topic)
+    if meta is None or meta.error is not None:
+        print(f"topic {args.topic!r} not found", file=sys.stderr)
+        return 2
+    start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+    consumer.assign([TopicPartition(args.topic, p, start) for p in meta.partitions])
     seen = 0
     try:
         while args.count == 0 or seen < args.count:

@@ -168,3 +168,30 @@ def test_dedupe_state_is_rebuilt_from_the_changelog_on_a_fresh_machine(
         values[m.key().decode()].add(m.value())
     differing = [k for k, v in values.items() if len(v) != 1]
     assert not differing, f"{len(differing)} of {len(txns)} ids decided anew after recovery"
+
+
+def test_two_workers_share_the_partitions_and_decide_everything_once(
+    stack_settings: Settings, codecs, start_worker, tmp_path
+):
+    """Scaling out: a second worker joins mid-stream; the group rebalances, each worker
+    takes its share of partitions, and no transaction is lost or decided differently."""
+    txns = generated(6000, seed=8)
+    records = encoded(codecs, txns)
+    first = start_worker()
+    produce(stack_settings, stack_settings.topics.transactions, records[:2000])
+    consume_all(stack_settings, stack_settings.topics.decisions, 500, settle_s=0)
+    second = start_worker(stack_settings.replace(worker={"data_dir": tmp_path / "second"}))
+    for i in range(2000, 6000, 500):  # traffic keeps coming while the group rebalances
+        produce(stack_settings, stack_settings.topics.transactions, records[i:i + 500])
+        time.sleep(0.5)
+    out = consume_all(stack_settings, stack_settings.topics.decisions, len(txns), settle_s=3)
+    assert first.running and second.running, first.tail() + second.tail()
+
+    values: dict[str, set[bytes]] = defaultdict(set)
+    for m in out:
+        values[m.key().decode()].add(m.value())
+    assert set(values) == {t["transaction_id"] for t in txns}
+    assert not [k for k, v in values.items() if len(v) > 1]
+    log = second.log.read_text()
+    assert "newly assigned partitions" in log
+    assert f"| {stack_settings.topics.transactions} " in log, "second got no input partition"
