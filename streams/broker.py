@@ -7,6 +7,7 @@ and the tests run on a real Kafka protocol peer without a cluster; production po
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import socket
@@ -18,9 +19,20 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+PR_SET_PDEATHSIG = 1
+
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started or did not become ready."""
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so that
+    a killed demo, test run or benchmark never leaves an orphan broker behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux/glibc: the parent's own stop() still applies
+        pass
 
 
 def broker_binary() -> str:
@@ -78,6 +90,7 @@ class EmbeddedBroker:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         try:
             wait_until_ready(self.bootstrap, timeout_s)

@@ -23,7 +23,7 @@ from pathlib import Path
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from schemas.codec import Codecs, DecodeError, make_registry
-from streams.broker import EmbeddedBroker
+from streams.broker import EmbeddedBroker, die_with_parent
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -100,6 +100,7 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         return subprocess.Popen(
             [sys.executable, "-m", "streams.cli", *args],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
 

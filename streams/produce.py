@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+import signal
 import sys
 import time
 from collections import Counter
@@ -152,6 +153,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     else:
         events = _generated(args)
     writer = TopicWriter(settings, fmt, args.bad_ratio, args.seed)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: flush, then report
     start = time.monotonic()
     last_report = start
     sent = 0
@@ -205,6 +207,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{failed} records were not acknowledged by the broker", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _progress(writer: TopicWriter, sent: int, elapsed: float) -> None:

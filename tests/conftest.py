@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker
+from streams.broker import EmbeddedBroker, die_with_parent
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings, TopicSettings
 from streams.topics import ensure_topics
@@ -76,7 +76,7 @@ class WorkerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         return self
 

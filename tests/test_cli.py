@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,19 @@ def test_bounded_demo_decides_reports_and_leaves_no_process_behind():
     assert int(total.group(3)) == int(sent.group(2)), "every malformed one is a dead letter"
     assert "stopped broker, registry, worker and producer" in out.stdout
     assert not [pid for pid in pids if alive(pid)], "the demo left processes running"
+
+
+def test_a_killed_demo_takes_its_processes_with_it():
+    """Even SIGKILL, which the demo cannot catch, leaves no broker, worker or producer."""
+    proc = subprocess.Popen(cli("demo", "--rate", "200"), cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    pids = [int(p) for p in re.findall(r"pid (\d+)", line)]
+    assert len(pids) == 3, line
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not [pid for pid in pids if alive(pid)]
