@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import select
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, To
 from schemas.codec import Codecs, make_registry
 from streams.broker import EmbeddedBroker
 from streams.generator import GeneratorConfig, TrafficGenerator
+from streams.processes import die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings, TopicSettings
 from streams.topics import ensure_topics
@@ -47,17 +47,7 @@ def _spawn(args: list[str], settings: Settings, log: Path) -> subprocess.Popen[b
     env.update(settings.to_env())
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=out, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                                stderr=out, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _json_line(proc: subprocess.Popen[bytes], timeout_s: float) -> dict:
@@ -218,7 +208,7 @@ def main() -> int:
         try:
             result["bare_faust"] = _json_line(bare, timeout_s=300)
         finally:
-            _stop(bare)
+            stop_process(bare)
 
         print("worker (rules)...", flush=True)
         worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
@@ -238,7 +228,7 @@ def main() -> int:
                     settings, codecs, target, args.latency_seconds, args.seed + 1
                 ) | {"ratio": ratio})
         finally:
-            _stop(worker)
+            stop_process(worker)
     b, w = result["bare_faust"], result["worker"]
     result["worker_over_bare"] = w["rate"] / b["rate"]
     print()

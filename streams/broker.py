@@ -7,32 +7,19 @@ and the tests run on a real Kafka protocol peer without a cluster; production po
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
-PR_SET_PDEATHSIG = 1
+from streams.processes import StopFlag, die_with_parent, stop_process
 
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started or did not become ready."""
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so that
-    a killed demo, test run or benchmark never leaves an orphan broker behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux/glibc: the parent's own stop() still applies
-        pass
 
 
 def broker_binary() -> str:
@@ -103,14 +90,7 @@ class EmbeddedBroker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
@@ -119,26 +99,13 @@ class EmbeddedBroker:
         self.stop()
 
 
-@contextmanager
-def embedded_broker(port: int | None = None) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(port) as broker:
-        yield broker
-
-
 def run_forever(port: int) -> int:
     """``fraudstream broker``: run until SIGINT/SIGTERM, then stop the broker cleanly."""
     broker = EmbeddedBroker(port).start()
     print(f"embedded broker (Tansu, in-memory) ready on {broker.bootstrap}", flush=True)
-    stopping = False
-
-    def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stop = StopFlag()
     try:
-        while not stopping:
+        while not stop.set:
             if broker.process is None or broker.process.poll() is not None:
                 print("embedded broker exited unexpectedly", flush=True)
                 return 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,8 @@ from pathlib import Path
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from schemas.codec import Codecs, DecodeError, make_registry
-from streams.broker import EmbeddedBroker, die_with_parent
+from streams.broker import EmbeddedBroker
+from streams.processes import StopFlag, die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -104,27 +104,9 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 20.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def main(args: argparse.Namespace, settings: Settings) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fraudstream-demo-"))
-    stopping = False
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    stop = StopFlag()
     broker = EmbeddedBroker(log_path=workdir / "broker.log")
     registry = EmbeddedRegistry()
     worker = producer = None
@@ -154,7 +136,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         summary = Summary(settings, Codecs(make_registry(registry.url), settings.topics))
         started = time.monotonic()
         last = started
-        while not stopping:
+        while not stop.set:
             summary.poll(1.0)
             got = summary.window_count
             now = time.monotonic()
@@ -169,8 +151,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                     break
         return 0
     finally:
-        _stop(producer)
-        _stop(worker)
+        stop_process(producer)
+        stop_process(worker)
         sent = [line for line in _read(workdir / "producer.log").splitlines()
                 if line.startswith("sent ")]
         if sent:

@@ -17,7 +17,8 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker, die_with_parent
+from streams.broker import EmbeddedBroker
+from streams.processes import die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings, TopicSettings
 from streams.topics import ensure_topics
@@ -90,15 +91,9 @@ class WorkerProcess:
         self.proc.wait()
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            return None
+        """SIGTERM (SIGKILL after 30 s); the exit code."""
+        stop_process(self.proc, 30.0)
+        return self.proc.returncode if self.proc else None
 
     def tail(self, lines: int = 40) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
