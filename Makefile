@@ -32,7 +32,7 @@ lint: venv  ## ruff
 test: venv test-deps lint  ## install what the tests need and run them all (e2e included)
 	$(BIN)/pytest
 
-bench: venv  ## issue-2 throughput/latency benchmark (prints numbers)
+bench: venv  ## one-worker throughput and latency benchmark (prints numbers, JSON in results/)
 	$(BIN)/python -m loadtest
 
 clean:  ## remove the virtual environment and local state

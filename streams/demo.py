@@ -30,8 +30,6 @@ from streams.topics import ensure_topics
 
 
 def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -78,11 +76,15 @@ class Summary:
 
     def line(self, interval: float) -> str:
         rate = self.window_count / interval if interval > 0 else 0.0
-        p50, p99 = percentile(self.window, 0.5), percentile(self.window, 0.99)
+        if self.window:
+            latency = (f"latency p50 {percentile(self.window, 0.5):6.1f} ms "
+                       f"p99 {percentile(self.window, 0.99):6.1f} ms")
+        else:
+            latency = "latency -"
         self.window, self.window_count = [], 0
         mix = " ".join(f"{k}={self.outcomes[k]}" for k in ("approve", "review", "decline"))
         return (f"{rate:7.0f} ev/s | decisions {sum(self.outcomes.values()):>8} ({mix}) | "
-                f"dlq {self.dlq:>6} | latency p50 {p50:6.1f} ms p99 {p99:6.1f} ms")
+                f"dlq {self.dlq:>6} | {latency}")
 
     def close(self) -> None:
         self.consumer.close()
