@@ -120,11 +120,12 @@ def test_sigkill_mid_stream_loses_nothing_and_never_changes_a_decision(
     assert not changed, f"{len(changed)} transactions got two different decisions"
 
 
+@pytest.mark.parametrize("store", ["rocksdb", "memory"])
 def test_a_repeated_transaction_id_gets_its_first_decision_again(
-    stack_settings, codecs, start_worker
+    stack_settings, codecs, start_worker, store
 ):
     txns = generated(200, seed=5)
-    worker = start_worker()
+    worker = start_worker(stack_settings.replace(worker={"store": store}))
     produce(stack_settings, stack_settings.topics.transactions, encoded(codecs, txns))
     consume_all(stack_settings, stack_settings.topics.decisions, len(txns), settle_s=0)
     # a producer retry / replay of the same ids (same key: card_id), with content that
