@@ -56,3 +56,22 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [name for name, _default, _doc in describe() if name not in readme]
     assert not missing
+
+
+def test_faust_gets_the_same_sasl_and_tls_settings_as_librdkafka(tmp_path):
+    import faust
+
+    from streams.app import faust_credentials
+
+    kafka = Settings.from_env({
+        "FRAUDSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "FRAUDSTREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+        "FRAUDSTREAM_KAFKA_SASL_USERNAME": "fraud",
+        "FRAUDSTREAM_KAFKA_SASL_PASSWORD": "secret",
+    }).kafka
+    creds = faust_credentials(kafka)
+    assert isinstance(creds, faust.SASLCredentials)
+    assert (creds.username, creds.password) == ("fraud", "secret")
+    assert str(creds.mechanism.value) == "SCRAM-SHA-256"
+    assert creds.ssl_context is not None and str(creds.protocol.value) == "SASL_SSL"
+    assert faust_credentials(Settings().kafka) is None  # PLAINTEXT
