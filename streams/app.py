@@ -1,12 +1,12 @@
 """The one wiring place: builds the Faust app, topics, state, scorer and sinks from
 :class:`streams.settings.Settings`.
 
-The scoring agent takes micro-batches from ``transactions`` (up to
-``FRAUDSTREAM_WORKER_BATCH_MAX`` records or ``FRAUDSTREAM_WORKER_BATCH_WAIT_MS`` of waiting),
-runs :class:`streams.pipeline.Pipeline` on the whole batch, and writes the results with
-:class:`streams.delivery.BatchCommitter` (see its docstring for the commit order). Faust
-keeps the group membership, partition assignment, the dedupe table (RocksDB + changelog)
-and the offset commits.
+Records of ``transactions`` reach :func:`build_worker`'s ``handle`` in whole fetched
+batches (:mod:`streams.batching`, at most ``FRAUDSTREAM_WORKER_BATCH_MAX`` records each);
+:class:`streams.pipeline.Pipeline` decides the batch and
+:class:`streams.delivery.BatchCommitter` writes the results (its docstring has the commit
+order). Faust keeps the group membership, partition assignment, the dedupe table
+(RocksDB + changelog, :mod:`streams.table_state`) and the offset commits.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from streams.settings import KafkaSettings, Settings
 from streams.table_state import FaustTableState
 
 log = logging.getLogger("fraudstream.worker")
-
 
 
 def faust_credentials(kafka: KafkaSettings) -> Any:
@@ -180,6 +179,7 @@ def build_worker(settings: Settings) -> Worker:
     stats = BatchStats()
 
     async def handle(batch: Sequence[tuple[Any, Sequence[Any]]]) -> None:
+        now_ms = int(time.time() * 1000)  # for records without a Kafka timestamp
         records = [
             RawRecord(
                 topic=r.topic,
@@ -187,7 +187,8 @@ def build_worker(settings: Settings) -> Worker:
                 offset=r.offset,
                 key=r.key,
                 value=r.value,
-                timestamp_ms=r.timestamp,
+                timestamp_ms=r.timestamp if r.timestamp is not None and r.timestamp >= 0
+                else now_ms,
             )
             for _tp, recs in batch
             for r in recs
