@@ -200,6 +200,15 @@ def build_worker(settings: Settings) -> Worker:
 
     batching.install(app, {settings.topics.transactions}, handle, w.batch_max)
 
+    @app.timer(interval=w.dedupe_expiry_interval_s)
+    async def expire_dedupe() -> None:
+        """Forget transaction_ids older than the retention: a copy sent later than that
+        is decided afresh."""
+        before = int((time.time() / 86_400.0) - w.dedupe_retention_days)
+        removed = await state.expire(before)
+        if removed:
+            log.info("dedupe: expired %d entries of event days before %d", removed, before)
+
     @app.agent(source, name="score")
     async def score(stream: Any) -> None:
         """Declares the subscription; the batch consumer hands every record of this topic

@@ -22,8 +22,16 @@ from schemas.codec import Codecs, DecodeError, decode_json
 from schemas.validate import ValidationError, mask_pans, validate_transaction
 from scorers.base import Scorer
 
-#: (partition, [transaction_id bytes]) -> [stored decision bytes or None], aligned.
+#: (partition, [dedupe keys]) -> [stored decision bytes or None], aligned.
 Lookup = Callable[[int, list[bytes]], list[bytes | None]]
+
+DAY_MS = 86_400_000
+
+
+def dedupe_key(txn: dict[str, Any]) -> bytes:
+    """``<event day, 5 digits>|<transaction_id>``: a transaction sent again carries the same
+    event time, so it finds its entry; keys sort by day, so expiry reads only what expires."""
+    return b"%05d|%s" % (txn["event_time"] // DAY_MS, txn["transaction_id"].encode())
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,7 +48,7 @@ class RawRecord:
 class BatchResult:
     #: (key, value) for the decisions topic, one per valid input record.
     decisions: list[tuple[bytes, bytes]] = field(default_factory=list)
-    #: (partition, transaction_id, decision bytes): first decisions, for the dedupe state.
+    #: (partition, dedupe key, decision bytes): first decisions, for the dedupe state.
     new_entries: list[tuple[int, bytes, bytes]] = field(default_factory=list)
     #: (key, value) for the dead-letter topic, one per record that could not be decided.
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
@@ -134,8 +142,7 @@ class Pipeline:
                 }
             )
             fresh_bytes.append(value)
-            key = txn["transaction_id"].encode()
-            out.new_entries.append((rec.partition, key, value))
+            out.new_entries.append((rec.partition, dedupe_key(txn), value))
             out.outcomes[str(score.outcome)] += 1
 
         # Emit in input order: every valid record gets exactly one decision record.
@@ -176,14 +183,17 @@ class Pipeline:
     def _lookup_all(
         valid: list[tuple[RawRecord, dict[str, Any]]], lookup: Lookup
     ) -> dict[str, bytes]:
-        by_partition: dict[int, list[bytes]] = {}
+        """transaction_id -> stored decision, for the ids the dedupe state knows."""
+        by_partition: dict[int, tuple[list[bytes], list[str]]] = {}
         for rec, txn in valid:
-            by_partition.setdefault(rec.partition, []).append(txn["transaction_id"].encode())
+            keys, ids = by_partition.setdefault(rec.partition, ([], []))
+            keys.append(dedupe_key(txn))
+            ids.append(txn["transaction_id"])
         found: dict[str, bytes] = {}
-        for partition, keys in by_partition.items():
-            for key, value in zip(keys, lookup(partition, keys), strict=True):
+        for partition, (keys, ids) in by_partition.items():
+            for txn_id, value in zip(ids, lookup(partition, keys), strict=True):
                 if value is not None:
-                    found[key.decode()] = value
+                    found[txn_id] = value
         return found
 
     def _dead_letter(

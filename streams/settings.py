@@ -118,6 +118,8 @@ class WorkerSettings:
     max_future_ms: int = 5 * 60 * 1000
     max_amount: float = 1_000_000.0
     commit_interval_s: float = 1.0
+    dedupe_retention_days: float = 7.0
+    dedupe_expiry_interval_s: float = 600.0
 
 
 @dataclass(frozen=True)

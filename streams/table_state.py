@@ -109,3 +109,34 @@ class FaustTableState:
         store = self.table.data
         for (topic, partition), offset in last.items():
             store.set_persisted_offset(TP(topic, partition), offset)
+
+    async def expire(self, before_day: int) -> int:
+        """Delete the entries of event days before ``before_day`` from the local RocksDB
+        partitions, with changelog tombstones; returns how many.
+
+        Keys lead with the event day, so each partition is read from its first key to the
+        first one that stays. The memory store keeps no per-partition files: it does not
+        expire (it is for tests and demos).
+        """
+        dbs = getattr(self.table.data, "_dbs", None)
+        if not dbs:
+            return 0
+        stop = b"%05d|" % before_day
+        expired: list[tuple[int, bytes]] = []
+        for partition, db in list(dbs.items()):
+            for key in db.keys():
+                if key >= stop:
+                    break
+                if key[:5].isdigit():  # entries only, not Faust's own offset key
+                    expired.append((partition, key))
+        if not expired:
+            return 0
+        store = self.table.data
+        for partition, key in expired:
+            with _as_event(self._event(partition)):
+                store.pop(key, None)
+        changelog = self.table.changelog_topic.get_topic_name()
+        last = await self.sink.send((changelog, p, k, None) for p, k in expired)
+        for (topic, partition), offset in last.items():
+            store.set_persisted_offset(TP(topic, partition), offset)
+        return len(expired)

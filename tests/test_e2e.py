@@ -196,3 +196,30 @@ def test_two_workers_share_the_partitions_and_decide_everything_once(
     log = second.log.read_text()
     assert "newly assigned partitions" in log
     assert f"| {stack_settings.topics.transactions} " in log, "second got no input partition"
+
+
+def test_dedupe_forgets_ids_older_than_the_retention(stack_settings, codecs, start_worker):
+    day = 86_400_000
+    recent = generated(100, seed=9)
+    old = [dict(t, transaction_id=f"old-{t['transaction_id']}",
+                event_time=t["event_time"] - 10 * day) for t in generated(100, seed=10)]
+    worker = start_worker(stack_settings.replace(
+        worker={"dedupe_retention_days": 7.0, "dedupe_expiry_interval_s": 1.0}))
+    produce(stack_settings, stack_settings.topics.transactions, encoded(codecs, recent + old))
+    consume_all(stack_settings, stack_settings.topics.decisions, 200, settle_s=0)
+    deadline = time.monotonic() + 30
+    while "dedupe: expired 100 entries" not in worker.log.read_text():
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.5)
+    again = [dict(t, merchant_id="merchant_blocked_demo_0001") for t in recent + old]
+    produce(stack_settings, stack_settings.topics.transactions, encoded(codecs, again))
+    out = consume_all(stack_settings, stack_settings.topics.decisions, 400, settle_s=2)
+    assert worker.running, worker.tail()
+    values: dict[str, list[bytes]] = defaultdict(list)
+    for m in out:
+        values[m.key().decode()].append(m.value())
+    assert all(len(set(values[t["transaction_id"]])) == 1 for t in recent)  # remembered
+    for t in old:  # forgotten: decided afresh, and the blocked merchant now declines
+        first, second = values[t["transaction_id"]]
+        assert codecs.decision.decode(second)["decision"] == "decline" != (
+            codecs.decision.decode(first)["decision"])

@@ -79,7 +79,7 @@ def test_decisions_come_out_in_input_order_and_carry_what_consumers_need(unit_co
     assert last["source_timestamp"].timestamp() * 1000 == 1_700_000_000_020
     assert set(last["timings_ms"]) >= {"decode", "dedupe", "rules", "total"}
     assert result.outcomes["decline"] == 1 and sum(result.outcomes.values()) == 21
-    assert [e[1] for e in result.new_entries] == [k for k, _ in result.decisions]
+    assert [e[1].split(b"|")[1] for e in result.new_entries] == [k for k, _ in result.decisions]
 
 
 def test_a_seen_transaction_id_gets_its_stored_decision_not_a_new_one(unit_codecs):
@@ -89,17 +89,19 @@ def test_a_seen_transaction_id_gets_its_stored_decision_not_a_new_one(unit_codec
 
     def seen(partition: int, keys: list[bytes]) -> list[bytes | None]:
         asked.append((partition, keys))
-        return [stored if k == b"t1" else None for k in keys]
+        return [stored if k.endswith(b"|t1") else None for k in keys]
 
     values = [unit_codecs.transaction.encode(txn(i)) for i in range(3)]
     values.append(unit_codecs.transaction.encode(txn(2, amount=9999.0)))  # repeat in batch
     result = pipeline.process(raw(values, partition=2), seen)
-    assert asked == [(2, [b"t0", b"t1", b"t2", b"t2"])]  # one lookup per partition per batch
+    day = b"%05d|" % (int(time.time() * 1000) // 86_400_000)
+    # one lookup per partition per batch; keys lead with the event day (for expiry)
+    assert asked == [(2, [day + b"t0", day + b"t1", day + b"t2", day + b"t2"])]
     got = dict(Counter(k for k, _ in result.decisions))
     assert got == {b"t0": 1, b"t1": 1, b"t2": 2}
     assert result.decisions[1] == (b"t1", stored)
     assert result.decisions[2][1] == result.decisions[3][1]
-    assert [e[1] for e in result.new_entries] == [b"t0", b"t2"]
+    assert [e[1] for e in result.new_entries] == [day + b"t0", day + b"t2"]
     assert result.duplicates == 2
 
 
