@@ -12,7 +12,7 @@ records the persisted offsets as Faust's own send callback would.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -102,13 +102,22 @@ class FaustTableState:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        changelog = self.table.changelog_topic.get_topic_name()
-        last = await self.sink.send((changelog, p, k, v) for p, k, v in pending)
+        last = await self._write_changelog(pending)
         if self.end_marker:
+            changelog = self.table.changelog_topic.get_topic_name()
             await self.sink.send((changelog, p, END_MARKER, None) for _t, p in last)
+
+    async def _write_changelog(
+        self, records: Iterable[tuple[int, bytes, bytes | None]]
+    ) -> dict[tuple[str, int], int]:
+        """Produce (partition, key, value or tombstone) changelog records, wait for the
+        broker, then record the persisted offsets as Faust's own send callback would."""
+        changelog = self.table.changelog_topic.get_topic_name()
+        last = await self.sink.send((changelog, p, k, v) for p, k, v in records)
         store = self.table.data
         for (topic, partition), offset in last.items():
             store.set_persisted_offset(TP(topic, partition), offset)
+        return last
 
     async def expire(self, before_day: int) -> int:
         """Delete the entries of event days before ``before_day`` from the local RocksDB
@@ -135,8 +144,5 @@ class FaustTableState:
         for partition, key in expired:
             with _as_event(self._event(partition)):
                 store.pop(key, None)
-        changelog = self.table.changelog_topic.get_topic_name()
-        last = await self.sink.send((changelog, p, k, None) for p, k in expired)
-        for (topic, partition), offset in last.items():
-            store.set_persisted_offset(TP(topic, partition), offset)
+        await self._write_changelog((p, k, None) for p, k in expired)
         return len(expired)
