@@ -40,7 +40,7 @@ class DeliveryError(RuntimeError):
 
 class DedupeState(Protocol):
     def record(self, entries: Sequence[tuple[int, bytes, bytes]]) -> None:
-        """Store (partition, transaction_id, decision bytes) entries; queue changelog."""
+        """Store (partition, dedupe key, decision bytes) entries; queue their changelog."""
 
     async def flush(self) -> None:
         """Return once everything recorded so far is acknowledged by the broker."""
