@@ -29,15 +29,16 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer
 
 from schemas.codec import Codecs, make_registry
 from streams.broker import EmbeddedBroker
+from streams.demo import percentile
 from streams.generator import GeneratorConfig, TrafficGenerator
 from streams.processes import die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings, TopicSettings
-from streams.topics import ensure_topics
+from streams.topics import assign_all, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,10 +91,8 @@ def read_decisions(settings: Settings, codecs: Codecs, stop: Callable[[list], bo
     """(receive time, decision) until ``stop(received)`` says so or the timeout. With
     ``from_end``, reading starts at the current end and the event is set once it does."""
     consumer = Consumer(settings.kafka.consumer_config(f"bench-{uuid.uuid4().hex[:6]}"))
-    topic = settings.topics.decisions
-    meta = consumer.list_topics(topic, timeout=10).topics[topic]
-    start = OFFSET_END if from_end is not None else OFFSET_BEGINNING
-    consumer.assign([TopicPartition(topic, p, start) for p in meta.partitions])
+    assign_all(consumer, [settings.topics.decisions],
+               OFFSET_END if from_end is not None else OFFSET_BEGINNING)
     if from_end is not None:
         consumer.consume(1, 0.5)  # resolves the end offsets before anything is produced
         from_end.set()
@@ -159,16 +158,12 @@ def measure_latency(settings: Settings, codecs: Codecs, rate: float, seconds: fl
                for _t, d in fresh]
     return {
         "rate": rate, "sent": sent_box[0], "measured": len(latencies),
-        "to_decided_p50_ms": pct(decided, 0.50), "to_decided_p99_ms": pct(decided, 0.99),
-        "p50_ms": pct(latencies, 0.50), "p90_ms": pct(latencies, 0.90),
-        "p99_ms": pct(latencies, 0.99), "max_ms": max(latencies),
+        "to_decided_p50_ms": percentile(decided, 0.50),
+        "to_decided_p99_ms": percentile(decided, 0.99),
+        "p50_ms": percentile(latencies, 0.50), "p90_ms": percentile(latencies, 0.90),
+        "p99_ms": percentile(latencies, 0.99), "max_ms": max(latencies),
         "mean_ms": statistics.fmean(latencies),
     }
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> int:

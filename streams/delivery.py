@@ -134,8 +134,5 @@ class KafkaSink:
             raise DeliveryError(f"{len(errors) + left} record(s) not acknowledged: {first}")
         return last
 
-    def close(self) -> None:
-        self.producer.flush(10.0)
-
 
 __all__ = ["BatchCommitter", "DedupeState", "DeliveryError", "KafkaSink", "Sink"]

@@ -19,14 +19,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer
 
 from schemas.codec import Codecs, DecodeError, make_registry
 from streams.broker import EmbeddedBroker
 from streams.processes import StopFlag, die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import assign_all, ensure_topics
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,11 +41,8 @@ class Summary:
         self.codecs = codecs
         self.decisions_topic = settings.topics.decisions
         self.consumer = Consumer(settings.kafka.consumer_config("fraudstream-demo-summary"))
-        parts = []
-        for topic in (settings.topics.decisions, settings.topics.dlq):
-            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
-            parts += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
-        self.consumer.assign(parts)
+        assign_all(self.consumer, [settings.topics.decisions, settings.topics.dlq],
+                   OFFSET_BEGINNING)
         self.outcomes: Counter[str] = Counter()
         self.dlq = 0
         self.total = 0

@@ -8,10 +8,11 @@ import uuid
 from datetime import datetime
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer
 
 from schemas.codec import Codecs, DecodeError, make_registry
 from streams.settings import Settings
+from streams.topics import assign_all
 
 
 def _default(value: object) -> object:
@@ -42,13 +43,11 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print(f"unknown topic {args.topic!r}; one of {', '.join(by_topic)}", file=sys.stderr)
         return 2
     consumer = Consumer(settings.kafka.consumer_config(f"fraudstream-tail-{uuid.uuid4().hex[:8]}"))
-    # assign, not subscribe: no group join to wait for, and no committed offsets
-    meta = consumer.list_topics(args.topic, timeout=10).topics.get(args.topic)
-    if meta is None or meta.error is not None:
-        print(f"topic {args.topic!r} not found", file=sys.stderr)
+    try:
+        assign_all(consumer, [args.topic], OFFSET_BEGINNING if args.from_beginning else OFFSET_END)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
         return 2
-    start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
-    consumer.assign([TopicPartition(args.topic, p, start) for p in meta.partitions])
     seen = 0
     try:
         while args.count == 0 or seen < args.count:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.settings import Settings
@@ -37,3 +37,16 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> dict[str, int]
                     raise
     meta = admin.list_topics(timeout=timeout_s).topics
     return {t: len(meta[t].partitions) for t in settings.topics.all() if t in meta}
+
+
+def assign_all(consumer: Consumer, topics: list[str], offset: int) -> None:
+    """Assign every partition of ``topics`` to ``consumer``, starting at ``offset``
+    (e.g. OFFSET_BEGINNING): no group join to wait for, no committed offsets used.
+    Raises LookupError naming a topic the broker does not have."""
+    parts: list[TopicPartition] = []
+    for topic in topics:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise LookupError(f"topic {topic!r} not found")
+        parts += [TopicPartition(topic, p, offset) for p in meta.partitions]
+    consumer.assign(parts)

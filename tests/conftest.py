@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 
 from schemas.codec import Codecs, make_registry
 from streams.broker import EmbeddedBroker
 from streams.processes import die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings, TopicSettings
-from streams.topics import ensure_topics
+from streams.topics import assign_all, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,8 +134,7 @@ def consume_all(
     """Every record of ``topic`` from the beginning: waits until ``expected`` arrived,
     then ``settle_s`` more to catch extras (duplicates must be visible to the tests)."""
     consumer = Consumer(settings.kafka.consumer_config("tests-reader"))
-    meta = consumer.list_topics(topic, timeout=10).topics[topic]
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    assign_all(consumer, [topic], OFFSET_BEGINNING)
     out: list[Any] = []
     deadline = time.monotonic() + timeout_s
     settle_until: float | None = None
