@@ -68,6 +68,18 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo_main(args, settings)
 
 
+def _cmd_features(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.features_cli import run
+
+    return run(args, settings)
+
+
+def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.history import write_history
+
+    return write_history(args)
+
+
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, default, _doc in describe():
         print(f"{name}={default}")
@@ -112,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bad-ratio", type=float, default=0.01,
                    help="share of malformed records sent, to show the DLQ")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="write a simulated history (CSV, labels included)")
+    from streams.history import add_arguments as history_arguments
+
+    history_arguments(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("features", help="compute the feature vectors of a CSV/Parquet history")
+    from streams.features_cli import add_arguments as features_arguments
+
+    features_arguments(p)
+    p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("settings", help="list every setting and its default")
     p.set_defaults(func=_cmd_settings)

@@ -6,8 +6,12 @@ Contract of :func:`read_csv_events`:
   ``("label", dict)`` (``schemas/label.avsc``) and ``("error", dict)``.
 * Transactions and labels come in non-decreasing time order (a transaction's
   ``event_time``, a label's ``label_time``); ties keep file order. A label comes after its
-  transaction, at ``event_time + label_delay_days``, and only for rows whose label cell is
-  filled (both classes: ``confirmed_fraud`` / ``confirmed_genuine``).
+  transaction, at its ``label_time`` column or else ``event_time + label_delay_days``, and
+  only for rows whose label cell is filled (both classes: ``confirmed_fraud`` /
+  ``confirmed_genuine``). With ``keep_order`` transactions come in file order instead (the
+  order they arrived in, late events included) and a label once the latest event time
+  seen reaches its ``label_time``.
+* A ``.parquet`` file is read the same way (pyarrow), its columns mapped like a CSV's.
 * Nothing vanishes: a row that cannot be mapped (missing required value, unparsable number
   or time, bad code) becomes ``("error", {"line", "column", "field", "reason"})``, the reason
   naming the user's column. An unreadable label cell gives an error too, and the transaction
@@ -39,10 +43,11 @@ from typing import Any
 
 REQUIRED = ("transaction_id", "event_time", "card_id", "merchant_id", "amount")
 OPTIONAL = ("customer_id", "terminal_id", "currency", "mcc", "country", "card_country", "lat",
-            "lon", "device_id", "ip", "channel", "label", "fraud_type")
+            "lon", "device_id", "ip", "channel", "label", "fraud_type", "label_time")
 #: Schema fields the Transaction needs: from a column or from ``defaults``.
 NEEDED = ("currency", "country", "channel")
-_NO_DEFAULT = frozenset({"transaction_id", "event_time", "card_id", "amount", "label"})
+_NO_DEFAULT = frozenset({"transaction_id", "event_time", "card_id", "amount", "label",
+                         "label_time"})
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01, as the worker checks: older is a unit mistake
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -90,6 +95,7 @@ class ColumnMapping:
     channel: str | None = None
     label: str | None = None
     fraud_type: str | None = None
+    label_time: str | None = None
     defaults: Mapping[str, str] = field(default_factory=dict, hash=False)
     time_format: str = "auto"
 
@@ -208,6 +214,7 @@ def parse_event_time(value: str, time_format: str = "auto") -> int:
 def read_csv_events(path: str | Path, mapping: ColumnMapping | None = None, *,
                     label_delay_days: float = 3.0, token_key: bytes | str | None = None,
                     delimiter: str = ",", encoding: str = "utf-8-sig",
+                    keep_order: bool = False,
                     ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Events of a CSV file in time order; see the module docstring for the contract.
 
@@ -215,11 +222,12 @@ def read_csv_events(path: str | Path, mapping: ColumnMapping | None = None, *,
     here, before anything is yielded.
     """
     path = Path(path)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        raise CsvMappingError("Parquet needs pyarrow, which is not installed: export to CSV")
     mapping = mapping or ColumnMapping()
-    rows = _Rows(path, mapping, label_delay_days, token_key, delimiter, encoding)
+    cls = _ParquetRows if path.suffix.lower() in (".parquet", ".pq") else _Rows
+    rows = cls(path, mapping, label_delay_days, token_key, delimiter, encoding)
     rows.check()
+    if keep_order:
+        rows.sorted = True
     return rows.events()
 
 
@@ -272,6 +280,7 @@ class _Rows:
         """Pass 2: map rows, merge labels in time order."""
         labels: list[tuple[int, int, dict[str, Any]]] = []
         held: list[tuple[int, int, dict[str, Any], dict[str, Any] | None]] = []
+        latest = -math.inf
         for line, row in self._reader():
             txn, label, error = self._map(line, row)
             if error is not None:
@@ -281,7 +290,8 @@ class _Rows:
             if not self.sorted:
                 held.append((txn["event_time"], line, txn, label))
                 continue
-            yield from _due(labels, txn["event_time"])
+            latest = max(latest, txn["event_time"])
+            yield from _due(labels, latest)
             yield "transaction", txn
             if label is not None:
                 heapq.heappush(labels, (label["label_time"], line, label))
@@ -311,7 +321,7 @@ class _Rows:
                 rec[name] = None
                 continue
             try:
-                if name == "event_time":
+                if name in ("event_time", "label_time"):
                     rec[name] = parse_event_time(cell, m.time_format)
                     if rec[name] < MIN_EVENT_TIME_MS:
                         raise ValueError(f"{cell!r} is before 2000 (wrong unit?)")
@@ -331,13 +341,16 @@ class _Rows:
         if looks_like_card_number(rec["card_id"]):
             rec["card_id"] = tokenize_card(rec["card_id"], self.key or b"")
         is_fraud, fraud_type = rec.pop("label", None), rec.pop("fraud_type")
+        label_time = rec.pop("label_time")
         label = None
         if is_fraud is not None:
             label = {"transaction_id": rec["transaction_id"], "card_id": rec["card_id"],
+                     "merchant_id": rec["merchant_id"],
                      "is_fraud": is_fraud, "fraud_type": fraud_type if is_fraud else None,
                      "source": "confirmed_fraud" if is_fraud else "confirmed_genuine",
                      "event_time": rec["event_time"],
-                     "label_time": rec["event_time"] + self.delay_ms}
+                     "label_time": label_time if label_time is not None
+                     else rec["event_time"] + self.delay_ms}
         error = self._error(line, [label_problem]) if label_problem else None
         if error:
             error["reason"] += " (transaction kept, no label)"
@@ -352,6 +365,36 @@ class _Rows:
         reason = "; ".join(f"column {column(n)!r} ({n}): {why}" for n, why in problems)
         return {"line": line, "column": column(problems[0][0]), "field": problems[0][0],
                 "reason": reason}
+
+
+class _ParquetRows(_Rows):
+    """A Parquet file's rows as the CSV reader's: cells as text, row numbers as lines."""
+
+    def _reader(self) -> Iterator[tuple[int, list[str]]]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise CsvMappingError(f"{self.path}: not a readable Parquet file: {exc}") from None
+        self.header = list(pf.schema_arrow.names)
+        line = 1
+        for batch in pf.iter_batches(batch_size=10_000):
+            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            for row in zip(*columns, strict=True):
+                line += 1
+                yield line, [_cell(v) for v in row]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return dt.isoformat()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return repr(value)
+    return str(value)
 
 
 def _chain(first: tuple[int, list[str]] | None,

@@ -41,6 +41,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from state.geo import haversine_km
+
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 FRAUD_TYPES = (
@@ -88,14 +90,6 @@ _ATM_EUR = (20, 40, 50, 60, 80, 100, 150, 200)
 _HAZARD = 0.1  # chance per check of starting a campaign of a type below its fraud budget
 _CM_FRAUD_SHARE = 0.35  # share of a compromised terminal's steered traffic that is fraud
 _SKIM_P = 0.5  # chance a genuine card used at a compromised terminal is later cashed out
-
-
-def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance in km."""
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 12_742.0 * math.asin(min(1.0, math.sqrt(h)))
 
 
 @dataclass(frozen=True)
@@ -299,9 +293,9 @@ class TrafficGenerator:
         out = []
         heap = self._labels
         while heap and heap[0][0] <= now_ms:
-            lt, n, card_id, ft, src, et = heapq.heappop(heap)
+            lt, n, card_id, mid, ft, src, et = heapq.heappop(heap)
             out.append({
-                "transaction_id": f"{self._prefix}-{n}", "card_id": card_id,
+                "transaction_id": f"{self._prefix}-{n}", "card_id": card_id, "merchant_id": mid,
                 "is_fraud": ft >= 0, "fraud_type": FRAUD_TYPES[ft] if ft >= 0 else None,
                 "source": _SOURCES[src], "event_time": et, "label_time": lt,
             })
@@ -327,13 +321,13 @@ class TrafficGenerator:
             "lon": m.lon if cp else None, "device_id": device, "ip": ip, "channel": channel,
         }
 
-    def _push_label(self, card: _Card, ftype: int, now_ms: int) -> None:
+    def _push_label(self, card: _Card, m: _Merchant, ftype: int, now_ms: int) -> None:
         cfg = self.config
         mean, sd = cfg.label_delay_days, cfg.label_delay_spread_days
         days = self._rng.gammavariate((mean / sd) ** 2, sd * sd / mean) if sd * mean else mean
         src = 2 if ftype < 0 else (0 if self._r() < 0.7 else 1)
         lt = now_ms + int(days * self._day_ms)
-        heapq.heappush(self._labels, (lt, self._n, card.card_id, ftype, src, now_ms))
+        heapq.heappush(self._labels, (lt, self._n, card.card_id, m.mid, ftype, src, now_ms))
 
     def _schedule(self, due: int, kind: int, camp: _Campaign, fraud: bool = True) -> None:
         self._seq += 1
@@ -416,7 +410,7 @@ class TrafficGenerator:
                 self._start_cashout(card, now_ms)
         if self._r() < self.config.genuine_label_rate and (
                 len(self._labels) < self.config.max_pending_labels):
-            self._push_label(card, -1, now_ms)
+            self._push_label(card, m, -1, now_ms)
         return self._txn(now_ms, card, m, term, amount, channel, device, ip)
 
     def _trip_txn(self, card: _Card, now_ms: int) -> dict[str, Any]:
@@ -549,7 +543,7 @@ class TrafficGenerator:
             amount = round(self._amount_eur(card) * m.factor * rng.uniform(1.0, 3.0) * m.fx, 2)
         self._stats["fraud"] += 1
         self._stats[f"fraud_{FRAUD_TYPES[kind]}"] += 1
-        self._push_label(card, kind, now_ms)
+        self._push_label(card, m, kind, now_ms)
         return self._txn(now_ms, card, m, term, amount, channel, device, ip)
 
     def _far_merchant(self, camp: _Campaign, now_ms: int) -> _Merchant:
@@ -566,3 +560,31 @@ class TrafficGenerator:
             camp.city = self._rng.choice(far) if far else max(self._cities, key=dist)
         ms = self._cp_city[camp.city]
         return ms[int(self._r() * len(ms))]
+
+
+def generate_history(
+    config: GeneratorConfig, start_ms: int, days: float, per_day: int,
+    late_ratio: float = 0.0, late_max_ms: int = 2 * 3_600_000,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A simulated history: (transactions in arrival order, labels known by its end).
+
+    Event times follow a Poisson process of ``per_day`` a day from ``start_ms``. A share
+    ``late_ratio`` of transactions arrives late, up to ``late_max_ms`` after its event time
+    (an offline terminal), so arrival order differs from event-time order there.
+    Labels are those whose ``label_time`` falls before the end.
+    """
+    gen = TrafficGenerator(config)
+    rng = random.Random(config.seed ^ 0x1A7E)
+    end = start_ms + int(days * DAY_MS)
+    mean_gap = DAY_MS / per_day
+    t = float(start_ms)
+    arrivals: list[tuple[float, int, dict[str, Any]]] = []
+    while True:
+        t += rng.expovariate(1.0 / mean_gap)
+        if t >= end:
+            break
+        txn = gen.next_transaction(int(t))
+        delay = rng.uniform(1.0, late_max_ms) if rng.random() < late_ratio else 0.0
+        arrivals.append((t + delay, len(arrivals), txn))
+    arrivals.sort(key=lambda a: (a[0], a[1]))
+    return [a[2] for a in arrivals], gen.due_labels(end)

@@ -215,8 +215,29 @@ def test_mapping_mistakes_are_refused_before_streaming(tmp_path: Path) -> None:
     with pytest.raises(CsvMappingError, match="default currency"):
         read_csv_events(path, ColumnMapping.from_flags(
             KAGGLE_FLAGS, ["currency=euro", "country=US", "channel=pos"]), token_key=KEY)
-    with pytest.raises(CsvMappingError, match="pyarrow"):
-        read_csv_events(tmp_path / "history.parquet")
+    with pytest.raises(CsvMappingError, match="not a readable Parquet file"):
+        read_csv_events(_write(tmp_path, "not parquet", "history.parquet"))
+
+
+def test_a_parquet_file_reads_like_the_same_csv(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = ("transaction_id,event_time,card_id,merchant_id,amount,label\n"
+            "t1,2024-03-01T10:00:00+00:00,c1,m1,12.5,1\n"
+            "t2,2024-03-01T10:05:00+00:00,c2,m1,7,\n")
+    mapping = ColumnMapping(defaults={"currency": "EUR", "country": "FR", "channel": "pos"})
+    from_csv = list(read_csv_events(_write(tmp_path, text, "h.csv"), mapping))
+    table = pa.table({
+        "transaction_id": ["t1", "t2"],
+        "event_time": pa.array([1709287200000, 1709287500000], pa.timestamp("ms", tz="UTC")),
+        "card_id": ["c1", "c2"], "merchant_id": ["m1", "m1"], "amount": [12.5, 7.0],
+        "label": pa.array([1, None], pa.int64()),
+    })
+    pq.write_table(table, tmp_path / "h.parquet")
+    from_parquet = list(read_csv_events(tmp_path / "h.parquet", mapping))
+    assert from_parquet == from_csv
+    assert [k for k, _ in from_parquet] == ["transaction", "transaction", "label"]
 
 
 def test_a_sorted_file_streams_lazily(tmp_path: Path) -> None:
