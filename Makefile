@@ -21,10 +21,13 @@ venv: $(BIN)/.installed  ## create .venv and install the project
 demo: venv  ## run broker, registry, worker and generator with a live summary (DURATION=60 to stop by itself)
 	$(BIN)/fraudstream demo --duration $(DURATION) --rate $(RATE)
 
-test-deps:  ## Debian packages the tests use (kcat)
-	@command -v kcat >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat >/dev/null; \
-	  else echo "kcat missing: sudo apt-get install kcat"; exit 1; fi; }
+TEST_DEBS := kcat redis-server
+
+test-deps:  ## Debian packages the tests use (kcat, redis-server)
+	@missing=""; for p in $(TEST_DEBS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing: sudo apt-get install$$missing"; exit 1; fi; fi
 
 lint: venv  ## ruff
 	$(BIN)/ruff check .

@@ -34,7 +34,7 @@ UNKNOWN_ID_RETRY_S = 30.0
 _HEADER = struct.Struct(">bI")
 
 #: Registration order (fixed: with ``mock://`` registries it decides the ids).
-SCHEMAS = ("transaction", "label", "decision", "dead_letter", "drift_event")
+SCHEMAS = ("transaction", "label", "decision", "dead_letter", "drift_event", "feature_vector")
 
 
 class DecodeError(Exception):
@@ -199,6 +199,7 @@ class Codecs:
             "decision": f"{topics.decisions}-value",
             "dead_letter": f"{topics.dlq}-value",
             "drift_event": f"{topics.drift}-value",
+            "feature_vector": f"{topics.features}-value",
         }
         for name in SCHEMAS:
             setattr(self, name, AvroCodec(registry, name, subjects[name]))
@@ -211,3 +212,4 @@ class Codecs:
     decision: AvroCodec
     dead_letter: AvroCodec
     drift_event: AvroCodec
+    feature_vector: AvroCodec

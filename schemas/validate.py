@@ -121,22 +121,22 @@ def _number(rec: dict[str, Any], name: str, required: bool = True) -> float | No
     return value
 
 
-def _event_time(rec: dict[str, Any]) -> int:
-    value = rec.get("event_time")
+def _event_time(rec: dict[str, Any], name: str = "event_time") -> int:
+    value = rec.get(name)
     if value is None:
-        raise ValidationError("event_time", "missing")
+        raise ValidationError(name, "missing")
     if isinstance(value, datetime):  # fastavro decodes timestamp-millis to datetime
         return int(value.timestamp() * 1000)
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError as exc:
-            raise ValidationError("event_time", f"not an ISO-8601 time: {value!r}") from exc
+            raise ValidationError(name, f"not an ISO-8601 time: {value!r}") from exc
         if parsed.tzinfo is None:
-            raise ValidationError("event_time", "ISO-8601 time without a time zone")
+            raise ValidationError(name, "ISO-8601 time without a time zone")
         return int(parsed.timestamp() * 1000)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError("event_time", f"expected epoch millis, got {type(value).__name__}")
+        raise ValidationError(name, f"expected epoch millis, got {type(value).__name__}")
     return value
 
 
@@ -215,3 +215,28 @@ def validate_transaction(
     for name in OPTIONAL_STRINGS:
         out[name] = _string(rec, name, required=False)
     return out
+
+
+def validate_label(rec: dict[str, Any]) -> dict[str, Any]:
+    """Return the normalized label, or raise :class:`ValidationError`."""
+    txn_id = _string(rec, "transaction_id")
+    card_id = _string(rec, "card_id")
+    assert card_id is not None
+    if looks_like_pan(card_id):
+        raise ValidationError("card_id", "looks like a raw card number; send a token")
+    is_fraud = rec.get("is_fraud")
+    if not isinstance(is_fraud, bool):
+        raise ValidationError("is_fraud", f"expected a boolean, got {type(is_fraud).__name__}")
+    event_time = _event_time(rec)
+    label_time = _event_time(rec, "label_time")
+    if label_time < MIN_EVENT_TIME_MS:
+        raise ValidationError("label_time", f"{label_time} is before 2000 (seconds, not millis?)")
+    return {
+        "transaction_id": txn_id,
+        "card_id": card_id,
+        "merchant_id": _string(rec, "merchant_id", required=False),
+        "is_fraud": is_fraud,
+        "fraud_type": _string(rec, "fraud_type", required=False),
+        "event_time": event_time,
+        "label_time": label_time,
+    }

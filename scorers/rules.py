@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from scorers.base import Event, Features, Outcome, Score, ScorerError, Thresholds
+from state.features import INDEX
 
 __all__ = [
     "DEFAULT_RULES_PATH",
@@ -477,6 +478,8 @@ def _build_feature(r: _RuleReader) -> Predicate:
     name = r.require("feature")
     if not isinstance(name, str) or not name:
         r.fail("feature", f"must be a feature name, got {name!r}")
+    if name not in INDEX:
+        r.fail("feature", f"unknown feature {name!r} (see state/features.py FEATURE_NAMES)")
     op, bound = r.comparison()
     return _compare(lambda e, f: f.get(name), op, bound)
 

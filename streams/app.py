@@ -24,8 +24,11 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.codec import Codecs, make_registry
 from scorers.rules import RuleSet, RulesScorer
+from state.engine import FeatureEngine, StateStore
+from state.features import FeatureConfig
 from streams import batching
 from streams.delivery import BatchCommitter, KafkaSink
+from streams.feature_store import TableFeatureStore
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import KafkaSettings, Settings
 from streams.table_state import FaustTableState
@@ -91,22 +94,34 @@ class BatchStats:
     def _reset(self, now: float) -> None:
         self.since = now
         self.batches = self.events = self.dead = 0
-        self.process_ms = self.commit_ms = 0.0
+        self.process_ms = self.commit_ms = self.features_ms = 0.0
+        self.late = self.too_late = self.degraded = self.labels = self.unattributed = 0
 
     def add(self, size: int, result: Any, commit_ms: float) -> None:
         self.batches += 1
         self.events += size
         self.dead += len(result.dead_letters)
         self.process_ms += result.timings_ms.get("total", 0.0)
+        self.features_ms += result.timings_ms.get("features", 0.0)
         self.commit_ms += commit_ms
+        fb = result.features
+        if fb is not None:
+            self.late += fb.late
+            self.too_late += fb.too_late
+            self.degraded += len(fb.vectors) if fb.degraded else 0
+            self.labels += fb.labels_counted
+            self.unattributed += fb.labels_unattributed
         now = time.monotonic()
         if now - self.since >= self.every_s:
             n = self.batches
             log.info(
-                "%.0f events/s, %d batches (mean size %.1f), mean process %.2f ms, "
-                "mean commit %.2f ms, %d dead letters",
+                "%.0f events/s, %d batches (mean size %.1f), mean process %.2f ms "
+                "(features %.2f ms), mean commit %.2f ms, %d dead letters; features: "
+                "%d late, %d too late, %d degraded, %d fraud labels counted, "
+                "%d labels without merchant_id",
                 self.events / (now - self.since), n, self.events / n, self.process_ms / n,
-                self.commit_ms / n, self.dead,
+                self.features_ms / n, self.commit_ms / n, self.dead, self.late,
+                self.too_late, self.degraded, self.labels, self.unattributed,
             )
             self._reset(now)
 
@@ -118,6 +133,7 @@ class Worker:
     committer: BatchCommitter
     state: FaustTableState
     sink: KafkaSink
+    features: StateStore
 
 
 def build_worker(settings: Settings) -> Worker:
@@ -147,6 +163,29 @@ def build_worker(settings: Settings) -> Worker:
     )
     codecs = Codecs(registry, settings.topics)
     scorer = RulesScorer(RuleSet.load(settings.scoring.rules_path))
+    table = app.Table(
+        "state",
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=partitions,
+    )
+    sink = KafkaSink(settings.kafka.client_config())
+    state = FaustTableState(table, settings.topics.transactions, sink,
+                            end_marker=settings.kafka.embedded)
+    fs = settings.features
+    feature_store: StateStore
+    if fs.backend == "redis":
+        from streams.redis_store import RedisStore
+
+        feature_store = RedisStore.from_settings(fs, partitions)
+    else:
+        feature_store = TableFeatureStore(state, owned=lambda: _owned(app, settings))
+    engine = FeatureEngine(
+        FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
+                      label_delay_ms=int(fs.label_delay_s * 1000)),
+        feature_store,
+    )
     pipeline = Pipeline(
         codecs,
         scorer,
@@ -156,49 +195,56 @@ def build_worker(settings: Settings) -> Worker:
             max_amount=w.max_amount,
         ),
         input_format=settings.codec.input_format,
+        features=engine,
+        log_features=fs.log,
     )
-    table = app.Table(
-        "dedupe",
-        default=None,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=partitions,
-    )
-    sink = KafkaSink(settings.kafka.client_config())
-    state = FaustTableState(table, settings.topics.transactions, sink,
-                            end_marker=settings.kafka.embedded)
-    committer = BatchCommitter(state, sink, settings.topics.decisions, settings.topics.dlq)
-    source = app.topic(
-        settings.topics.transactions,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=partitions,
+    committer = BatchCommitter(state, sink, settings.topics.decisions, settings.topics.dlq,
+                               features=feature_store, features_topic=settings.topics.features)
+    source, labels = (
+        app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                  value_serializer="raw", partitions=partitions)
+        for name in (settings.topics.transactions, settings.topics.labels)
     )
     stats = BatchStats()
+    labels_topic = settings.topics.labels
 
     async def handle(batch: Sequence[tuple[Any, Sequence[Any]]]) -> None:
         now_ms = int(time.time() * 1000)  # for records without a Kafka timestamp
-        records = [
-            RawRecord(
-                topic=r.topic,
-                partition=r.partition,
-                offset=r.offset,
-                key=r.key,
-                value=r.value,
-                timestamp_ms=r.timestamp if r.timestamp is not None and r.timestamp >= 0
-                else now_ms,
+        records: list[RawRecord] = []
+        label_records: list[RawRecord] = []
+        for tp, recs in batch:
+            into = label_records if tp.topic == labels_topic else records
+            into.extend(
+                RawRecord(
+                    topic=r.topic,
+                    partition=r.partition,
+                    offset=r.offset,
+                    key=r.key,
+                    value=r.value,
+                    timestamp_ms=r.timestamp if r.timestamp is not None and r.timestamp >= 0
+                    else now_ms,
+                )
+                for r in recs
             )
-            for _tp, recs in batch
-            for r in recs
-        ]
-        result = pipeline.process(records, state.lookup)
+        if isinstance(feature_store, TableFeatureStore):
+            feature_store.refresh()
+        result = pipeline.process(records, state.lookup, label_records)
         t0 = time.perf_counter()
         await committer.commit(result)
         stats.add(len(records), result, (time.perf_counter() - t0) * 1000.0)
 
-    batching.install(app, {settings.topics.transactions}, handle, w.batch_max)
+    batching.install(app, {settings.topics.transactions, labels_topic}, handle, w.batch_max)
+
+    if isinstance(feature_store, TableFeatureStore):
+        table_store = feature_store
+
+        @app.timer(interval=fs.expiry_interval_s)
+        async def expire_features() -> None:
+            """Delete the records of cards, merchants, devices and IPs idle for 31 days
+            (Redis expires them by TTL)."""
+            removed = await table_store.expire_idle(time.time() * 1000)
+            if removed:
+                log.info("features: expired %d idle entity records", removed)
 
     @app.timer(interval=w.dedupe_expiry_interval_s)
     async def expire_dedupe() -> None:
@@ -216,7 +262,22 @@ def build_worker(settings: Settings) -> Worker:
         async for _event in stream:  # pragma: no cover - records never arrive here
             log.error("a transactions record bypassed the batch consumer")
 
-    return Worker(app=app, pipeline=pipeline, committer=committer, state=state, sink=sink)
+    @app.agent(labels, name="labels")
+    async def learn(stream: Any) -> None:
+        """Declares the labels subscription (co-partitioned with transactions: both are
+        keyed by card_id); its records reach ``handle`` with the transactions."""
+        async for _event in stream:  # pragma: no cover - records never arrive here
+            log.error("a labels record bypassed the batch consumer")
+
+    return Worker(app=app, pipeline=pipeline, committer=committer, state=state, sink=sink,
+                  features=feature_store)
+
+
+def _owned(app: faust.App, settings: Settings) -> list[int]:
+    """The transactions partitions assigned to this worker (their partial merchant, device
+    and IP records are the ones it can read with the RocksDB backend)."""
+    topic = settings.topics.transactions
+    return [tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic]
 
 
 def run_worker(settings: Settings, loglevel: str = "warning") -> None:

@@ -4,10 +4,12 @@ without ever giving a transaction two different decisions.
 The order (:meth:`BatchCommitter.commit`):
 
 1. **Decide** (done before, by :class:`streams.pipeline.Pipeline`): nothing written yet.
-2. **Record** each new decision in the dedupe state (transaction_id -> decision bytes);
-   the state queues the changelog records.
-3. **Flush the state**: wait until the broker acknowledged the changelog records, so
-   the dedupe entry outlives a crash of this process.
+2. **Record** the batch's changed feature records in the feature store, then each new
+   decision in the dedupe state (transaction_id -> decision bytes); the state queues the
+   changelog records (with the RocksDB backend both share one changelog, features first).
+3. **Flush the state**: wait until the feature store and the broker acknowledged them,
+   so the dedupe entry (and the features it was decided with) outlives a crash. A feature
+   store that is down (Redis) does not stop decisions: its writes are counted as lost.
 4. **Publish** the decisions and dead letters, and wait for the broker's acknowledgement
    of every one of them (delivery reports).
 5. **Acknowledge the input** (the caller, by returning): only now may the consumer
@@ -31,6 +33,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Producer
 
+from state.engine import StateStore, StateUnavailable
 from streams.pipeline import BatchResult
 
 
@@ -54,20 +57,34 @@ class Sink(Protocol):
 
 
 class BatchCommitter:
-    def __init__(self, state: DedupeState, sink: Sink, decisions: str, dlq: str) -> None:
+    def __init__(self, state: DedupeState, sink: Sink, decisions: str, dlq: str,
+                 features: StateStore | None = None, features_topic: str = "features") -> None:
         self.state = state
         self.sink = sink
         self.decisions_topic = decisions
         self.dlq_topic = dlq
+        self.features = features
+        self.features_topic = features_topic
+        #: Feature records the store could not take (it was down).
+        self.lost_feature_writes = 0
 
     async def commit(self, result: BatchResult) -> None:
         """Steps 2-4 of the module docstring, in that order."""
+        if result.feature_writes and self.features is not None:
+            self.features.write(result.feature_writes)
         if result.new_entries:
             self.state.record(result.new_entries)
+        if result.feature_writes and self.features is not None:
+            try:
+                await self.features.flush()
+            except StateUnavailable:
+                self.lost_feature_writes += len(result.feature_writes)
+        if result.new_entries:
             await self.state.flush()
-        await self.sink.publish(
-            [(self.decisions_topic, result.decisions), (self.dlq_topic, result.dead_letters)]
-        )
+        batches = [(self.decisions_topic, result.decisions), (self.dlq_topic, result.dead_letters)]
+        if result.feature_log:
+            batches.append((self.features_topic, result.feature_log))
+        await self.sink.publish(batches)
 
 
 class KafkaSink:

@@ -8,6 +8,11 @@ is dropped. Writing those out, in a safe order, is :mod:`streams.delivery`'s job
 
 Dedupe: a transaction_id already decided (``lookup`` finds it, or it appeared earlier in
 the same batch) gets the bytes of its first decision again, never a new decision.
+
+Features (:class:`state.engine.FeatureEngine`, when given): computed for the batch's new
+transactions after dedupe, in the order received, with the batch's labels applied first;
+the changed state records come back in :attr:`BatchResult.feature_writes`. A label record
+that cannot be read goes to the dead letters like a transaction.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.codec import Codecs, DecodeError, decode_json
-from schemas.validate import ValidationError, mask_pans, validate_transaction
+from schemas.validate import ValidationError, mask_pans, validate_label, validate_transaction
 from scorers.base import Scorer
+from state.engine import FeatureBatch, FeatureEngine, LabelEvent, TxnEvent
+from state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
 
 #: (partition, [dedupe keys]) -> [stored decision bytes or None], aligned.
 Lookup = Callable[[int, list[bytes]], list[bytes | None]]
@@ -56,6 +63,11 @@ class BatchResult:
     dlq_reasons: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: (partition, key, record): changed feature state, for the state store.
+    feature_writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    #: (transaction_id, FeatureVector record) for the features topic, when logging.
+    feature_log: list[tuple[bytes, bytes]] = field(default_factory=list)
+    features: FeatureBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -73,16 +85,24 @@ class Pipeline:
         limits: Limits,
         input_format: str = "avro",
         clock: Callable[[], float] = time.time,
+        features: FeatureEngine | None = None,
+        log_features: bool = False,
     ) -> None:
         self.codecs = codecs
         self.scorer = scorer
         self.limits = limits
         self.clock = clock
+        self.features = features
+        self.log_features = log_features
         self._decode: Callable[[bytes], dict[str, Any]] = (
             codecs.transaction.decode if input_format == "avro" else decode_json
         )
+        self._decode_label: Callable[[bytes], dict[str, Any]] = (
+            codecs.label.decode if input_format == "avro" else decode_json
+        )
 
-    def process(self, records: Sequence[RawRecord], lookup: Lookup) -> BatchResult:
+    def process(self, records: Sequence[RawRecord], lookup: Lookup,
+                labels: Sequence[RawRecord] = ()) -> BatchResult:
         t0 = time.perf_counter()
         out = BatchResult()
         now_ms = int(self.clock() * 1000)
@@ -91,8 +111,13 @@ class Pipeline:
             try:
                 valid.append((rec, self._read(rec, now_ms)))
             except (DecodeError, ValidationError) as exc:
-                out.dead_letters.append(self._dead_letter(rec, exc, now_ms))
-                out.dlq_reasons[f"{exc.kind}:{exc.field or '-'}"] += 1
+                self._reject(out, rec, exc, now_ms)
+        label_events: list[LabelEvent] = []
+        for rec in labels:
+            try:
+                label_events.append(LabelEvent(rec.partition, rec.offset, self._read_label(rec)))
+            except (DecodeError, ValidationError) as exc:
+                self._reject(out, rec, exc, now_ms)
         t1 = time.perf_counter()
 
         # Dedupe: earlier decisions (from state) and repeats inside this batch.
@@ -111,19 +136,30 @@ class Pipeline:
             fresh.append((rec, txn))
         t2 = time.perf_counter()
 
-        scores = self.scorer.score_batch([txn for _, txn in fresh]) if fresh else []
+        vectors: Sequence[Any] | None = None
+        if self.features is not None and (fresh or label_events):
+            fb = self.features.process(
+                [TxnEvent(rec.partition, rec.offset, txn) for rec, txn in fresh], label_events)
+            out.features = fb
+            out.feature_writes = fb.writes
+            vectors = fb.vectors
         t3 = time.perf_counter()
+        events = [txn for _, txn in fresh]
+        scores = self.scorer.score_batch(events, vectors) if fresh else []
+        t4 = time.perf_counter()
 
         timings = {
             "decode": (t1 - t0) * 1000.0,
             "dedupe": (t2 - t1) * 1000.0,
-            "rules": (t3 - t2) * 1000.0,
+            "features": (t3 - t2) * 1000.0,
+            "rules": (t4 - t3) * 1000.0,
         }
         decided_at = int(self.clock() * 1000)
         encode = self.codecs.decision.encode
         version = self.scorer.version
         fresh_bytes: list[bytes] = []
-        for (rec, txn), score in zip(fresh, scores, strict=True):
+        flags = self._flags(out.features, len(fresh))
+        for i, ((rec, txn), score) in enumerate(zip(fresh, scores, strict=True)):
             timings_ms = dict(timings, total=(time.perf_counter() - t0) * 1000.0)
             value = encode(
                 {
@@ -131,7 +167,7 @@ class Pipeline:
                     "card_id": txn["card_id"],
                     "decision": str(score.outcome),
                     "score": float(score.score),
-                    "reasons": list(score.reasons),
+                    "reasons": [*score.reasons, *flags[i]],
                     "model_version": version,
                     "stage": "rules",
                     "fallback": False,
@@ -144,6 +180,8 @@ class Pipeline:
             fresh_bytes.append(value)
             out.new_entries.append((rec.partition, dedupe_key(txn), value))
             out.outcomes[str(score.outcome)] += 1
+        if self.log_features and out.features is not None:
+            out.feature_log = self._feature_log(fresh, out.features)
 
         # Emit in input order: every valid record gets exactly one decision record.
         fresh_iter = iter(fresh_bytes)
@@ -178,6 +216,45 @@ class Pipeline:
             max_future_ms=self.limits.max_future_ms,
             max_amount=self.limits.max_amount,
         )
+
+    @staticmethod
+    def _flags(fb: FeatureBatch | None, n: int) -> list[tuple[str, ...]]:
+        """Extra decision reasons: the features were degraded, the event came too late."""
+        if fb is None:
+            return [()] * n
+        if fb.degraded:
+            return [("features_degraded",)] * n
+        too_late = INDEX["event_too_late"]
+        return [("event_too_late",) if v.row[too_late] else () for v in fb.vectors]
+
+    def _feature_log(self, fresh: list[tuple[RawRecord, dict[str, Any]]],
+                     fb: FeatureBatch) -> list[tuple[bytes, bytes]]:
+        encode = self.codecs.feature_vector.encode
+        return [
+            (txn["transaction_id"].encode(), encode({
+                "transaction_id": txn["transaction_id"],
+                "event_time": txn["event_time"],
+                "feature_version": FEATURE_VERSION,
+                "values": dict(zip(FEATURE_NAMES, v.row, strict=True)),
+                "degraded": fb.degraded,
+            }))
+            for (_rec, txn), v in zip(fresh, fb.vectors, strict=True)
+        ]
+
+    def _read_label(self, rec: RawRecord) -> dict[str, Any]:
+        if rec.value is None:
+            raise DecodeError("decode", "empty record (null value)")
+        if len(rec.value) > self.limits.max_record_bytes:
+            raise DecodeError(
+                "oversize",
+                f"record of {len(rec.value)} bytes is over {self.limits.max_record_bytes}",
+            )
+        return validate_label(self._decode_label(rec.value))
+
+    def _reject(self, out: BatchResult, rec: RawRecord, exc: DecodeError | ValidationError,
+                now_ms: int) -> None:
+        out.dead_letters.append(self._dead_letter(rec, exc, now_ms))
+        out.dlq_reasons[f"{exc.kind}:{exc.field or '-'}"] += 1
 
     @staticmethod
     def _lookup_all(

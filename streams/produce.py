@@ -100,8 +100,8 @@ class TopicWriter:
         self.counts["transactions"] += 1
 
     def label(self, label: dict[str, Any]) -> None:
-        self._produce(self.settings.topics.labels, label["card_id"].encode(),
-                      self.codecs.label.encode(label))
+        value = orjson.dumps(label) if self.format == "json" else self.codecs.label.encode(label)
+        self._produce(self.settings.topics.labels, label["card_id"].encode(), value)
         self.counts["labels"] += 1
 
     def close(self) -> int:

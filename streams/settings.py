@@ -91,6 +91,8 @@ class TopicSettings:
     decisions_shadow: str = "decisions.shadow"
     drift: str = "drift"
     dlq: str = "transactions.dlq"
+    #: Feature vectors per transaction_id, when FRAUDSTREAM_FEATURES_LOG is true.
+    features: str = "features"
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -123,6 +125,30 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class FeatureSettings:
+    """Velocity features: where their state lives, event-time rules, the feature log."""
+
+    #: rocksdb: the worker's Faust table (FRAUDSTREAM_WORKER_STORE: RocksDB, or memory in
+    #: tests), with its changelog; redis: a redis-server shared by every worker.
+    backend: Literal["rocksdb", "redis"] = "rocksdb"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "fraudstream"
+    #: Per-command timeout; past it the batch goes on with features flagged degraded.
+    redis_timeout_ms: int = 200
+    #: After a failure, how long to decide without Redis before trying it again.
+    redis_retry_s: float = 1.0
+    #: An event older than its card's latest event by more than this is still decided
+    #: and counted, but flagged event_too_late.
+    allowed_lateness_s: float = 3600.0
+    #: A label counts in merchant fraud features from label_time + this delay on.
+    label_delay_s: float = 0.0
+    #: Publish every decided transaction's feature vector to the features topic.
+    log: bool = False
+    #: How often idle entities (no event for 31 days) are deleted.
+    expiry_interval_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class ScoringSettings:
     """The scoring cascade. Only rules exist so far."""
 
@@ -135,6 +161,7 @@ class Settings:
     topics: TopicSettings = field(default_factory=TopicSettings)
     codec: CodecSettings = field(default_factory=CodecSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    features: FeatureSettings = field(default_factory=FeatureSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
 
     @classmethod

@@ -1,9 +1,11 @@
 """Fixtures on real parts: the embedded broker (Tansu) and Schema Registry, started once per
-session; workers run as real ``fraudstream worker`` processes."""
+session; workers run as real ``fraudstream worker`` processes; redis-server (the Redis
+feature backend) runs as a real process too."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 
 from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker
+from streams.broker import EmbeddedBroker, free_port
 from streams.processes import die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings, TopicSettings
@@ -150,3 +153,81 @@ def consume_all(
     finally:
         consumer.close()
     return out
+
+
+class RedisServer:
+    """A real ``redis-server`` on a loopback port, no persistence. :meth:`stop` and
+    :meth:`start` again on the same port simulate an outage and a recovery."""
+
+    def __init__(self, port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server missing: `make test-deps` (apt-get install redis-server)")
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--daemonize", "no"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                             socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"redis-server exited ({self.proc.returncode}): {self.tail()}")
+                try:
+                    if client.ping():
+                        return self
+                except (redis.exceptions.RedisError, OSError):
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        pytest.fail(f"redis-server not answering PING: {self.tail()}")
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10.0)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session (tests keep apart by key prefix)."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis") / "redis.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start a separate redis-server (default: a free port) that the test may stop and
+    start again; every one still running is stopped at the end of the test."""
+    started: list[RedisServer] = []
+
+    def _start(port: int | None = None) -> RedisServer:
+        server = RedisServer(port or free_port(), tmp_path / f"redis-{len(started)}.log")
+        started.append(server.start())
+        return server
+
+    yield _start
+    for server in started:
+        server.stop()

@@ -1,0 +1,168 @@
+"""Velocity features end to end: a real worker on the embedded broker, the RocksDB (Faust
+table) and Redis backends, against the offline builder on the same history."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from schemas.codec import Codecs, make_registry
+from state.features import DAY_MS, FEATURE_NAMES
+from streams.generator import GeneratorConfig, generate_history
+from streams.history import COLUMNS
+from streams.settings import Settings, TopicSettings
+from streams.topics import ensure_topics
+from tests.conftest import ROOT, consume_all, produce
+
+pytestmark = pytest.mark.e2e
+
+
+def one_partition(settings: Settings, features: dict[str, Any]) -> Settings:
+    """The same stack with fresh topics of a single partition: one partition keeps the
+    arrival order of the whole stream, which the offline builder reproduces exactly."""
+    uid = uuid.uuid4().hex[:8]
+    topics = TopicSettings(**{n: f"{v}-{uid}" for n, v in vars(TopicSettings()).items()})
+    out = Settings(topics=topics, kafka=settings.kafka, codec=settings.codec,
+                   worker=settings.worker, features=settings.features).replace(
+        kafka={"partitions": 1}, worker={"app_id": f"features-{uid}"},
+        features={"log": True, **features})
+    ensure_topics(out)
+    return out
+
+
+def write_csv(path: Path, txns: list[dict[str, Any]], labels: list[dict[str, Any]]) -> None:
+    import csv
+
+    by_id = {lab["transaction_id"]: lab for lab in labels}
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        for t in txns:
+            lab = by_id.get(t["transaction_id"])
+            row = {**t, "label": "" if lab is None else int(lab["is_fraud"]),
+                   "fraud_type": (lab or {}).get("fraud_type") or "",
+                   "label_time": "" if lab is None else lab["label_time"]}
+            w.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
+
+
+def committed(settings: Settings, topic: str) -> int:
+    consumer = Consumer(settings.kafka.consumer_config(settings.worker.app_id))
+    try:
+        [tp] = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+        return tp.offset
+    finally:
+        consumer.close()
+
+
+def offline(csv_path: Path, out: Path, settings: Settings) -> dict[str, list[float]]:
+    import csv
+
+    env = {k: v for k, v in settings.to_env().items() if k.startswith("FRAUDSTREAM_FEATURES")}
+    subprocess.run([sys.executable, "-m", "streams.cli", "features", str(csv_path),
+                    "--keep-order", "--out", str(out)], check=True, cwd=ROOT,
+                   env={"PATH": "/usr/bin:/bin", **env})
+    with out.open() as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        first = header.index(FEATURE_NAMES[0])
+        return {row[0]: [float(x) for x in row[first:]] for row in reader}
+
+
+@pytest.mark.parametrize("backend", ["rocksdb", "redis"])
+def test_online_features_equal_offline_ones(stack_settings, start_worker, redis_server,
+                                            backend, tmp_path):
+    settings = one_partition(stack_settings, {
+        "backend": backend, "redis_url": redis_server.url,
+        "redis_prefix": f"parity-{uuid.uuid4().hex[:6]}", "label_delay_s": 600.0})
+    codecs = Codecs(make_registry(settings.codec.registry_url), settings.topics)
+
+    # Two generated days (labels after ~0.3 day), 3% of transactions arriving up to 2 h
+    # late: past the 1 h allowed lateness for some.
+    start = int(time.time() * 1000) - 3 * DAY_MS
+    txns, labels = generate_history(
+        GeneratorConfig(seed=11, n_cards=300, label_delay_days=0.3,
+                        label_delay_spread_days=0.15, id_prefix=f"p{uuid.uuid4().hex[:6]}"),
+        start, 2.0, 2500, late_ratio=0.03)
+    assert labels, "the history has labels to count"
+
+    worker = start_worker(settings)
+    # Labels first, and only then the transactions: a label counts for an event once it
+    # is available by event time, whatever the order; this makes sure the worker has read
+    # every label before the first transaction that may use it.
+    produce(settings, settings.topics.labels,
+            [(lab["card_id"].encode(), codecs.label.encode(lab)) for lab in labels])
+    deadline = time.monotonic() + 90
+    while committed(settings, settings.topics.labels) < len(labels):
+        assert worker.running and time.monotonic() < deadline, worker.tail()
+        time.sleep(0.5)
+    produce(settings, settings.topics.transactions,
+            [(t["card_id"].encode(), codecs.transaction.encode(t)) for t in txns])
+    logged = consume_all(settings, settings.topics.features, len(txns), timeout_s=120)
+    assert worker.running, worker.tail()
+    online = {}
+    for m in logged:
+        rec = codecs.feature_vector.decode(m.value())
+        assert not rec["degraded"]
+        online[rec["transaction_id"]] = [rec["values"][n] for n in FEATURE_NAMES]
+    assert len(online) == len(txns) == len(logged)
+
+    write_csv(tmp_path / "history.csv", txns, labels)
+    offline_rows = offline(tmp_path / "history.csv", tmp_path / "features.csv", settings)
+    assert offline_rows.keys() == online.keys()
+    diffs = [(tid, name, a, b)
+             for tid, row in online.items()
+             for name, a, b in zip(FEATURE_NAMES, row, offline_rows[tid], strict=True)
+             if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)]
+    assert diffs == [], diffs[:10]
+
+    # The comparison covered what it had to: late and too-late events, labels counted.
+    col = {n: i for i, n in enumerate(FEATURE_NAMES)}
+    rows = list(online.values())
+    assert sum(r[col["event_late"]] for r in rows) > 10
+    assert sum(r[col["event_too_late"]] for r in rows) > 0
+    assert sum(r[col["merchant_fraud_count_1d"]] > 0 for r in rows) > 10
+    assert sum(r[col["device_cards_24h"]] > 0 for r in rows) > 100
+
+
+def test_redis_down_decisions_go_on_degraded_and_recover(stack_settings, start_worker,
+                                                         start_redis, codecs):
+    from streams.broker import free_port
+
+    port = free_port()
+    settings = stack_settings.replace(features={
+        "backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "redis_timeout_ms": 100,
+        "redis_retry_s": 0.5})
+    worker = start_worker(settings)
+    now = int(time.time() * 1000)
+    txn = {"transaction_id": "", "event_time": now, "card_id": "card_r", "customer_id": None,
+           "merchant_id": "m1", "terminal_id": None, "amount": 20.0, "currency": "EUR",
+           "mcc": "5411", "country": "FR", "card_country": "FR", "lat": None, "lon": None,
+           "device_id": None, "ip": None, "channel": "pos"}
+
+    def send(ids: range) -> None:
+        produce(settings, settings.topics.transactions,
+                [(b"card_r", codecs.transaction.encode({**txn, "transaction_id": f"r{i}",
+                                                        "event_time": now + i}))
+                 for i in ids])
+
+    send(range(0, 20))  # Redis is not there: decided anyway, flagged
+    out = consume_all(settings, settings.topics.decisions, 20, timeout_s=90)
+    assert worker.running, worker.tail()
+    reasons = [codecs.decision.decode(m.value())["reasons"] for m in out]
+    assert len(reasons) == 20 and all("features_degraded" in r for r in reasons)
+
+    start_redis(port)  # Redis comes back: the worker reconnects by itself
+    time.sleep(1.0)
+    send(range(20, 40))
+    out = consume_all(settings, settings.topics.decisions, 40, timeout_s=60)
+    later = [codecs.decision.decode(m.value()) for m in out[20:]]
+    assert worker.running, worker.tail()
+    assert later and all("features_degraded" not in d["reasons"] for d in later)
