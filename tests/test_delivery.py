@@ -68,3 +68,44 @@ def test_a_failed_publish_fails_the_batch_so_it_is_not_acknowledged():
     committer = BatchCommitter(RecordingState(journal), RecordingSink(journal), "decisions", "dlq")
     with pytest.raises(DeliveryError):
         asyncio.run(committer.commit(result()))
+
+
+class RecordingFeatures:
+    def __init__(self, journal: Journal, down: bool = False) -> None:
+        self.journal = journal
+        self.down = down
+
+    def write(self, items) -> None:
+        self.journal.step(f"features {len(items)}")
+
+    async def flush(self) -> None:
+        from state.engine import StateUnavailable
+
+        self.journal.step("flush features")
+        if self.down:
+            raise StateUnavailable("redis down")
+
+
+def with_features() -> BatchResult:
+    out = result()
+    out.feature_writes = [(0, b"c|card_1", b"{}"), (0, b"m|m1", b"{}")]
+    out.feature_log = [(b"t1", b"fv")]
+    return out
+
+
+def test_features_are_stored_before_the_dedupe_entries_and_any_decision():
+    journal = Journal()
+    committer = BatchCommitter(RecordingState(journal), RecordingSink(journal), "decisions",
+                               "dlq", features=RecordingFeatures(journal))
+    asyncio.run(committer.commit(with_features()))
+    assert journal.steps == ["features 2", "record 1", "flush features", "flush state",
+                             "publish decisions:2,dlq:1,features:1"]
+
+
+def test_a_feature_store_that_is_down_loses_its_writes_but_not_the_decisions():
+    journal = Journal()
+    committer = BatchCommitter(RecordingState(journal), RecordingSink(journal), "decisions",
+                               "dlq", features=RecordingFeatures(journal, down=True))
+    asyncio.run(committer.commit(with_features()))
+    assert committer.lost_feature_writes == 2
+    assert journal.steps[-1] == "publish decisions:2,dlq:1,features:1"

@@ -122,3 +122,48 @@ def test_card_numbers_are_recognised_and_masked():
     masked = mask_pans(b'{"card_id":"4111111111111111","amount":12}')
     assert masked == b'{"card_id":"************1111","amount":12}'
     assert mask_pans(b"order 1234567890123 ok") == b"order 1234567890123 ok"  # fails Luhn
+
+
+def test_labels_feed_the_features_and_a_bad_label_is_a_dead_letter(unit_codecs):
+    from state.engine import FeatureEngine, MemoryStore
+    from state.features import FeatureConfig
+
+    store = MemoryStore()
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS,
+                        features=FeatureEngine(FeatureConfig(), store), log_features=True)
+    now = int(time.time() * 1000)
+    label = {"transaction_id": "old", "card_id": "card_9", "merchant_id": "m1",
+             "is_fraud": True, "fraud_type": None, "source": "chargeback",
+             "event_time": now - 5 * 86_400_000, "label_time": now - 2 * 86_400_000}
+    labels = [RawRecord("labels", 0, 0, b"card_9", unit_codecs.label.encode(label), now),
+              RawRecord("labels", 0, 1, b"card_9", b"not avro", now)]
+    result = pipeline.process(raw([unit_codecs.transaction.encode(txn(1))]), nothing_seen,
+                              labels)
+    [(key, value)] = result.dead_letters
+    dead = unit_codecs.dead_letter.decode(value)
+    assert (dead["source_topic"], dead["source_offset"], dead["error_kind"]) == ("labels", 1,
+                                                                                 "decode")
+    assert result.features is not None and result.features.labels_counted == 1
+    [(log_key, log_value)] = result.feature_log
+    logged = unit_codecs.feature_vector.decode(log_value)
+    assert log_key == b"t1" and logged["values"]["merchant_fraud_count_7d"] == 1.0
+    assert "features" in result.timings_ms and result.feature_writes
+
+
+def test_degraded_features_are_named_in_the_decision(unit_codecs):
+    from state.engine import FeatureEngine, StateUnavailable
+    from state.features import FeatureConfig
+
+    class Down:
+        def readable(self, partition):
+            return [partition]
+
+        def read(self, keys):
+            raise StateUnavailable("down")
+
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS,
+                        features=FeatureEngine(FeatureConfig(), Down()))
+    result = pipeline.process(raw([unit_codecs.transaction.encode(txn(1))]), nothing_seen)
+    [(_key, value)] = result.decisions
+    assert "features_degraded" in unit_codecs.decision.decode(value)["reasons"]
+    assert result.feature_writes == []
