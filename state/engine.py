@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from state.features import (
     FEATURE_NAMES,
+    HOUR_MS,
     CardState,
     EntityState,
     FeatureConfig,
@@ -34,7 +35,8 @@ from state.features import (
     add_shared_event,
     degraded_vector,
     event_fields,
-    merchant_features,
+    merchant_sums,
+    put_merchant_features,
     shared_entity_features,
     token,
     update_card,
@@ -140,6 +142,8 @@ class FeatureEngine:
             out.labels_counted += add_label(s, ev.label, config)
 
         n = len(FEATURE_NAMES)
+        readable = self.store.readable
+        sums: dict[bytes, tuple[int, list[float]]] = {}
         for ev in txns:
             txn, p = ev.txn, ev.partition
             ck = (p, b"c|" + txn["card_id"].encode())
@@ -170,17 +174,36 @@ class FeatureEngine:
                     continue
                 key = prefix + value.encode()
                 own = entity((p, key))
-                if fresh and ev.offset > own.last_offset:
+                added = fresh and ev.offset > own.last_offset
+                if added:
                     if name == "merchant":
                         add_merchant_event(own, txn, config)
                     else:
                         add_shared_event(own, txn, card_tok, config)
                     own.last_offset = ev.offset
                     dirty.add((p, key))
-                group = [entity((q, key)) for q in self.store.readable(p)]
                 if name == "merchant":
-                    merchant_features(group, txn, v)
+                    # A merchant's sums change by this event only while the batch stays in
+                    # one hour: scan its buckets once per hour, then add the events.
+                    t = txn["event_time"]
+                    hour = t // HOUR_MS
+                    cached = sums.get(key)
+                    if cached is not None and cached[0] == hour:
+                        agg = cached[1]
+                        if added:
+                            amount = float(txn["amount"])
+                            agg[0] += 1.0
+                            agg[1] += amount
+                            agg[2] += 1.0
+                            agg[3] += amount
+                            agg[4] += 1.0
+                            agg[5] += amount
+                    else:
+                        agg = merchant_sums([entity((q, key)) for q in readable(p)], t)
+                        sums[key] = (hour, agg)
+                    put_merchant_features(agg, v)
                 else:
+                    group = [entity((q, key)) for q in readable(p)]
                     shared_entity_features(group, txn["event_time"], name, v, config)
             out.vectors.append(Vector(v))
 

@@ -38,6 +38,7 @@ import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -92,6 +93,7 @@ FEATURE_VERSION = "v1"
 INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 
+@lru_cache(maxsize=1 << 16)
 def token(value: str) -> str:
     """A stable 32-bit token (hex) for a merchant, country, device or card in a seen-set:
     the state never holds the identifiers themselves."""
@@ -474,8 +476,26 @@ def _card_windows(state: CardState, v: list[float], t: int) -> None:
     _put_window(v, 4, n10, s10, m10)
     _put_window(v, 8, n60, s60, m60)
     _put_window(v, 12, *_sum_buckets(state.hours, h - 23, h))
-    _put_window(v, 16, *_sum_buckets(days, d - 6, d))
-    _put_window(v, 20, *_sum_buckets(days, d - 29, d))
+    # 7 d and 30 d in one pass over the daily buckets.
+    n7 = s7 = m7 = n30 = s30 = m30 = 0.0
+    first7, first30 = d - 6, d - 29
+    for b in reversed(days):
+        k = b[0]
+        if k > d:
+            continue
+        if k < first30:
+            break
+        n30 += b[1]
+        s30 += b[2]
+        if b[3] > m30:
+            m30 = b[3]
+        if k >= first7:
+            n7 += b[1]
+            s7 += b[2]
+            if b[3] > m7:
+                m7 = b[3]
+    _put_window(v, 16, n7, s7, m7)
+    _put_window(v, 20, n30, s30, m30)
     day_ago = max(t - DAY_MS, state.seen_horizon())
     v[I_DISTINCT_MERCHANTS] = float(sum(1 for ts in state.merchants.values() if ts > day_ago))
     v[I_DISTINCT_COUNTRIES] = float(sum(1 for ts in state.countries.values() if ts > day_ago))
@@ -553,23 +573,70 @@ def add_label(state: EntityState, label: Mapping[str, Any], config: FeatureConfi
 def merchant_features(parts: list[EntityState], event: Mapping[str, Any],
                       v: list[float]) -> None:
     """Merchant features from its partial states (one per source partition)."""
-    t = event["event_time"]
+    put_merchant_features(merchant_sums(parts, event["event_time"]), v)
+
+
+def merchant_sums(parts: list[EntityState], t: int) -> list[float]:
+    """[n 1d, sum 1d, n 7d, sum 7d, n 30d, sum 30d, past n 1d/7d/30d, fraud 1d/7d/30d] as of
+    ``t``. Within one hour only the first six change, by each new event of the merchant."""
     h, d = t // HOUR_MS, t // DAY_MS
-    for w, i_count, i_mean, i_fraud, i_rate in _MERCHANT_IDX:
-        n = s = fraud = past = 0.0
-        for p in parts:
-            if w == 1:
-                n += _window(p.hours, h - 23, h, 1)
-                s += _window(p.hours, h - 23, h, 2)
-            else:
-                n += _window(p.days, d - w + 1, d, 1)
-                s += _window(p.days, d - w + 1, d, 2)
-            past += _window(p.days, d - w, d - 1, 1)
-            fraud += _window(p.fraud_days, d - w, d - 1, 1)
+    # count, sum: 1 d (hours h-23..h), 7 d, 30 d (days up to d); past counts and fraud
+    # labels over the complete days before d: 1, 7, 30 of them.
+    n1 = s1 = n7 = s7 = n30 = s30 = p1 = p7 = p30 = f1 = f7 = f30 = 0.0
+    for p in parts:
+        for b in reversed(p.hours):
+            k = b[0]
+            if k > h:
+                continue
+            if k < h - 23:
+                break
+            n1 += b[1]
+            s1 += b[2]
+        for b in reversed(p.days):
+            k = b[0]
+            if k > d:
+                continue
+            if k < d - 30:
+                break
+            if k == d:
+                n7 += b[1]
+                s7 += b[2]
+                n30 += b[1]
+                s30 += b[2]
+                continue
+            c = b[1]
+            p30 += c
+            if k >= d - 7:
+                p7 += c
+                if k == d - 1:
+                    p1 += c
+            if k >= d - 29:
+                n30 += c
+                s30 += b[2]
+                if k >= d - 6:
+                    n7 += c
+                    s7 += b[2]
+        for b in reversed(p.fraud_days):
+            k = b[0]
+            if k >= d:
+                continue
+            if k < d - 30:
+                break
+            f30 += b[1]
+            if k >= d - 7:
+                f7 += b[1]
+                if k == d - 1:
+                    f1 += b[1]
+    return [n1, s1, n7, s7, n30, s30, p1, p7, p30, f1, f7, f30]
+
+
+def put_merchant_features(agg: list[float], v: list[float]) -> None:
+    for k, (_w, i_count, i_mean, i_fraud, i_rate) in enumerate(_MERCHANT_IDX):
+        n, f, past = agg[2 * k], agg[9 + k], agg[6 + k]
         v[i_count] = n
-        v[i_mean] = s / n if n else 0.0
-        v[i_fraud] = fraud
-        v[i_rate] = fraud / past if past else 0.0
+        v[i_mean] = agg[2 * k + 1] / n if n else 0.0
+        v[i_fraud] = f
+        v[i_rate] = f / past if past else 0.0
 
 
 def shared_entity_features(parts: list[EntityState], t: float, prefix: str,

@@ -26,7 +26,7 @@ from schemas.codec import Codecs, make_registry
 from scorers.rules import RuleSet, RulesScorer
 from state.engine import FeatureEngine, StateStore
 from state.features import FeatureConfig
-from streams import batching
+from streams import batching, restore
 from streams.delivery import BatchCommitter, KafkaSink
 from streams.feature_store import TableFeatureStore
 from streams.pipeline import Limits, Pipeline, RawRecord
@@ -170,6 +170,9 @@ def build_worker(settings: Settings) -> Worker:
         value_type=bytes,
         partitions=partitions,
     )
+    if w.store == "rocksdb":
+        restore.install(app, table, settings.topics.transactions,
+                        settings.kafka.consumer_config(f"{w.app_id}-restore"))
     sink = KafkaSink(settings.kafka.client_config())
     state = FaustTableState(table, settings.topics.transactions, sink,
                             end_marker=settings.kafka.embedded)

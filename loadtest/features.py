@@ -1,0 +1,355 @@
+"""``python -m loadtest.features``: what the velocity features cost, per backend.
+
+``cost``: the same generated traffic (``--days`` of ``--per-day`` transactions over
+``--cards`` cards, in micro-batches of ``--batch``) through :class:`state.engine.FeatureEngine`
+with each backend:
+
+- ``memory``: a dict (the offline builder's store): the cost of the feature code alone;
+- ``rocksdb``: the worker's Faust table (RocksDB store) read and written as the worker
+  does; the changelog produce to the embedded broker is timed apart (``flush``), as it
+  is shared with the dedupe entries in the worker's commit;
+- ``redis``: a real redis-server (started here unless ``--redis-url``), one MGET and one
+  pipelined write per batch.
+
+Per backend it prints the median over batches of the CPU time per event of computing
+(read, features, encode, local write) and of the flush, and the state bytes per card.
+
+``scale``: a worker holding ``--cards`` cards (1M by default): the changelog of a filled
+state table is produced to the embedded broker, then a real worker is started on a fresh
+data directory (recovery from the changelog) and again on the kept one (a restart). It
+prints the recovery times (first decision after start, minus that of a worker with empty
+state), the RocksDB bytes per card and the worker's RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+from state.engine import FeatureEngine, MemoryStore, TxnEvent
+from state.features import FeatureConfig
+from streams.generator import DAY_MS, GeneratorConfig, generate_history
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _history(args: argparse.Namespace) -> list[dict[str, Any]]:
+    start = int(time.time() * 1000) - int((args.days + 1) * DAY_MS)
+    txns, _labels = generate_history(
+        GeneratorConfig(seed=args.seed, n_cards=args.cards, id_prefix="bench"), start,
+        args.days, args.per_day)
+    return txns
+
+
+def _partition(card_id: str, partitions: int) -> int:
+    return zlib.crc32(card_id.encode()) % partitions
+
+
+def _run(store: Any, txns: list[dict[str, Any]], batch: int, partitions: int,
+         warm: float = 1 / 3) -> dict[str, float]:
+    """Median CPU µs/event of process+write and of flush, after a warm-up third."""
+    engine = FeatureEngine(FeatureConfig(), store)
+    compute: list[float] = []
+    flush: list[float] = []
+    loop = asyncio.new_event_loop()
+    refresh = getattr(store, "refresh", None)
+    for i in range(0, len(txns), batch):
+        chunk = txns[i:i + batch]
+        events = [TxnEvent(_partition(t["card_id"], partitions), i + j, t)
+                  for j, t in enumerate(chunk)]
+        t0 = time.process_time()
+        if refresh:
+            refresh()
+        out = engine.process(events)
+        store.write(out.writes)
+        t1 = time.process_time()
+        loop.run_until_complete(store.flush())
+        t2 = time.process_time()
+        if i >= len(txns) * warm:
+            compute.append((t1 - t0) / len(chunk) * 1e6)
+            flush.append((t2 - t1) / len(chunk) * 1e6)
+    loop.close()
+    return {"compute_us_per_event": statistics.median(compute),
+            "flush_us_per_event": statistics.median(flush), "batches": len(compute)}
+
+
+def _card_bytes(store: Any, cards: list[str], partitions: int) -> float:
+    keys = [(_partition(c, partitions), b"c|" + c.encode()) for c in cards]
+    sizes = [len(v) for v in store.read(keys) if v]
+    return statistics.mean(sizes) if sizes else 0.0
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    txns = _history(args)
+    cards = sorted({t["card_id"] for t in txns})
+    print(f"{len(txns)} transactions, {len(cards)} cards, batches of {args.batch}",
+          file=sys.stderr)
+    results: dict[str, Any] = {"events": len(txns), "cards": len(cards), "batch": args.batch}
+    partitions = args.partitions
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends:
+            if backend == "memory":
+                store: Any = MemoryStore(partitions)
+                results[backend] = _run(store, txns, args.batch, partitions)
+                results[backend]["card_bytes"] = _card_bytes(store, cards, partitions)
+            elif backend == "rocksdb":
+                results[backend] = _rocksdb_cost(txns, cards, args, Path(tmp))
+            elif backend == "redis":
+                results[backend] = _redis_cost(txns, cards, args, Path(tmp))
+            r = results[backend]
+            print(f"{backend:8s} features {r['compute_us_per_event']:7.1f} µs/event, "
+                  f"flush {r['flush_us_per_event']:6.1f} µs/event, "
+                  f"{r['card_bytes']:.0f} bytes/card record", file=sys.stderr)
+    return results
+
+
+def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Namespace,
+                  tmp: Path) -> dict[str, Any]:
+    import faust
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from streams.broker import EmbeddedBroker
+    from streams.delivery import KafkaSink
+    from streams.feature_store import TableFeatureStore
+    from streams.table_state import FaustTableState
+
+    with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+        uid = uuid.uuid4().hex[:8]
+        app = faust.App(f"bench-{uid}", broker=f"kafka://{broker.bootstrap}",
+                        store="rocksdb://", datadir=str(tmp / "faust"))
+        table = app.Table("state", default=None, key_type=bytes, value_type=bytes,
+                          partitions=args.partitions)
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        for fut in admin.create_topics([NewTopic(table.changelog_topic.get_topic_name(),
+                                                 args.partitions, 1)]).values():
+            fut.result(15)
+        sink = KafkaSink({"bootstrap.servers": broker.bootstrap})
+        state = FaustTableState(table, f"transactions-{uid}", sink, end_marker=True)
+        store = TableFeatureStore(state, owned=lambda: range(args.partitions))
+        out = _run(store, txns, args.batch, args.partitions)
+        out["card_bytes"] = _card_bytes(store, cards, args.partitions)
+        for db in table.data._dbs.values():
+            db.close()
+        sink.producer.flush(5)
+        return out
+
+
+def _redis_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Namespace,
+                tmp: Path) -> dict[str, Any]:
+    from streams.broker import free_port
+    from streams.processes import die_with_parent, stop_process
+    from streams.redis_store import RedisStore
+
+    proc = None
+    url = args.redis_url
+    if not url:
+        port = free_port()
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        url = f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.5)
+    try:
+        store = RedisStore(url, f"bench-{uuid.uuid4().hex[:6]}", args.partitions,
+                           timeout_ms=2000)
+        out = _run(store, txns, args.batch, args.partitions)
+        out["card_bytes"] = _card_bytes(store, cards, args.partitions)
+        return out
+    finally:
+        if proc is not None:
+            stop_process(proc, 5.0)
+
+
+# ---------------------------------------------------------------------------- scale
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    from confluent_kafka import Producer
+
+    from schemas.codec import Codecs, make_registry
+    from state.features import CardState
+    from streams.broker import EmbeddedBroker
+    from streams.registry import EmbeddedRegistry
+    from streams.settings import Settings, TopicSettings
+    from streams.topics import ensure_topics
+
+    # Realistic card records: those of a generated history, reused across card ids.
+    small = argparse.Namespace(**{**vars(args), "cards": 2000})
+    store = MemoryStore(1)
+    engine = FeatureEngine(FeatureConfig(), store)
+    txns = _history(small)
+    for i in range(0, len(txns), 500):
+        out = engine.process([TxnEvent(0, i + j, t) for j, t in enumerate(txns[i:i + 500])])
+        store.write(out.writes)
+    templates = [v for (_p, k), v in store.data.items() if k.startswith(b"c|")]
+    card_bytes = statistics.mean(len(t) for t in templates)
+    CardState.decode(templates[0])  # they are readable records
+    print(f"{len(templates)} template card records, mean {card_bytes:.0f} bytes",
+          file=sys.stderr)
+
+    work = Path(tempfile.mkdtemp(prefix="fraudstream-scale-"))
+    result: dict[str, Any] = {"cards": args.cards, "record_bytes": card_bytes}
+    try:
+        with EmbeddedBroker(log_path=work / "tansu.log") as broker, EmbeddedRegistry() as reg:
+            uid = uuid.uuid4().hex[:8]
+            topics = TopicSettings(**{n: f"{v}-{uid}" for n, v in vars(TopicSettings()).items()})
+            settings = Settings(topics=topics).replace(
+                kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
+                       "partitions": args.partitions, "embedded": True},
+                codec={"registry_url": reg.url},
+                worker={"app_id": f"scale-{uid}", "data_dir": work / "state"},
+            )
+            ensure_topics(settings)
+            codecs = Codecs(make_registry(reg.url), settings.topics)
+            # Baseline: a worker with empty state, to its first decision.
+            base = _time_to_first_decision(settings.replace(
+                worker={"app_id": f"scale-empty-{uid}", "data_dir": work / "empty"}),
+                codecs, work / "empty.log")
+            print(f"empty state: first decision after {base['seconds']:.1f} s", file=sys.stderr)
+            changelog = f"{settings.worker.app_id}-state-changelog"
+            _fill_changelog(settings, changelog, templates, args.cards, Producer)
+            fresh = _time_to_first_decision(settings, codecs, work / "fresh.log")
+            disk = _du(work / "state")
+            print(f"{args.cards} cards, fresh data dir: first decision after "
+                  f"{fresh['seconds']:.1f} s, RSS {fresh['rss_mb']:.0f} MB, RocksDB "
+                  f"{disk / args.cards:.0f} bytes/card", file=sys.stderr)
+            kept = _time_to_first_decision(settings, codecs, work / "restart.log")
+            print(f"restart with the data dir kept: first decision after "
+                  f"{kept['seconds']:.1f} s, RSS {kept['rss_mb']:.0f} MB", file=sys.stderr)
+            result.update({
+                "empty_state": base, "fresh_recovery": fresh, "restart": kept,
+                "recovery_s_fresh": fresh["seconds"] - base["seconds"],
+                "recovery_s_restart": kept["seconds"] - base["seconds"],
+                "rocksdb_bytes_per_card": disk / args.cards,
+            })
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _fill_changelog(settings: Any, changelog: str, templates: list[bytes], n: int,
+                    producer_cls: Any) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(settings.kafka.client_config())
+    for fut in admin.create_topics([NewTopic(changelog, settings.kafka.partitions,
+                                             1)]).values():
+        fut.result(15)
+    producer = producer_cls({**settings.kafka.client_config(), "linger.ms": 50,
+                             "compression.type": "lz4", "queue.buffering.max.messages": 500_000})
+    rng = random.Random(1)
+    t0 = time.monotonic()
+    parts = settings.kafka.partitions
+    for i in range(n):
+        key = b"c|card_%08d" % i
+        while True:
+            try:
+                producer.produce(changelog, key=key, value=rng.choice(templates),
+                                 partition=i % parts)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+    for p in range(parts):  # the worker's end marker, in a batch of its own (embedded broker)
+        producer.produce(changelog, key=b"\x00fraudstream:end-marker", value=None, partition=p)
+    producer.flush(120)
+    print(f"{n} card records in the changelog in {time.monotonic() - t0:.1f} s",
+          file=sys.stderr)
+
+
+def _time_to_first_decision(settings: Any, codecs: Any, log: Path) -> dict[str, float]:
+    """Start a worker, send one transaction, wait for its decision; seconds and RSS."""
+    from confluent_kafka import OFFSET_END, Consumer, Producer
+
+    from streams.processes import die_with_parent, stop_process
+    from streams.topics import assign_all
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+    env.update(settings.to_env())
+    consumer = Consumer(settings.kafka.consumer_config(f"probe-{uuid.uuid4().hex[:6]}"))
+    assign_all(consumer, [settings.topics.decisions], OFFSET_END)
+    consumer.consume(1, 1.0)
+    txn_id = f"probe-{uuid.uuid4().hex[:8]}"
+    now = int(time.time() * 1000)
+    probe = {"transaction_id": txn_id, "event_time": now, "card_id": "card_00000007",
+             "customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 10.0,
+             "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR",
+             "lat": None, "lon": None, "device_id": None, "ip": None, "channel": "pos"}
+    producer = Producer(settings.kafka.client_config())
+    t0 = time.monotonic()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=die_with_parent)
+    producer.produce(settings.topics.transactions, key=b"card_00000007",
+                     value=codecs.transaction.encode(probe))
+    producer.flush(10)
+    seconds = None
+    try:
+        while time.monotonic() - t0 < 600 and proc.poll() is None:
+            for m in consumer.consume(100, 0.2):
+                if not m.error() and m.key() == txn_id.encode():
+                    seconds = time.monotonic() - t0
+            if seconds is not None:
+                break
+        if seconds is None:
+            raise RuntimeError(f"no decision from the worker; see {log}")
+        time.sleep(2.0)
+        rss_kb = _rss_kb(proc.pid)
+    finally:
+        stop_process(proc, 30.0)
+        consumer.close()
+    return {"seconds": seconds, "rss_mb": rss_kb / 1024.0}
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.features", description=__doc__.split(
+        "\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    c = sub.add_parser("cost", help="feature cost per event, per backend")
+    c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"])
+    c.add_argument("--redis-url", default="")
+    s = sub.add_parser("scale", help="1M cards: bytes per card, RSS, recovery time")
+    for q in (c, s):
+        q.add_argument("--cards", type=int, default=2000 if q is c else 1_000_000)
+        q.add_argument("--days", type=float, default=3.0)
+        q.add_argument("--per-day", type=int, default=20_000)
+        q.add_argument("--batch", type=int, default=500)
+        q.add_argument("--partitions", type=int, default=4)
+        q.add_argument("--seed", type=int, default=1)
+        q.add_argument("--out", type=Path, default=ROOT / "results")
+    args = p.parse_args(argv)
+    result = cost(args) if args.mode == "cost" else scale(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"features-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, default=str))
+    print(f"written to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
