@@ -225,9 +225,13 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{args.cards} cards, fresh data dir: first decision after "
                   f"{fresh['seconds']:.1f} s, RSS {fresh['rss_mb']:.0f} MB, RocksDB "
                   f"{disk / args.cards:.0f} bytes/card", file=sys.stderr)
-            kept = _time_to_first_decision(settings, codecs, work / "restart.log")
+            kept = _time_to_first_decision(settings, codecs, work / "restart.log",
+                                           traffic=args.traffic, cards=args.cards)
             print(f"restart with the data dir kept: first decision after "
-                  f"{kept['seconds']:.1f} s, RSS {kept['rss_mb']:.0f} MB", file=sys.stderr)
+                  f"{kept['seconds']:.1f} s, RSS {kept['rss_mb']:.0f} MB; after "
+                  f"{kept.get('traffic', 0)} transactions on random cards "
+                  f"({kept.get('traffic_rate', 0):.0f}/s) RSS "
+                  f"{kept.get('rss_after_traffic_mb', 0):.0f} MB", file=sys.stderr)
             result.update({
                 "empty_state": base, "fresh_recovery": fresh, "restart": kept,
                 "recovery_s_fresh": fresh["seconds"] - base["seconds"],
@@ -269,8 +273,10 @@ def _fill_changelog(settings: Any, changelog: str, templates: list[bytes], n: in
           file=sys.stderr)
 
 
-def _time_to_first_decision(settings: Any, codecs: Any, log: Path) -> dict[str, float]:
-    """Start a worker, send one transaction, wait for its decision; seconds and RSS."""
+def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int = 0,
+                            cards: int = 1) -> dict[str, float]:
+    """Start a worker, send one transaction, wait for its decision; seconds and RSS. Then
+    ``traffic`` transactions on random cards among ``cards``: the RSS after them."""
     from confluent_kafka import OFFSET_END, Consumer, Producer
 
     from streams.processes import die_with_parent, stop_process
@@ -307,11 +313,33 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path) -> dict[str, 
         if seconds is None:
             raise RuntimeError(f"no decision from the worker; see {log}")
         time.sleep(2.0)
-        rss_kb = _rss_kb(proc.pid)
+        result = {"seconds": seconds, "rss_mb": _rss_kb(proc.pid) / 1024.0}
+        if traffic:
+            rng = random.Random(7)
+            t1 = time.monotonic()
+            for i in range(traffic):
+                card = f"card_{rng.randrange(cards):08d}"
+                value = codecs.transaction.encode({**probe, "transaction_id": f"{txn_id}-{i}",
+                                                   "card_id": card,
+                                                   "amount": 5.0 + rng.random() * 100})
+                while True:
+                    try:
+                        producer.produce(settings.topics.transactions, key=card.encode(),
+                                         value=value)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.flush(60)
+            seen = 0
+            while seen < traffic and time.monotonic() - t1 < 300 and proc.poll() is None:
+                seen += sum(1 for m in consumer.consume(1000, 0.5) if not m.error())
+            result["traffic"] = seen
+            result["traffic_rate"] = seen / (time.monotonic() - t1)
+            result["rss_after_traffic_mb"] = _rss_kb(proc.pid) / 1024.0
     finally:
         stop_process(proc, 30.0)
         consumer.close()
-    return {"seconds": seconds, "rss_mb": rss_kb / 1024.0}
+    return result
 
 
 def _rss_kb(pid: int) -> int:
@@ -333,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"])
     c.add_argument("--redis-url", default="")
     s = sub.add_parser("scale", help="1M cards: bytes per card, RSS, recovery time")
+    s.add_argument("--traffic", type=int, default=50_000,
+                   help="transactions on random cards after the restart, for the RSS")
     for q in (c, s):
         q.add_argument("--cards", type=int, default=2000 if q is c else 1_000_000)
         q.add_argument("--days", type=float, default=3.0)

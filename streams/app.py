@@ -169,6 +169,14 @@ def build_worker(settings: Settings) -> Worker:
         key_type=bytes,
         value_type=bytes,
         partitions=partitions,
+        # Faust's defaults (2 GiB block cache, 3 x 64 MiB write buffers per partition)
+        # would let RocksDB alone grow past a worker's memory budget.
+        options={
+            "block_cache_size": w.rocksdb_block_cache_mb << 20,
+            "block_cache_compressed_size": w.rocksdb_block_cache_mb << 20,
+            "write_buffer_size": w.rocksdb_write_buffer_mb << 20,
+            "max_write_buffer_number": 2,
+        },
     )
     if w.store == "rocksdb":
         restore.install(app, table, settings.topics.transactions,

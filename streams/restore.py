@@ -14,6 +14,7 @@ Only the RocksDB store benefits (the memory store keeps Faust's path).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ def restore_partition(db: Any, offset_key: bytes, consumer_config: dict[str, Any
     raw = db.get(offset_key)
     persisted = int(raw) if raw is not None else None
     consumer = Consumer({**consumer_config, "enable.partition.eof": True,
-                         "fetch.max.bytes": 64 << 20, "queued.max.messages.kbytes": 262144})
+                         "fetch.max.bytes": 16 << 20, "queued.max.messages.kbytes": 32768})
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 15.0)
         start = max(low, persisted + 1 if persisted is not None else low)
@@ -115,3 +116,13 @@ def _restore_all(store: Any, table: Any, partitions: Iterable[int],
         took = time.monotonic() - t0
         log.info("restored %d changelog records of %s in %.1f s (%.0f/s)", total, topic,
                  took, total / took)
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Give the fetch buffers of a bulk restore back to the system (glibc keeps freed
+    memory in its arenas otherwise, and the worker's RSS would stay inflated)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

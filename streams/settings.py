@@ -122,6 +122,9 @@ class WorkerSettings:
     commit_interval_s: float = 1.0
     dedupe_retention_days: float = 7.0
     dedupe_expiry_interval_s: float = 600.0
+    #: RocksDB memory per table partition: block cache, and write buffer (two of them).
+    rocksdb_block_cache_mb: int = 32
+    rocksdb_write_buffer_mb: int = 16
 
 
 @dataclass(frozen=True)
