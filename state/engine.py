@@ -127,6 +127,16 @@ class FeatureEngine:
                 parts[k] = s
             return s
 
+        def existing(k: tuple[int, bytes]) -> EntityState | None:
+            """A partial that exists (in this batch or in the store), else None."""
+            s = parts.get(k)
+            if s is None and records.get(k) is not None:
+                s = entity(k)
+            return s
+
+        def group(p: int, key: bytes) -> list[EntityState]:
+            return [s for q in readable(p) if (s := existing((q, key))) is not None]
+
         config = self.config
         for ev in labels:
             mid = ev.label.get("merchant_id")
@@ -199,12 +209,11 @@ class FeatureEngine:
                             agg[4] += 1.0
                             agg[5] += amount
                     else:
-                        agg = merchant_sums([entity((q, key)) for q in readable(p)], t)
+                        agg = merchant_sums(group(p, key), t)
                         sums[key] = (hour, agg)
                     put_merchant_features(agg, v)
                 else:
-                    group = [entity((q, key)) for q in readable(p)]
-                    shared_entity_features(group, txn["event_time"], name, v, config)
+                    shared_entity_features(group(p, key), txn["event_time"], name, v, config)
             out.vectors.append(Vector(v))
 
         for k in dirty:
