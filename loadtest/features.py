@@ -60,29 +60,33 @@ def _partition(card_id: str, partitions: int) -> int:
 
 def _run(store: Any, txns: list[dict[str, Any]], batch: int, partitions: int,
          warm: float = 1 / 3) -> dict[str, float]:
-    """Median CPU µs/event of process+write and of flush, after a warm-up third."""
+    """Median µs/event of process+write and of flush, after a warm-up third: CPU time of
+    this thread (background threads of librdkafka and RocksDB excluded), and wall time."""
     engine = FeatureEngine(FeatureConfig(), store)
     compute: list[float] = []
     flush: list[float] = []
+    wall: list[float] = []
     loop = asyncio.new_event_loop()
     refresh = getattr(store, "refresh", None)
     for i in range(0, len(txns), batch):
         chunk = txns[i:i + batch]
         events = [TxnEvent(_partition(t["card_id"], partitions), i + j, t)
                   for j, t in enumerate(chunk)]
-        t0 = time.process_time()
+        w0, t0 = time.perf_counter(), time.thread_time()
         if refresh:
             refresh()
         out = engine.process(events)
         store.write(out.writes)
-        t1 = time.process_time()
+        w1, t1 = time.perf_counter(), time.thread_time()
         loop.run_until_complete(store.flush())
-        t2 = time.process_time()
+        t2 = time.thread_time()
         if i >= len(txns) * warm:
             compute.append((t1 - t0) / len(chunk) * 1e6)
+            wall.append((w1 - w0) / len(chunk) * 1e6)
             flush.append((t2 - t1) / len(chunk) * 1e6)
     loop.close()
     return {"compute_us_per_event": statistics.median(compute),
+            "compute_wall_us_per_event": statistics.median(wall),
             "flush_us_per_event": statistics.median(flush), "batches": len(compute)}
 
 
@@ -95,24 +99,33 @@ def _card_bytes(store: Any, cards: list[str], partitions: int) -> float:
 def cost(args: argparse.Namespace) -> dict[str, Any]:
     txns = _history(args)
     cards = sorted({t["card_id"] for t in txns})
-    print(f"{len(txns)} transactions, {len(cards)} cards, batches of {args.batch}",
-          file=sys.stderr)
-    results: dict[str, Any] = {"events": len(txns), "cards": len(cards), "batch": args.batch}
+    print(f"{len(txns)} transactions, {len(cards)} cards, batches of {args.batch}, "
+          f"{args.repeat} rounds", file=sys.stderr)
+    results: dict[str, Any] = {"events": len(txns), "cards": len(cards), "batch": args.batch,
+                               "rounds": {b: [] for b in args.backends}}
     partitions = args.partitions
-    with tempfile.TemporaryDirectory() as tmp:
+    for _round in range(args.repeat):  # backends interleaved: the machine's noise is shared
         for backend in args.backends:
-            if backend == "memory":
-                store: Any = MemoryStore(partitions)
-                results[backend] = _run(store, txns, args.batch, partitions)
-                results[backend]["card_bytes"] = _card_bytes(store, cards, partitions)
-            elif backend == "rocksdb":
-                results[backend] = _rocksdb_cost(txns, cards, args, Path(tmp))
-            elif backend == "redis":
-                results[backend] = _redis_cost(txns, cards, args, Path(tmp))
-            r = results[backend]
-            print(f"{backend:8s} features {r['compute_us_per_event']:7.1f} µs/event, "
-                  f"flush {r['flush_us_per_event']:6.1f} µs/event, "
-                  f"{r['card_bytes']:.0f} bytes/card record", file=sys.stderr)
+            with tempfile.TemporaryDirectory() as tmp:
+                if backend == "memory":
+                    store: Any = MemoryStore(partitions)
+                    r = _run(store, txns, args.batch, partitions)
+                    r["card_bytes"] = _card_bytes(store, cards, partitions)
+                elif backend == "rocksdb":
+                    r = _rocksdb_cost(txns, cards, args, Path(tmp))
+                else:
+                    r = _redis_cost(txns, cards, args, Path(tmp))
+            results["rounds"][backend].append(r)
+    for backend, rounds in results["rounds"].items():
+        r = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+        results[backend] = r
+        each = ", ".join(f"{x['compute_us_per_event']:.0f}" for x in rounds)
+        print(f"{backend:8s} features {r['compute_us_per_event']:7.1f} µs/event CPU "
+              f"({r['compute_wall_us_per_event']:.1f} wall), "
+              f"flush {r['flush_us_per_event']:6.1f} µs/event, "
+              f"{r['card_bytes']:.0f} bytes/card record  (medians of "
+              f"{each})",
+              file=sys.stderr)
     return results
 
 
@@ -360,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cost", help="feature cost per event, per backend")
     c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"])
     c.add_argument("--redis-url", default="")
+    c.add_argument("--repeat", type=int, default=3, help="rounds over the backends")
     s = sub.add_parser("scale", help="1M cards: bytes per card, RSS, recovery time")
     s.add_argument("--traffic", type=int, default=50_000,
                    help="transactions on random cards after the restart, for the RSS")

@@ -18,6 +18,7 @@ from typing import Any
 
 import faust.streams
 from faust.types import TP
+from rocksdict import WriteBatch
 
 from streams.delivery import KafkaSink
 
@@ -80,17 +81,28 @@ class FaustTableState:
         return event
 
     def lookup(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        """The values of ``keys`` in ``partition``: one RocksDB multi-get (the table holds
+        raw bytes, as its changelog does), or Faust's store API for the memory store."""
         store = self.table.data
+        if hasattr(store, "_db_for_partition"):
+            return store._db_for_partition(partition).get(keys)
         with _as_event(self._event(partition)):
             return [store.get(k) for k in keys]
 
     def record(self, entries: Sequence[tuple[int, bytes, bytes]]) -> None:
-        """Write the entries to the local store; their changelog goes out in :meth:`flush`."""
+        """Write the entries to the local store (one RocksDB write batch per partition);
+        their changelog goes out in :meth:`flush`."""
         store = self.table.data
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
         for partition, key, value in entries:
             by_partition.setdefault(partition, []).append((key, value))
         for partition, items in by_partition.items():
+            if hasattr(store, "_db_for_partition"):
+                batch = WriteBatch(raw_mode=True)
+                for key, value in items:
+                    batch.put(key, value)
+                store._db_for_partition(partition).write(batch)
+                continue
             with _as_event(self._event(partition)):
                 for key, value in items:
                     store[key] = value
