@@ -228,7 +228,7 @@ def main() -> int:
     result["worker_over_bare"] = w["rate"] / b["rate"]
     print()
     print(f"bare Faust consume      {b['rate']:>9,.0f} events/s")
-    print(f"worker (rules, dedupe)  {w['rate']:>9,.0f} events/s   "
+    print(f"worker (features, rules, dedupe)  {w['rate']:>9,.0f} events/s   "
           f"({result['worker_over_bare']:.2f}x bare Faust)")
     for lt in result["latency"]:
         print(f"end-to-end latency at {lt['rate']:>7,.0f}/s ({lt['ratio']:.2f}x, "
