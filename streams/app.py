@@ -96,6 +96,7 @@ class BatchStats:
         self.batches = self.events = self.dead = 0
         self.process_ms = self.commit_ms = self.features_ms = 0.0
         self.late = self.too_late = self.degraded = self.labels = self.unattributed = 0
+        self.miskeyed = 0
 
     def add(self, size: int, result: Any, commit_ms: float) -> None:
         self.batches += 1
@@ -104,6 +105,7 @@ class BatchStats:
         self.process_ms += result.timings_ms.get("total", 0.0)
         self.features_ms += result.timings_ms.get("features", 0.0)
         self.commit_ms += commit_ms
+        self.miskeyed += result.miskeyed
         fb = result.features
         if fb is not None:
             self.late += fb.late
@@ -123,6 +125,11 @@ class BatchStats:
                 self.features_ms / n, self.commit_ms / n, self.dead, self.late,
                 self.too_late, self.degraded, self.labels, self.unattributed,
             )
+            if self.miskeyed:
+                log.warning(
+                    "%d transactions were not keyed by their card_id: a card's events may "
+                    "be split over partitions, and its features with them. Key by card_id, "
+                    "or set FRAUDSTREAM_WORKER_REPARTITION=true", self.miskeyed)
             self._reset(now)
 
 
@@ -178,12 +185,12 @@ def build_worker(settings: Settings) -> Worker:
             "max_write_buffer_number": 2,
         },
     )
+    decided = settings.topics.by_card if w.repartition else settings.topics.transactions
     if w.store == "rocksdb":
-        restore.install(app, table, settings.topics.transactions,
+        restore.install(app, table, decided,
                         settings.kafka.consumer_config(f"{w.app_id}-restore"))
     sink = KafkaSink(settings.kafka.client_config())
-    state = FaustTableState(table, settings.topics.transactions, sink,
-                            end_marker=settings.kafka.embedded)
+    state = FaustTableState(table, decided, sink, end_marker=settings.kafka.embedded)
     fs = settings.features
     feature_store: StateStore
     if fs.backend == "redis":
@@ -210,21 +217,28 @@ def build_worker(settings: Settings) -> Worker:
         log_features=fs.log,
     )
     committer = BatchCommitter(state, sink, settings.topics.decisions, settings.topics.dlq,
-                               features=feature_store, features_topic=settings.topics.features)
-    source, labels = (
+                               features=feature_store, features_topic=settings.topics.features,
+                               by_card_topic=settings.topics.by_card)
+    source, labels, by_card = (
         app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                   value_serializer="raw", partitions=partitions)
-        for name in (settings.topics.transactions, settings.topics.labels)
+        for name in (settings.topics.transactions, settings.topics.labels,
+                     settings.topics.by_card)
     )
     stats = BatchStats()
     labels_topic = settings.topics.labels
+    # Repartition mode: transactions are only re-keyed by card_id; decisions are taken on
+    # the by-card topic, whose partitions hold each card's events and state.
+    forward_topic = settings.topics.transactions if w.repartition else None
 
     async def handle(batch: Sequence[tuple[Any, Sequence[Any]]]) -> None:
         now_ms = int(time.time() * 1000)  # for records without a Kafka timestamp
         records: list[RawRecord] = []
         label_records: list[RawRecord] = []
+        forwards: list[RawRecord] = []
         for tp, recs in batch:
-            into = label_records if tp.topic == labels_topic else records
+            into = (label_records if tp.topic == labels_topic
+                    else forwards if tp.topic == forward_topic else records)
             into.extend(
                 RawRecord(
                     topic=r.topic,
@@ -237,6 +251,10 @@ def build_worker(settings: Settings) -> Worker:
                 )
                 for r in recs
             )
+        if forwards:
+            await committer.commit(pipeline.forward(forwards))
+        if not records and not label_records:
+            return
         if isinstance(feature_store, TableFeatureStore):
             feature_store.refresh()
         result = pipeline.process(records, state.lookup, label_records)
@@ -244,7 +262,10 @@ def build_worker(settings: Settings) -> Worker:
         await committer.commit(result)
         stats.add(len(records), result, (time.perf_counter() - t0) * 1000.0)
 
-    batching.install(app, {settings.topics.transactions, labels_topic}, handle, w.batch_max)
+    topics = {settings.topics.transactions, labels_topic}
+    if w.repartition:
+        topics.add(settings.topics.by_card)
+    batching.install(app, topics, handle, w.batch_max)
 
     if isinstance(feature_store, TableFeatureStore):
         table_store = feature_store
@@ -273,6 +294,13 @@ def build_worker(settings: Settings) -> Worker:
         async for _event in stream:  # pragma: no cover - records never arrive here
             log.error("a transactions record bypassed the batch consumer")
 
+    if w.repartition:
+        @app.agent(by_card, name="score-by-card")
+        async def score_by_card(stream: Any) -> None:
+            """Declares the by-card subscription (repartition mode)."""
+            async for _event in stream:  # pragma: no cover - records never arrive here
+                log.error("a by-card record bypassed the batch consumer")
+
     @app.agent(labels, name="labels")
     async def learn(stream: Any) -> None:
         """Declares the labels subscription (co-partitioned with transactions: both are
@@ -285,9 +313,9 @@ def build_worker(settings: Settings) -> Worker:
 
 
 def _owned(app: faust.App, settings: Settings) -> list[int]:
-    """The transactions partitions assigned to this worker (their partial merchant, device
-    and IP records are the ones it can read with the RocksDB backend)."""
-    topic = settings.topics.transactions
+    """The decided topic's partitions assigned to this worker (their partial merchant,
+    device and IP records are the ones it can read with the RocksDB backend)."""
+    topic = settings.topics.by_card if settings.worker.repartition else settings.topics.transactions
     return [tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic]
 
 

@@ -58,13 +58,15 @@ class Sink(Protocol):
 
 class BatchCommitter:
     def __init__(self, state: DedupeState, sink: Sink, decisions: str, dlq: str,
-                 features: StateStore | None = None, features_topic: str = "features") -> None:
+                 features: StateStore | None = None, features_topic: str = "features",
+                 by_card_topic: str = "transactions.by-card") -> None:
         self.state = state
         self.sink = sink
         self.decisions_topic = decisions
         self.dlq_topic = dlq
         self.features = features
         self.features_topic = features_topic
+        self.by_card_topic = by_card_topic
         #: Feature records the store could not take (it was down).
         self.lost_feature_writes = 0
 
@@ -84,6 +86,8 @@ class BatchCommitter:
         batches = [(self.decisions_topic, result.decisions), (self.dlq_topic, result.dead_letters)]
         if result.feature_log:
             batches.append((self.features_topic, result.feature_log))
+        if result.forwards:
+            batches.append((self.by_card_topic, result.forwards))
         await self.sink.publish(batches)
 
 

@@ -68,6 +68,10 @@ class BatchResult:
     #: (transaction_id, FeatureVector record) for the features topic, when logging.
     feature_log: list[tuple[bytes, bytes]] = field(default_factory=list)
     features: FeatureBatch | None = None
+    #: (card_id, original value) to re-key through the by-card topic (repartition mode).
+    forwards: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: Valid transactions whose Kafka key is not their card_id.
+    miskeyed: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class Pipeline:
                 valid.append((rec, self._read(rec, now_ms)))
             except (DecodeError, ValidationError) as exc:
                 self._reject(out, rec, exc, now_ms)
+        out.miskeyed = sum(1 for rec, txn in valid if rec.key != txn["card_id"].encode())
         label_events: list[LabelEvent] = []
         for rec in labels:
             try:
@@ -216,6 +221,21 @@ class Pipeline:
             max_future_ms=self.limits.max_future_ms,
             max_amount=self.limits.max_amount,
         )
+
+    def forward(self, records: Sequence[RawRecord]) -> BatchResult:
+        """Repartition mode: each readable transaction goes back out keyed by its card_id
+        (its bytes unchanged), the others to the dead letters. Nothing is decided here."""
+        out = BatchResult()
+        now_ms = int(self.clock() * 1000)
+        for rec in records:
+            try:
+                txn = self._read(rec, now_ms)
+            except (DecodeError, ValidationError) as exc:
+                self._reject(out, rec, exc, now_ms)
+                continue
+            assert rec.value is not None
+            out.forwards.append((txn["card_id"].encode(), rec.value))
+        return out
 
     @staticmethod
     def _flags(fb: FeatureBatch | None, n: int) -> list[tuple[str, ...]]:

@@ -93,6 +93,8 @@ class TopicSettings:
     dlq: str = "transactions.dlq"
     #: Feature vectors per transaction_id, when FRAUDSTREAM_FEATURES_LOG is true.
     features: str = "features"
+    #: Transactions re-keyed by card_id, when FRAUDSTREAM_WORKER_REPARTITION is true.
+    by_card: str = "transactions.by-card"
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -122,6 +124,9 @@ class WorkerSettings:
     commit_interval_s: float = 1.0
     dedupe_retention_days: float = 7.0
     dedupe_expiry_interval_s: float = 600.0
+    #: The transactions topic is not keyed by card_id: re-key it through the by_card
+    #: topic first, so that a card's events (and its state) stay in one partition.
+    repartition: bool = False
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).
     rocksdb_block_cache_mb: int = 32
     rocksdb_write_buffer_mb: int = 16

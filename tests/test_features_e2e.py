@@ -166,3 +166,36 @@ def test_redis_down_decisions_go_on_degraded_and_recover(stack_settings, start_w
     later = [codecs.decision.decode(m.value()) for m in out[20:]]
     assert worker.running, worker.tail()
     assert later and all("features_degraded" not in d["reasons"] for d in later)
+
+
+def test_transactions_keyed_otherwise_are_repartitioned_by_card(stack_settings, start_worker,
+                                                                codecs):
+    settings = stack_settings.replace(worker={"repartition": True}, features={"log": True})
+    hour = int(time.time() * 1000) // 3_600_000 * 3_600_000 - 2 * 3_600_000
+    base = {"customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 10.0,
+            "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR",
+            "lat": None, "lon": None, "device_id": None, "ip": None, "channel": "pos"}
+    txns = [{**base, "transaction_id": f"k{c}-{i}", "card_id": f"card_k{c}",
+             "event_time": hour + 60_000 + i * 2_000}
+            for i in range(15) for c in range(6)]
+    # Keyed by transaction_id: a card's transactions land on every partition.
+    records = [(t["transaction_id"].encode(), codecs.transaction.encode(t)) for t in txns]
+    records.append((b"bad", b"not avro"))
+    worker = start_worker(settings)
+    produce(settings, settings.topics.transactions, records)
+
+    decisions = consume_all(settings, settings.topics.decisions, len(txns), timeout_s=90)
+    assert worker.running, worker.tail()
+    assert sorted(m.key().decode() for m in decisions) == sorted(t["transaction_id"]
+                                                                 for t in txns)
+    [dead] = consume_all(settings, settings.topics.dlq, 1, timeout_s=30)
+    assert codecs.dead_letter.decode(dead.value())["source_topic"] == settings.topics.transactions
+    logged = [codecs.feature_vector.decode(m.value())
+              for m in consume_all(settings, settings.topics.features, len(txns))]
+    counts: dict[str, list[float]] = {}
+    for rec in logged:
+        card = rec["transaction_id"].split("-")[0]
+        counts.setdefault(card, []).append(rec["values"]["card_count_24h"])
+    # Each card's events all reached one partition's state: its counts run 1..15.
+    assert {c: sorted(v) for c, v in counts.items()} == {
+        f"k{c}": [float(i) for i in range(1, 16)] for c in range(6)}
