@@ -25,14 +25,14 @@ from tests.conftest import ROOT, consume_all, produce
 pytestmark = pytest.mark.e2e
 
 
-def one_partition(settings: Settings, features: dict[str, Any]) -> Settings:
-    """The same stack with fresh topics of a single partition: one partition keeps the
-    arrival order of the whole stream, which the offline builder reproduces exactly."""
+def fresh_stack(settings: Settings, partitions: int, features: dict[str, Any]) -> Settings:
+    """The same stack with fresh topics of ``partitions`` partitions. One partition keeps
+    the arrival order of the whole stream, which the offline builder reproduces exactly."""
     uid = uuid.uuid4().hex[:8]
     topics = TopicSettings(**{n: f"{v}-{uid}" for n, v in vars(TopicSettings()).items()})
     out = Settings(topics=topics, kafka=settings.kafka, codec=settings.codec,
                    worker=settings.worker, features=settings.features).replace(
-        kafka={"partitions": 1}, worker={"app_id": f"features-{uid}"},
+        kafka={"partitions": partitions}, worker={"app_id": f"features-{uid}"},
         features={"log": True, **features})
     ensure_topics(out)
     return out
@@ -54,10 +54,11 @@ def write_csv(path: Path, txns: list[dict[str, Any]], labels: list[dict[str, Any
 
 
 def committed(settings: Settings, topic: str) -> int:
+    """Offsets the worker's group committed on ``topic``, over all partitions."""
     consumer = Consumer(settings.kafka.consumer_config(settings.worker.app_id))
     try:
-        [tp] = consumer.committed([TopicPartition(topic, 0)], timeout=10)
-        return tp.offset
+        tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
+        return sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=10))
     finally:
         consumer.close()
 
@@ -76,10 +77,15 @@ def offline(csv_path: Path, out: Path, settings: Settings) -> dict[str, list[flo
         return {row[0]: [float(x) for x in row[first:]] for row in reader}
 
 
-@pytest.mark.parametrize("backend", ["rocksdb", "redis"])
+@pytest.mark.parametrize(("backend", "partitions"), [("rocksdb", 1), ("redis", 1),
+                                                     ("rocksdb", 3)])
 def test_online_features_equal_offline_ones(stack_settings, start_worker, redis_server,
-                                            backend, tmp_path):
-    settings = one_partition(stack_settings, {
+                                            backend, partitions, tmp_path):
+    """One partition: every feature of every transaction equals the offline one. Several:
+    card features still do (a card's events keep their order in its partition); merchant,
+    device and IP features depend on how the worker interleaved the partitions, which the
+    offline builder cannot know: they differ for a share of transactions (reported)."""
+    settings = fresh_stack(stack_settings, partitions, {
         "backend": backend, "redis_url": redis_server.url,
         "redis_prefix": f"parity-{uuid.uuid4().hex[:6]}", "label_delay_s": 600.0})
     codecs = Codecs(make_registry(settings.codec.registry_url), settings.topics)
@@ -121,7 +127,18 @@ def test_online_features_equal_offline_ones(stack_settings, start_worker, redis_
              for tid, row in online.items()
              for name, a, b in zip(FEATURE_NAMES, row, offline_rows[tid], strict=True)
              if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)]
-    assert diffs == [], diffs[:10]
+    if partitions == 1:
+        assert diffs == [], diffs[:10]
+    else:
+        shared = ("merchant_", "device_", "ip_")
+        assert [d for d in diffs if not d[1].startswith(shared)] == []
+        share = len({d[0] for d in diffs}) / len(online)
+        gap = sorted(abs(a - b) / max(b, 1.0) for _t, n, a, b in diffs
+                     if n == "merchant_count_1d")
+        print(f"\n{partitions} partitions, whole history produced at once: {share:.1%} of "
+              "transactions differ from offline in merchant/device/IP features only; "
+              f"merchant_count_1d relative gap median {gap[len(gap) // 2]:.1%}, "
+              f"p90 {gap[len(gap) * 9 // 10]:.1%}" if gap else "")
 
     # The comparison covered what it had to: late and too-late events, labels counted.
     col = {n: i for i, n in enumerate(FEATURE_NAMES)}
