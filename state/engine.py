@@ -116,15 +116,17 @@ class FeatureEngine:
         parts: dict[tuple[int, bytes], EntityState] = {}
         dirty: set[tuple[int, bytes]] = set()
 
+        def load(cls: Any, k: tuple[int, bytes]) -> Any:
+            try:
+                return cls.decode(records.get(k))
+            except (ValueError, TypeError):  # a record we cannot read: start afresh
+                out.corrupt += 1
+                return cls()
+
         def entity(k: tuple[int, bytes]) -> EntityState:
             s = parts.get(k)
             if s is None:
-                try:
-                    s = EntityState.decode(records.get(k))
-                except (ValueError, TypeError):
-                    out.corrupt += 1
-                    s = EntityState()
-                parts[k] = s
+                s = parts[k] = load(EntityState, k)
             return s
 
         def existing(k: tuple[int, bytes]) -> EntityState | None:
@@ -159,12 +161,7 @@ class FeatureEngine:
             ck = (p, b"c|" + txn["card_id"].encode())
             card = cards.get(ck)
             if card is None:
-                try:
-                    card = CardState.decode(records.get(ck))
-                except (ValueError, TypeError):
-                    out.corrupt += 1
-                    card = CardState()
-                cards[ck] = card
+                card = cards[ck] = load(CardState, ck)
             v = [0.0] * n
             event_fields(v, txn)
             fresh = ev.offset > card.last_offset

@@ -169,15 +169,8 @@ class CardState:
         """Forget what no window reads any more (as of ``max_ts``). Called after every
         event, so the features never depend on where a batch ended; the lists are sorted,
         so this usually looks at their first item only."""
-        recent = self.recent
-        keep = self.max_ts - HOUR_MS - config.allowed_lateness_ms
-        i = 0
-        while i < len(recent) and recent[i][0] <= keep:
-            i += 1
-        if len(recent) - i > MAX_RECENT:
-            i = len(recent) - MAX_RECENT
-        if i:
-            del recent[:i]
+        _trim_recent(self.recent, self.max_ts - HOUR_MS - config.allowed_lateness_ms,
+                     rows=True)
         _prune(self.hours, int(self.max_ts // HOUR_MS) - 23 - _ceil(config, HOUR_MS))
         _prune(self.days, int(self.max_ts // DAY_MS) - 29 - _ceil(config, DAY_MS))
 
@@ -224,15 +217,8 @@ class EntityState:
 
     def expire(self, config: FeatureConfig) -> None:
         """As :meth:`CardState.expire`, after every event and label."""
-        recent = self.recent
-        keep = self.max_ts - HOUR_MS - config.allowed_lateness_ms
-        i = 0
-        while i < len(recent) and recent[i] <= keep:
-            i += 1
-        if len(recent) - i > MAX_RECENT:
-            i = len(recent) - MAX_RECENT
-        if i:
-            del recent[:i]
+        _trim_recent(self.recent, self.max_ts - HOUR_MS - config.allowed_lateness_ms,
+                     rows=False)
         day = int(self.max_ts // DAY_MS)
         _prune(self.hours, int(self.max_ts // HOUR_MS) - 23 - _ceil(config, HOUR_MS))
         _prune(self.days, day - 30 - _ceil(config, DAY_MS))
@@ -267,6 +253,22 @@ def record_max_ts(record: bytes) -> float:
     """The latest event time a card or entity record holds (for idle expiry)."""
     r = orjson.loads(record)
     return float(r[2] if len(r) == 10 else r[3])
+
+
+def _trim_recent(recent: list[Any], keep: float, rows: bool) -> None:
+    """Drop the events at or before ``keep`` from a time-sorted list (of [ts, ...] rows or
+    of times), and the oldest beyond :data:`MAX_RECENT`."""
+    i = 0
+    if rows:
+        while i < len(recent) and recent[i][0] <= keep:
+            i += 1
+    else:
+        while i < len(recent) and recent[i] <= keep:
+            i += 1
+    if len(recent) - i > MAX_RECENT:
+        i = len(recent) - MAX_RECENT
+    if i:
+        del recent[:i]
 
 
 def _ceil(config: FeatureConfig, unit: int) -> int:

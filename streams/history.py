@@ -9,6 +9,7 @@ import csv
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from streams.generator import DAY_MS, GeneratorConfig, generate_history
 
@@ -39,9 +40,16 @@ def write_history(args: argparse.Namespace) -> int:
                              label_delay_days=args.label_delay_days, id_prefix=f"g{args.seed}")
     txns, labels = generate_history(config, start_ms, args.days, args.per_day,
                                     args.late_ratio, int(args.late_max_s * 1000))
+    write_csv(args.out, txns, labels)
+    print(f"{len(txns)} transactions, {len(labels)} labels -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def write_csv(path: Path, txns: list[dict[str, Any]], labels: list[dict[str, Any]]) -> None:
+    """Transactions in the given (arrival) order, each with its label if it has one."""
     by_id = {lab["transaction_id"]: lab for lab in labels}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(COLUMNS)
         for t in txns:
@@ -50,5 +58,3 @@ def write_history(args: argparse.Namespace) -> int:
                    "fraud_type": (lab or {}).get("fraud_type") or "",
                    "label_time": "" if lab is None else lab["label_time"]}
             w.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
-    print(f"{len(txns)} transactions, {len(labels)} labels -> {args.out}", file=sys.stderr)
-    return 0

@@ -208,15 +208,8 @@ class Pipeline:
         return out
 
     def _read(self, rec: RawRecord, now_ms: int) -> dict[str, Any]:
-        if rec.value is None:
-            raise DecodeError("decode", "empty record (null value)")
-        if len(rec.value) > self.limits.max_record_bytes:
-            raise DecodeError(
-                "oversize",
-                f"record of {len(rec.value)} bytes is over {self.limits.max_record_bytes}",
-            )
         return validate_transaction(
-            self._decode(rec.value),
+            self._decode(self._bytes(rec)),
             now_ms=now_ms,
             max_future_ms=self.limits.max_future_ms,
             max_amount=self.limits.max_amount,
@@ -262,6 +255,10 @@ class Pipeline:
         ]
 
     def _read_label(self, rec: RawRecord) -> dict[str, Any]:
+        return validate_label(self._decode_label(self._bytes(rec)))
+
+    def _bytes(self, rec: RawRecord) -> bytes:
+        """The record's value, refused when empty or over the size limit."""
         if rec.value is None:
             raise DecodeError("decode", "empty record (null value)")
         if len(rec.value) > self.limits.max_record_bytes:
@@ -269,7 +266,7 @@ class Pipeline:
                 "oversize",
                 f"record of {len(rec.value)} bytes is over {self.limits.max_record_bytes}",
             )
-        return validate_label(self._decode_label(rec.value))
+        return rec.value
 
     def _reject(self, out: BatchResult, rec: RawRecord, exc: DecodeError | ValidationError,
                 now_ms: int) -> None:

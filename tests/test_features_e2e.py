@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 from schemas.codec import Codecs, make_registry
 from state.features import DAY_MS, FEATURE_NAMES
 from streams.generator import GeneratorConfig, generate_history
-from streams.history import COLUMNS
+from streams.history import write_csv
 from streams.settings import Settings, TopicSettings
 from streams.topics import ensure_topics
 from tests.conftest import ROOT, consume_all, produce
@@ -36,21 +36,6 @@ def fresh_stack(settings: Settings, partitions: int, features: dict[str, Any]) -
         features={"log": True, **features})
     ensure_topics(out)
     return out
-
-
-def write_csv(path: Path, txns: list[dict[str, Any]], labels: list[dict[str, Any]]) -> None:
-    import csv
-
-    by_id = {lab["transaction_id"]: lab for lab in labels}
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(COLUMNS)
-        for t in txns:
-            lab = by_id.get(t["transaction_id"])
-            row = {**t, "label": "" if lab is None else int(lab["is_fraud"]),
-                   "fraud_type": (lab or {}).get("fraud_type") or "",
-                   "label_time": "" if lab is None else lab["label_time"]}
-            w.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
 
 
 def committed(settings: Settings, topic: str) -> int:
