@@ -80,6 +80,12 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     return write_history(args)
 
 
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.train_cli import run
+
+    return run(args, settings)
+
+
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, default, _doc in describe():
         print(f"{name}={default}")
@@ -136,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     features_arguments(p)
     p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("train", help="train a model artifact from a labelled history")
+    from streams.train_cli import add_arguments as train_arguments
+
+    train_arguments(p)
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("settings", help="list every setting and its default")
     p.set_defaults(func=_cmd_settings)

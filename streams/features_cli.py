@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     errors: list[str] = []
     stats = OfflineStats()
     t0 = time.perf_counter()
-    rows = offline_features(_checked(events, settings, errors), config, args.batch, stats)
+    rows = offline_features(checked_events(events, settings, errors), config, args.batch, stats)
     written = _write(args.out, rows)
     took = time.perf_counter() - t0
     for line in errors[:20]:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _checked(events: Iterator[tuple[str, dict[str, Any]]], settings: Settings,
+def checked_events(events: Iterator[tuple[str, dict[str, Any]]], settings: Settings,
              errors: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """Events as the worker would accept them; the others reported in ``errors``."""
     for kind, record in events:

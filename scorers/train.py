@@ -1,0 +1,364 @@
+"""Training: features of a labelled history -> two model families -> ONNX -> an artifact.
+
+:func:`train` takes validated events (``("transaction", dict)`` / ``("label", dict)``, in
+arrival order) and:
+
+1. computes the features with the worker's own code (:mod:`state.offline`), so a label
+   feeds a feature only once it would have been available;
+2. splits by event time into train / validation / test windows;
+3. fits gradient-boosted trees (LightGBM) and a logistic regression on scaled features;
+4. exports each to ONNX and refuses to go on unless ONNX Runtime reproduces the native
+   probabilities on the test window within :data:`ONNX_TOLERANCE`;
+5. weighs the two on the validation window (best average precision), and picks the
+   review and decline thresholds from the targets given;
+6. measures AUC ROC, average precision and card precision at 100 a day on the test
+   window, for the rules alone, each model and the ensemble;
+7. writes the artifact: ONNX files and ``metadata.json`` (feature names and order,
+   thresholds, windows, data hash, library versions, metrics, reference histograms of
+   every feature and of the score, for drift detection), and a report with plots.
+
+A transaction without a label in the history counts as genuine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scorers.metrics import summary
+from state.features import FEATURE_NAMES, FEATURE_VERSION, FeatureConfig
+from state.offline import OfflineStats, offline_features
+
+#: Largest difference allowed between ONNX Runtime's and the native probabilities.
+ONNX_TOLERANCE = 1e-4
+MODELS = ("lightgbm", "logistic")
+
+
+class TrainingError(RuntimeError):
+    """The data or a model cannot give a usable artifact; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    valid_frac: float = 0.2
+    test_frac: float = 0.2
+    #: Share of the validation window's transactions sent to review or decline.
+    review_rate: float = 0.02
+    #: Decline only where the validation precision reaches this.
+    decline_precision: float = 0.9
+    trees: int = 300
+    seed: int = 7
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+
+@dataclass
+class Dataset:
+    X: np.ndarray
+    y: np.ndarray
+    times: np.ndarray
+    cards: list[str]
+    txns: list[Mapping[str, Any]]
+    vectors: list[Any]
+    stats: OfflineStats
+
+
+def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: FeatureConfig,
+                  progress: Any = None) -> Dataset:
+    """Features for every transaction; its target is the label the history ends with."""
+    final: dict[str, bool] = {}
+
+    def watch() -> Iterable[tuple[str, Mapping[str, Any]]]:
+        for kind, record in events:
+            if kind == "label":
+                final[record["transaction_id"]] = bool(record["is_fraud"])
+            yield kind, record
+
+    stats = OfflineStats()
+    txns, vectors = [], []
+    for txn, vector in offline_features(watch(), config, stats=stats):
+        txns.append(txn)
+        vectors.append(vector)
+        if progress is not None:
+            progress.update(1)
+    if not txns:
+        raise TrainingError("no transactions in the history")
+    X = np.array([v.row for v in vectors], dtype=np.float32)
+    y = np.array([final.get(t["transaction_id"], False) for t in txns], dtype=np.int8)
+    times = np.array([t["event_time"] for t in txns], dtype=np.int64)
+    return Dataset(X, y, times, [t["card_id"] for t in txns], txns, vectors, stats)
+
+
+def split_by_time(times: np.ndarray, valid_frac: float, test_frac: float
+                  ) -> dict[str, np.ndarray]:
+    """Index arrays of the train, valid and test windows: consecutive spans of event time."""
+    if not (0 < valid_frac < 1 and 0 < test_frac < 1 and valid_frac + test_frac < 1):
+        raise TrainingError("valid and test fractions must be in (0, 1) and sum below 1")
+    lo, hi = int(times.min()), int(times.max()) + 1
+    valid_from = lo + int((hi - lo) * (1 - valid_frac - test_frac))
+    test_from = lo + int((hi - lo) * (1 - test_frac))
+    windows = {
+        "train": (lo, valid_from), "valid": (valid_from, test_from), "test": (test_from, hi),
+    }
+    return {name: np.flatnonzero((times >= a) & (times < b)) for name, (a, b) in windows.items()}
+
+
+def _fit(name: str, X: np.ndarray, y: np.ndarray, config: TrainConfig) -> Any:
+    if name == "lightgbm":
+        import lightgbm as lgb
+
+        pos = max(1, int(y.sum()))
+        return lgb.LGBMClassifier(
+            n_estimators=config.trees, learning_rate=0.05, num_leaves=31,
+            min_child_samples=20, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
+            scale_pos_weight=min(50.0, (len(y) - pos) / pos), random_state=config.seed,
+            verbose=-1,
+        ).fit(X, y)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(
+        max_iter=2000, C=0.5, class_weight="balanced", random_state=config.seed)).fit(X, y)
+
+
+def to_onnx(name: str, model: Any, n_features: int) -> bytes:
+    """The model as ONNX: one float input ``x`` [n, features]; outputs label, probabilities."""
+    if name == "lightgbm":
+        import onnxmltools
+        from onnxmltools.convert.common.data_types import FloatTensorType
+
+        onx = onnxmltools.convert_lightgbm(
+            model, initial_types=[("x", FloatTensorType([None, n_features]))],
+            zipmap=False, target_opset=15)
+    else:
+        from skl2onnx import convert_sklearn
+        from skl2onnx.common.data_types import FloatTensorType as SkFloat
+
+        onx = convert_sklearn(model, initial_types=[("x", SkFloat([None, n_features]))],
+                              options={id(model): {"zipmap": False}}, target_opset=15)
+    return onx.SerializeToString()
+
+
+def onnx_scores(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
+    """Fraud probabilities from ONNX Runtime, tuned as the worker runs it (one thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {"x": X.astype(np.float32)})[1]
+    return np.asarray(probabilities)[:, 1]
+
+
+def _thresholds(score: np.ndarray, y: np.ndarray, config: TrainConfig) -> dict[str, float]:
+    review = float(np.quantile(score, 1.0 - config.review_rate))
+    decline = 1.0
+    for t in np.unique(score[score >= review]):
+        chosen = score >= t
+        if chosen.any() and y[chosen].mean() >= config.decline_precision:
+            decline = float(t)
+            break
+    return {"review": review, "decline": max(decline, review)}
+
+
+def _histogram(values: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """Quantile bin edges and the share of values in each bin (the drift reference)."""
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:
+        edges = np.array([edges[0], edges[0] + 1.0])
+    counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
+    return {"edges": edges.tolist(), "proportions": (counts / max(1, counts.sum())).tolist()}
+
+
+def _versions() -> dict[str, str]:
+    import lightgbm
+    import onnx
+    import onnxruntime
+    import sklearn
+
+    return {"python": platform.python_version(), "lightgbm": lightgbm.__version__,
+            "scikit-learn": sklearn.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
+
+
+def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config: TrainConfig,
+          data_hash: str, rules_scorer: Any, progress: Any = None) -> dict[str, Any]:
+    """Train, check and write an artifact under ``out_dir/<version>``; returns its metadata."""
+    t0 = time.monotonic()
+    ds = build_dataset(events, config.features, progress)
+    split = split_by_time(ds.times, config.valid_frac, config.test_frac)
+    for name, idx in split.items():
+        if len(idx) == 0 or ds.y[idx].sum() == 0:
+            raise TrainingError(f"the {name} window has no fraud labels: a longer history, "
+                                "or other --valid-frac / --test-frac, is needed")
+    tr, va, te = split["train"], split["valid"], split["test"]
+
+    models: dict[str, Any] = {}
+    onnx_models: dict[str, bytes] = {}
+    valid_scores: dict[str, np.ndarray] = {}
+    test_scores: dict[str, np.ndarray] = {}
+    for name in MODELS:
+        models[name] = _fit(name, ds.X[tr], ds.y[tr], config)
+        onnx_models[name] = to_onnx(name, models[name], ds.X.shape[1])
+        native = models[name].predict_proba(ds.X[te])[:, 1]
+        test_scores[name] = onnx_scores(onnx_models[name], ds.X[te])
+        gap = float(np.max(np.abs(native - test_scores[name])))
+        if not gap <= ONNX_TOLERANCE:
+            raise TrainingError(f"{name}: ONNX Runtime differs from the native model by "
+                                f"{gap:.2e} (> {ONNX_TOLERANCE}); artifact not written")
+        valid_scores[name] = onnx_scores(onnx_models[name], ds.X[va])
+
+    # Ensemble: w * trees + (1 - w) * linear, w with the best validation average precision.
+    from sklearn.metrics import average_precision_score
+
+    grid = np.linspace(0.0, 1.0, 21)
+    aps = [average_precision_score(ds.y[va], w * valid_scores["lightgbm"]
+                                   + (1 - w) * valid_scores["logistic"]) for w in grid]
+    w = float(grid[int(np.argmax(aps))])
+    weights = {"lightgbm": w, "logistic": 1.0 - w}
+
+    def ensemble(scores: dict[str, np.ndarray]) -> np.ndarray:
+        return sum(weights[n] * scores[n] for n in MODELS)
+
+    thresholds = _thresholds(ensemble(valid_scores), ds.y[va].astype(bool), config)
+    rules = np.array([s.score for s in rules_scorer.score_batch(
+        [ds.txns[i] for i in te], [ds.vectors[i] for i in te])])
+    cards = [ds.cards[i] for i in te]
+    metrics = {
+        "rules": summary(cards, ds.times[te], ds.y[te], rules),
+        **{n: summary(cards, ds.times[te], ds.y[te], test_scores[n]) for n in MODELS},
+        "ensemble": summary(cards, ds.times[te], ds.y[te], ensemble(test_scores)),
+    }
+
+    created = datetime.now(tz=UTC)
+    version = f"v{created:%Y%m%d-%H%M%S}-{data_hash[:8]}"
+    target = out_dir / version
+    target.mkdir(parents=True, exist_ok=False)
+    for name, data in onnx_models.items():
+        (target / f"{name}.onnx").write_bytes(data)
+    meta = {
+        "version": version,
+        "created_at": created.isoformat(),
+        "feature_version": FEATURE_VERSION,
+        "feature_names": list(FEATURE_NAMES),
+        "models": [{"name": n, "file": f"{n}.onnx", "weight": weights[n], "input": "x",
+                    "output": "probabilities[:, 1]",
+                    "sha256": hashlib.sha256(onnx_models[n]).hexdigest()} for n in MODELS],
+        "thresholds": thresholds,
+        "windows": {name: {"from": _iso(int(ds.times[idx].min())),
+                           "to": _iso(int(ds.times[idx].max())), "transactions": len(idx),
+                           "fraud": int(ds.y[idx].sum())}
+                    for name, idx in split.items()},
+        "data": {"sha256": data_hash, "transactions": len(ds.txns),
+                 "labels": ds.stats.labels, "fraud_rate": float(ds.y.mean())},
+        "config": {k: v for k, v in asdict(config).items() if k != "features"}
+        | {"allowed_lateness_ms": config.features.allowed_lateness_ms,
+           "label_delay_ms": config.features.label_delay_ms},
+        "libraries": _versions(),
+        "metrics": {"test": metrics},
+        "reference": {
+            "features": {n: _histogram(ds.X[tr][:, i]) for i, n in enumerate(FEATURE_NAMES)},
+            "score": _histogram(ensemble(valid_scores)),
+        },
+        "training_seconds": round(time.monotonic() - t0, 1),
+    }
+    (target / "metadata.json").write_text(json.dumps(meta, indent=2))
+    _report(target, meta, ds.y[te], {"rules": rules, **test_scores,
+                                     "ensemble": ensemble(test_scores)})
+    return meta
+
+
+def _report(target: Path, meta: dict[str, Any], y: np.ndarray,
+            scores: dict[str, np.ndarray]) -> None:
+    """report.md with the test-window metrics, a PR curve and a score histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, s in scores.items():
+        p, r, _ = precision_recall_curve(y, s)
+        ax.plot(r, p, label=name)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall, test window")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target / "pr_curve.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    s = scores["ensemble"]
+    bins = np.linspace(0, 1, 41)
+    ax.hist(s[y == 0], bins=bins, alpha=0.6, label="genuine", density=True)
+    ax.hist(s[y == 1], bins=bins, alpha=0.6, label="fraud", density=True)
+    for name, t in meta["thresholds"].items():
+        ax.axvline(t, linestyle="--", color="k")
+        ax.text(t, ax.get_ylim()[1] * 0.9, f" {name}", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("ensemble score")
+    ax.set_title("Score distribution, test window")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target / "score_hist.png", dpi=100)
+    plt.close(fig)
+
+    rows = [f"| {name} | {m['auc_roc']:.4f} | {m['average_precision']:.4f} | "
+            f"{m['card_precision_at_100']:.4f} |" for name, m in meta["metrics"]["test"].items()]
+    w = meta["windows"]
+    text = "\n".join([
+        f"# Model {meta['version']}",
+        "",
+        f"Features {meta['feature_version']} ({len(meta['feature_names'])}); data sha256 "
+        f"{meta['data']['sha256'][:16]}..., {meta['data']['transactions']} transactions, "
+        f"fraud rate {meta['data']['fraud_rate']:.3%}.",
+        "",
+        "| window | from | to | transactions | fraud |",
+        "|---|---|---|---|---|",
+        *(f"| {n} | {v['from']} | {v['to']} | {v['transactions']} | {v['fraud']} |"
+          for n, v in w.items()),
+        "",
+        "## Test window",
+        "",
+        "| scorer | AUC ROC | average precision | card precision @100/day |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "Ensemble weights: " + ", ".join(
+            f"{m['name']} {m['weight']:.2f}" for m in meta["models"]) + ".",
+        f"Thresholds: review at {meta['thresholds']['review']:.4f}, decline at "
+        f"{meta['thresholds']['decline']:.4f}.",
+        "",
+        "![precision-recall](pr_curve.png)",
+        "",
+        "![score histogram](score_hist.png)",
+        "",
+    ])
+    (target / "report.md").write_text(text)
+
+
+def data_sha256(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
