@@ -261,6 +261,12 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
                     "output": "probabilities[:, 1]",
                     "sha256": hashlib.sha256(onnx_models[n]).hexdigest()} for n in MODELS],
         "thresholds": thresholds,
+        # Reason codes: the linear model's terms coef * (x - mean) / scale, largest first.
+        "explain": {
+            "mean": models["logistic"][0].mean_.tolist(),
+            "scale": models["logistic"][0].scale_.tolist(),
+            "coef": models["logistic"][-1].coef_[0].tolist(),
+        },
         "windows": {name: {"from": _iso(int(ds.times[idx].min())),
                            "to": _iso(int(ds.times[idx].max())), "transactions": len(idx),
                            "fraud": int(ds.y[idx].sum())}

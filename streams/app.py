@@ -11,9 +11,11 @@ order). Faust keeps the group membership, partition assignment, the dedupe table
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,9 @@ from confluent_kafka.admin import AdminClient
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.codec import Codecs, make_registry
+from scorers.cascade import ModelStage
+from scorers.onnx_model import ArtifactError
+from scorers.registry import ACTIVE, SHADOW, Registry
 from scorers.rules import RuleSet, RulesScorer
 from state.engine import FeatureEngine, StateStore
 from state.features import FeatureConfig
@@ -97,6 +102,7 @@ class BatchStats:
         self.process_ms = self.commit_ms = self.features_ms = 0.0
         self.late = self.too_late = self.degraded = self.labels = self.unattributed = 0
         self.miskeyed = 0
+        self.fallbacks: Counter[str] = Counter()
 
     def add(self, size: int, result: Any, commit_ms: float) -> None:
         self.batches += 1
@@ -106,6 +112,7 @@ class BatchStats:
         self.features_ms += result.timings_ms.get("features", 0.0)
         self.commit_ms += commit_ms
         self.miskeyed += result.miskeyed
+        self.fallbacks.update(result.fallbacks)
         fb = result.features
         if fb is not None:
             self.late += fb.late
@@ -125,6 +132,8 @@ class BatchStats:
                 self.features_ms / n, self.commit_ms / n, self.dead, self.late,
                 self.too_late, self.degraded, self.labels, self.unattributed,
             )
+            if self.fallbacks:
+                log.warning("rules decided in place of the model: %s", dict(self.fallbacks))
             if self.miskeyed:
                 log.warning(
                     "%d transactions were not keyed by their card_id: a card's events may "
@@ -204,6 +213,10 @@ def build_worker(settings: Settings) -> Worker:
                       label_delay_ms=int(fs.label_delay_s * 1000)),
         feature_store,
     )
+    registry = Registry(settings.scoring.models_dir)
+    models = ModelStage()
+    watcher = ModelWatcher(registry, models)
+    watcher.check()
     pipeline = Pipeline(
         codecs,
         scorer,
@@ -215,10 +228,13 @@ def build_worker(settings: Settings) -> Worker:
         input_format=settings.codec.input_format,
         features=engine,
         log_features=fs.log,
+        models=models,
+        budget_ms=settings.scoring.budget_ms,
     )
     committer = BatchCommitter(state, sink, settings.topics.decisions, settings.topics.dlq,
                                features=feature_store, features_topic=settings.topics.features,
-                               by_card_topic=settings.topics.by_card)
+                               by_card_topic=settings.topics.by_card,
+                               shadow_topic=settings.topics.decisions_shadow)
     source, labels, by_card = (
         app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                   value_serializer="raw", partitions=partitions)
@@ -232,6 +248,7 @@ def build_worker(settings: Settings) -> Worker:
     forward_topic = settings.topics.transactions if w.repartition else None
 
     async def handle(batch: Sequence[tuple[Any, Sequence[Any]]]) -> None:
+        arrived = time.perf_counter()
         now_ms = int(time.time() * 1000)  # for records without a Kafka timestamp
         records: list[RawRecord] = []
         label_records: list[RawRecord] = []
@@ -257,7 +274,7 @@ def build_worker(settings: Settings) -> Worker:
             return
         if isinstance(feature_store, TableFeatureStore):
             feature_store.refresh()
-        result = pipeline.process(records, state.lookup, label_records)
+        result = pipeline.process(records, state.lookup, label_records, arrived=arrived)
         t0 = time.perf_counter()
         await committer.commit(result)
         stats.add(len(records), result, (time.perf_counter() - t0) * 1000.0)
@@ -277,6 +294,13 @@ def build_worker(settings: Settings) -> Worker:
             removed = await table_store.expire_idle(time.time() * 1000)
             if removed:
                 log.info("features: expired %d idle entity records", removed)
+
+    @app.timer(interval=settings.scoring.reload_interval_s)
+    async def reload_models() -> None:
+        """Pick up a promotion (or a new shadow) without a restart; loading runs off the
+        event loop, and the swap happens between two batches."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, watcher.check)
 
     @app.timer(interval=w.dedupe_expiry_interval_s)
     async def expire_dedupe() -> None:
@@ -310,6 +334,38 @@ def build_worker(settings: Settings) -> Worker:
 
     return Worker(app=app, pipeline=pipeline, committer=committer, state=state, sink=sink,
                   features=feature_store)
+
+
+class ModelWatcher:
+    """Keeps :class:`ModelStage` on the registry's ACTIVE and SHADOW versions. A version
+    that cannot be served is refused (logged once) and the current model keeps serving."""
+
+    def __init__(self, registry: Registry, stage: ModelStage) -> None:
+        self.registry = registry
+        self.stage = stage
+        self._seen: dict[str, str | None] = {ACTIVE: None, SHADOW: None}
+
+    def check(self) -> None:
+        for pointer in (ACTIVE, SHADOW):
+            version = self.registry.pointer(pointer)
+            if version == self._seen[pointer]:
+                continue
+            self._seen[pointer] = version
+            attr = "active" if pointer == ACTIVE else "shadow"
+            if version is None:
+                setattr(self.stage, attr, None)
+                log.warning("models: no %s version: %s", pointer,
+                            "rules only" if pointer == ACTIVE else "no shadow")
+                continue
+            try:
+                model = self.registry.load(version)
+            except ArtifactError as exc:
+                current = getattr(self.stage, attr)
+                log.error("models: %s %s refused, %s keeps serving: %s", pointer, version,
+                          current.version if current else "nothing", exc)
+                continue
+            setattr(self.stage, attr, model)
+            log.warning("models: %s is now %s", pointer, version)
 
 
 def _owned(app: faust.App, settings: Settings) -> list[int]:

@@ -86,6 +86,12 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.model_cli import run
+
+    return run(args, settings)
+
+
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, default, _doc in describe():
         print(f"{name}={default}")
@@ -148,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_arguments(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("model", help="the model registry: list, promote, rollback, shadow")
+    from streams.model_cli import add_arguments as model_arguments
+
+    model_arguments(p)
+    p.set_defaults(func=_cmd_model)
 
     p = sub.add_parser("settings", help="list every setting and its default")
     p.set_defaults(func=_cmd_settings)

@@ -59,7 +59,8 @@ class Sink(Protocol):
 class BatchCommitter:
     def __init__(self, state: DedupeState, sink: Sink, decisions: str, dlq: str,
                  features: StateStore | None = None, features_topic: str = "features",
-                 by_card_topic: str = "transactions.by-card") -> None:
+                 by_card_topic: str = "transactions.by-card",
+                 shadow_topic: str = "decisions.shadow") -> None:
         self.state = state
         self.sink = sink
         self.decisions_topic = decisions
@@ -67,6 +68,7 @@ class BatchCommitter:
         self.features = features
         self.features_topic = features_topic
         self.by_card_topic = by_card_topic
+        self.shadow_topic = shadow_topic
         #: Feature records the store could not take (it was down).
         self.lost_feature_writes = 0
 
@@ -88,6 +90,8 @@ class BatchCommitter:
             batches.append((self.features_topic, result.feature_log))
         if result.forwards:
             batches.append((self.by_card_topic, result.forwards))
+        if result.shadow:
+            batches.append((self.shadow_topic, result.shadow))
         await self.sink.publish(batches)
 
 

@@ -17,15 +17,19 @@ that cannot be read goes to the dead letters like a transaction.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from schemas.codec import Codecs, DecodeError, decode_json
 from schemas.validate import ValidationError, mask_pans, validate_label, validate_transaction
-from scorers.base import Scorer
+from scorers.base import Score, Scorer
+from scorers.cascade import ModelStage
 from state.engine import FeatureBatch, FeatureEngine, LabelEvent, TxnEvent
 from state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
 
@@ -72,6 +76,10 @@ class BatchResult:
     forwards: list[tuple[bytes, bytes]] = field(default_factory=list)
     #: Valid transactions whose Kafka key is not their card_id.
     miskeyed: int = 0
+    #: (transaction_id, Decision record) of the shadow model, for decisions.shadow.
+    shadow: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: Events decided by the rules because the model stage could not, by cause.
+    fallbacks: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         features: FeatureEngine | None = None,
         log_features: bool = False,
+        models: ModelStage | None = None,
+        budget_ms: float = 50.0,
     ) -> None:
         self.codecs = codecs
         self.scorer = scorer
@@ -98,6 +108,8 @@ class Pipeline:
         self.clock = clock
         self.features = features
         self.log_features = log_features
+        self.models = models
+        self.budget_ms = budget_ms
         self._decode: Callable[[bytes], dict[str, Any]] = (
             codecs.transaction.decode if input_format == "avro" else decode_json
         )
@@ -106,7 +118,9 @@ class Pipeline:
         )
 
     def process(self, records: Sequence[RawRecord], lookup: Lookup,
-                labels: Sequence[RawRecord] = ()) -> BatchResult:
+                labels: Sequence[RawRecord] = (), arrived: float | None = None) -> BatchResult:
+        """Decide a batch. ``arrived``: when it reached the worker (``perf_counter``); the
+        model stage gets what is left of the budget from then."""
         t0 = time.perf_counter()
         out = BatchResult()
         now_ms = int(self.clock() * 1000)
@@ -152,39 +166,39 @@ class Pipeline:
         events = [txn for _, txn in fresh]
         scores = self.scorer.score_batch(events, vectors) if fresh else []
         t4 = time.perf_counter()
+        deadline = (arrived if arrived is not None else t0) + self.budget_ms / 1000.0
+        verdicts, shadow = self._cascade(scores, vectors, out, deadline)
+        t5 = time.perf_counter()
 
         timings = {
             "decode": (t1 - t0) * 1000.0,
             "dedupe": (t2 - t1) * 1000.0,
             "features": (t3 - t2) * 1000.0,
             "rules": (t4 - t3) * 1000.0,
+            "model": (t5 - t4) * 1000.0,
         }
         decided_at = int(self.clock() * 1000)
         encode = self.codecs.decision.encode
-        version = self.scorer.version
         fresh_bytes: list[bytes] = []
         flags = self._flags(out.features, len(fresh))
-        for i, ((rec, txn), score) in enumerate(zip(fresh, scores, strict=True)):
+        for i, ((rec, txn), verdict) in enumerate(zip(fresh, verdicts, strict=True)):
             timings_ms = dict(timings, total=(time.perf_counter() - t0) * 1000.0)
-            value = encode(
-                {
-                    "transaction_id": txn["transaction_id"],
-                    "card_id": txn["card_id"],
-                    "decision": str(score.outcome),
-                    "score": float(score.score),
-                    "reasons": [*score.reasons, *flags[i]],
-                    "model_version": version,
-                    "stage": "rules",
-                    "fallback": False,
-                    "timings_ms": timings_ms,
-                    "event_time": txn["event_time"],
-                    "source_timestamp": rec.timestamp_ms,
-                    "decided_at": decided_at,
-                }
-            )
+            common = {
+                "transaction_id": txn["transaction_id"],
+                "card_id": txn["card_id"],
+                "timings_ms": timings_ms,
+                "event_time": txn["event_time"],
+                "source_timestamp": rec.timestamp_ms,
+                "decided_at": decided_at,
+            }
+            value = encode({**common, **verdict,
+                            "reasons": [*verdict["reasons"], *flags[i]]})
             fresh_bytes.append(value)
             out.new_entries.append((rec.partition, dedupe_key(txn), value))
-            out.outcomes[str(score.outcome)] += 1
+            out.outcomes[verdict["decision"]] += 1
+            if shadow is not None:
+                out.shadow.append((txn["transaction_id"].encode(),
+                                   encode({**common, **shadow[i]})))
         if self.log_features and out.features is not None:
             out.feature_log = self._feature_log(fresh, out.features)
 
@@ -214,6 +228,61 @@ class Pipeline:
             max_future_ms=self.limits.max_future_ms,
             max_amount=self.limits.max_amount,
         )
+
+    def _cascade(self, scores: list[Score], vectors: Sequence[Any] | None, out: BatchResult,
+                 deadline: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """Decision fields per event: the model's where it scored in time, else the rules'
+        (fallback, with the cause among the reasons); guardrails floor the outcome."""
+        rules_version = self.scorer.version
+
+        def rules(score: Score, stage: str, cause: str | None) -> dict[str, Any]:
+            return {"decision": str(score.outcome), "score": float(score.score),
+                    "reasons": list(score.reasons) + ([f"fallback:{cause}"] if cause else []),
+                    "model_version": rules_version, "stage": stage,
+                    "fallback": cause is not None}
+
+        models = self.models
+        model = models.active if models is not None else None
+        if model is None or not scores:
+            return [rules(s, "rules", None) for s in scores], None
+        assert models is not None
+        degraded = vectors is None or (out.features is not None and out.features.degraded)
+        if degraded:
+            out.fallbacks["degraded"] += len(scores)
+            return [rules(s, "rules", "degraded") for s in scores], None
+        X = np.array([v.row for v in vectors], dtype=np.float32)  # type: ignore[union-attr]
+        p, reasons, cause = models.run(model, X, deadline)
+        if p is None or reasons is None:
+            assert cause is not None
+            out.fallbacks[cause] += len(scores)
+            stage = "rules" if cause == "deadline" else "model"
+            return [rules(s, stage, cause) for s in scores], None
+        verdicts = []
+        for s, value, why in zip(scores, p.tolist(), reasons, strict=True):
+            if not math.isfinite(value):
+                out.fallbacks["nan"] += 1
+                verdicts.append(rules(s, "model", "nan"))
+                continue
+            outcome = model.thresholds.outcome(value)
+            if s.hard and s.outcome.rank > outcome.rank:
+                outcome = s.outcome  # a guardrail is a floor
+            verdicts.append({"decision": str(outcome), "score": value,
+                             "reasons": [*(s.reasons if s.hard else []), *why],
+                             "model_version": model.version, "stage": "model",
+                             "fallback": False})
+        shadow_model = models.shadow
+        if shadow_model is None or time.perf_counter() >= deadline:
+            return verdicts, None
+        sp, sreasons, scause = models.run(shadow_model, X, deadline)
+        if sp is None or sreasons is None:
+            out.fallbacks[f"shadow_{scause}"] += len(scores)
+            return verdicts, None
+        shadow = [{"decision": str(shadow_model.thresholds.outcome(v)) if math.isfinite(v)
+                   else str(s.outcome), "score": v if math.isfinite(v) else float(s.score),
+                   "reasons": why, "model_version": shadow_model.version, "stage": "shadow",
+                   "fallback": not math.isfinite(v)}
+                  for s, v, why in zip(scores, sp.tolist(), sreasons, strict=True)]
+        return verdicts, shadow
 
     def forward(self, records: Sequence[RawRecord]) -> BatchResult:
         """Repartition mode: each readable transaction goes back out keyed by its card_id

@@ -158,9 +158,15 @@ class FeatureSettings:
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """The scoring cascade. Only rules exist so far."""
+    """The scoring cascade: rules, then the registry's active model within a budget."""
 
     rules_path: Path = Path(__file__).resolve().parent.parent / "scorers" / "rules" / "default.toml"
+    #: The model registry (fraudstream train writes there; ACTIVE / SHADOW pointers).
+    models_dir: Path = Path("models")
+    #: Time from a batch's arrival at the worker to its decisions; past it, the rules decide.
+    budget_ms: float = 50.0
+    #: How often the worker checks the registry's pointers (a promotion needs no restart).
+    reload_interval_s: float = 2.0
 
 
 @dataclass(frozen=True)

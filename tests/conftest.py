@@ -231,3 +231,36 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield _start
     for server in started:
         server.stop()
+
+
+def _events(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
+    from streams.generator import GeneratorConfig, generate_history
+
+    now = int(time.time() * 1000)
+    txns, labels = generate_history(
+        GeneratorConfig(seed=seed, n_cards=400, label_delay_days=0.5,
+                        label_delay_spread_days=0.2, id_prefix=f"c{seed}"),
+        now - int((days + 1) * 86_400_000), days, per_day)
+    pending = sorted(labels, key=lambda lab: lab["label_time"])
+    events, latest = [], 0
+    for t in txns:
+        latest = max(latest, t["event_time"])
+        while pending and pending[0]["label_time"] <= latest:
+            events.append(("label", pending.pop(0)))
+        events.append(("transaction", t))
+    return events
+
+
+@pytest.fixture(scope="session")
+def models_registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two trained versions (different seeds) in a model registry folder."""
+    from scorers import train as T
+    from scorers.registry import Registry
+    from scorers.rules import RuleSet, RulesScorer
+
+    root = tmp_path_factory.mktemp("models")
+    for seed in (5, 6):
+        T.train(_events(seed, 8.0, 2500), root, T.TrainConfig(trees=40, seed=seed),
+                f"{seed:02d}" * 32, RulesScorer(RuleSet.default()))
+        time.sleep(1.0)  # versions are named by the second
+    return Registry(root)

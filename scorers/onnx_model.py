@@ -1,0 +1,119 @@
+"""Serving a trained artifact (:mod:`scorers.train`): ONNX Runtime sessions, one call per
+model per micro-batch.
+
+:meth:`ModelScorer.load` refuses an artifact it cannot serve exactly as it was trained,
+with a :class:`ArtifactError` naming the problem: missing or altered files (sha256), a
+feature list or version that is not the worker's, ONNX that does not load, or a model
+that does not give one finite probability per row on a probe batch.
+
+Sessions are tuned for latency: one intra-op thread, sequential execution. Reason codes
+for a model decision are the features with the largest positive terms of the linear
+model (coef * standardized value), computed for the whole batch with numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scorers.base import Event, Features, Score, ScorerError, Thresholds
+from state.features import FEATURE_NAMES, FEATURE_VERSION
+
+REASONS = 3
+
+
+class ArtifactError(ScorerError):
+    """This artifact cannot be served; the message says why."""
+
+
+class ModelScorer:
+    def __init__(self, version: str, sessions: list[tuple[Any, float]], thresholds: Thresholds,
+                 explain: dict[str, list[float]]) -> None:
+        self.version = version
+        self.sessions = sessions
+        self.thresholds = thresholds
+        self._mean = np.asarray(explain["mean"], dtype=np.float64)
+        self._scale = np.asarray(explain["scale"], dtype=np.float64)
+        self._coef = np.asarray(explain["coef"], dtype=np.float64)
+        self._names = np.asarray(FEATURE_NAMES)
+
+    @classmethod
+    def load(cls, path: Path) -> ModelScorer:
+        import onnxruntime as ort
+
+        meta_path = path / "metadata.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: no readable metadata.json ({exc})") from None
+        version = meta.get("version", path.name)
+        if meta.get("feature_version") != FEATURE_VERSION or \
+                meta.get("feature_names") != list(FEATURE_NAMES):
+            raise ArtifactError(
+                f"{version}: trained on features {meta.get('feature_version')!r} "
+                f"({len(meta.get('feature_names') or [])} names), the worker computes "
+                f"{FEATURE_VERSION!r} ({len(FEATURE_NAMES)}): retrain it")
+        try:
+            thresholds = Thresholds(meta["thresholds"]["review"], meta["thresholds"]["decline"])
+            models = [(m["file"], float(m["weight"]), m["sha256"]) for m in meta["models"]]
+            explain = meta["explain"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{version}: metadata.json lacks or mangles {exc}") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        sessions = []
+        for file, weight, sha in models:
+            try:
+                data = (path / file).read_bytes()
+            except OSError as exc:
+                raise ArtifactError(f"{version}: model file {file}: {exc}") from None
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ArtifactError(f"{version}: {file} does not match its sha256 in metadata")
+            try:
+                sessions.append((ort.InferenceSession(data, opts,
+                                                      providers=["CPUExecutionProvider"]),
+                                 weight))
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise ArtifactError(f"{version}: {file} is not a loadable ONNX model: "
+                                    f"{exc}") from None
+        scorer = cls(version, sessions, thresholds, explain)
+        probe = scorer.predict(np.zeros((4, len(FEATURE_NAMES)), dtype=np.float32))
+        if probe.shape != (4,) or not np.all(np.isfinite(probe)):
+            raise ArtifactError(f"{version}: a probe batch gave {probe!r}, not 4 probabilities")
+        return scorer
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """The ensemble's fraud probability per row (NaN rows are the caller's to handle)."""
+        total = np.zeros(len(X), dtype=np.float64)
+        for session, weight in self.sessions:
+            total += weight * np.asarray(session.run(None, {"x": X})[1])[:, 1]
+        return total
+
+    def reasons(self, X: np.ndarray) -> list[list[str]]:
+        """Per row, the features whose linear terms push the score up most."""
+        terms = self._coef * (X.astype(np.float64) - self._mean) / np.where(
+            self._scale == 0, 1.0, self._scale)
+        top = np.argsort(-terms, axis=1)[:, :REASONS]
+        return [[str(self._names[j]) for j in row if terms[i, j] > 0]
+                for i, row in enumerate(top)]
+
+    def score_batch(self, events: Sequence[Event],
+                    features: Sequence[Features] | None = None) -> list[Score]:
+        if features is None or len(features) != len(events):
+            raise ScorerError("the model needs one feature vector per event")
+        X = np.array([f.row for f in features], dtype=np.float32)  # type: ignore[attr-defined]
+        p = self.predict(X)
+        reasons = self.reasons(X)
+        return [Score(float(s), self.thresholds.outcome(float(s)), r)
+                for s, r in zip(p.tolist(), reasons, strict=True)]
+
+    def learn_batch(self, features: Sequence[Features], labels: Sequence[int]) -> None:
+        """Trained offline: labels teach the online learners, not this model."""

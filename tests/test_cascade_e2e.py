@@ -1,0 +1,74 @@
+"""A running worker picks up a promotion and a shadow from the models_registry, with no restart,
+no gap and no duplicate decision."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+
+import pytest
+
+from scorers.registry import Registry
+from tests.conftest import consume_all, produce
+
+pytestmark = pytest.mark.e2e
+
+
+def txns(start: int, n: int) -> list[dict]:
+    now = int(time.time() * 1000)
+    base = {"customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 30.0,
+            "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR",
+            "lat": None, "lon": None, "device_id": None, "ip": None, "channel": "pos"}
+    return [{**base, "transaction_id": f"p-{i}", "card_id": f"card_p{i % 37}",
+             "event_time": now + i} for i in range(start, start + n)]
+
+
+def test_promotion_and_shadow_reach_a_running_worker(models_registry, stack_settings, start_worker,
+                                                     codecs, tmp_path):
+    root = tmp_path / "models"
+    for v in models_registry.versions():
+        shutil.copytree(models_registry.root / v, root / v)
+    reg = Registry(root)
+    first, second = reg.versions()
+    reg.promote(first)
+    settings = stack_settings.replace(scoring={"models_dir": root, "reload_interval_s": 0.3,
+                                               "budget_ms": 1000.0})
+    worker = start_worker(settings)
+
+    def send(batch: list[dict]) -> None:
+        produce(settings, settings.topics.transactions,
+                [(t["card_id"].encode(), codecs.transaction.encode(t)) for t in batch])
+
+    send(txns(0, 100))
+    out = consume_all(settings, settings.topics.decisions, 100, timeout_s=90, settle_s=0.5)
+    assert worker.running, worker.tail()
+    assert {codecs.decision.decode(m.value())["model_version"] for m in out} == {first}
+
+    # Promote while traffic flows: 12 chunks over ~3 s.
+    reg.promote(second)
+    for k in range(12):
+        send(txns(100 + 50 * k, 50))
+        time.sleep(0.25)
+    total = 100 + 12 * 50
+    out = consume_all(settings, settings.topics.decisions, total, timeout_s=90, settle_s=1.0)
+    assert worker.running, worker.tail()
+    ds = [codecs.decision.decode(m.value()) for m in out]
+    assert Counter(d["transaction_id"] for d in ds) == Counter(t["transaction_id"]
+                                                               for t in txns(0, total))
+    versions = [d["model_version"] for d in sorted(ds, key=lambda d: int(
+        d["transaction_id"].split("-")[1]))]
+    switch = versions.index(second)
+    assert set(versions[:switch]) == {first} and set(versions[switch:]) == {second}
+    assert not any(d["fallback"] for d in ds)
+
+    # A shadow: scored on live traffic, on its own topic; decisions do not change.
+    reg.shadow(first)
+    time.sleep(1.0)
+    send(txns(total, 40))
+    shadow = consume_all(settings, settings.topics.decisions_shadow, 40, timeout_s=60)
+    decided = consume_all(settings, settings.topics.decisions, total + 40, timeout_s=60)
+    assert {codecs.decision.decode(m.value())["model_version"] for m in shadow} == {first}
+    late = [codecs.decision.decode(m.value()) for m in decided]
+    assert {d["model_version"] for d in late
+            if int(d["transaction_id"].split("-")[1]) >= total} == {second}
