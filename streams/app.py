@@ -26,6 +26,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.codec import Codecs, make_registry
 from scorers.cascade import ModelStage
+from scorers.online import OnlineStage
 from scorers.onnx_model import ArtifactError
 from scorers.registry import ACTIVE, SHADOW, Registry
 from scorers.rules import RuleSet, RulesScorer
@@ -230,6 +231,8 @@ def build_worker(settings: Settings) -> Worker:
         log_features=fs.log,
         models=models,
         budget_ms=settings.scoring.budget_ms,
+        online=OnlineStage(feature_store, settings.scoring.online_max_weight)
+        if settings.scoring.online else None,
     )
     committer = BatchCommitter(state, sink, settings.topics.decisions, settings.topics.dlq,
                                features=feature_store, features_topic=settings.topics.features,
@@ -291,7 +294,8 @@ def build_worker(settings: Settings) -> Worker:
         async def expire_features() -> None:
             """Delete the records of cards, merchants, devices and IPs idle for 31 days
             (Redis expires them by TTL)."""
-            removed = await table_store.expire_idle(time.time() * 1000)
+            removed = await table_store.expire_idle(
+                time.time() * 1000, log_days=settings.scoring.feature_log_days)
             if removed:
                 log.info("features: expired %d idle entity records", removed)
 

@@ -52,19 +52,26 @@ class TableFeatureStore:
     async def flush(self) -> None:
         await self.state.flush()
 
-    async def expire_idle(self, now_ms: float, chunk: int = 5000) -> int:
-        """Delete feature records with no event in the last 31 days (with changelog
-        tombstones). Reads the local RocksDB partitions in chunks, yielding to the event
-        loop between them, so batches go on during a long scan."""
+    async def expire_idle(self, now_ms: float, chunk: int = 5000,
+                          log_days: float = 30.0) -> int:
+        """Delete feature records with no event in the last 31 days, and feature-log
+        entries of event days older than ``log_days`` (with changelog tombstones). Reads
+        the local RocksDB partitions in chunks, yielding to the event loop between them,
+        so batches go on during a long scan."""
         dbs = getattr(self.state.table.data, "_dbs", None)
         if not dbs:
             return 0
         before = now_ms - 31 * DAY_MS
+        log_before = b"f|%05d|" % int((now_ms - log_days * DAY_MS) // DAY_MS)
         decode = self.state.table.data._decode_value
         expired: list[tuple[int, bytes]] = []
         for partition, db in list(dbs.items()):
             seen = 0
             for key, value in db.items(from_key=b"c|"):
+                if key.startswith(b"f|"):
+                    if key < log_before:
+                        expired.append((partition, key))
+                    continue
                 if key[1:2] != b"|" or key[:1] not in b"cmdi":
                     continue
                 record = decode(value)

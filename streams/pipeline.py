@@ -30,7 +30,8 @@ from schemas.codec import Codecs, DecodeError, decode_json
 from schemas.validate import ValidationError, mask_pans, validate_label, validate_transaction
 from scorers.base import Score, Scorer
 from scorers.cascade import ModelStage
-from state.engine import FeatureBatch, FeatureEngine, LabelEvent, TxnEvent
+from scorers.online import OnlineStage
+from state.engine import FeatureBatch, FeatureEngine, LabelEvent, StateUnavailable, TxnEvent
 from state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
 
 #: (partition, [dedupe keys]) -> [stored decision bytes or None], aligned.
@@ -101,6 +102,7 @@ class Pipeline:
         log_features: bool = False,
         models: ModelStage | None = None,
         budget_ms: float = 50.0,
+        online: OnlineStage | None = None,
     ) -> None:
         self.codecs = codecs
         self.scorer = scorer
@@ -110,6 +112,7 @@ class Pipeline:
         self.log_features = log_features
         self.models = models
         self.budget_ms = budget_ms
+        self.online = online
         self._decode: Callable[[bytes], dict[str, Any]] = (
             codecs.transaction.decode if input_format == "avro" else decode_json
         )
@@ -162,12 +165,24 @@ class Pipeline:
             out.features = fb
             out.feature_writes = fb.writes
             vectors = fb.vectors
+        learners: dict[int, Any] = {}
+        if self.online is not None and not (out.features is not None and out.features.degraded):
+            try:
+                learners = self.online.learn(label_events, {r.partition for r, _ in fresh},
+                                             out.feature_writes)
+            except StateUnavailable:
+                out.fallbacks["online_unavailable"] += len(label_events)
+            if fresh and vectors is not None:
+                out.feature_writes.extend(self.online.log_entries(
+                    [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh],
+                    np.array([v.row for v in vectors], dtype=np.float32)))
         t3 = time.perf_counter()
         events = [txn for _, txn in fresh]
         scores = self.scorer.score_batch(events, vectors) if fresh else []
         t4 = time.perf_counter()
         deadline = (arrived if arrived is not None else t0) + self.budget_ms / 1000.0
-        verdicts, shadow = self._cascade(scores, vectors, out, deadline)
+        verdicts, shadow = self._cascade(scores, vectors, out, deadline, learners,
+                                         [r.partition for r, _ in fresh])
         t5 = time.perf_counter()
 
         timings = {
@@ -230,7 +245,8 @@ class Pipeline:
         )
 
     def _cascade(self, scores: list[Score], vectors: Sequence[Any] | None, out: BatchResult,
-                 deadline: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+                 deadline: float, learners: dict[int, Any], partitions: list[int],
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """Decision fields per event: the model's where it scored in time, else the rules'
         (fallback, with the cause among the reasons); guardrails floor the outcome."""
         rules_version = self.scorer.version
@@ -257,6 +273,8 @@ class Pipeline:
             out.fallbacks[cause] += len(scores)
             stage = "rules" if cause == "deadline" else "model"
             return [rules(s, stage, cause) for s in scores], None
+        if learners and self.online is not None:
+            p = self.online.blend(learners, partitions, X, p)
         verdicts = []
         for s, value, why in zip(scores, p.tolist(), reasons, strict=True):
             if not math.isfinite(value):

@@ -167,6 +167,12 @@ class ScoringSettings:
     budget_ms: float = 50.0
     #: How often the worker checks the registry's pointers (a promotion needs no restart).
     reload_interval_s: float = 2.0
+    #: River online learners taught by labels, blended with the model as labels accrue.
+    online: bool = True
+    #: The online learners' weight in the blend once many labels arrived.
+    online_max_weight: float = 0.3
+    #: How long decided transactions' features are kept for their labels (feature log).
+    feature_log_days: float = 30.0
 
 
 @dataclass(frozen=True)

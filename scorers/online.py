@@ -1,0 +1,150 @@
+"""The online learner: River logistic regression on standardized features, taught by the
+labels as they arrive, one learner per source partition (its state follows the partition).
+
+Prediction for a micro-batch is one numpy expression over River's own scaler statistics
+and weights (exactly River's ``predict_proba_one``, about 30 µs an event cheaper); learning
+goes through River, one label at a time (labels are few). The learner enters the ensemble
+with a weight that grows with the labels it has seen: ``w = max_weight * n / (n + half)``.
+
+Before learning a label, the learner predicts it: the log loss and ROC AUC over those
+predictions (prequential) say how good it is on what arrived.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Sequence
+
+import numpy as np
+
+from state.engine import LabelEvent, StateStore
+from state.features import FEATURE_NAMES
+
+_NAMES = list(FEATURE_NAMES)
+
+
+class OnlineLearner:
+    def __init__(self, learning_rate: float = 0.05) -> None:
+        from river import linear_model, metrics, optim, preprocessing
+
+        self.model = preprocessing.StandardScaler() | linear_model.LogisticRegression(
+            optimizer=optim.SGD(learning_rate), l2=1e-4)
+        self.labels = 0
+        self.log_loss_sum = 0.0
+        self.auc = metrics.ROCAUC()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        scaler = self.model["StandardScaler"]
+        lr = self.model["LogisticRegression"]
+        mean = np.array([scaler.means.get(n, 0.0) for n in _NAMES])
+        var = np.array([scaler.vars.get(n, 0.0) for n in _NAMES])
+        w = np.array([lr.weights.get(n, 0.0) for n in _NAMES])
+        std = np.sqrt(np.where(var > 0, var, 1.0))
+        xs = np.where(var > 0, (X.astype(np.float64) - mean) / std, 0.0)
+        return 1.0 / (1.0 + np.exp(-(xs @ w + lr.intercept)))
+
+    def learn(self, X: np.ndarray, y: Sequence[bool]) -> None:
+        """Learn each label in turn, after predicting it (prequential quality)."""
+        for row, label in zip(X.tolist(), y, strict=True):
+            x = dict(zip(_NAMES, row, strict=True))
+            p = min(max(self.model.predict_proba_one(x).get(True, 0.5), 1e-7), 1 - 1e-7)
+            self.log_loss_sum += -math.log(p if label else 1 - p)
+            self.auc.update(bool(label), {True: p, False: 1 - p})
+            self.model.learn_one(x, bool(label))
+            self.labels += 1
+
+    def weight(self, max_weight: float = 0.3, half: int = 500) -> float:
+        return max_weight * self.labels / (self.labels + half)
+
+    def quality(self) -> dict[str, float]:
+        return {"labels": float(self.labels),
+                "log_loss": self.log_loss_sum / self.labels if self.labels else float("nan"),
+                "roc_auc": float(self.auc.get()) if self.labels else float("nan")}
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(data: bytes | None) -> OnlineLearner:
+        """The learner stored in the worker's own state table (never data from outside)."""
+        if not data:
+            return OnlineLearner()
+        learner = pickle.loads(data)  # noqa: S301 - written by this service only
+        if not isinstance(learner, OnlineLearner):
+            raise ValueError("not an online learner record")
+        return learner
+
+
+LEARNER_KEY = b"l|online"
+DAY_MS = 86_400_000
+
+
+def log_key(event_time: int, transaction_id: str) -> bytes:
+    """Feature-log key: ``f|<event day>|<transaction_id>`` (sorted by day, for expiry)."""
+    return b"f|%05d|%s" % (event_time // DAY_MS, transaction_id.encode())
+
+
+class OnlineStage:
+    """The feature log and the per-partition learners, in the feature state store.
+
+    Per batch: one read (the logged features of the batch's labels, and the learners of
+    its partitions), learning, then the writes (new feature-log entries, changed
+    learners) go out with the batch's other state records.
+    """
+
+    def __init__(self, store: StateStore, max_weight: float = 0.3, half: int = 500) -> None:
+        self.store = store
+        self.max_weight = max_weight
+        self.half = half
+        self.learned = 0
+        self.unjoined = 0
+
+    def learn(self, labels: Sequence[LabelEvent], partitions: set[int],
+              writes: list[tuple[int, bytes, bytes]]) -> dict[int, OnlineLearner]:
+        """Learners of ``partitions`` (and of the labels'), taught the labels whose
+        features were logged; changed learners are appended to ``writes``."""
+        parts = sorted(partitions | {lab.partition for lab in labels})
+        label_keys = [(lab.partition, log_key(lab.label["event_time"], lab.label["transaction_id"]))
+                      for lab in labels]
+        raw = self.store.read([(p, LEARNER_KEY) for p in parts] + label_keys)
+        learners = {}
+        for p, data in zip(parts, raw[:len(parts)], strict=True):
+            try:
+                learners[p] = OnlineLearner.loads(data)
+            except (ValueError, pickle.UnpicklingError, EOFError, AttributeError):
+                learners[p] = OnlineLearner()
+        taught: dict[int, tuple[list[np.ndarray], list[bool]]] = {}
+        for lab, logged in zip(labels, raw[len(parts):], strict=True):
+            if logged is None:
+                self.unjoined += 1
+                continue
+            xs, ys = taught.setdefault(lab.partition, ([], []))
+            xs.append(np.frombuffer(logged, dtype=np.float32))
+            ys.append(bool(lab.label["is_fraud"]))
+        for p, (xs, ys) in taught.items():
+            learners[p].learn(np.vstack(xs), ys)
+            writes.append((p, LEARNER_KEY, learners[p].dumps()))
+            self.learned += len(ys)
+        return learners
+
+    def blend(self, learners: dict[int, OnlineLearner], partitions: Sequence[int],
+              X: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Ensemble scores mixed with each event's partition learner, by its weight."""
+        out = scores.copy()
+        parts = np.asarray(partitions)
+        for p, learner in learners.items():
+            w = learner.weight(self.max_weight, self.half)
+            rows = np.flatnonzero(parts == p)
+            if w <= 0 or not len(rows):
+                continue
+            out[rows] = (1 - w) * scores[rows] + w * learner.predict(X[rows])
+        return out
+
+    @staticmethod
+    def log_entries(items: Sequence[tuple[int, int, str]], X: np.ndarray
+                    ) -> list[tuple[int, bytes, bytes]]:
+        """(partition, event_time, transaction_id) + their features -> feature-log writes."""
+        X32 = X.astype(np.float32)
+        return [(p, log_key(t, txn_id), X32[i].tobytes())
+                for i, (p, t, txn_id) in enumerate(items)]

@@ -1,0 +1,82 @@
+"""Online learning from delayed labels: the features logged at decision time meet their
+labels, the River learner learns, its predictions move the right way, its state is kept."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from schemas.codec import Codecs, make_registry
+from scorers.cascade import ModelStage
+from scorers.online import LEARNER_KEY, OnlineLearner, OnlineStage
+from scorers.rules import RuleSet, RulesScorer
+from state.engine import FeatureEngine, MemoryStore
+from state.features import FeatureConfig
+from streams.pipeline import Limits, Pipeline, RawRecord
+from streams.settings import TopicSettings
+
+LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)
+NOW = int(time.time() * 1000)
+
+
+def txn(i: int, amount: float) -> dict:
+    return {"transaction_id": f"o{i}", "event_time": NOW - 3_600_000 + i * 1000,
+            "card_id": f"card_o{i}", "customer_id": None, "merchant_id": "m1",
+            "terminal_id": None, "amount": amount, "currency": "EUR", "mcc": "5411",
+            "country": "FR", "card_country": "FR", "lat": None, "lon": None,
+            "device_id": None, "ip": None, "channel": "pos"}
+
+
+def test_labels_after_decisions_teach_the_learner(models_registry):
+    codecs = Codecs(make_registry("mock://online"), TopicSettings())
+    store = MemoryStore()
+    stage = ModelStage(active=models_registry.load(models_registry.versions()[0]))
+    online = OnlineStage(store, max_weight=0.3, half=50)
+    pipeline = Pipeline(codecs, RulesScorer(RuleSet.default()), LIMITS,
+                        features=FeatureEngine(FeatureConfig(), store), models=stage,
+                        budget_ms=5000.0, online=online)
+
+    def run(txns=(), labels=()):
+        recs = [RawRecord("transactions", 0, 1000 + int(t["transaction_id"][1:]), b"k",
+                          codecs.transaction.encode(t), NOW) for t in txns]
+        lrecs = [RawRecord("labels", 0, i, b"k", codecs.label.encode(lab), NOW)
+                 for i, lab in enumerate(labels)]
+        out = pipeline.process(recs, lambda p, keys: [None] * len(keys), lrecs)
+        store.write(out.feature_writes)  # as the committer does
+        return out
+
+    # 200 decisions: big amounts will turn out fraudulent, small ones genuine.
+    rng = np.random.default_rng(3)
+    amounts = np.where(rng.random(200) < 0.5, rng.uniform(500, 900, 200),
+                       rng.uniform(5, 40, 200))
+    decided = run([txn(i, float(a)) for i, a in enumerate(amounts)])
+    assert len(decided.decisions) == 200
+    assert (0, LEARNER_KEY) not in store.data  # nothing learned yet
+
+    labels = [{"transaction_id": f"o{i}", "card_id": f"card_o{i}", "merchant_id": "m1",
+               "is_fraud": bool(a > 100), "fraud_type": None, "source": "chargeback",
+               "event_time": NOW - 3_600_000 + i * 1000, "label_time": NOW}
+              for i, a in enumerate(amounts)]
+    labels.append({**labels[0], "transaction_id": "never-decided"})  # nothing to join
+    run(labels=labels)
+    assert online.learned == 200 and online.unjoined == 1
+
+    learner = OnlineLearner.loads(store.data[(0, LEARNER_KEY)])  # its state was stored
+    X = np.array([v.row for v in decided.features.vectors], dtype=np.float32)
+    assert np.allclose(OnlineLearner().predict(X), 0.5)  # before: no opinion
+    p = learner.predict(X)
+    fraud = amounts > 100
+    assert p[fraud].mean() > 0.8 and p[~fraud].mean() < 0.2  # the way the labels point
+    assert learner.labels == 200 and learner.weight(0.3, 50) == 0.3 * 200 / 250
+    quality = learner.quality()
+    assert quality["labels"] == 200 and quality["log_loss"] < 0.693  # better than a coin
+
+    # The blend now moves scores: the same kind of transaction, with and without it.
+    after = run([txn(500, 850.0), txn(501, 10.0)])
+    blended = [codecs.decision.decode(v)["score"] for _k, v in after.decisions]
+    Xa = np.array([v.row for v in after.features.vectors], dtype=np.float32)
+    model_only, q = stage.active.predict(Xa), learner.predict(Xa)
+    w = learner.weight(0.3, 50)
+    assert np.allclose(blended, (1 - w) * model_only + w * q)
+    assert q[0] > 0.8 > 0.2 > q[1] and blended[0] > model_only[0]
