@@ -175,6 +175,11 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--batch-max", type=int, default=500,
+                        help="FRAUDSTREAM_WORKER_BATCH_MAX of the worker")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="a model registry with an ACTIVE version (the full cascade); "
+                             "default: the rules alone")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="fraudstream-bench-"))
@@ -189,8 +194,11 @@ def main() -> int:
             kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
                    "partitions": args.partitions, "embedded": True},
             codec={"registry_url": reg.url},
-            worker={"app_id": f"bench-{uid}", "data_dir": workdir / "state"},
+            worker={"app_id": f"bench-{uid}", "data_dir": workdir / "state",
+                    "batch_max": args.batch_max},
+            scoring={"models_dir": args.models or workdir / "no-models"},
         )
+        result["models"] = str(args.models) if args.models else None
         ensure_topics(settings)
         codecs = Codecs(make_registry(reg.url), settings.topics)
         print(f"producing {args.events} generated transactions...", flush=True)
@@ -205,7 +213,7 @@ def main() -> int:
         finally:
             stop_process(bare)
 
-        print("worker (rules)...", flush=True)
+        print("worker...", flush=True)
         worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
                         workdir / "worker.log")
         try:
@@ -228,7 +236,8 @@ def main() -> int:
     result["worker_over_bare"] = w["rate"] / b["rate"]
     print()
     print(f"bare Faust consume      {b['rate']:>9,.0f} events/s")
-    print(f"worker (features, rules, dedupe)  {w['rate']:>9,.0f} events/s   "
+    what = "features, rules, model, online" if args.models else "features, rules"
+    print(f"worker ({what})  {w['rate']:>9,.0f} events/s   "
           f"({result['worker_over_bare']:.2f}x bare Faust)")
     for lt in result["latency"]:
         print(f"end-to-end latency at {lt['rate']:>7,.0f}/s ({lt['ratio']:.2f}x, "

@@ -42,7 +42,8 @@ class OnlineLearner:
         w = np.array([lr.weights.get(n, 0.0) for n in _NAMES])
         std = np.sqrt(np.where(var > 0, var, 1.0))
         xs = np.where(var > 0, (X.astype(np.float64) - mean) / std, 0.0)
-        return 1.0 / (1.0 + np.exp(-(xs @ w + lr.intercept)))
+        z = np.clip(xs @ w + lr.intercept, -500.0, 500.0)  # exp() of more overflows
+        return 1.0 / (1.0 + np.exp(-z))
 
     def learn(self, X: np.ndarray, y: Sequence[bool]) -> None:
         """Learn each label in turn, after predicting it (prequential quality)."""

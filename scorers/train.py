@@ -69,17 +69,22 @@ class Dataset:
     txns: list[Mapping[str, Any]]
     vectors: list[Any]
     stats: OfflineStats
+    #: (label_time, transaction_id, is_fraud) of every label, as they arrived.
+    labels: list[tuple[int, str, bool]] = field(default_factory=list)
 
 
 def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: FeatureConfig,
                   progress: Any = None) -> Dataset:
     """Features for every transaction; its target is the label the history ends with."""
     final: dict[str, bool] = {}
+    arrived: list[tuple[int, str, bool]] = []
 
     def watch() -> Iterable[tuple[str, Mapping[str, Any]]]:
         for kind, record in events:
             if kind == "label":
                 final[record["transaction_id"]] = bool(record["is_fraud"])
+                arrived.append((int(record["label_time"]), record["transaction_id"],
+                                bool(record["is_fraud"])))
             yield kind, record
 
     stats = OfflineStats()
@@ -94,7 +99,7 @@ def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: Featu
     X = np.array([v.row for v in vectors], dtype=np.float32)
     y = np.array([final.get(t["transaction_id"], False) for t in txns], dtype=np.int8)
     times = np.array([t["event_time"] for t in txns], dtype=np.int64)
-    return Dataset(X, y, times, [t["card_id"] for t in txns], txns, vectors, stats)
+    return Dataset(X, y, times, [t["card_id"] for t in txns], txns, vectors, stats, arrived)
 
 
 def split_by_time(times: np.ndarray, valid_frac: float, test_frac: float
@@ -276,6 +281,8 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         **{n: summary(cards, ds.times[te], ds.y[te], test_scores[n]) for n in MODELS},
         "ensemble": summary(cards, ds.times[te], ds.y[te], ensemble(test_scores)),
     }
+    with_online = _with_online(ds, te, ensemble(test_scores), config)
+    metrics["ensemble+online"] = summary(cards, ds.times[te], ds.y[te], with_online)
 
     created = datetime.now(tz=UTC)
     version = f"v{created:%Y%m%d-%H%M%S}-{data_hash[:8]}"
@@ -317,8 +324,40 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     }
     (target / "metadata.json").write_text(json.dumps(meta, indent=2))
     _report(target, meta, ds.y[te], {"rules": rules, **test_scores,
-                                     "ensemble": ensemble(test_scores)})
+                                     "ensemble": ensemble(test_scores),
+                                     "ensemble+online": with_online})
     return meta
+
+
+def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainConfig,
+                 max_weight: float = 0.3, half: int = 500) -> np.ndarray:
+    """The test window as the worker would live it with an online learner deployed at its
+    start: each transaction is scored by the ensemble blended with the learner as it is
+    then; each label teaches the learner once available (label_time + delay), if its
+    transaction was decided since the deployment (the feature log starts there)."""
+    from scorers.online import OnlineLearner
+
+    learner = OnlineLearner()
+    order = te[np.argsort(ds.times[te], kind="stable")]
+    position = {int(i): k for k, i in enumerate(te)}
+    logged: dict[str, int] = {}
+    delay = config.features.label_delay_ms
+    pending = sorted((t + delay, txn_id, fraud) for t, txn_id, fraud in ds.labels)
+    j = 0
+    out = scores.copy()
+    for i in order:
+        t = int(ds.times[i])
+        while j < len(pending) and pending[j][0] <= t:
+            _avail, txn_id, fraud = pending[j]
+            j += 1
+            if txn_id in logged:
+                learner.learn(ds.X[logged[txn_id]][None, :], [fraud])
+        w = learner.weight(max_weight, half)
+        k = position[int(i)]
+        if w > 0:
+            out[k] = (1 - w) * scores[k] + w * float(learner.predict(ds.X[i][None, :])[0])
+        logged[ds.txns[i]["transaction_id"]] = int(i)
+    return out
 
 
 def _report(target: Path, meta: dict[str, Any], y: np.ndarray,

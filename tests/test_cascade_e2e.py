@@ -72,3 +72,57 @@ def test_promotion_and_shadow_reach_a_running_worker(models_registry, stack_sett
     late = [codecs.decision.decode(m.value()) for m in decided]
     assert {d["model_version"] for d in late
             if int(d["transaction_id"].split("-")[1]) >= total} == {second}
+
+
+def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
+        models_registry, stack_settings, start_worker, codecs, redis_server, tmp_path):
+    import redis
+
+    from scorers.online import LEARNER_KEY, OnlineLearner
+
+    root = tmp_path / "models"
+    version = models_registry.versions()[0]
+    shutil.copytree(models_registry.root / version, root / version)
+    Registry(root).promote(version)
+    prefix = f"learn-{int(time.time() * 1000) % 1_000_000}"
+    settings = stack_settings.replace(
+        scoring={"models_dir": root, "budget_ms": 1000.0},
+        features={"backend": "redis", "redis_url": redis_server.url, "redis_prefix": prefix})
+    client = redis.Redis.from_url(redis_server.url)
+
+    def learned() -> int:
+        """Labels learned, over every partition's learner (read from Redis)."""
+        total = 0
+        for p in range(settings.kafka.partitions):
+            data = client.get(f"{prefix}:{p}:".encode() + LEARNER_KEY)
+            total += OnlineLearner.loads(data).labels if data else 0
+        return total
+
+    def label(t: dict, fraud: bool) -> tuple[bytes, bytes]:
+        return t["card_id"].encode(), codecs.label.encode({
+            "transaction_id": t["transaction_id"], "card_id": t["card_id"],
+            "merchant_id": t["merchant_id"], "is_fraud": fraud, "fraud_type": None,
+            "source": "chargeback", "event_time": t["event_time"],
+            "label_time": int(time.time() * 1000)})
+
+    def wait_learned(n: int) -> None:
+        deadline = time.monotonic() + 90
+        while learned() < n:
+            assert time.monotonic() < deadline, (learned(), worker.tail())
+            time.sleep(0.5)
+
+    batch = txns(0, 120)
+    worker = start_worker(settings)
+    produce(settings, settings.topics.transactions,
+            [(t["card_id"].encode(), codecs.transaction.encode(t)) for t in batch])
+    consume_all(settings, settings.topics.decisions, 120, timeout_s=90, settle_s=0.2)
+    produce(settings, settings.topics.labels, [label(t, i % 3 == 0)
+                                                for i, t in enumerate(batch[:60])])
+    wait_learned(60)
+    assert worker.stop() == 0, worker.tail()
+
+    worker = start_worker(settings)  # a restart: the learners are kept in the state store
+    produce(settings, settings.topics.labels, [label(t, i % 3 == 0)
+                                                for i, t in enumerate(batch[60:])])
+    wait_learned(120)
+    assert learned() == 120 and worker.running

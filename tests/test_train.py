@@ -63,7 +63,7 @@ def test_the_artifact_describes_itself_and_beats_the_rules(history, tmp_path):
     assert w["train"]["to"] < w["valid"]["from"] <= w["valid"]["to"] < w["test"]["from"]
     assert sum(v["transactions"] for v in w.values()) == stored["data"]["transactions"]
     test = stored["metrics"]["test"]
-    assert set(test) == {"rules", "lightgbm", "logistic", "ensemble"}
+    assert set(test) == {"rules", "lightgbm", "logistic", "ensemble", "ensemble+online"}
     assert test["ensemble"]["average_precision"] > test["rules"]["average_precision"]
     assert test["ensemble"]["auc_roc"] > 0.9
     assert "| ensemble |" in (target / "report.md").read_text()
