@@ -7,6 +7,7 @@ batches, wall time):
 - ``rules``: the rules scorer;
 - ``model``: the ONNX ensemble (one call per model per batch); ``reasons``: its codes;
 - ``online``: the online learner's blend (a learner taught 2,000 labels first);
+- ``model stage``: model and reasons as the pipeline calls them, in the model thread;
 - ``cascade``: all three, as the pipeline runs them (thread hand-off and deadline included).
 """
 
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             X = ds.X[idx]
             online.blend({0: learner}, [0] * len(idx), X, np.zeros(len(idx)))
 
+        def run_stage(idx: list[int]) -> None:
+            stage.run(model, ds.X[idx], time.perf_counter() + 1.0)
+
         def run_cascade(idx: list[int]) -> None:
             run_rules(idx)
             X = ds.X[idx]
@@ -109,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
         result[str(size)] = {name: _median_us(fn, batches, size) for name, fn in (
             ("rules", run_rules), ("model", run_model), ("reasons", run_reasons),
-            ("online", run_online), ("cascade", run_cascade))}
+            ("online", run_online), ("stage", run_stage), ("cascade", run_cascade))}
         r = result[str(size)]
         print(f"batch {size:>3}: rules {r['rules']:6.1f}  model {r['model']:6.1f}  reasons "
-              f"{r['reasons']:5.1f}  online {r['online']:6.1f}  cascade {r['cascade']:6.1f} "
+              f"{r['reasons']:5.1f}  online {r['online']:6.1f}  model stage (thread) "
+              f"{r['stage']:6.1f}  cascade {r['cascade']:6.1f} "
               "µs/event (wall)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"cascade-{time.strftime('%Y%m%d-%H%M%S')}.json"
