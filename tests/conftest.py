@@ -132,13 +132,15 @@ def produce(
 
 def consume_all(
     settings: Settings, topic: str, expected: int, timeout_s: float = 60.0,
-    settle_s: float = 1.0,
+    settle_s: float = 1.0, keys: set[bytes] | None = None,
 ) -> list[Any]:
-    """Every record of ``topic`` from the beginning: waits until ``expected`` arrived,
-    then ``settle_s`` more to catch extras (duplicates must be visible to the tests)."""
+    """Every record of ``topic`` from the beginning: waits until ``expected`` arrived
+    (with ``keys``: until every one of these keys arrived, however many repeats came
+    first), then ``settle_s`` more to catch extras (duplicates must be visible)."""
     consumer = Consumer(settings.kafka.consumer_config("tests-reader"))
     assign_all(consumer, [topic], OFFSET_BEGINNING)
     out: list[Any] = []
+    missing = set(keys) if keys is not None else set()
     deadline = time.monotonic() + timeout_s
     settle_until: float | None = None
     try:
@@ -146,7 +148,8 @@ def consume_all(
             for msg in consumer.consume(1000, 0.2):
                 if not msg.error():
                     out.append(msg)
-            if len(out) >= expected:
+                    missing.discard(msg.key())
+            if len(out) >= expected and not missing:
                 settle_until = settle_until or time.monotonic() + settle_s
                 if time.monotonic() >= settle_until:
                     break
