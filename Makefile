@@ -21,9 +21,9 @@ venv: $(BIN)/.installed  ## create .venv and install the project
 demo: venv  ## run broker, registry, worker and generator with a live summary (DURATION=60 to stop by itself)
 	$(BIN)/fraudstream demo --duration $(DURATION) --rate $(RATE)
 
-TEST_DEBS := kcat redis-server
+TEST_DEBS := kcat redis-server prometheus
 
-test-deps:  ## Debian packages the tests use (kcat, redis-server)
+test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus with promtool)
 	@missing=""; for p in $(TEST_DEBS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -35,6 +35,7 @@ from state.features import FeatureConfig
 from streams import batching, restore
 from streams.delivery import BatchCommitter, KafkaSink
 from streams.feature_store import TableFeatureStore
+from streams.metrics import WorkerMetrics
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import KafkaSettings, Settings
 from streams.table_state import FaustTableState
@@ -214,9 +215,16 @@ def build_worker(settings: Settings) -> Worker:
                       label_delay_ms=int(fs.label_delay_s * 1000)),
         feature_store,
     )
+    metrics = WorkerMetrics()
+    if w.metrics_port:
+        try:
+            metrics.serve(w.metrics_port)
+        except OSError as exc:
+            log.error("metrics: cannot serve on port %d (%s); running without /metrics",
+                      w.metrics_port, exc)
     registry = Registry(settings.scoring.models_dir)
     models = ModelStage()
-    watcher = ModelWatcher(registry, models)
+    watcher = ModelWatcher(registry, models, metrics)
     watcher.check()
     pipeline = Pipeline(
         codecs,
@@ -246,6 +254,17 @@ def build_worker(settings: Settings) -> Worker:
     )
     stats = BatchStats()
     labels_topic = settings.topics.labels
+    seen = {"learned": 0, "unjoined": 0}
+
+    def online_counts(online: OnlineStage | None) -> None:
+        """Learned / unjoined labels since the last batch, into their counter."""
+        if online is None:
+            return
+        for result in ("learned", "unjoined"):
+            now = getattr(online, result)
+            if now > seen[result]:
+                metrics.online_labels.labels(result).inc(now - seen[result])
+                seen[result] = now
     # Repartition mode: transactions are only re-keyed by card_id; decisions are taken on
     # the by-card topic, whose partitions hold each card's events and state.
     forward_topic = settings.topics.transactions if w.repartition else None
@@ -280,7 +299,21 @@ def build_worker(settings: Settings) -> Worker:
         result = pipeline.process(records, state.lookup, label_records, arrived=arrived)
         t0 = time.perf_counter()
         await committer.commit(result)
-        stats.add(len(records), result, (time.perf_counter() - t0) * 1000.0)
+        commit_s = time.perf_counter() - t0
+        stats.add(len(records), result, commit_s * 1000.0)
+        metrics.observe(result, len(records), len(label_records), commit_s)
+        lost, committer.lost_feature_writes = committer.lost_feature_writes, 0
+        if lost:
+            metrics.state_writes_lost.inc(lost)
+        online_counts(pipeline.online)
+        for tp, recs in batch:
+            try:
+                end = app.consumer.highwater(tp)
+            except Exception:  # not assigned any more (a rebalance): no reading
+                continue
+            if end is not None and recs:
+                metrics.lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, end - recs[-1].offset - 1))
 
     topics = {settings.topics.transactions, labels_topic}
     if w.repartition:
@@ -344,9 +377,11 @@ class ModelWatcher:
     """Keeps :class:`ModelStage` on the registry's ACTIVE and SHADOW versions. A version
     that cannot be served is refused (logged once) and the current model keeps serving."""
 
-    def __init__(self, registry: Registry, stage: ModelStage) -> None:
+    def __init__(self, registry: Registry, stage: ModelStage,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.registry = registry
         self.stage = stage
+        self.metrics = metrics
         self._seen: dict[str, str | None] = {ACTIVE: None, SHADOW: None}
 
     def check(self) -> None:
@@ -370,6 +405,9 @@ class ModelWatcher:
                 continue
             setattr(self.stage, attr, model)
             log.warning("models: %s is now %s", pointer, version)
+        if self.metrics is not None:
+            self.metrics.set_models(getattr(self.stage.active, "version", None),
+                                    getattr(self.stage.shadow, "version", None))
 
 
 def _owned(app: faust.App, settings: Settings) -> list[int]:

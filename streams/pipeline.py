@@ -81,6 +81,9 @@ class BatchResult:
     shadow: list[tuple[bytes, bytes]] = field(default_factory=list)
     #: Events decided by the rules because the model stage could not, by cause.
     fallbacks: Counter[str] = field(default_factory=Counter)
+    #: New decisions by (deciding stage, outcome), and their records' Kafka timestamps.
+    stage_outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    source_timestamps: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,8 @@ class Pipeline:
             fresh_bytes.append(value)
             out.new_entries.append((rec.partition, dedupe_key(txn), value))
             out.outcomes[verdict["decision"]] += 1
+            out.stage_outcomes[(verdict["stage"], verdict["decision"])] += 1
+            out.source_timestamps.append(rec.timestamp_ms)
             if shadow is not None:
                 out.shadow.append((txn["transaction_id"].encode(),
                                    encode({**common, **shadow[i]})))

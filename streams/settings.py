@@ -127,6 +127,8 @@ class WorkerSettings:
     #: The transactions topic is not keyed by card_id: re-key it through the by_card
     #: topic first, so that a card's events (and its state) stay in one partition.
     repartition: bool = False
+    #: Port of the worker's Prometheus /metrics (0: none). One per worker process.
+    metrics_port: int = 9464
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).
     rocksdb_block_cache_mb: int = 32
     rocksdb_write_buffer_mb: int = 16

@@ -54,7 +54,7 @@ def stack_settings(broker: EmbeddedBroker, registry: EmbeddedRegistry, tmp_path:
                "embedded": True},
         codec={"registry_url": registry.url},
         worker={"app_id": f"fraudstream-{uid}", "data_dir": tmp_path / "state",
-                "commit_interval_s": 0.5},
+                "commit_interval_s": 0.5, "metrics_port": 0},
     )
     ensure_topics(settings)
     return settings
