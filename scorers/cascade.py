@@ -22,16 +22,29 @@ from typing import Any
 
 import numpy as np
 
+from scorers.drift import DriftConfig, DriftMonitor
+
 log = logging.getLogger("fraudstream.cascade")
 
 
 class ModelStage:
-    def __init__(self, active: Any = None, shadow: Any = None) -> None:
+    def __init__(self, active: Any = None, shadow: Any = None,
+                 drift: DriftConfig | None = None) -> None:
         #: Swapped whole by the worker when the registry's pointers change.
         self.active = active
         self.shadow = shadow
+        self.drift_config = drift
+        self._drift: DriftMonitor | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._pending: Future[Any] | None = None
+
+    def drift_monitor(self, model: Any) -> DriftMonitor | None:
+        """The drift monitor of ``model`` (a new one when the active version changed)."""
+        if self.drift_config is None or getattr(model, "reference", None) is None:
+            return None
+        if self._drift is None or self._drift.version != model.version:
+            self._drift = DriftMonitor(model.version, model.reference, self.drift_config)
+        return self._drift
 
     def run(self, model: Any, X: np.ndarray, deadline: float
             ) -> tuple[np.ndarray | None, list[list[str]] | None, str | None]:

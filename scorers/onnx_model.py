@@ -33,8 +33,11 @@ class ArtifactError(ScorerError):
 
 class ModelScorer:
     def __init__(self, version: str, sessions: list[tuple[Any, float]], thresholds: Thresholds,
-                 explain: dict[str, list[float]]) -> None:
+                 explain: dict[str, list[float]], reference: dict[str, Any] | None = None
+                 ) -> None:
         self.version = version
+        #: Reference histograms of the features and the score (drift detection).
+        self.reference = reference
         self.sessions = sessions
         self.thresholds = thresholds
         self._mean = np.asarray(explain["mean"], dtype=np.float64)
@@ -84,7 +87,7 @@ class ModelScorer:
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"{version}: {file} is not a loadable ONNX model: "
                                     f"{exc}") from None
-        scorer = cls(version, sessions, thresholds, explain)
+        scorer = cls(version, sessions, thresholds, explain, meta.get("reference"))
         probe = scorer.predict(np.zeros((4, len(FEATURE_NAMES)), dtype=np.float32))
         if probe.shape != (4,) or not np.all(np.isfinite(probe)):
             raise ArtifactError(f"{version}: a probe batch gave {probe!r}, not 4 probabilities")

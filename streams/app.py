@@ -26,6 +26,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.codec import Codecs, make_registry
 from scorers.cascade import ModelStage
+from scorers.drift import DriftConfig
 from scorers.online import OnlineStage
 from scorers.onnx_model import ArtifactError
 from scorers.registry import ACTIVE, SHADOW, Registry
@@ -223,7 +224,9 @@ def build_worker(settings: Settings) -> Worker:
             log.error("metrics: cannot serve on port %d (%s); running without /metrics",
                       w.metrics_port, exc)
     registry = Registry(settings.scoring.models_dir)
-    models = ModelStage()
+    sc = settings.scoring
+    models = ModelStage(drift=DriftConfig(sc.drift_window, sc.drift_psi_threshold,
+                                          sc.drift_js_threshold))
     watcher = ModelWatcher(registry, models, metrics)
     watcher.check()
     pipeline = Pipeline(
@@ -245,7 +248,9 @@ def build_worker(settings: Settings) -> Worker:
     committer = BatchCommitter(state, sink, settings.topics.decisions, settings.topics.dlq,
                                features=feature_store, features_topic=settings.topics.features,
                                by_card_topic=settings.topics.by_card,
-                               shadow_topic=settings.topics.decisions_shadow)
+                               shadow_topic=settings.topics.decisions_shadow,
+                               drift_topic=settings.topics.drift,
+                               encode_drift=codecs.drift_event.encode)
     source, labels, by_card = (
         app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                   value_serializer="raw", partitions=partitions)
@@ -302,6 +307,9 @@ def build_worker(settings: Settings) -> Worker:
         commit_s = time.perf_counter() - t0
         stats.add(len(records), result, commit_s * 1000.0)
         metrics.observe(result, len(records), len(label_records), commit_s)
+        monitor = models._drift
+        if result.drift_events and monitor is not None:
+            metrics.set_drift(monitor.last, result.drift_events)
         lost, committer.lost_feature_writes = committer.lost_feature_writes, 0
         if lost:
             metrics.state_writes_lost.inc(lost)

@@ -60,7 +60,8 @@ class BatchCommitter:
     def __init__(self, state: DedupeState, sink: Sink, decisions: str, dlq: str,
                  features: StateStore | None = None, features_topic: str = "features",
                  by_card_topic: str = "transactions.by-card",
-                 shadow_topic: str = "decisions.shadow") -> None:
+                 shadow_topic: str = "decisions.shadow", drift_topic: str = "drift",
+                 encode_drift: Any = None) -> None:
         self.state = state
         self.sink = sink
         self.decisions_topic = decisions
@@ -69,6 +70,8 @@ class BatchCommitter:
         self.features_topic = features_topic
         self.by_card_topic = by_card_topic
         self.shadow_topic = shadow_topic
+        self.drift_topic = drift_topic
+        self.encode_drift = encode_drift
         #: Feature records the store could not take (it was down).
         self.lost_feature_writes = 0
 
@@ -92,6 +95,9 @@ class BatchCommitter:
             batches.append((self.by_card_topic, result.forwards))
         if result.shadow:
             batches.append((self.shadow_topic, result.shadow))
+        if result.drift_events and self.encode_drift is not None:
+            batches.append((self.drift_topic, [(e["feature"].encode(), self.encode_drift(e))
+                                               for e in result.drift_events]))
         await self.sink.publish(batches)
 
 

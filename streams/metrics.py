@@ -65,6 +65,12 @@ class WorkerMetrics:
         self.online_labels = Counter(
             "fraudstream_online_labels", "Labels the online learners learned from, or not.",
             ["result"], registry=r)
+        self.drift = Gauge(
+            "fraudstream_drift", "Drift statistic of the last closed window, per feature.",
+            ["feature", "statistic"], registry=r)
+        self.drift_events = Counter(
+            "fraudstream_drift_events", "Drift events published, by statistic and severity.",
+            ["statistic", "severity"], registry=r)
         self.online_quality = Gauge(
             "fraudstream_online_quality", "Prequential quality of the online learner.",
             ["partition", "metric"], registry=r)
@@ -103,6 +109,13 @@ class WorkerMetrics:
                 self.feature_flags.labels("too_late").inc(fb.too_late)
             if fb.degraded:
                 self.feature_flags.labels("degraded").inc(len(fb.vectors))
+
+    def set_drift(self, last: dict[tuple[str, str], float],
+                  events: list[dict[str, Any]]) -> None:
+        for (feature, stat), value in last.items():
+            self.drift.labels(feature, stat).set(value)
+        for e in events:
+            self.drift_events.labels(e["statistic"], e["severity"]).inc()
 
     def set_models(self, active: str | None, shadow: str | None) -> None:
         self.model.clear()

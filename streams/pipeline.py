@@ -84,6 +84,8 @@ class BatchResult:
     #: New decisions by (deciding stage, outcome), and their records' Kafka timestamps.
     stage_outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     source_timestamps: list[int] = field(default_factory=list)
+    #: Drift events of a window this batch closed, as dicts (schemas/drift_event.avsc).
+    drift_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,10 @@ class Pipeline:
             return [rules(s, stage, cause) for s in scores], None
         if learners and self.online is not None:
             p = self.online.blend(learners, partitions, X, p)
+        monitor = models.drift_monitor(model)
+        if monitor is not None:
+            finite = np.isfinite(p)
+            out.drift_events = monitor.observe(X[finite], p[finite], int(self.clock() * 1000))
         verdicts = []
         for s, value, why in zip(scores, p.tolist(), reasons, strict=True):
             if not math.isfinite(value):

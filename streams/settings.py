@@ -175,6 +175,10 @@ class ScoringSettings:
     online_max_weight: float = 0.3
     #: How long decided transactions' features are kept for their labels (feature log).
     feature_log_days: float = 30.0
+    #: Drift against the active model's reference: tumbling windows of this many events.
+    drift_window: int = 5000
+    drift_psi_threshold: float = 0.2
+    drift_js_threshold: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,49 @@
+"""Drift against the model's reference histograms: quiet on the training distribution,
+events naming the features that moved when the traffic changes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scorers import train as T
+from scorers.drift import DriftConfig, DriftMonitor, js_distance, psi
+from state.features import FEATURE_NAMES, FeatureConfig
+from tests.conftest import _events
+
+
+def test_psi_and_js_are_zero_for_equal_distributions_and_grow_with_shift():
+    p = np.array([0.25, 0.25, 0.25, 0.25])
+    assert psi(p, p) == 0.0 and js_distance(p, p) == 0.0
+    q = np.array([0.1, 0.2, 0.3, 0.4])
+    r = np.array([0.0, 0.0, 0.1, 0.9])
+    assert 0 < psi(p, q) < psi(p, r) and 0 < js_distance(p, q) < js_distance(p, r)
+
+
+def test_drift_events_name_the_moved_features(models_registry):
+    model = models_registry.load(models_registry.versions()[0])
+    ds = T.build_dataset(_events(5, 8.0, 2500), FeatureConfig())
+    # Traffic like the training window's (where the reference comes from), in random order.
+    train = T.split_by_time(ds.times, 0.2, 0.2)["train"]
+    X = ds.X[np.random.default_rng(0).permutation(train)[:4000]]
+    monitor = DriftMonitor(model.version, model.reference, DriftConfig(window=4000))
+    quiet = []
+    for i in range(0, 4000, 500):
+        quiet += monitor.observe(X[i:i + 500], model.predict(X[i:i + 500]), 1_000 + i)
+    moved = {e["feature"] for e in quiet if e["statistic"] == "psi"}
+    assert len(moved) <= 3, moved  # the same traffic: (almost) nothing drifts
+    assert monitor.last[("card_count_1h", "psi")] < 0.2
+
+    shifted = X[:4000].copy()
+    amount = [i for i, n in enumerate(FEATURE_NAMES) if n.startswith(("card_sum", "card_max",
+                                                                      "card_mean"))]
+    shifted[:, amount] *= 20.0  # amounts twenty times larger
+    events = []
+    for i in range(0, 4000, 500):
+        events += monitor.observe(shifted[i:i + 500], model.predict(shifted[i:i + 500]),
+                                  10_000 + i)
+    psi_events = {e["feature"]: e for e in events if e["statistic"] == "psi"}
+    assert {"card_sum_24h", "card_max_30d"} <= set(psi_events)
+    e = psi_events["card_sum_24h"]
+    assert e["severity"] == "critical" and e["value"] > 2 * e["threshold"]
+    assert e["model_version"] == model.version and e["window_count"] == 4000
+    assert "card_count_1h" not in psi_events  # counts did not move
