@@ -58,13 +58,17 @@ class DriftMonitor:
         #: (feature, statistic) -> value of the last closed window.
         self.last: dict[tuple[str, str], float] = {}
 
-    def observe(self, X: np.ndarray, scores: np.ndarray, now_ms: int) -> list[dict[str, Any]]:
-        """Count a batch; returns the drift events of a window it closed (if any)."""
+    def observe(self, X: np.ndarray, scores: np.ndarray | None,
+                now_ms: int) -> list[dict[str, Any]]:
+        """Count a batch (``scores`` None: the model did not score it, features only);
+        returns the drift events of a window it closed (if any)."""
         if not len(X):
             return []
         if self.window_start is None:
             self.window_start = now_ms
-        columns = [X[:, i].astype(np.float64) for i in range(X.shape[1])] + [scores]
+        columns = [X[:, i].astype(np.float64) for i in range(X.shape[1])]
+        if scores is not None:
+            columns.append(scores)
         for k, values in enumerate(columns):
             edges = self.edges[k]
             bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0,
@@ -72,9 +76,10 @@ class DriftMonitor:
             self.counts[k] += np.bincount(bins, minlength=len(edges) - 1)
         self.n += len(X)
         events = []
-        self.page_hinkley.update(float(np.mean(scores)))
-        if self.page_hinkley.drift_detected:
-            events.append(self._event("score", "page_hinkley", 1.0, 1.0, now_ms))
+        if scores is not None:
+            self.page_hinkley.update(float(np.mean(scores)))
+            if self.page_hinkley.drift_detected:
+                events.append(self._event("score", "page_hinkley", 1.0, 1.0, now_ms))
         if self.n >= self.config.window:
             events += self._close(now_ms)
         return events
@@ -82,6 +87,8 @@ class DriftMonitor:
     def _close(self, now_ms: int) -> list[dict[str, Any]]:
         events = []
         for name, expected, counts in zip(self.names, self.expected, self.counts, strict=True):
+            if not counts.sum():  # the score, when the model scored nothing this window
+                continue
             actual = counts / counts.sum()
             for stat, value, threshold in (
                     ("psi", psi(expected, actual), self.config.psi_threshold),

@@ -100,6 +100,8 @@ class OnlineStage:
         self.half = half
         self.learned = 0
         self.unjoined = 0
+        #: Partition -> prequential quality of its learner, after its last lesson.
+        self.quality: dict[int, dict[str, float]] = {}
 
     def learn(self, labels: Sequence[LabelEvent], partitions: set[int],
               writes: list[tuple[int, bytes, bytes]]) -> dict[int, OnlineLearner]:
@@ -127,6 +129,7 @@ class OnlineStage:
             learners[p].learn(np.vstack(xs), ys)
             writes.append((p, LEARNER_KEY, learners[p].dumps()))
             self.learned += len(ys)
+            self.quality[p] = learners[p].quality()
         return learners
 
     def blend(self, learners: dict[int, OnlineLearner], partitions: Sequence[int],

@@ -270,6 +270,10 @@ def build_worker(settings: Settings) -> Worker:
             if now > seen[result]:
                 metrics.online_labels.labels(result).inc(now - seen[result])
                 seen[result] = now
+        for partition, quality in online.quality.items():
+            for name, value in quality.items():
+                if value == value:  # not NaN
+                    metrics.online_quality.labels(str(partition), name).set(value)
     # Repartition mode: transactions are only re-keyed by card_id; decisions are taken on
     # the by-card topic, whose partitions hold each card's events and state.
     forward_topic = settings.topics.transactions if w.repartition else None

@@ -275,14 +275,16 @@ class Pipeline:
             return [rules(s, "rules", "degraded") for s in scores], None
         X = np.array([v.row for v in vectors], dtype=np.float32)  # type: ignore[union-attr]
         p, reasons, cause = models.run(model, X, deadline)
+        monitor = models.drift_monitor(model)
         if p is None or reasons is None:
             assert cause is not None
             out.fallbacks[cause] += len(scores)
             stage = "rules" if cause == "deadline" else "model"
+            if monitor is not None:  # the features drift whoever decided
+                out.drift_events = monitor.observe(X, None, int(self.clock() * 1000))
             return [rules(s, stage, cause) for s in scores], None
         if learners and self.online is not None:
             p = self.online.blend(learners, partitions, X, p)
-        monitor = models.drift_monitor(model)
         if monitor is not None:
             finite = np.isfinite(p)
             out.drift_events = monitor.observe(X[finite], p[finite], int(self.clock() * 1000))
