@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from river import drift
 
 from state.features import FEATURE_NAMES
 
@@ -43,8 +44,6 @@ def js_distance(p: np.ndarray, q: np.ndarray) -> float:
 
 class DriftMonitor:
     def __init__(self, version: str, reference: dict[str, Any], config: DriftConfig) -> None:
-        from river import drift
-
         self.version = version
         self.config = config
         self.names = [*FEATURE_NAMES, "score"]

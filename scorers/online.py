@@ -8,6 +8,9 @@ with a weight that grows with the labels it has seen: ``w = max_weight * n / (n 
 
 Before learning a label, the learner predicts it: the log loss and ROC AUC over those
 predictions (prequential) say how good it is on what arrived.
+
+River is imported with this module, not on the first label: importing it takes a second
+or more from a cold disk, which inside a micro-batch would blow the deadline.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pickle
 from collections.abc import Sequence
 
 import numpy as np
+from river import linear_model, metrics, optim, preprocessing
 
 from state.engine import LabelEvent, StateStore
 from state.features import FEATURE_NAMES
@@ -26,8 +30,6 @@ _NAMES = list(FEATURE_NAMES)
 
 class OnlineLearner:
     def __init__(self, learning_rate: float = 0.05) -> None:
-        from river import linear_model, metrics, optim, preprocessing
-
         self.model = preprocessing.StandardScaler() | linear_model.LogisticRegression(
             optimizer=optim.SGD(learning_rate), l2=1e-4)
         self.labels = 0
