@@ -33,6 +33,8 @@ class OnlineLearner:
         self.model = preprocessing.StandardScaler() | linear_model.LogisticRegression(
             optimizer=optim.SGD(learning_rate), l2=1e-4)
         self.labels = 0
+        #: The highest label offset learned (a label delivered again is not learned twice).
+        self.last_offset = -1
         self.log_loss_sum = 0.0
         self.auc = metrics.ROCAUC()
 
@@ -120,18 +122,25 @@ class OnlineStage:
             except (ValueError, pickle.UnpicklingError, EOFError, AttributeError):
                 learners[p] = OnlineLearner()
         taught: dict[int, tuple[list[np.ndarray], list[bool]]] = {}
+        last: dict[int, int] = {}
         for lab, logged in zip(labels, raw[len(parts):], strict=True):
+            if lab.offset <= learners[lab.partition].last_offset:
+                continue  # delivered again after a restart: learned already
+            last[lab.partition] = max(last.get(lab.partition, -1), lab.offset)
             if logged is None:
                 self.unjoined += 1
                 continue
             xs, ys = taught.setdefault(lab.partition, ([], []))
             xs.append(np.frombuffer(logged, dtype=np.float32))
             ys.append(bool(lab.label["is_fraud"]))
-        for p, (xs, ys) in taught.items():
-            learners[p].learn(np.vstack(xs), ys)
+        for p, offset in last.items():
+            if p in taught:
+                xs, ys = taught[p]
+                learners[p].learn(np.vstack(xs), ys)
+                self.learned += len(ys)
+                self.quality[p] = learners[p].quality()
+            learners[p].last_offset = offset
             writes.append((p, LEARNER_KEY, learners[p].dumps()))
-            self.learned += len(ys)
-            self.quality[p] = learners[p].quality()
         return learners
 
     def blend(self, learners: dict[int, OnlineLearner], partitions: Sequence[int],

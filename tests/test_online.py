@@ -61,6 +61,8 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
     labels.append({**labels[0], "transaction_id": "never-decided"})  # nothing to join
     run(labels=labels)
     assert online.learned == 200 and online.unjoined == 1
+    run(labels=labels)  # delivered again (a restart before the offsets were committed)
+    assert online.learned == 200 and online.unjoined == 1
 
     learner = OnlineLearner.loads(store.data[(0, LEARNER_KEY)])  # its state was stored
     X = np.array([v.row for v in decided.features.vectors], dtype=np.float32)
