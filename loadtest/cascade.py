@@ -30,7 +30,7 @@ from scorers.onnx_model import ModelScorer
 from scorers.rules import RuleSet, RulesScorer
 from state.engine import MemoryStore
 from state.features import FeatureConfig
-from streams.generator import DAY_MS, GeneratorConfig, generate_history
+from streams.generator import DAY_MS, GeneratorConfig, arrival_events, generate_history
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,14 +39,7 @@ def _events(days: float, per_day: int, seed: int) -> list[tuple[str, dict]]:
     start = int(time.time() * 1000) - int((days + 1) * DAY_MS)
     txns, labels = generate_history(GeneratorConfig(seed=seed, n_cards=2000, id_prefix="cb",
                                                     label_delay_days=1.0), start, days, per_day)
-    pending = sorted(labels, key=lambda lab: lab["label_time"])
-    events, latest = [], 0
-    for t in txns:
-        latest = max(latest, t["event_time"])
-        while pending and pending[0]["label_time"] <= latest:
-            events.append(("label", pending.pop(0)))
-        events.append(("transaction", t))
-    return events
+    return arrival_events(txns, labels)
 
 
 def _median_us(fn, batches: list, per: int) -> float:

@@ -29,6 +29,13 @@ _NO_FUTURE_CHECK = 2**62
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="CSV or Parquet of transactions (labels optional)")
     p.add_argument("--out", type=Path, required=True, help="output .csv or .parquet")
+    add_history_arguments(p)
+    p.add_argument("--batch", type=int, default=500, help="micro-batch size, as the worker's")
+
+
+def add_history_arguments(p: argparse.ArgumentParser) -> None:
+    """How a history file is read: the column mapping, tokenization, labels and order
+    (shared with ``fraudstream train``)."""
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
                    help="column for a field, e.g. --map card_id=cc_num (repeatable)")
     p.add_argument("--default", action="append", default=[], metavar="FIELD=VALUE",
@@ -36,11 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-key", default=None,
                    help="key for tokenizing card numbers found in the card column")
     p.add_argument("--label-delay-days", type=float, default=3.0,
-                   help="when the file has a label column but no label_time")
+                   help="when a label becomes known, if the file has no label_time column")
     p.add_argument("--keep-order", action="store_true",
                    help="rows are in arrival order (late events stay late); "
                         "default: sort by event time")
-    p.add_argument("--batch", type=int, default=500, help="micro-batch size, as the worker's")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -588,3 +588,19 @@ def generate_history(
         arrivals.append((t + delay, len(arrivals), txn))
     arrivals.sort(key=lambda a: (a[0], a[1]))
     return [a[2] for a in arrivals], gen.due_labels(end)
+
+
+def arrival_events(txns: list[dict[str, Any]], labels: list[dict[str, Any]]
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """One stream as the topics would carry it: transactions in arrival order, each label
+    once the stream reached its label_time (the rest at the end)."""
+    pending = sorted(labels, key=lambda lab: lab["label_time"])
+    out: list[tuple[str, dict[str, Any]]] = []
+    latest, j = 0, 0
+    for t in txns:
+        latest = max(latest, t["event_time"])
+        while j < len(pending) and pending[j]["label_time"] <= latest:
+            out.append(("label", pending[j]))
+            j += 1
+        out.append(("transaction", t))
+    return out + [("label", lab) for lab in pending[j:]]

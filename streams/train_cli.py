@@ -16,23 +16,14 @@ from scorers.rules import RuleSet, RulesScorer
 from scorers.train import TrainConfig, TrainingError, data_sha256, train
 from state.features import FeatureConfig
 from streams.csv_source import ColumnMapping, CsvMappingError, read_csv_events
-from streams.features_cli import checked_events
+from streams.features_cli import add_history_arguments, checked_events
 from streams.settings import Settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="CSV or Parquet of transactions with labels")
     p.add_argument("--out", type=Path, default=Path("models"), help="model registry folder")
-    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
-                   help="column for a field, e.g. --map label=is_fraud (repeatable)")
-    p.add_argument("--default", action="append", default=[], metavar="FIELD=VALUE",
-                   help="value for a field the file lacks, e.g. --default currency=USD")
-    p.add_argument("--token-key", default=None,
-                   help="key for tokenizing card numbers found in the card column")
-    p.add_argument("--label-delay-days", type=float, default=3.0,
-                   help="when a label becomes known, if the file has no label_time column")
-    p.add_argument("--keep-order", action="store_true",
-                   help="rows are in arrival order (default: sort by event time)")
+    add_history_arguments(p)
     p.add_argument("--valid-frac", type=float, default=0.2,
                    help="share of the event-time span for validation (after training)")
     p.add_argument("--test-frac", type=float, default=0.2,

@@ -237,21 +237,14 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 def _events(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
-    from streams.generator import GeneratorConfig, generate_history
+    from streams.generator import GeneratorConfig, arrival_events, generate_history
 
     now = int(time.time() * 1000)
     txns, labels = generate_history(
         GeneratorConfig(seed=seed, n_cards=400, label_delay_days=0.5,
                         label_delay_spread_days=0.2, id_prefix=f"c{seed}"),
         now - int((days + 1) * 86_400_000), days, per_day)
-    pending = sorted(labels, key=lambda lab: lab["label_time"])
-    events, latest = [], 0
-    for t in txns:
-        latest = max(latest, t["event_time"])
-        while pending and pending[0]["label_time"] <= latest:
-            events.append(("label", pending.pop(0)))
-        events.append(("transaction", t))
-    return events
+    return arrival_events(txns, labels)
 
 
 @pytest.fixture(scope="session")

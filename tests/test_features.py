@@ -18,7 +18,7 @@ from state.features import (
     Vector,
 )
 from state.offline import offline_features
-from streams.generator import GeneratorConfig, generate_history
+from streams.generator import GeneratorConfig, arrival_events, generate_history
 
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % DAY_MS + 12 * HOUR_MS  # a Monday noon UTC
 
@@ -188,7 +188,7 @@ def test_records_round_trip_and_stay_small() -> None:
 def test_offline_features_do_not_depend_on_batch_size() -> None:
     txns, labels = generate_history(GeneratorConfig(seed=3, n_cards=200, id_prefix="o"),
                                     T0 - 2 * DAY_MS, 2.0, 3000, late_ratio=0.03)
-    events = arrival_order(txns, labels)
+    events = arrival_events(txns, labels)
     config = FeatureConfig(label_delay_ms=0)
     one = [v.row for _t, v in offline_features(events, config, batch_size=1)]
     big = [v.row for _t, v in offline_features(events, config, batch_size=700)]
@@ -198,20 +198,6 @@ def test_offline_features_do_not_depend_on_batch_size() -> None:
                    for x, y in zip(a, b, strict=True))
     fraud, late = FEATURE_NAMES.index("merchant_fraud_count_1d"), FEATURE_NAMES.index("event_late")
     assert any(r[fraud] for r in one) and any(r[late] for r in one)  # both were exercised
-
-
-def arrival_order(txns: list[dict[str, Any]], labels: list[dict[str, Any]]
-                  ) -> list[tuple[str, dict[str, Any]]]:
-    """Transactions as they arrived, each label once the stream reached its label_time."""
-    pending = sorted(labels, key=lambda lab: lab["label_time"])
-    out: list[tuple[str, dict[str, Any]]] = []
-    latest = 0
-    for t in txns:
-        latest = max(latest, t["event_time"])
-        while pending and pending[0]["label_time"] <= latest:
-            out.append(("label", pending.pop(0)))
-        out.append(("transaction", t))
-    return out + [("label", lab) for lab in pending]
 
 
 def test_feature_rules_read_the_vector() -> None:

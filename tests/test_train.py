@@ -14,7 +14,7 @@ import pytest
 from scorers import train as T
 from scorers.rules import RuleSet, RulesScorer
 from state.features import FEATURE_NAMES, FeatureConfig
-from streams.generator import GeneratorConfig, generate_history
+from streams.generator import GeneratorConfig, arrival_events, generate_history
 from streams.history import write_csv
 from tests.conftest import ROOT
 
@@ -26,14 +26,7 @@ def history() -> list[tuple[str, dict]]:
     txns, labels = generate_history(
         GeneratorConfig(seed=5, n_cards=400, label_delay_days=0.5, label_delay_spread_days=0.2,
                         id_prefix="tr"), START, 8.0, 2500)
-    pending = sorted(labels, key=lambda lab: lab["label_time"])
-    events, latest = [], 0
-    for t in txns:
-        latest = max(latest, t["event_time"])
-        while pending and pending[0]["label_time"] <= latest:
-            events.append(("label", pending.pop(0)))
-        events.append(("transaction", t))
-    return events + [("label", lab) for lab in pending]
+    return arrival_events(txns, labels)
 
 
 def test_onnx_reproduces_both_native_models(history):
