@@ -185,6 +185,10 @@ def test_two_workers_share_the_partitions_and_decide_everything_once(
     for i in range(2000, 6000, 500):  # traffic keeps coming while the group rebalances
         produce(stack_settings, stack_settings.topics.transactions, records[i:i + 500])
         time.sleep(0.5)
+    deadline = time.monotonic() + 60  # the second worker's share arrives with the rebalance
+    while "newly assigned partitions" not in second.log.read_text():
+        assert time.monotonic() < deadline and second.running, second.tail()
+        time.sleep(0.5)
     out = consume_all(stack_settings, stack_settings.topics.decisions, len(txns), settle_s=3,
                       timeout_s=120, keys={t["transaction_id"].encode() for t in txns})
     assert first.running and second.running, first.tail() + second.tail()
