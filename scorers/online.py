@@ -16,16 +16,17 @@ or more from a cold disk, which inside a micro-batch would blow the deadline.
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Sequence
 
 import numpy as np
-from river import linear_model, metrics, optim, preprocessing
+import orjson
+from river import linear_model, optim, preprocessing
 
 from state.engine import LabelEvent, StateStore
 from state.features import FEATURE_NAMES
 
 _NAMES = list(FEATURE_NAMES)
+_AUC_BINS = 20
 
 
 class OnlineLearner:
@@ -36,7 +37,9 @@ class OnlineLearner:
         #: The highest label offset learned (a label delivered again is not learned twice).
         self.last_offset = -1
         self.log_loss_sum = 0.0
-        self.auc = metrics.ROCAUC()
+        #: Prequential predictions counted in score bins, [genuine, fraud] per bin: the
+        #: ROC AUC comes from them (and they store as plain numbers).
+        self.auc_bins = [[0] * _AUC_BINS, [0] * _AUC_BINS]
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         scaler = self.model["StandardScaler"]
@@ -55,7 +58,7 @@ class OnlineLearner:
             x = dict(zip(_NAMES, row, strict=True))
             p = min(max(self.model.predict_proba_one(x).get(True, 0.5), 1e-7), 1 - 1e-7)
             self.log_loss_sum += -math.log(p if label else 1 - p)
-            self.auc.update(bool(label), {True: p, False: 1 - p})
+            self.auc_bins[bool(label)][min(int(p * _AUC_BINS), _AUC_BINS - 1)] += 1
             self.model.learn_one(x, bool(label))
             self.labels += 1
 
@@ -65,19 +68,52 @@ class OnlineLearner:
     def quality(self) -> dict[str, float]:
         return {"labels": float(self.labels),
                 "log_loss": self.log_loss_sum / self.labels if self.labels else float("nan"),
-                "roc_auc": float(self.auc.get()) if self.labels else float("nan")}
+                "roc_auc": self._auc()}
+
+    def _auc(self) -> float:
+        """Probability that a fraud scored above a genuine one (ties in a bin: half)."""
+        neg, pos = self.auc_bins
+        if not sum(neg) or not sum(pos):
+            return float("nan")
+        below = wins = 0.0
+        for n, f in zip(neg, pos, strict=True):
+            wins += f * (below + 0.5 * n)
+            below += n
+        return wins / (sum(neg) * sum(pos))
 
     def dumps(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        """The learner as JSON: River's scaler statistics and weights, and our counters.
+        Stored records come back from a changelog topic or a shared Redis, so they are
+        data, never pickles."""
+        scaler = self.model["StandardScaler"]
+        lr = self.model["LogisticRegression"]
+        return orjson.dumps({
+            "v": 1, "labels": self.labels, "last_offset": self.last_offset,
+            "log_loss_sum": self.log_loss_sum, "auc_bins": self.auc_bins,
+            "counts": dict(scaler.counts), "means": dict(scaler.means),
+            "vars": dict(scaler.vars), "weights": dict(lr._weights),
+            "intercept": lr.intercept, "iterations": lr.optimizer.n_iterations,
+        })
 
     @staticmethod
     def loads(data: bytes | None) -> OnlineLearner:
-        """The learner stored in the worker's own state table (never data from outside)."""
+        learner = OnlineLearner()
         if not data:
-            return OnlineLearner()
-        learner = pickle.loads(data)  # noqa: S301 - written by this service only
-        if not isinstance(learner, OnlineLearner):
-            raise ValueError("not an online learner record")
+            return learner
+        r = orjson.loads(data)
+        if not isinstance(r, dict) or r.get("v") != 1:
+            raise ValueError("not a version 1 online learner record")
+        scaler = learner.model["StandardScaler"]
+        lr = learner.model["LogisticRegression"]
+        learner.labels, learner.last_offset = int(r["labels"]), int(r["last_offset"])
+        learner.log_loss_sum, learner.auc_bins = float(r["log_loss_sum"]), r["auc_bins"]
+        scaler.counts.update({k: int(v) for k, v in r["counts"].items()})
+        scaler.means.update({k: float(v) for k, v in r["means"].items()})
+        scaler.vars.update({k: float(v) for k, v in r["vars"].items()})
+        for k, v in r["weights"].items():
+            lr._weights[k] = float(v)
+        lr.intercept = float(r["intercept"])
+        lr.optimizer.n_iterations = int(r["iterations"])
         return learner
 
 
@@ -119,7 +155,7 @@ class OnlineStage:
         for p, data in zip(parts, raw[:len(parts)], strict=True):
             try:
                 learners[p] = OnlineLearner.loads(data)
-            except (ValueError, pickle.UnpicklingError, EOFError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError):  # unreadable: afresh
                 learners[p] = OnlineLearner()
         taught: dict[int, tuple[list[np.ndarray], list[bool]]] = {}
         last: dict[int, int] = {}
