@@ -34,7 +34,8 @@ class ModelStage:
         self.active = active
         self.shadow = shadow
         self.drift_config = drift
-        self._drift: DriftMonitor | None = None
+        #: The monitor of the active version (its last window feeds the drift gauges).
+        self.drift: DriftMonitor | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._pending: Future[Any] | None = None
 
@@ -42,9 +43,9 @@ class ModelStage:
         """The drift monitor of ``model`` (a new one when the active version changed)."""
         if self.drift_config is None or getattr(model, "reference", None) is None:
             return None
-        if self._drift is None or self._drift.version != model.version:
-            self._drift = DriftMonitor(model.version, model.reference, self.drift_config)
-        return self._drift
+        if self.drift is None or self.drift.version != model.version:
+            self.drift = DriftMonitor(model.version, model.reference, self.drift_config)
+        return self.drift
 
     def run(self, model: Any, X: np.ndarray, deadline: float
             ) -> tuple[np.ndarray | None, list[list[str]] | None, str | None]:

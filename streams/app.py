@@ -336,7 +336,7 @@ def build_worker(settings: Settings) -> Worker:
         commit_s = time.perf_counter() - t0
         stats.add(len(records), result, commit_s * 1000.0)
         metrics.observe(result, len(records), len(label_records), commit_s)
-        monitor = models._drift
+        monitor = models.drift
         if result.drift_events and monitor is not None:
             metrics.set_drift(monitor.last, result.drift_events)
         lost, committer.lost_feature_writes = committer.lost_feature_writes, 0
