@@ -58,7 +58,9 @@ class ModelStage:
         future = self._pool.submit(_predict, model, X)
         self._pending = future
         try:
-            scores, reasons = future.result(timeout=remaining)
+            # an infinite deadline (a replay) waits as long as the model takes
+            scores, reasons = future.result(
+                timeout=remaining if remaining != float("inf") else None)
         except FutureTimeout:
             return None, None, "timeout"
         except Exception:  # any failure of the model is a fallback, never a crash

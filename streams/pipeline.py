@@ -86,6 +86,11 @@ class BatchResult:
     source_timestamps: list[int] = field(default_factory=list)
     #: Drift events of a window this batch closed, as dicts (schemas/drift_event.avsc).
     drift_events: list[dict[str, Any]] = field(default_factory=list)
+    #: The new transactions (record, transaction) and their decision fields, aligned; the
+    #: shadow's too when it scored (a replay reads them without decoding the records).
+    fresh: list[tuple[RawRecord, dict[str, Any]]] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    shadow_verdicts: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ class Pipeline:
         label_events: list[LabelEvent] = []
         for rec in labels:
             try:
-                label_events.append(LabelEvent(rec.partition, rec.offset, self._read_label(rec)))
+                label_events.append(LabelEvent(rec.partition, rec.offset, self.read_label(rec)))
             except (DecodeError, ValidationError) as exc:
                 self._reject(out, rec, exc, now_ms)
         t1 = time.perf_counter()
@@ -188,6 +193,7 @@ class Pipeline:
         deadline = (arrived if arrived is not None else t0) + self.budget_ms / 1000.0
         verdicts, shadow = self._cascade(scores, vectors, out, deadline, learners,
                                          [r.partition for r, _ in fresh])
+        out.fresh, out.verdicts, out.shadow_verdicts = fresh, verdicts, shadow
         t5 = time.perf_counter()
 
         timings = {
@@ -288,19 +294,7 @@ class Pipeline:
         if monitor is not None:
             finite = np.isfinite(p)
             out.drift_events = monitor.observe(X[finite], p[finite], int(self.clock() * 1000))
-        verdicts = []
-        for s, value, why in zip(scores, p.tolist(), reasons, strict=True):
-            if not math.isfinite(value):
-                out.fallbacks["nan"] += 1
-                verdicts.append(rules(s, "model", "nan"))
-                continue
-            outcome = model.thresholds.outcome(value)
-            if s.hard and s.outcome.rank > outcome.rank:
-                outcome = s.outcome  # a guardrail is a floor
-            verdicts.append({"decision": str(outcome), "score": value,
-                             "reasons": [*(s.reasons if s.hard else []), *why],
-                             "model_version": model.version, "stage": "model",
-                             "fallback": False})
+        verdicts = self._verdicts(model, scores, p, reasons, "model", out.fallbacks, rules)
         shadow_model = models.shadow
         if shadow_model is None or time.perf_counter() >= deadline:
             return verdicts, None
@@ -308,12 +302,37 @@ class Pipeline:
         if sp is None or sreasons is None:
             out.fallbacks[f"shadow_{scause}"] += len(scores)
             return verdicts, None
-        shadow = [{"decision": str(shadow_model.thresholds.outcome(v)) if math.isfinite(v)
-                   else str(s.outcome), "score": v if math.isfinite(v) else float(s.score),
-                   "reasons": why, "model_version": shadow_model.version, "stage": "shadow",
-                   "fallback": not math.isfinite(v)}
-                  for s, v, why in zip(scores, sp.tolist(), sreasons, strict=True)]
+        if learners and self.online is not None:
+            sp = self.online.blend(learners, partitions, X, sp)
+        shadow_fallbacks: Counter[str] = Counter()
+        shadow = self._verdicts(shadow_model, scores, sp, sreasons, "shadow", shadow_fallbacks,
+                                rules)
+        for cause, n in shadow_fallbacks.items():
+            out.fallbacks[f"shadow_{cause}"] += n
         return verdicts, shadow
+
+    @staticmethod
+    def _verdicts(model: Any, scores: list[Score], p: np.ndarray, reasons: list[list[str]],
+                  stage: str, fallbacks: Counter[str],
+                  rules: Callable[[Score, str, str | None], dict[str, Any]],
+                  ) -> list[dict[str, Any]]:
+        """``model``'s decisions: its thresholds, the rules' guardrails as a floor, the
+        rules' decision (fallback ``nan``) where its score is not finite. The shadow goes
+        through the same steps, so it shows what the version would decide if promoted."""
+        verdicts = []
+        for s, value, why in zip(scores, p.tolist(), reasons, strict=True):
+            if not math.isfinite(value):
+                fallbacks["nan"] += 1
+                verdicts.append(rules(s, stage, "nan"))
+                continue
+            outcome = model.thresholds.outcome(value)
+            if s.hard and s.outcome.rank > outcome.rank:
+                outcome = s.outcome  # a guardrail is a floor
+            verdicts.append({"decision": str(outcome), "score": value,
+                             "reasons": [*(s.reasons if s.hard else []), *why],
+                             "model_version": model.version, "stage": stage,
+                             "fallback": False})
+        return verdicts
 
     def forward(self, records: Sequence[RawRecord]) -> BatchResult:
         """Repartition mode: each readable transaction goes back out keyed by its card_id
@@ -354,7 +373,7 @@ class Pipeline:
             for (_rec, txn), v in zip(fresh, fb.vectors, strict=True)
         ]
 
-    def _read_label(self, rec: RawRecord) -> dict[str, Any]:
+    def read_label(self, rec: RawRecord) -> dict[str, Any]:
         return validate_label(self._decode_label(self._bytes(rec)))
 
     def _bytes(self, rec: RawRecord) -> bytes:
