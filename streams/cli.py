@@ -7,6 +7,7 @@
     fraudstream produce    send generated traffic, or a CSV file, to the topics
     fraudstream tail       print decoded records of a topic (decisions, dlq, ...)
     fraudstream demo       all of the above on embedded defaults, with a live summary
+    fraudstream replay     a range of transactions through a champion and a challenger
     fraudstream settings   list every setting (environment variable) and its default
 """
 
@@ -92,6 +93,12 @@ def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.replay_cli import run
+
+    return run(args, settings)
+
+
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, default, _doc in describe():
         print(f"{name}={default}")
@@ -160,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_arguments(p)
     p.set_defaults(func=_cmd_model)
+
+    p = sub.add_parser("replay", help="replay a range of transactions through a champion and "
+                                      "a challenger, with a diff report")
+    from streams.replay_cli import add_arguments as replay_arguments
+
+    replay_arguments(p)
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("settings", help="list every setting and its default")
     p.set_defaults(func=_cmd_settings)

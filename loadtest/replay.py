@@ -1,0 +1,172 @@
+"""``python -m loadtest.replay``: how fast ``fraudstream replay`` goes, and its memory.
+
+On one embedded broker and registry: ``--events`` generated transactions spread over
+``--days`` of event time (and their labels, at their label times) are produced to
+``transactions`` and ``labels``; two model versions are trained on another generated
+history (or ``--models`` names a registry with an ACTIVE version and ``--challenger``);
+then ``fraudstream replay --from 0`` runs as a process over the whole range and publishes
+the challenger's decisions. Reports its wall time, transaction records per second and
+peak RSS (``ru_maxrss`` of the replay process), and writes JSON to ``results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from schemas.codec import Codecs, make_registry
+from streams.broker import EmbeddedBroker
+from streams.generator import DAY_MS, GeneratorConfig, TrafficGenerator
+from streams.registry import EmbeddedRegistry
+from streams.settings import Settings, TopicSettings
+from streams.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def produce_history(settings: Settings, codecs: Codecs, n: int, days: float, cards: int,
+                    seed: int) -> int:
+    """``n`` transactions over ``days`` ending now, labels as they fall due; returns the
+    number of labels."""
+    gen = TrafficGenerator(GeneratorConfig(seed=seed, n_cards=cards,
+                                           id_prefix=f"rp{uuid.uuid4().hex[:6]}"))
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 20})
+    start = int(time.time() * 1000) - int(days * DAY_MS)
+    step = days * DAY_MS / n
+    labels = 0
+
+    def send(topic: str, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    for i in range(n):
+        now = start + int(i * step)
+        for lab in gen.due_labels(now):
+            send(settings.topics.labels, lab["card_id"].encode(), codecs.label.encode(lab))
+            labels += 1
+        txn = gen.next_transaction(now)
+        send(settings.topics.transactions, txn["card_id"].encode(),
+             codecs.transaction.encode(txn))
+        if i % 100_000 == 0:
+            print(f"  produced {i:,}", flush=True)
+    assert producer.flush(120) == 0
+    return labels
+
+
+def train_two(root: Path) -> tuple[str, str]:
+    from scorers import train as T
+    from scorers.registry import Registry
+    from scorers.rules import RuleSet, RulesScorer
+    from streams.generator import arrival_events, generate_history
+
+    for seed in (5, 6):
+        start = int(time.time() * 1000) - 9 * DAY_MS
+        txns, labels = generate_history(GeneratorConfig(seed=seed, n_cards=2000), start, 8.0,
+                                        4000)
+        T.train(arrival_events(txns, labels), root, T.TrainConfig(trees=100, seed=seed),
+                f"{seed:02d}" * 32, RulesScorer(RuleSet.default()))
+        time.sleep(1.0)  # versions are named by the second
+    reg = Registry(root)
+    first, second = reg.versions()[-2:]
+    reg.promote(first)
+    return first, second
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.replay",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--days", type=float, default=10.0)
+    p.add_argument("--cards", type=int, default=50_000)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--seed", type=int, default=9)
+    p.add_argument("--models", type=Path, default=None,
+                   help="a registry with an ACTIVE version (default: train two)")
+    p.add_argument("--challenger", default=None, help="with --models")
+    p.add_argument("--online", choices=("learn", "off"), default="learn")
+    p.add_argument("--results", type=Path, default=ROOT / "results")
+    args = p.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="fraudstream-replay-bench-"))
+    args.results.mkdir(parents=True, exist_ok=True)
+    result: dict = {"events": args.events, "days": args.days, "cards": args.cards,
+                    "partitions": args.partitions, "online": args.online,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.models is None:
+        print("training two model versions...", flush=True)
+        args.models = workdir / "models"
+        champion, challenger = train_two(args.models)
+    else:
+        from scorers.registry import ACTIVE, Registry
+
+        champion, challenger = Registry(args.models).pointer(ACTIVE), args.challenger
+        if champion is None or challenger is None:
+            p.error("--models needs an ACTIVE version and --challenger")
+    result |= {"champion": champion, "challenger": challenger}
+    with EmbeddedBroker(log_path=workdir / "broker.log") as broker, EmbeddedRegistry() as reg:
+        uid = uuid.uuid4().hex[:6]
+        settings = Settings(topics=TopicSettings(
+            **{k: f"{v}-{uid}" for k, v in vars(TopicSettings()).items()}
+        )).replace(
+            kafka={"bootstrap": broker.bootstrap, "partitions": args.partitions,
+                   "embedded": True},
+            codec={"registry_url": reg.url},
+            scoring={"models_dir": args.models},
+        )
+        ensure_topics(settings)
+        codecs = Codecs(make_registry(reg.url), settings.topics)
+        print(f"producing {args.events:,} transactions over {args.days} days...", flush=True)
+        t0 = time.monotonic()
+        result["labels"] = produce_history(settings, codecs, args.events, args.days,
+                                           args.cards, args.seed)
+        result["produce_s"] = time.monotonic() - t0
+
+        print("replaying...", flush=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+        env.update(settings.to_env())
+        out = workdir / "report"
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "streams.cli", "replay", "--from", "0", "--champion",
+             champion, "--challenger", challenger, "--online", args.online,
+             "--out", str(out)], cwd=ROOT, env=env)
+        wall = time.monotonic() - t0
+        # the replay is the only child waited for so far (the broker is still running)
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if proc.returncode != 0:
+            print(f"replay failed ({proc.returncode})", file=sys.stderr)
+            return 1
+    data = json.loads((out / "result.json").read_text())
+    result |= {"wall_s": wall, "replay_s": data["seconds"], "counts": data["counts"],
+               "records_per_s": data["records_per_s"], "peak_rss_mb": peak_mb,
+               "flipped": data["flipped"], "quality": data.get("quality"),
+               "report": str(out / "report.md")}
+    print()
+    print(f"replay of {data['counts']['read']:,} transactions ({result['labels']:,} labels, "
+          f"{args.partitions} partitions, online {args.online}):")
+    print(f"  {data['seconds']:.1f} s in the replay loop, {wall:.1f} s for the process "
+          f"(start, model loading, report): {data['records_per_s']:,.0f} records/s")
+    print(f"  peak RSS of the replay process: {peak_mb:,.0f} MB")
+    print(f"  report: {out / 'report.md'}")
+    path = args.results / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

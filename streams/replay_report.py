@@ -1,0 +1,221 @@
+"""The diff report of a replay: what would change if the challenger decided.
+
+Writes into one folder: ``report.md`` (with ``scores.png``), ``result.json`` (every number
+of the report), ``flips.csv`` (every transaction whose decision would change) and
+``decisions.csv`` (both sides' decision and score for every transaction). Transactions are
+named by transaction_id, never by card.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scorers.metrics import summary
+from streams.replay import OUTCOMES, ReplayResult
+
+TOP_FLIPS = 20
+
+
+def _rates(decisions: list[str]) -> dict[str, float]:
+    counts = Counter(decisions)
+    n = max(len(decisions), 1)
+    return {o: counts[o] / n for o in sorted(counts, key=_order)}
+
+
+def _order(outcome: str) -> int:
+    return OUTCOMES.index(outcome) if outcome in OUTCOMES else len(OUTCOMES)
+
+
+def analyse(result: ReplayResult) -> dict[str, Any]:
+    rows = result.rows
+    a = [r.champion for r in rows]
+    b = [r.challenger for r in rows]
+    outcomes = sorted(set(a) | set(b) | set(OUTCOMES), key=_order)
+    matrix = {x: {y: 0 for y in outcomes} for x in outcomes}
+    for x, y in zip(a, b, strict=True):
+        matrix[x][y] += 1
+    sa = np.array([r.champion_score for r in rows], dtype=np.float64)
+    sb = np.array([r.challenger_score for r in rows], dtype=np.float64)
+    quantiles = (0.5, 0.9, 0.99, 0.999)
+    out: dict[str, Any] = {
+        "replay_id": result.config.replay_id,
+        "champion": result.champion, "challenger": result.challenger,
+        "ranges": {str(p): {"first_offset": f, "end_offset": e}
+                   for p, (f, e) in result.ranges.items()},
+        "counts": {"read": result.read, "decided": len(rows),
+                   "duplicates": result.duplicates, "bad": sum(result.bad.values()),
+                   "bad_reasons": dict(result.bad), "warmup": result.warmup,
+                   "labels_fed": result.labels_fed, "bad_labels": result.bad_labels,
+                   "published": result.published},
+        "flip_matrix": matrix,
+        "flipped": sum(1 for x, y in zip(a, b, strict=True) if x != y),
+        "rates": {"champion": _rates(a), "challenger": _rates(b)},
+        "score_quantiles": {
+            side: {str(q): float(np.nanquantile(s, q)) if len(s) else math.nan
+                   for q in quantiles}
+            for side, s in (("champion", sa), ("challenger", sb))},
+        "fallbacks": dict(result.fallbacks),
+        "seconds": result.seconds,
+        "records_per_s": (result.read + result.warmup) / result.seconds
+        if result.seconds else math.nan,
+    }
+    labelled = [r.transaction_id in result.labels for r in rows]
+    if any(result.labels.get(r.transaction_id, False) for r in rows):
+        y = np.array([result.labels.get(r.transaction_id, False) for r in rows])
+        cards = [r.card for r in rows]
+        times = np.array([r.event_time for r in rows])
+        out["quality"] = {
+            "labelled": int(sum(labelled)), "frauds": int(y.sum()),
+            "champion": summary(cards, times, y, np.nan_to_num(sa, nan=0.0)),
+            "challenger": summary(cards, times, y, np.nan_to_num(sb, nan=0.0)),
+        }
+    return out
+
+
+def _plot(result: ReplayResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bins = np.linspace(0.0, 1.0, 51)
+    for side, label in (("champion_score", result.champion), ("challenger_score",
+                                                               result.challenger)):
+        s = np.array([getattr(r, side) for r in result.rows], dtype=np.float64)
+        ax.hist(s[np.isfinite(s)], bins=bins, histtype="step", linewidth=1.5,
+                label=f"{side.split('_')[0]} {label}")
+    ax.set_yscale("log")
+    ax.set_xlabel("score")
+    ax.set_ylabel("transactions")
+    ax.set_title(f"Score distributions, replay {result.config.replay_id}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _end(offset: int | None) -> str:
+    return "end of the partition" if offset is None else str(offset)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def write_report(result: ReplayResult, folder: Path) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = analyse(result)
+    (folder / "result.json").write_text(json.dumps(data, indent=2, default=float))
+    flips = sorted((r for r in result.rows if r.champion != r.challenger),
+                   key=lambda r: -abs(np.nan_to_num(r.challenger_score - r.champion_score)))
+    with (folder / "flips.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["transaction_id", "event_time", "partition", "champion", "champion_score",
+                    "challenger", "challenger_score", "label"])
+        for r in flips:
+            label = result.labels.get(r.transaction_id)
+            w.writerow([r.transaction_id, r.event_time, r.partition, r.champion,
+                        f"{r.champion_score:.6f}", r.challenger, f"{r.challenger_score:.6f}",
+                        "" if label is None else int(label)])
+    with (folder / "decisions.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["transaction_id", "event_time", "partition", "champion", "champion_score",
+                    "challenger", "challenger_score"])
+        w.writerows([r.transaction_id, r.event_time, r.partition, r.champion,
+                     repr(r.champion_score), r.challenger, repr(r.challenger_score)]
+                    for r in result.rows)
+    if result.rows:
+        _plot(result, folder / "scores.png")
+
+    c = data["counts"]
+    lines = [
+        f"# Replay {data['replay_id']}: champion {data['champion']}, "
+        f"challenger {data['challenger']}",
+        "",
+        "## Range",
+        "",
+        "| partition | first offset read | end offset |",
+        "|---|---|---|",
+        *(f"| {p} | {r['first_offset']} | {_end(r['end_offset'])} |"
+          for p, r in data["ranges"].items()),
+        "",
+        f"{c['read']:,} transaction records in the range: {c['decided']:,} decided, "
+        f"{c['duplicates']:,} repeats of a transaction already decided, {c['bad']:,} bad "
+        f"records skipped. Warm-up records (features only): {c['warmup']:,}. Labels fed to "
+        f"the features and learners: {c['labels_fed']:,} ({c['bad_labels']:,} unreadable). "
+        f"Challenger decisions published: {c['published']:,}.",
+        "",
+    ]
+    if c["bad_reasons"]:
+        lines += ["| bad record reason | records |", "|---|---|",
+                  *(f"| {k} | {v} |" for k, v in sorted(c["bad_reasons"].items())), ""]
+    outcomes = list(data["flip_matrix"])
+    lines += [
+        "## Decision flips",
+        "",
+        f"{data['flipped']:,} of {c['decided']:,} decisions change "
+        f"({_pct(data['flipped'] / max(c['decided'], 1))}). Rows: champion; columns: "
+        "challenger.",
+        "",
+        "| champion \\ challenger | " + " | ".join(outcomes) + " | total |",
+        "|---" * (len(outcomes) + 2) + "|",
+        *(f"| {x} | " + " | ".join(f"{data['flip_matrix'][x][y]:,}" for y in outcomes)
+          + f" | {sum(data['flip_matrix'][x].values()):,} |" for x in outcomes),
+        "",
+        "| rate | " + " | ".join(outcomes) + " |",
+        "|---" * (len(outcomes) + 1) + "|",
+        *(f"| {side} | " + " | ".join(_pct(data["rates"][side].get(o, 0.0)) for o in outcomes)
+          + " |" for side in ("champion", "challenger")),
+        "",
+        "## Scores",
+        "",
+        "![score distributions](scores.png)",
+        "",
+        "| quantile | champion | challenger |",
+        "|---|---|---|",
+        *(f"| {q} | {data['score_quantiles']['champion'][q]:.4f} | "
+          f"{data['score_quantiles']['challenger'][q]:.4f} |"
+          for q in data["score_quantiles"]["champion"]),
+        "",
+    ]
+    q = data.get("quality")
+    lines += ["## Quality on the labels", ""]
+    if q is None:
+        lines += ["No fraud label joined a transaction of the range: no quality measure.", ""]
+    else:
+        lines += [
+            f"{q['labelled']:,} transactions labelled, {q['frauds']:,} frauds; unlabelled "
+            "transactions count as genuine.",
+            "",
+            "| | AUC ROC | average precision | card precision at 100 per day |",
+            "|---|---|---|---|",
+            *(f"| {side} {data[side]} | {q[side]['auc_roc']:.4f} | "
+              f"{q[side]['average_precision']:.4f} | {q[side]['card_precision_at_100']:.4f} |"
+              for side in ("champion", "challenger")),
+            "",
+        ]
+    fb = data["fallbacks"]
+    lines += ["## Fallbacks", "",
+              ("No event fell back to the rules." if not fb else
+               "Events decided by the rules in place of a model (``shadow_`` = the "
+               "challenger): " + ", ".join(f"{k} {v:,}" for k, v in sorted(fb.items())) + "."),
+              "", f"## Most changed decisions (top {TOP_FLIPS} by score change; all in "
+              "flips.csv)", "",
+              "| transaction_id | champion | challenger | label |", "|---|---|---|---|"]
+    for r in flips[:TOP_FLIPS]:
+        label = result.labels.get(r.transaction_id)
+        lines.append(f"| {r.transaction_id} | {r.champion} ({r.champion_score:.3f}) | "
+                     f"{r.challenger} ({r.challenger_score:.3f}) | "
+                     f"{'' if label is None else ('fraud' if label else 'genuine')} |")
+    lines += ["", f"Replayed in {data['seconds']:.1f} s ({data['records_per_s']:,.0f} "
+              "transaction records/s, warm-up included).", ""]
+    (folder / "report.md").write_text("\n".join(lines))
+    return data

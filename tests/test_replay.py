@@ -1,0 +1,224 @@
+"""``fraudstream replay`` on the embedded broker: the champion's replayed decisions are the
+live worker's, the report adds up, and the live group and state are left as they were."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from scorers.registry import Registry
+from streams.generator import GeneratorConfig, arrival_events, generate_history
+from streams.replay import REPLAY_HEADER, Bound, ReplayConfig, ReplayError, run_replay
+from streams.replay_report import write_report
+from streams.settings import Settings, TopicSettings
+from streams.topics import ensure_topics
+from tests.conftest import ROOT, consume_all
+from tests.test_features_e2e import committed
+
+DAY_MS = 86_400_000
+
+
+def test_bounds_read_offsets_and_times():
+    assert Bound.parse("1200") == Bound("offset", 1200)
+    assert Bound.parse("@1795000000000") == Bound("time", 1795000000000)
+    assert Bound.parse("2026-11-22T10:00:00Z") == Bound("time", 1795341600000)
+    assert Bound.parse("2026-11-22T11:00:00+01:00") == Bound("time", 1795341600000)
+    for bad in ("yesterday", "2026-11-22T10:00:00", "-5"):
+        with pytest.raises(ReplayError):
+            Bound.parse(bad)
+
+
+def fresh_topics(settings: Settings, partitions: int, **changes) -> Settings:
+    uid = uuid.uuid4().hex[:8]
+    topics = TopicSettings(**{n: f"{v}-{uid}" for n, v in vars(TopicSettings()).items()})
+    out = Settings(topics=topics, kafka=settings.kafka, codec=settings.codec,
+                   worker=settings.worker, features=settings.features,
+                   scoring=settings.scoring).replace(
+        kafka={"partitions": partitions}, worker={"app_id": f"replay-{uid}"}, **changes)
+    ensure_topics(out)
+    return out
+
+
+def history(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
+    start = int(time.time() * 1000) - int((days + 0.5) * DAY_MS)
+    txns, labels = generate_history(
+        GeneratorConfig(seed=seed, n_cards=300, label_delay_days=0.3,
+                        label_delay_spread_days=0.1, id_prefix=f"r{uuid.uuid4().hex[:6]}"),
+        start, days, per_day)
+    return arrival_events(txns, labels)
+
+
+def produce_arrivals(settings: Settings, codecs, events: list[tuple[str, dict]],
+                     extra: list[tuple[bytes, bytes]] = ()) -> None:
+    """Transactions and labels in arrival order, through one producer; ``extra`` raw
+    records go to transactions after them."""
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 5})
+    for kind, rec in events:
+        topic, codec = ((settings.topics.transactions, codecs.transaction) if kind == "transaction"
+                        else (settings.topics.labels, codecs.label))
+        producer.produce(topic, key=rec["card_id"].encode(), value=codec.encode(rec))
+    for key, value in extra:
+        producer.produce(settings.topics.transactions, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
+def live_position(settings: Settings) -> dict[str, list[int]]:
+    """The live worker's committed offsets, and the end offsets of what it writes."""
+    consumer = Consumer(settings.kafka.consumer_config(settings.worker.app_id))
+    parts = range(settings.kafka.partitions)
+    try:
+        committed = consumer.committed(
+            [TopicPartition(t, p) for t in (settings.topics.transactions, settings.topics.labels)
+             for p in parts], timeout=10)
+        ends = {t: [consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+                    for p in parts]
+                for t in (settings.topics.decisions, settings.topics.dlq,
+                          f"{settings.worker.app_id}-state-changelog")}
+    finally:
+        consumer.close()
+    return {"committed": [tp.offset for tp in committed], **ends}
+
+
+def registry_with(models_registry, tmp_path: Path) -> tuple[Path, str, str]:
+    root = tmp_path / "models"
+    for v in models_registry.versions():
+        shutil.copytree(models_registry.root / v, root / v)
+    first, second = Registry(root).versions()
+    Registry(root).promote(first)
+    return root, first, second
+
+
+def test_replaying_the_champion_gives_the_live_decisions_and_leaves_the_live_alone(
+        models_registry, stack_settings, start_worker, codecs, tmp_path):
+    root, first, second = registry_with(models_registry, tmp_path)
+    # One partition: the replay reads it in the order the worker did. No deadline
+    # fallbacks (a large budget) and no online learner on either side.
+    settings = fresh_topics(stack_settings, 1,
+                            scoring={"models_dir": root, "budget_ms": 10_000.0, "online": False})
+    events = history(21, 1.5, 2000)
+    txns = [rec for kind, rec in events if kind == "transaction"]
+    bad = [(b"card_x", b"\x00not avro"), (b"card_y", b"")]
+    again = (txns[5]["card_id"].encode(), codecs.transaction.encode(txns[5]))
+    worker = start_worker(settings)
+    # Labels first, read by the worker before any transaction: which of two topics a
+    # worker fetches first is up to the broker, so live decisions near a label would
+    # otherwise depend on timing (the replay orders labels by their timestamps).
+    labels = [(k, r) for k, r in events if k == "label"]
+    produce_arrivals(settings, codecs, labels)
+    deadline = time.monotonic() + 90
+    while committed(settings, settings.topics.labels) < len(labels):
+        assert worker.running and time.monotonic() < deadline, worker.tail()
+        time.sleep(0.5)
+    produce_arrivals(settings, codecs, [(k, r) for k, r in events if k != "label"],
+                     [*bad, again])
+    live = consume_all(settings, settings.topics.decisions, len(txns) + 1, timeout_s=120)
+    assert worker.running, worker.tail()
+    assert worker.stop() == 0, worker.tail()
+    before = live_position(settings)
+
+    out = tmp_path / "report"
+    env = {"PATH": "/usr/bin:/bin", **settings.to_env()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "replay", "--from", "0", "--champion", first,
+         "--challenger", second, "--online", "off", "--replay-id", "r1", "--out", str(out),
+         "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report:" in proc.stdout
+
+    data = json.loads((out / "result.json").read_text())
+    c = data["counts"]
+    assert c == {**c, "read": len(txns) + 3, "decided": len(txns), "duplicates": 1, "bad": 2,
+                 "published": len(txns), "labels_fed": len(labels)}
+    assert sum(c["bad_reasons"].values()) == 2
+    assert sum(sum(row.values()) for row in data["flip_matrix"].values()) == len(txns)
+
+    # The champion's replayed decisions are the live ones, transaction by transaction.
+    live_by_id = {}
+    for m in live:
+        d = codecs.decision.decode(m.value())
+        live_by_id.setdefault(d["transaction_id"], d)
+    assert all(d["model_version"] == first and not d["fallback"] for d in live_by_id.values())
+    import csv
+
+    replayed = {}
+    with (out / "decisions.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            replayed[row["transaction_id"]] = row
+    assert replayed.keys() == live_by_id.keys()
+    mismatched = [tid for tid, row in replayed.items()
+                  if row["champion"] != live_by_id[tid]["decision"]
+                  or not math.isclose(float(row["champion_score"]), live_by_id[tid]["score"],
+                                      rel_tol=1e-5, abs_tol=1e-6)]
+    assert mismatched == []
+    assert {row["champion"] for row in replayed.values()} >= {"approve", "decline"}
+
+    # The challenger's decisions are on decisions.shadow, tagged; nothing live moved.
+    shadow = consume_all(settings, settings.topics.decisions_shadow, len(txns), timeout_s=60)
+    assert len(shadow) == len(txns)
+    assert {dict(m.headers())[REPLAY_HEADER] for m in shadow} == {b"r1"}
+    assert {codecs.decision.decode(m.value())["model_version"] for m in shadow} == {second}
+    assert live_position(settings) == before
+    report = (out / "report.md").read_text()
+    assert "## Decision flips" in report
+    written = report + (out / "flips.csv").read_text() + (out / "decisions.csv").read_text()
+    assert not any(t["card_id"] in written for t in txns[:200])
+
+
+def test_a_time_range_after_a_warm_up_adds_up_and_shows_the_challenger(
+        models_registry, stack_settings, codecs, tmp_path):
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = fresh_topics(stack_settings, 3, scoring={"models_dir": root})
+    events = history(22, 2.0, 1500)
+    cut = next(i for i, (kind, rec) in enumerate(events) if kind == "transaction"
+               and rec["event_time"] >= events[0][1]["event_time"] + DAY_MS)
+    produce_arrivals(settings, codecs, events[:cut])
+    time.sleep(0.05)
+    middle = int(time.time() * 1000)
+    time.sleep(0.05)
+    produce_arrivals(settings, codecs, events[cut:])
+    in_range = sum(1 for kind, _ in events[cut:] if kind == "transaction")
+    warm = sum(1 for kind, _ in events[:cut] if kind == "transaction")
+
+    result = run_replay(settings, ReplayConfig(
+        challenger=second, champion=first, start=Bound("time", middle),
+        warmup=Bound("offset", 0), publish=False))
+    data = write_report(result, tmp_path / "report")
+    c = data["counts"]
+    assert (c["read"], c["decided"], c["warmup"], c["bad"]) == (in_range, in_range, warm, 0)
+    matrix = data["flip_matrix"]
+    assert sum(sum(row.values()) for row in matrix.values()) == in_range
+    assert data["flipped"] == in_range - sum(matrix[o][o] for o in matrix) > 0
+    for side in ("champion", "challenger"):
+        assert math.isclose(sum(data["rates"][side].values()), 1.0)
+        q = data["quality"][side]
+        assert 0.5 < q["auc_roc"] <= 1.0 and 0.0 < q["average_precision"] <= 1.0
+    assert data["quality"]["frauds"] > 0
+    assert c["labels_fed"] > 0 and c["published"] == 0
+    assert (tmp_path / "report" / "scores.png").stat().st_size > 1000
+    flips = (tmp_path / "report" / "flips.csv").read_text().splitlines()
+    assert len(flips) == data["flipped"] + 1
+    # The same range without the warm-up starts from empty state: other features.
+    cold = run_replay(settings, ReplayConfig(
+        challenger=second, champion=first, start=Bound("time", middle), publish=False))
+    assert cold.read == in_range and cold.warmup == 0
+    assert [r.champion_score for r in cold.rows] != [r.champion_score for r in result.rows]
+
+
+def test_a_replay_refuses_to_write_to_the_live_decisions(models_registry, stack_settings,
+                                                        tmp_path):
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = stack_settings.replace(scoring={"models_dir": root})
+    with pytest.raises(ReplayError, match="never writes"):
+        run_replay(settings, ReplayConfig(challenger=second, start=Bound("offset", 0),
+                                          topic=settings.topics.decisions))
+    with pytest.raises(ReplayError, match="no version"):
+        run_replay(settings, ReplayConfig(challenger="nope", start=Bound("offset", 0)))
