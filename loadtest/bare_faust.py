@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--app-id", required=True)
+    parser.add_argument("--data-dir", default=None,
+                        help="Faust's data directory (default: <app-id>-data in the cwd)")
     args = parser.parse_args()
     settings = Settings.from_env()
     _set_fetch_max_wait(settings.kafka.fetch_max_wait_ms)
@@ -33,6 +35,7 @@ def main() -> None:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         topic_partitions=settings.kafka.partitions,
+        **({"datadir": args.data_dir} if args.data_dir else {}),
     )
     topic = app.topic(args.topic, value_type=bytes, value_serializer="raw")
     seen = {"n": 0, "first": 0.0}

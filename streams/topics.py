@@ -8,15 +8,17 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streams.settings import Settings
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> dict[str, int]:
-    """Create every topic of ``settings.topics`` that does not exist yet.
+def ensure_topics(settings: Settings, timeout_s: float = 15.0,
+                  names: list[str] | None = None) -> dict[str, int]:
+    """Create every topic of ``settings.topics`` (or ``names``) that does not exist yet.
 
     Returns topic -> partition count as the broker reports it afterwards. A topic that
     already exists is left as it is (its partition count is not changed).
     """
     admin = AdminClient(settings.kafka.client_config())
     existing = admin.list_topics(timeout=timeout_s).topics
-    wanted = [t for t in settings.topics.all() if t not in existing]
+    names = settings.topics.all() if names is None else names
+    wanted = [t for t in names if t not in existing]
     if wanted:
         futures = admin.create_topics(
             [
@@ -36,7 +38,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> dict[str, int]
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
     meta = admin.list_topics(timeout=timeout_s).topics
-    return {t: len(meta[t].partitions) for t in settings.topics.all() if t in meta}
+    return {t: len(meta[t].partitions) for t in names if t in meta}
 
 
 def assign_all(consumer: Consumer, topics: list[str], offset: int) -> None:
