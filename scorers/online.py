@@ -16,11 +16,13 @@ or more from a cold disk, which inside a micro-batch would blow the deadline.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import orjson
-from river import linear_model, optim, preprocessing
+from river import drift, linear_model, optim, preprocessing
 
 from state.engine import LabelEvent, StateStore
 from state.features import FEATURE_NAMES
@@ -52,15 +54,19 @@ class OnlineLearner:
         z = np.clip(xs @ w + lr.intercept, -500.0, 500.0)  # exp() of more overflows
         return 1.0 / (1.0 + np.exp(-z))
 
-    def learn(self, X: np.ndarray, y: Sequence[bool]) -> None:
-        """Learn each label in turn, after predicting it (prequential quality)."""
+    def learn(self, X: np.ndarray, y: Sequence[bool]) -> list[float]:
+        """Learn each label in turn, after predicting it (prequential quality); returns
+        the prequential errors, ``|label - prediction|``."""
+        errors = []
         for row, label in zip(X.tolist(), y, strict=True):
             x = dict(zip(_NAMES, row, strict=True))
             p = min(max(self.model.predict_proba_one(x).get(True, 0.5), 1e-7), 1 - 1e-7)
             self.log_loss_sum += -math.log(p if label else 1 - p)
             self.auc_bins[bool(label)][min(int(p * _AUC_BINS), _AUC_BINS - 1)] += 1
+            errors.append(1.0 - p if label else p)
             self.model.learn_one(x, bool(label))
             self.labels += 1
+        return errors
 
     def weight(self, max_weight: float = 0.3, half: int = 500) -> float:
         return max_weight * self.labels / (self.labels + half)
@@ -134,14 +140,21 @@ class OnlineStage:
     learners) go out with the batch's other state records.
     """
 
-    def __init__(self, store: StateStore, max_weight: float = 0.3, half: int = 500) -> None:
+    def __init__(self, store: StateStore, max_weight: float = 0.3, half: int = 500,
+                 adwin_delta: float = 0.002) -> None:
         self.store = store
         self.max_weight = max_weight
         self.half = half
+        self.adwin_delta = adwin_delta
         self.learned = 0
         self.unjoined = 0
         #: Partition -> prequential quality of its learner, after its last lesson.
         self.quality: dict[int, dict[str, float]] = {}
+        #: Partition -> ADWIN over its learner's prequential errors. Kept in memory: after
+        #: a restart or a rebalance a partition's detector starts over.
+        self.adwin: dict[int, drift.ADWIN] = {}
+        #: Drift events of the learners' error found since the caller last took them.
+        self.drift_events: list[dict[str, Any]] = []
 
     def learn(self, labels: Sequence[LabelEvent], partitions: set[int],
               writes: list[tuple[int, bytes, bytes]]) -> dict[int, OnlineLearner]:
@@ -172,12 +185,34 @@ class OnlineStage:
         for p, offset in last.items():
             if p in taught:
                 xs, ys = taught[p]
-                learners[p].learn(np.vstack(xs), ys)
+                errors = learners[p].learn(np.vstack(xs), ys)
                 self.learned += len(ys)
-                self.quality[p] = learners[p].quality()
+                self._watch_error(p, errors)
+                self.quality[p] = learners[p].quality() | {
+                    "error_mean": self.adwin[p].estimation}
             learners[p].last_offset = offset
             writes.append((p, LEARNER_KEY, learners[p].dumps()))
         return learners
+
+    def _watch_error(self, partition: int, errors: list[float]) -> None:
+        """ADWIN on the error stream: a change in its mean (the labels no longer look like
+        what the learner learned, or it caught up) is a drift event, ``warning`` when the
+        error rose and ``info`` when it fell."""
+        detector = self.adwin.get(partition)
+        if detector is None:
+            detector = self.adwin[partition] = drift.ADWIN(delta=self.adwin_delta)
+        for e in errors:
+            before = detector.estimation
+            detector.update(e)
+            if detector.drift_detected:
+                now = int(time.time() * 1000)
+                self.drift_events.append({
+                    "feature": "online_error", "statistic": "adwin",
+                    "value": float(detector.estimation), "threshold": float(before),
+                    "window_start": now, "window_end": now,
+                    "window_count": int(detector.width),
+                    "severity": "warning" if detector.estimation > before else "info",
+                    "model_version": f"online-p{partition}", "detected_at": now})
 
     def blend(self, learners: dict[int, OnlineLearner], partitions: Sequence[int],
               X: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -337,8 +337,9 @@ def build_worker(settings: Settings) -> Worker:
         stats.add(len(records), result, commit_s * 1000.0)
         metrics.observe(result, len(records), len(label_records), commit_s)
         monitor = models.drift
-        if result.drift_events and monitor is not None:
-            metrics.set_drift(monitor.last, result.drift_events)
+        if result.drift_events:
+            metrics.set_drift(monitor.last if monitor is not None else {},
+                              result.drift_events)
         lost, committer.lost_feature_writes = committer.lost_feature_writes, 0
         if lost:
             metrics.state_writes_lost.inc(lost)

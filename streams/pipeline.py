@@ -182,6 +182,8 @@ class Pipeline:
                                              out.feature_writes)
             except StateUnavailable:
                 out.fallbacks["online_unavailable"] += len(label_events)
+            out.drift_events += self.online.drift_events
+            self.online.drift_events = []
             if fresh and vectors is not None:
                 out.feature_writes.extend(self.online.log_entries(
                     [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh],
@@ -287,13 +289,14 @@ class Pipeline:
             out.fallbacks[cause] += len(scores)
             stage = "rules" if cause == "deadline" else "model"
             if monitor is not None:  # the features drift whoever decided
-                out.drift_events = monitor.observe(X, None, int(self.clock() * 1000))
+                out.drift_events += monitor.observe(X, None, int(self.clock() * 1000))
             return [rules(s, stage, cause) for s in scores], None
         if learners and self.online is not None:
             p = self.online.blend(learners, partitions, X, p)
         if monitor is not None:
             finite = np.isfinite(p)
-            out.drift_events = monitor.observe(X[finite], p[finite], int(self.clock() * 1000))
+            out.drift_events += monitor.observe(X[finite], p[finite],
+                                                int(self.clock() * 1000))
         verdicts = self._verdicts(model, scores, p, reasons, "model", out.fallbacks, rules)
         shadow_model = models.shadow
         if shadow_model is None or time.perf_counter() >= deadline:

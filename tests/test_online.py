@@ -12,7 +12,7 @@ from scorers.cascade import ModelStage
 from scorers.online import LEARNER_KEY, OnlineLearner, OnlineStage
 from scorers.rules import RuleSet, RulesScorer
 from state.engine import FeatureEngine, MemoryStore
-from state.features import FeatureConfig
+from state.features import FEATURE_NAMES, FeatureConfig
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import TopicSettings
 
@@ -82,3 +82,39 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
     w = learner.weight(0.3, 50)
     assert np.allclose(blended, (1 - w) * model_only + w * q)
     assert q[0] > 0.8 > 0.2 > q[1] and blended[0] > model_only[0]
+
+
+def test_adwin_on_the_learners_error_reports_a_change_in_what_labels_say():
+    """Labels that follow one rule, then its opposite: the learner's prequential error
+    drops (info events at most), then jumps: a warning drift event on online_error."""
+    from state.engine import LabelEvent
+
+    store = MemoryStore()
+    stage = OnlineStage(store)
+    rng = np.random.default_rng(11)
+    n = 1500
+    X = rng.normal(size=(n, len(FEATURE_NAMES))).astype(np.float32)
+    times = [NOW - 86_400_000 + i for i in range(n)]
+    store.write(OnlineStage.log_entries([(0, t, f"a{i}") for i, t in enumerate(times)], X))
+
+    def teach(lo: int, hi: int, flipped: bool) -> list[dict]:
+        labels = [LabelEvent(0, i, {"transaction_id": f"a{i}", "event_time": times[i],
+                                    "is_fraud": bool((X[i, 0] > 0) != flipped)})
+                  for i in range(lo, hi)]
+        for k in range(0, len(labels), 50):  # batches of 50, as they would arrive
+            writes: list = []
+            stage.learn(labels[k:k + 50], {0}, writes)
+            store.write(writes)
+        events, stage.drift_events = stage.drift_events, []
+        return events
+
+    before = teach(0, 800, flipped=False)
+    assert all(e["severity"] == "info" and e["value"] < e["threshold"] for e in before)
+    assert stage.quality[0]["error_mean"] < 0.2
+    after = teach(800, n, flipped=True)
+    rising = [e for e in after if e["severity"] == "warning"]
+    assert rising, after
+    e = rising[0]
+    assert (e["feature"], e["statistic"], e["model_version"]) == ("online_error", "adwin",
+                                                                  "online-p0")
+    assert e["value"] > e["threshold"] and e["window_count"] > 0
