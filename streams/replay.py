@@ -43,8 +43,11 @@ report, and a second run writes its challenger decisions again under its own id.
 from __future__ import annotations
 
 import bisect
+import gc
 import time
 import uuid
+import zlib
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,19 +64,20 @@ from scorers.online import OnlineStage
 from scorers.registry import ACTIVE, Registry
 from scorers.rules import RuleSet, RulesScorer
 from state.engine import FeatureConfig, FeatureEngine, MemoryStore
-from state.features import token
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import Settings
 
 REPLAY_HEADER = "fraudstream-replay-id"
-OUTCOMES = ("approve", "review", "decline")
+OUTCOMES = ("approve", "review", "decline", "none")
 #: Labels this far before the first record read are fed too: the merchant fraud features
 #: count the labels of the last 30 complete days.
 LABEL_LOOKBACK_MS = 31 * 86_400_000
 #: Records buffered per partition before it is paused (while others catch up in time).
 MAX_BUFFERED = 20_000
+#: Batches between two freezes of the garbage collector's survivors.
+FREEZE_EVERY = 5
 #: Reading stops on a partition whose end is unknown after this long without a record.
-IDLE_S = 3.0
+IDLE_S = 2.0
 
 
 class ReplayError(Exception):
@@ -120,18 +124,36 @@ class ReplayConfig:
                            + uuid.uuid4().hex[:6])
 
 
-@dataclass(slots=True)
-class Row:
-    """One transaction of the range, decided by both sides (no card number: a token)."""
+class Decided:
+    """Every decided transaction of the range, both sides, in columns (a million
+    transactions take about 100 bytes each, and no object per transaction for the garbage
+    collector to walk). Cards are crc32 tokens, never card numbers."""
 
-    transaction_id: str
-    card: str
-    event_time: int
-    partition: int
-    champion: str
-    champion_score: float
-    challenger: str
-    challenger_score: float
+    def __init__(self) -> None:
+        self.transaction_ids: list[str] = []
+        self.cards = array("L")
+        self.event_times = array("q")
+        self.partitions = array("l")
+        #: Outcomes as indexes into OUTCOMES ("none": the side did not decide).
+        self.champion = bytearray()
+        self.challenger = bytearray()
+        self.champion_score = array("d")
+        self.challenger_score = array("d")
+
+    def __len__(self) -> int:
+        return len(self.transaction_ids)
+
+    def add(self, transaction_id: str, card_id: str, event_time: int, partition: int,
+            champion: str, champion_score: float, challenger: str,
+            challenger_score: float) -> None:
+        self.transaction_ids.append(transaction_id)
+        self.cards.append(zlib.crc32(card_id.encode()))
+        self.event_times.append(event_time)
+        self.partitions.append(partition)
+        self.champion.append(OUTCOMES.index(champion))
+        self.champion_score.append(champion_score)
+        self.challenger.append(OUTCOMES.index(challenger))
+        self.challenger_score.append(challenger_score)
 
 
 @dataclass
@@ -139,13 +161,15 @@ class ReplayResult:
     config: ReplayConfig
     champion: str
     challenger: str
-    rows: list[Row] = field(default_factory=list)
+    decided: Decided = field(default_factory=Decided)
     #: Records of the range: read, duplicates, bad (with reasons), warm-up.
     read: int = 0
     duplicates: int = 0
     bad: Counter[str] = field(default_factory=Counter)
     warmup: int = 0
     fallbacks: Counter[str] = field(default_factory=Counter)
+    #: Milliseconds spent per pipeline stage (decode, dedupe, features, rules, model, total).
+    stage_ms: Counter[str] = field(default_factory=Counter)
     labels_fed: int = 0
     bad_labels: int = 0
     #: transaction_id -> is_fraud, every label read for the range's transactions.
@@ -346,12 +370,17 @@ def read_labels(settings: Settings, partitions: list[int], since_ms: int, group:
         first = _seek_offsets(consumer, topic, parts, Bound("time", since_ms), marks)
         consumer.assign([TopicPartition(topic, p, first[p]) for p in parts])
         out: list[RawRecord] = []
+        # The end offsets at start, where the broker reports them right; the embedded
+        # broker's understate the last batch, so there the topic is read until idle.
+        left = {p: marks[p][1] for p in parts if first[p] < marks[p][1]}
         idle_since = time.monotonic()
-        while time.monotonic() - idle_since < IDLE_S:
+        while time.monotonic() - idle_since < IDLE_S and (left or settings.kafka.embedded):
             msgs = consumer.consume(1000, 0.5)
             for m in msgs:
                 if m.error():
                     continue
+                if m.offset() + 1 >= left.get(m.partition(), 0):
+                    left.pop(m.partition(), None)
                 _, ts = m.timestamp()
                 if ts >= since_ms:
                     out.append(RawRecord(topic, m.partition(), m.offset(), m.key(), m.value(),
@@ -428,7 +457,9 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
 
     labels: list[RawRecord] | None = None
     label_times: list[int] = []
-    fed = 0
+    fed = batches = 0
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 20)  # fewer young collections: batches make many objects
     t0 = time.monotonic()
     try:
         for batch in reader.batches():
@@ -462,6 +493,13 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                     producer.poll(0)
             if progress is not None:
                 progress(len(batch))
+            batches += 1
+            if batches % FREEZE_EVERY == 0:
+                # The state and the report's columns only grow: what survived a collection
+                # moves out of the collector's sight, or every full collection would walk
+                # the whole replay again (that doubled the cost per record).
+                gc.collect()
+                gc.freeze()
         for lab in labels or []:  # every label of the range's transactions, for the measures
             try:
                 rec = pipeline.read_label(lab)
@@ -470,6 +508,8 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
             tid = rec["transaction_id"]
             result.labels[tid] = result.labels.get(tid, False) or bool(rec["is_fraud"])
     finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
         reader.close()
         if producer is not None and producer.flush(60) != 0:
             raise ReplayError("challenger decisions not all delivered")
@@ -487,14 +527,15 @@ def _count_rejects(result: ReplayResult, res: Any, codecs: Codecs, labels_topic:
 
 
 def _collect(result: ReplayResult, res: Any, n_records: int) -> None:
-    """The batch's new decisions of both sides, as report rows."""
+    """The batch's new decisions of both sides, into the columns of the report."""
     result.read += n_records
+    result.stage_ms.update(res.timings_ms)
     result.duplicates += res.duplicates
     result.fallbacks.update(res.fallbacks)
     challenger = res.shadow_verdicts
     if challenger is None:  # the challenger failed on this batch (counted in fallbacks)
         challenger = [{"decision": "none", "score": float("nan")}] * len(res.verdicts)
+    add = result.decided.add
     for (rec, txn), a, b in zip(res.fresh, res.verdicts, challenger, strict=True):
-        result.rows.append(Row(txn["transaction_id"], token(txn["card_id"]), txn["event_time"],
-                               rec.partition, a["decision"], a["score"], b["decision"],
-                               b["score"]))
+        add(txn["transaction_id"], txn["card_id"], txn["event_time"], rec.partition,
+            a["decision"], a["score"], b["decision"], b["score"])

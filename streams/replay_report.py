@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,58 +20,63 @@ from scorers.metrics import summary
 from streams.replay import OUTCOMES, ReplayResult
 
 TOP_FLIPS = 20
+HEADER = ["transaction_id", "event_time", "partition", "champion", "champion_score",
+          "challenger", "challenger_score"]
 
 
-def _rates(decisions: list[str]) -> dict[str, float]:
-    counts = Counter(decisions)
-    n = max(len(decisions), 1)
-    return {o: counts[o] / n for o in sorted(counts, key=_order)}
-
-
-def _order(outcome: str) -> int:
-    return OUTCOMES.index(outcome) if outcome in OUTCOMES else len(OUTCOMES)
+def _columns(result: ReplayResult) -> dict[str, np.ndarray]:
+    d = result.decided
+    return {"a": np.frombuffer(bytes(d.champion), dtype=np.uint8),
+            "b": np.frombuffer(bytes(d.challenger), dtype=np.uint8),
+            "sa": np.frombuffer(d.champion_score, dtype=np.float64),
+            "sb": np.frombuffer(d.challenger_score, dtype=np.float64)}
 
 
 def analyse(result: ReplayResult) -> dict[str, Any]:
-    rows = result.rows
-    a = [r.champion for r in rows]
-    b = [r.challenger for r in rows]
-    outcomes = sorted(set(a) | set(b) | set(OUTCOMES), key=_order)
-    matrix = {x: {y: 0 for y in outcomes} for x in outcomes}
-    for x, y in zip(a, b, strict=True):
-        matrix[x][y] += 1
-    sa = np.array([r.champion_score for r in rows], dtype=np.float64)
-    sb = np.array([r.challenger_score for r in rows], dtype=np.float64)
+    d = result.decided
+    col = _columns(result)
+    a, b, sa, sb = col["a"], col["b"], col["sa"], col["sb"]
+    k = len(OUTCOMES)
+    counts = np.bincount(a.astype(np.int64) * k + b, minlength=k * k).reshape(k, k)
+    shown = [i for i, o in enumerate(OUTCOMES)
+             if o != "none" or counts[i].sum() or counts[:, i].sum()]
+    matrix = {OUTCOMES[i]: {OUTCOMES[j]: int(counts[i, j]) for j in shown} for i in shown}
+    n = max(len(d), 1)
     quantiles = (0.5, 0.9, 0.99, 0.999)
     out: dict[str, Any] = {
         "replay_id": result.config.replay_id,
         "champion": result.champion, "challenger": result.challenger,
         "ranges": {str(p): {"first_offset": f, "end_offset": e}
                    for p, (f, e) in result.ranges.items()},
-        "counts": {"read": result.read, "decided": len(rows),
+        "counts": {"read": result.read, "decided": len(d),
                    "duplicates": result.duplicates, "bad": sum(result.bad.values()),
                    "bad_reasons": dict(result.bad), "warmup": result.warmup,
                    "labels_fed": result.labels_fed, "bad_labels": result.bad_labels,
                    "published": result.published},
         "flip_matrix": matrix,
-        "flipped": sum(1 for x, y in zip(a, b, strict=True) if x != y),
-        "rates": {"champion": _rates(a), "challenger": _rates(b)},
+        "flipped": int((a != b).sum()),
+        "rates": {side: {OUTCOMES[i]: float((x == i).sum() / n) for i in shown}
+                  for side, x in (("champion", a), ("challenger", b))},
         "score_quantiles": {
-            side: {str(q): float(np.nanquantile(s, q)) if len(s) else math.nan
+            side: {str(q): float(np.nanquantile(x, q)) if len(x) else math.nan
                    for q in quantiles}
-            for side, s in (("champion", sa), ("challenger", sb))},
+            for side, x in (("champion", sa), ("challenger", sb))},
         "fallbacks": dict(result.fallbacks),
         "seconds": result.seconds,
+        "stage_us_per_record": {k: 1000.0 * v / max(result.read, 1)
+                                for k, v in result.stage_ms.items()},
         "records_per_s": (result.read + result.warmup) / result.seconds
         if result.seconds else math.nan,
     }
-    labelled = [r.transaction_id in result.labels for r in rows]
-    if any(result.labels.get(r.transaction_id, False) for r in rows):
-        y = np.array([result.labels.get(r.transaction_id, False) for r in rows])
-        cards = [r.card for r in rows]
-        times = np.array([r.event_time for r in rows])
+    labels = result.labels
+    y = np.fromiter((labels.get(t, False) for t in d.transaction_ids), dtype=bool,
+                    count=len(d))
+    if y.any():
+        times = np.frombuffer(d.event_times, dtype=np.int64)
+        cards = d.cards.tolist()
         out["quality"] = {
-            "labelled": int(sum(labelled)), "frauds": int(y.sum()),
+            "labelled": sum(1 for t in d.transaction_ids if t in labels),
+            "frauds": int(y.sum()),
             "champion": summary(cards, times, y, np.nan_to_num(sa, nan=0.0)),
             "challenger": summary(cards, times, y, np.nan_to_num(sb, nan=0.0)),
         }
@@ -85,13 +89,13 @@ def _plot(result: ReplayResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    col = _columns(result)
     fig, ax = plt.subplots(figsize=(8, 4))
     bins = np.linspace(0.0, 1.0, 51)
-    for side, label in (("champion_score", result.champion), ("challenger_score",
-                                                               result.challenger)):
-        s = np.array([getattr(r, side) for r in result.rows], dtype=np.float64)
-        ax.hist(s[np.isfinite(s)], bins=bins, histtype="step", linewidth=1.5,
-                label=f"{side.split('_')[0]} {label}")
+    for key, label in (("sa", f"champion {result.champion}"),
+                       ("sb", f"challenger {result.challenger}")):
+        s = col[key]
+        ax.hist(s[np.isfinite(s)], bins=bins, histtype="step", linewidth=1.5, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("score")
     ax.set_ylabel("transactions")
@@ -114,25 +118,28 @@ def write_report(result: ReplayResult, folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     data = analyse(result)
     (folder / "result.json").write_text(json.dumps(data, indent=2, default=float))
-    flips = sorted((r for r in result.rows if r.champion != r.challenger),
-                   key=lambda r: -abs(np.nan_to_num(r.challenger_score - r.champion_score)))
+    d = result.decided
+    col = _columns(result)
+    flipped = np.flatnonzero(col["a"] != col["b"])
+    change = np.nan_to_num(np.abs(col["sb"][flipped] - col["sa"][flipped]), nan=0.0)
+    flips = flipped[np.argsort(-change, kind="stable")].tolist()
+
+    def row(i: int) -> list[Any]:
+        return [d.transaction_ids[i], d.event_times[i], d.partitions[i],
+                OUTCOMES[d.champion[i]], f"{d.champion_score[i]:.6f}",
+                OUTCOMES[d.challenger[i]], f"{d.challenger_score[i]:.6f}"]
+
     with (folder / "flips.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["transaction_id", "event_time", "partition", "champion", "champion_score",
-                    "challenger", "challenger_score", "label"])
-        for r in flips:
-            label = result.labels.get(r.transaction_id)
-            w.writerow([r.transaction_id, r.event_time, r.partition, r.champion,
-                        f"{r.champion_score:.6f}", r.challenger, f"{r.challenger_score:.6f}",
-                        "" if label is None else int(label)])
+        w.writerow(HEADER + ["label"])
+        for i in flips:
+            label = result.labels.get(d.transaction_ids[i])
+            w.writerow(row(i) + ["" if label is None else int(label)])
     with (folder / "decisions.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["transaction_id", "event_time", "partition", "champion", "champion_score",
-                    "challenger", "challenger_score"])
-        w.writerows([r.transaction_id, r.event_time, r.partition, r.champion,
-                     repr(r.champion_score), r.challenger, repr(r.challenger_score)]
-                    for r in result.rows)
-    if result.rows:
+        w.writerow(HEADER)
+        w.writerows(row(i) for i in range(len(d)))
+    if len(d):
         _plot(result, folder / "scores.png")
 
     c = data["counts"]
@@ -210,10 +217,11 @@ def write_report(result: ReplayResult, folder: Path) -> dict[str, Any]:
               "", f"## Most changed decisions (top {TOP_FLIPS} by score change; all in "
               "flips.csv)", "",
               "| transaction_id | champion | challenger | label |", "|---|---|---|---|"]
-    for r in flips[:TOP_FLIPS]:
-        label = result.labels.get(r.transaction_id)
-        lines.append(f"| {r.transaction_id} | {r.champion} ({r.champion_score:.3f}) | "
-                     f"{r.challenger} ({r.challenger_score:.3f}) | "
+    for i in flips[:TOP_FLIPS]:
+        label = result.labels.get(d.transaction_ids[i])
+        lines.append(f"| {d.transaction_ids[i]} | {OUTCOMES[d.champion[i]]} "
+                     f"({d.champion_score[i]:.3f}) | {OUTCOMES[d.challenger[i]]} "
+                     f"({d.challenger_score[i]:.3f}) | "
                      f"{'' if label is None else ('fraud' if label else 'genuine')} |")
     lines += ["", f"Replayed in {data['seconds']:.1f} s ({data['records_per_s']:,.0f} "
               "transaction records/s, warm-up included).", ""]
