@@ -1,6 +1,7 @@
 """``python -m loadtest``: how fast one worker decides, and up to what rate it keeps up.
 
-One run, one embedded broker and registry, one worker process:
+One registry; the first phase (1-3) on one embedded broker and worker, then each live
+run (4-6) on a broker and worker of its own:
 
 1. **Pre-produce** ``--events`` generated transactions (``streams.generator``).
 2. **Two baselines** on those same records, each a subprocess timed from its first record
@@ -11,17 +12,25 @@ One run, one embedded broker and registry, one worker process:
 3. **Backlog drain**: ``fraudstream worker`` (rules, or the full cascade with ``--models``)
    decides the same records; its rate is taken on the decisions topic, first decision to
    last (group join excluded).
-4. **Step mode** (``--steps``, on by default): the same worker under open-loop Poisson
+4. **Step mode** (``--steps``, on by default): the worker under open-loop Poisson
    traffic at increasing rates (``--step-start`` x ``--step-factor`` per step, or
    + ``--step-increment``), ``--step-seconds`` each. Open loop: the send times are drawn
    before the step (exponential gaps, seeded with ``--seed``) and never wait for
    decisions; the transactions are generated and encoded before the step too, so the
    sender only calls produce(). Every send is recorded; how late the sender was against
-   its schedule is reported per step. Between steps the worker drains: the next step
-   starts once every transaction sent got its decision (or after ``--drain-timeout``).
+   its schedule is reported per step. After each step the worker drains: the step ends
+   once every transaction sent got its decision (or after ``--drain-timeout``).
 5. **Latency at 70% of saturation**: one more run at 0.7x the saturation rate (by budget;
    if no step met the budget, 0.7x the lag-only saturation, and the result says so).
 6. ``--latency-ratios``: optional extra runs at fixed ratios of the backlog drain rate.
+
+**Fresh broker per live run** (default): after the backlog drain its worker and broker
+stop. Each live run then starts a new embedded broker (same topic names, created anew;
+the registry is kept), a new worker (new app id and group, empty data dir, the same
+models and batch max), waits until ``WARMUP`` transactions got decisions (not measured),
+runs, drains, and stops both. Tansu lists every stored record batch of a partition on each
+fetch, so on a shared broker each run would pay for the batches of all those before it.
+``--shared-broker``: the old method, every live run on the drain's broker and worker.
 
 **Latency**: end-to-end = decision received by this process minus the transaction's Kafka
 timestamp (the decision's ``source_timestamp``); "until decided" = the decision's
@@ -48,8 +57,8 @@ the backlog drain rate. Stepping stops after ``--stop-after`` consecutive steps 
 both criteria, after two consecutive steps whose lag grew, after a step that did not
 drain, or after ``--max-steps``.
 
-**RSS**: the worker's VmRSS (its process and its children, /proc) every 0.5 s from its
-start to its stop: peak and at end.
+**RSS**: each worker's VmRSS (its process and its children, /proc) every 0.5 s from its
+start to its stop: peak and at end; the summary gives the highest peak and whose it was.
 
 Live progress goes to stderr, one line a second. The summary goes to stdout; everything
 goes to ``results/bench-YYYYmmdd-HHMMSS/``: ``result.json`` and PNG plots
@@ -93,6 +102,7 @@ LAG_RATE_RATIO = 0.97  # decided / sent rate over a step's second half, below: t
 LAG_BACKLOG_S = 0.5  # backlog at a step's end, in seconds of its traffic, above: not noise
 SAMPLE_S = 0.1  # sent / received counts sampled this often
 RSS_EVERY_S = 0.5
+WARMUP = 50  # transactions a fresh worker must decide before its run starts
 
 #: defaults, and those of --quick (a smoke run of 1-2 minutes)
 DEFAULTS = {"events": 50_000, "step_seconds": 15.0, "max_steps": 12, "latency_seconds": 30.0,
@@ -225,13 +235,15 @@ def tree_cpu_s(pid: int) -> float:
 
 
 class RssSampler(threading.Thread):
-    """Samples a process tree's RSS every ``RSS_EVERY_S`` until stopped."""
+    """Samples a process tree's RSS every ``RSS_EVERY_S`` until stopped. ``label`` names
+    the worker (the run it served); ``marks`` are (wall clock, label) of events in its life."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, label: str) -> None:
         super().__init__(name="rss-sampler", daemon=True)
-        self.pid = pid
+        self.pid, self.label = pid, label
         self.started_at = time.time()
         self.samples: list[tuple[float, int]] = []  # (wall clock, kB)
+        self.marks: list[tuple[float, str]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -241,12 +253,29 @@ class RssSampler(threading.Thread):
                 self.samples.append((time.time(), kb))
             self.done.wait(RSS_EVERY_S)
 
-    def stop(self) -> dict:
+    def stop(self) -> None:
         self.done.set()
-        self.join(5)
+        if self.is_alive():
+            self.join(5)
+
+    def report(self) -> dict:
+        """Peak and end, the series (seconds since the worker started, MB) and the marks."""
         mb = [kb / 1024 for _t, kb in self.samples]
-        return {"peak_mb": max(mb, default=None), "end_mb": mb[-1] if mb else None,
-                "samples": len(mb), "every_s": RSS_EVERY_S}
+        return {"worker": self.label, "peak_mb": max(mb, default=None),
+                "end_mb": mb[-1] if mb else None, "samples": len(mb),
+                "series_mb": [[round(t - self.started_at, 1), round(kb / 1024, 1)]
+                              for t, kb in self.samples],
+                "marks": [[round(t - self.started_at, 1), m] for t, m in self.marks]}
+
+
+def rss_report(samplers: list[RssSampler]) -> dict:
+    """Every worker's RSS, and the highest peak over them: which worker, its end."""
+    workers = [s.report() for s in samplers]
+    peak = max((w for w in workers if w["peak_mb"] is not None),
+               key=lambda w: w["peak_mb"], default=None)
+    return {"peak_mb": peak and peak["peak_mb"], "end_mb": peak and peak["end_mb"],
+            "peak_worker": peak and peak["worker"], "every_s": RSS_EVERY_S,
+            "workers": workers}
 
 
 # --------------------------------------------------------------------- live traffic
@@ -342,19 +371,21 @@ def _latency_stats(lat: list[float], decided: list[float]) -> dict:
 
 
 class LiveTraffic:
-    """Open-loop Poisson traffic into the running worker, and the decisions coming back.
+    """Open-loop Poisson traffic into one running worker on one broker, and the decisions
+    coming back.
 
-    One producer, one generator and one decisions reader for every run (step, 70% run,
-    ratio runs), so the timeline of the whole phase is one series."""
+    One producer and one decisions reader for every run made through it, so its runs form
+    one timeline (a "segment"). With a fresh broker per run (the default) each run gets its
+    own; with ``--shared-broker`` one serves every run. ``rng`` (send times) and ``gen``
+    (transactions) are shared by all, so both modes send the same traffic."""
 
-    def __init__(self, settings: Settings, codecs: Codecs, seed: int,
-                 worker: subprocess.Popen[bytes], broker_pid: int | None) -> None:
+    def __init__(self, settings: Settings, codecs: Codecs, rng: random.Random,
+                 gen: TrafficGenerator, worker: subprocess.Popen[bytes],
+                 broker_pid: int | None) -> None:
         self.settings, self.codecs, self.worker = settings, codecs, worker
         self.broker_pid = broker_pid
         self.topic = settings.topics.transactions
-        self.rng = random.Random(seed)
-        self.gen = TrafficGenerator(GeneratorConfig(seed=seed + 1,
-                                                    id_prefix=f"l{uuid.uuid4().hex[:6]}"))
+        self.rng, self.gen = rng, gen
         self.producer = Producer({**settings.kafka.client_config(), "linger.ms": 5})
         self.t0 = time.time()
         self.reader = DecisionReader(settings, codecs, since=self.t0 - 0.002)
@@ -534,6 +565,133 @@ class LiveTraffic:
                  "backlog": backlog[k]} for k in range(n)]
 
 
+# --------------------------------------------------- where the live runs go: brokers
+
+def warm_up(settings: Settings, codecs: Codecs, worker: subprocess.Popen[bytes], seed: int,
+            timeout_s: float) -> dict:
+    """Sends ``WARMUP`` transactions and waits for their decisions: then the worker has
+    joined its group and decided a batch on every partition. Measured by nothing else."""
+    start = time.monotonic()
+    pre_produce(settings, codecs, WARMUP, seed)
+    got = read_decisions(settings, codecs,
+                         lambda out: len(out) >= WARMUP or worker.poll() is not None, timeout_s)
+    if worker.poll() is not None:
+        raise RuntimeError(f"the worker exited with code {worker.returncode} while warming up")
+    if len(got) < WARMUP:
+        raise TimeoutError(f"{len(got)} of {WARMUP} warm-up decisions in {timeout_s:g}s")
+    return {"transactions": WARMUP, "seconds": time.monotonic() - start}
+
+
+class Runs:
+    """Where the live runs (steps, 70% run, ratio runs) go. ``run()`` takes the arguments
+    of :meth:`LiveTraffic.run`; ``segments`` are the LiveTraffic used, in order (one per
+    broker); ``samplers`` the RSS samplers of the workers this object started."""
+
+    fresh = False
+
+    def __init__(self) -> None:
+        self.segments: list[LiveTraffic] = []
+        self.samplers: list[RssSampler] = []
+
+    def run(self, label: str, short: str, kind: str, rate: float, seconds: float,
+            drain_timeout: float) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stops whatever is still running."""
+
+
+class SharedRuns(Runs):
+    """``--shared-broker``: every run on the backlog drain's broker and worker."""
+
+    def __init__(self, live: LiveTraffic, rss: RssSampler) -> None:
+        super().__init__()
+        self.live, self.rss = live, rss
+        self.segments.append(live)
+        rss.label = f"{rss.label} and every live run"
+
+    def run(self, label: str, short: str, kind: str, rate: float, seconds: float,
+            drain_timeout: float) -> dict:
+        result = self.live.run(label, short, kind, rate, seconds, drain_timeout)
+        self.rss.marks.append((self.live.t0 + result["start_s"], short))
+        result.update(fresh_broker=False, segment=1)
+        return result
+
+    def close(self) -> None:
+        self.live.close()
+
+
+class FreshRuns(Runs):
+    """The default: each run on its own fresh broker (same topic names, created anew) and
+    its own fresh worker (new app id and group, empty data dir; same models and batch max),
+    ready once ``WARMUP`` transactions got decisions; both stopped after the run's drain."""
+
+    fresh = True
+
+    def __init__(self, base: Settings, codecs: Codecs, rng: random.Random,
+                 gen: TrafficGenerator, workdir: Path, seed: int) -> None:
+        super().__init__()
+        self.base, self.codecs, self.rng, self.gen = base, codecs, rng, gen
+        self.workdir, self.seed = workdir, seed
+        self.count = 0
+
+    def run(self, label: str, short: str, kind: str, rate: float, seconds: float,
+            drain_timeout: float) -> dict:
+        self.count += 1
+        k, began = self.count, time.monotonic()
+        with EmbeddedBroker(log_path=self.workdir / f"broker-{k}.log") as broker:
+            assert broker.process is not None
+            settings = self.base.replace(
+                kafka={"bootstrap": broker.bootstrap},
+                worker={"app_id": f"{self.base.worker.app_id}-{k}",
+                        "data_dir": self.workdir / f"state-{k}", "metrics_port": free_port()})
+            ensure_topics(settings)
+            worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
+                            self.workdir / f"worker-{k}.log")
+            rss = RssSampler(worker.pid, label)
+            self.samplers.append(rss)
+            rss.start()
+            live: LiveTraffic | None = None
+            try:
+                warm = warm_up(settings, self.codecs, worker, self.seed + 1000 + k, 180)
+                ready_s = time.monotonic() - began
+                _progress(f"  fresh broker and worker ready in {ready_s:.1f}s "
+                          f"({WARMUP} warm-up decisions, not measured)")
+                live = LiveTraffic(settings, self.codecs, self.rng, self.gen, worker,
+                                   broker.process.pid)
+                result = live.run(label, short, kind, rate, seconds, drain_timeout)
+                rss.marks.append((live.t0 + result["start_s"], short))
+            finally:
+                if live is not None:
+                    live.close()
+                    self.segments.append(live)
+                rss.stop()
+                stop_process(worker)
+        result.update(fresh_broker=True, segment=len(self.segments), ready_s=ready_s,
+                      warm_up=warm, app_id=settings.worker.app_id)
+        return result
+
+
+def timeline(segments: list[LiveTraffic]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The per-second buckets and the runs (start_s, end_s) of every segment, placed end to
+    end: each segment's times counted from its own start, plus the length of those before
+    it (re-based; with one segment, seconds since it started). Also, per segment, its
+    wall-clock start and its offset."""
+    buckets: list[dict] = []
+    runs: list[dict] = []
+    segs: list[dict] = []
+    offset = 0
+    for i, live in enumerate(segments, 1):
+        own = live.buckets() if live.runs else []
+        buckets += [b | {"t": b["t"] + offset, "segment": i} for b in own]
+        runs += [r | {"start_s": r["start_s"] + offset, "end_s": r["end_s"] + offset}
+                 for r in live.runs]
+        segs.append({"segment": i, "t0": live.t0, "offset_s": offset,
+                     "runs": [r["label"] for r in live.runs]})
+        offset += len(own)
+    return buckets, runs, segs
+
+
 # ------------------------------------------------------------------------ step mode
 
 def step_rates(start: float, factor: float, increment: float) -> Iterator[float]:
@@ -542,7 +700,7 @@ def step_rates(start: float, factor: float, increment: float) -> Iterator[float]
         yield start + k * increment if increment > 0 else start * factor**k
 
 
-def run_steps(live: LiveTraffic, args: argparse.Namespace, budget_ms: float) -> list[dict]:
+def run_steps(live: Runs, args: argparse.Namespace, budget_ms: float) -> list[dict]:
     steps: list[dict] = []
     both_failed = lag_grew = 0
     rates = step_rates(args.step_start, args.step_factor, args.step_increment)
@@ -592,6 +750,33 @@ def saturation(steps: list[dict], budget_ms: float) -> dict:
     return out
 
 
+def live_runs(runs: Runs, args: argparse.Namespace, budget: float, result: dict) -> None:
+    """Steps, the 70% run and the ratio runs, into ``result``."""
+    result["steps"] = run_steps(runs, args, budget) if args.steps else []
+    sat = saturation(result["steps"], budget)
+    result["saturation"] = sat
+    basis, base = ("by budget", sat["by_budget"]) if sat["by_budget"] else (
+        "lag only: no step met the budget", sat["lag_only"])
+    result["latency_at_70pct"] = None
+    if args.steps and base is not None:
+        target = round(0.7 * base["rate"])
+        _progress(f"latency at 70% of saturation ({basis}): {target:,}/s for "
+                  f"{args.latency_seconds:g}s")
+        result["latency_at_70pct"] = runs.run(
+            "70% of saturation", f"70%: {target:,}/s", "latency", target,
+            args.latency_seconds, args.drain_timeout) | {"basis": basis}
+    elif args.steps:
+        result["latency_at_70pct_note"] = "lag grew at every step: no rate to take 70% of"
+    result["latency"] = []
+    for ratio in args.latency_ratios:
+        target = round(result["worker"]["rate"] * ratio)
+        _progress(f"latency at {ratio:g}x the drain rate: {target:,}/s for "
+                  f"{args.latency_seconds:g}s")
+        result["latency"].append(runs.run(
+            f"{ratio:g}x drain", f"{ratio:g}x: {target:,}/s", "ratio", target,
+            args.latency_seconds, args.drain_timeout) | {"ratio": ratio})
+
+
 # -------------------------------------------------------------------------- report
 
 def _ms(v: float | None) -> str:
@@ -638,6 +823,17 @@ def print_summary(result: dict, what: str) -> None:
     for note in (sat.get("note"), sat.get("note_lag")):
         if note and result["steps"]:
             print(f"  NOTE: {note}")
+    live = [*result["steps"], *filter(None, [result.get("latency_at_70pct")]),
+            *result["latency"]]
+    if live and result["broker"] == "shared":
+        print()
+        print("live runs: all on the backlog drain's broker and worker (--shared-broker)")
+    elif live:
+        ready = [r["ready_s"] for r in live]
+        print()
+        print(f"live runs: each on a fresh broker and worker, ready in {min(ready):.1f}-"
+              f"{max(ready):.1f}s ({result['warm_up_transactions']} warm-up decisions each, "
+              "not measured)")
     if result["steps"]:
         print()
         print(f"steps (open-loop Poisson, {result['step_seconds']:g}s each; lag grew = decided "
@@ -675,7 +871,9 @@ def print_summary(result: dict, what: str) -> None:
               f"p99 {_ms(lt['worker_batch_p99_ms'])}; CPU %: {_cpu(lt)})")
     rss = result["rss"]
     if rss["peak_mb"] is not None:
-        print(f"worker RSS: peak {rss['peak_mb']:,.0f} MB, at end {rss['end_mb']:,.0f} MB")
+        n = len(rss["workers"])
+        print(f"worker RSS: peak {rss['peak_mb']:,.0f} MB, at end {rss['end_mb']:,.0f} MB "
+              f"(the worker of {rss['peak_worker']}; highest of {n} worker{'s' * (n > 1)})")
     load = result["loadavg"]
     print(f"load average (1 min): {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end "
           f"({os.cpu_count()} CPUs)")
@@ -730,6 +928,9 @@ def parse_args() -> argparse.Namespace:
                         type=lambda v: [float(x) for x in v.split(",") if x.strip()],
                         help="extra latency runs at these x the backlog drain rate, "
                              "e.g. 0.1,0.25 (default none)")
+    parser.add_argument("--shared-broker", action="store_true",
+                        help="run every live run on the backlog drain's broker and worker "
+                             "(the old method; default: a fresh broker and worker per run)")
     args = parser.parse_args()
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -753,6 +954,8 @@ def main() -> int:
         "batch_max": args.batch_max, "budget_ms": budget,
         "models": str(args.models) if args.models else None,
         "step_seconds": args.step_seconds if args.steps else None,
+        "broker": "shared" if args.shared_broker else "fresh per run",
+        "warm_up_transactions": None if args.shared_broker else WARMUP,
         "lag_rule": {"decided_over_sent_below": LAG_RATE_RATIO,
                      "backlog_end_above_s": LAG_BACKLOG_S, "sample_s": SAMPLE_S},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -761,91 +964,90 @@ def main() -> int:
         "workdir": str(workdir),
     }
     what = "features, rules, model, online" if args.models else "features, rules"
-    live: LiveTraffic | None = None
-    rss: RssSampler | None = None
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker, EmbeddedRegistry() as reg:
-        uid = uuid.uuid4().hex[:6]
-        settings = Settings(topics=TopicSettings(
-            **{k: f"{v}-{uid}" for k, v in vars(TopicSettings()).items()}
-        )).replace(
-            kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
-                   "partitions": args.partitions, "embedded": True},
-            codec={"registry_url": reg.url},
-            worker={"app_id": f"bench-{uid}", "data_dir": workdir / "state",
-                    "batch_max": args.batch_max, "metrics_port": free_port()},
-            scoring={"models_dir": args.models or workdir / "no-models", "budget_ms": budget},
-        )
-        ensure_topics(settings)
-        codecs = Codecs(make_registry(reg.url), settings.topics)
-        _progress(f"producing {args.events:,} generated transactions...")
-        pre_produce(settings, codecs, args.events, args.seed)
+    # send times and transactions of the live runs: the same in both broker modes
+    rng = random.Random(args.seed)
+    gen = TrafficGenerator(GeneratorConfig(seed=args.seed + 1,
+                                           id_prefix=f"l{uuid.uuid4().hex[:6]}"))
+    samplers: list[RssSampler] = []
+    runs: Runs | None = None
+    with EmbeddedRegistry() as reg:
+        with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+            uid = uuid.uuid4().hex[:6]
+            settings = Settings(topics=TopicSettings(
+                **{k: f"{v}-{uid}" for k, v in vars(TopicSettings()).items()}
+            )).replace(
+                kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
+                       "partitions": args.partitions, "embedded": True},
+                codec={"registry_url": reg.url},
+                worker={"app_id": f"bench-{uid}", "data_dir": workdir / "state",
+                        "batch_max": args.batch_max, "metrics_port": free_port()},
+                scoring={"models_dir": args.models or workdir / "no-models",
+                         "budget_ms": budget},
+            )
+            ensure_topics(settings)
+            codecs = Codecs(make_registry(reg.url), settings.topics)
+            _progress(f"producing {args.events:,} generated transactions...")
+            pre_produce(settings, codecs, args.events, args.seed)
 
-        _progress("baseline: bare Faust consumer...")
-        bare = _spawn(["-m", "loadtest.bare_faust", "--topic", settings.topics.transactions,
-                       "--count", str(args.events), "--app-id", f"bare-{uid}",
-                       "--data-dir", str(workdir / "bare-data")],
-                      settings, workdir / "bare.log")
-        try:
-            result["bare_faust"] = _json_line(bare, timeout_s=300)
-        finally:
-            stop_process(bare)
-        _progress(f"  {result['bare_faust']['rate']:,.0f}/s")
+            _progress("baseline: bare Faust consumer...")
+            bare = _spawn(["-m", "loadtest.bare_faust", "--topic", settings.topics.transactions,
+                           "--count", str(args.events), "--app-id", f"bare-{uid}",
+                           "--data-dir", str(workdir / "bare-data")],
+                          settings, workdir / "bare.log")
+            try:
+                result["bare_faust"] = _json_line(bare, timeout_s=300)
+            finally:
+                stop_process(bare)
+            _progress(f"  {result['bare_faust']['rate']:,.0f}/s")
 
-        _progress("baseline: Kafka loop (consume, decode, produce)...")
-        loop = _spawn(["-m", "loadtest.baseline_kafka", "--topic", settings.topics.transactions,
-                       "--out-topic", f"baseline-out-{uid}", "--count", str(args.events)],
-                      settings, workdir / "baseline_kafka.log")
-        try:
-            result["kafka_loop"] = _json_line(loop, timeout_s=300, what="the Kafka loop")
-        finally:
-            stop_process(loop)
-        _progress(f"  {result['kafka_loop']['rate']:,.0f}/s")
+            _progress("baseline: Kafka loop (consume, decode, produce)...")
+            loop = _spawn(["-m", "loadtest.baseline_kafka", "--topic",
+                           settings.topics.transactions, "--out-topic", f"baseline-out-{uid}",
+                           "--count", str(args.events)],
+                          settings, workdir / "baseline_kafka.log")
+            try:
+                result["kafka_loop"] = _json_line(loop, timeout_s=300, what="the Kafka loop")
+            finally:
+                stop_process(loop)
+            _progress(f"  {result['kafka_loop']['rate']:,.0f}/s")
 
-        _progress("worker: backlog drain...")
-        worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
-                        workdir / "worker.log")
-        rss = RssSampler(worker.pid)
-        rss.start()
-        marks: list[tuple[float, str]] = []
-        try:
-            got = read_decisions(settings, codecs, lambda out: len(out) >= args.events, 300)
-            times = [t for t, _ in got]
-            rate = (len(times) - 1) / (times[-1] - times[0])
-            result["worker"] = {"events": len(got), "seconds": times[-1] - times[0],
-                                "rate": rate}
-            marks.append((times[0] - rss.started_at, "drain"))
-            _progress(f"  {rate:,.0f}/s")
-            # only once the backlog is decided: live traffic starts on an idle worker
-            live = LiveTraffic(settings, codecs, args.seed, worker,
-                               broker.process.pid if broker.process else None)
-            result["steps"] = run_steps(live, args, budget) if args.steps else []
-            sat = saturation(result["steps"], budget)
-            result["saturation"] = sat
-            basis, base = ("by budget", sat["by_budget"]) if sat["by_budget"] else (
-                "lag only: no step met the budget", sat["lag_only"])
-            result["latency_at_70pct"] = None
-            if args.steps and base is not None:
-                target = round(0.7 * base["rate"])
-                _progress(f"latency at 70% of saturation ({basis}): {target:,}/s for "
-                          f"{args.latency_seconds:g}s")
-                result["latency_at_70pct"] = live.run(
-                    "70% of saturation", f"70%: {target:,}/s", "latency", target,
-                    args.latency_seconds, args.drain_timeout) | {"basis": basis}
-            elif args.steps:
-                result["latency_at_70pct_note"] = "lag grew at every step: no rate to take 70% of"
-            result["latency"] = []
-            for ratio in args.latency_ratios:
-                target = round(rate * ratio)
-                _progress(f"latency at {ratio:g}x the drain rate: {target:,}/s for "
-                          f"{args.latency_seconds:g}s")
-                result["latency"].append(live.run(
-                    f"{ratio:g}x drain", f"{ratio:g}x: {target:,}/s", "ratio", target,
-                    args.latency_seconds, args.drain_timeout) | {"ratio": ratio})
-        finally:
-            if live is not None:
-                live.close()
-            result["rss"] = rss.stop()
-            stop_process(worker)
+            _progress("worker: backlog drain...")
+            worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
+                            workdir / "worker.log")
+            rss = RssSampler(worker.pid, "backlog drain")
+            samplers.append(rss)
+            rss.start()
+            try:
+                got = read_decisions(settings, codecs, lambda out: len(out) >= args.events, 300)
+                times = [t for t, _ in got]
+                rate = (len(times) - 1) / (times[-1] - times[0])
+                result["worker"] = {"events": len(got), "seconds": times[-1] - times[0],
+                                    "rate": rate}
+                rss.marks.append((times[0], "drain"))
+                _progress(f"  {rate:,.0f}/s")
+                if args.shared_broker:
+                    # only once the backlog is decided: live traffic starts on an idle worker
+                    runs = SharedRuns(LiveTraffic(
+                        settings, codecs, rng, gen, worker,
+                        broker.process.pid if broker.process else None), rss)
+                    live_runs(runs, args, budget, result)
+            finally:
+                if runs is not None:
+                    runs.close()
+                rss.stop()
+                stop_process(worker)
+        if not args.shared_broker:
+            # every live run on an empty broker: Tansu's fetch cost grows with the record
+            # batches it holds (docs/performance.md, "How to measure")
+            _progress("live runs: each on a fresh broker and worker")
+            runs = FreshRuns(settings, codecs, rng, gen, workdir, args.seed)
+            try:
+                live_runs(runs, args, budget, result)
+            finally:
+                runs.close()
+    assert runs is not None
+    samplers += runs.samplers
+    sat = result["saturation"]
     result["loadavg"]["end"] = os.getloadavg()
     result["ratios"] = {
         "drain": _ratios(result["worker"]["rate"], result),
@@ -853,18 +1055,19 @@ def main() -> int:
         "saturation_lag_only": _ratios((sat["lag_only"] or {}).get("rate"), result),
     }
     result["worker_over_bare"] = result["ratios"]["drain"]["vs_bare_faust"]
-    assert live is not None and rss is not None
-    runs = live.runs
-    buckets = live.buckets() if runs else []
-    result["timeline"] = {"t0": live.t0, "buckets": buckets,
-                          "runs": [{k: r[k] for k in ("label", "rate", "start_s", "end_s")}
-                                   for r in runs]}
-    rss_mb = [(t - rss.started_at, kb / 1024) for t, kb in rss.samples]
-    result["rss"]["series_mb"] = [[round(t, 1), round(mb, 1)] for t, mb in rss_mb]
-    rss_marks = marks + [(r["start_s"] + live.t0 - rss.started_at, r["short"]) for r in runs]
-    cdfs = [(f"{r['label']}: {r['rate']:,.0f}/s", live.latencies[r["label"]]) for r in runs]
-    result["plots"] = plots.write_all(out_dir, buckets=buckets, runs=runs, cdfs=cdfs,
-                                      budget_ms=budget, rss=rss_mb, rss_marks=rss_marks)
+    buckets, timed_runs, segments = timeline(runs.segments)
+    result["timeline"] = {
+        "rebased": runs.fresh, "segments": segments, "buckets": buckets,
+        "runs": [{k: r[k] for k in ("label", "rate", "start_s", "end_s")} for r in timed_runs]}
+    result["rss"] = rss_report(samplers)
+    cdfs = [(f"{r['label']}: {r['rate']:,.0f}/s", live.latencies[r["label"]])
+            for live in runs.segments for r in live.runs]
+    xlabel = ("seconds of live traffic (each run on a fresh broker; runs placed end to end)"
+              if runs.fresh else "seconds since the first live run started")
+    result["plots"] = plots.write_all(
+        out_dir, buckets=buckets, runs=timed_runs, cdfs=cdfs, budget_ms=budget,
+        rss=[(w["worker"], w["series_mb"], w["marks"]) for w in result["rss"]["workers"]],
+        xlabel=xlabel)
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     print_summary(result, what)
     print(f"results: {out_dir}/ (result.json, {', '.join(result['plots'])})")

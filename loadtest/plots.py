@@ -9,7 +9,11 @@ file; :func:`write_all` writes them all into the run's results folder.
 - ``throughput.png``: sent/s and decided/s per 1 s bucket, the backlog (sent - received) on
   a second axis;
 - ``latency_cdf.png``: the end-to-end latency CDF of each run;
-- ``rss.png``: the worker's RSS (its process and children) over its whole life.
+- ``rss.png``: each worker's RSS (its process and children) over its whole life; with a
+  worker per run, the workers one after the other.
+
+With a fresh broker per run the buckets' times are re-based: each run's counted from its
+own start and placed after the one before (``xlabel`` says so).
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ def _mark_runs(ax: Any, runs: Sequence[dict], label: bool = True) -> None:
                     rotation=90, va="top", ha="left", fontsize=7, color="0.3")
 
 
+XLABEL = "seconds since the first live run started"
+
+
 def latency_timeline(path: Path, buckets: Sequence[dict], runs: Sequence[dict],
-                     budget_ms: float) -> Path:
+                     budget_ms: float, xlabel: str = XLABEL) -> Path:
     fig, ax = plt.subplots(figsize=(12, 5))
     for key, color in (("p50_ms", "tab:blue"), ("p90_ms", "tab:orange"), ("p99_ms", "tab:red")):
         pts = [(b["t"] + 0.5, b[key]) for b in buckets if b.get(key) is not None]
@@ -49,7 +56,7 @@ def latency_timeline(path: Path, buckets: Sequence[dict], runs: Sequence[dict],
                label=f"budget {budget_ms:g} ms")
     _mark_runs(ax, runs)
     ax.set_yscale("log")
-    ax.set_xlabel("seconds since the first live run started")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("end-to-end latency, ms (log)")
     ax.set_title("End-to-end latency per 1 s bucket (by receive time)")
     ax.grid(True, which="both", alpha=0.3)
@@ -60,13 +67,14 @@ def latency_timeline(path: Path, buckets: Sequence[dict], runs: Sequence[dict],
     return path
 
 
-def throughput_timeline(path: Path, buckets: Sequence[dict], runs: Sequence[dict]) -> Path:
+def throughput_timeline(path: Path, buckets: Sequence[dict], runs: Sequence[dict],
+                        xlabel: str = XLABEL) -> Path:
     fig, ax = plt.subplots(figsize=(12, 5))
     ts = [b["t"] + 0.5 for b in buckets]
     ax.plot(ts, [b["sent"] for b in buckets], linewidth=1, color="tab:blue", label="sent/s")
     ax.plot(ts, [b["decided"] for b in buckets], linewidth=1, color="tab:green",
             label="decided/s (by decided_at)")
-    ax.set_xlabel("seconds since the first live run started")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("events per second")
     backlog = [(b["t"] + 1.0, b["backlog"]) for b in buckets if b.get("backlog") is not None]
     ax2 = ax.twinx()
@@ -121,20 +129,37 @@ def latency_cdfs(path: Path, series: Sequence[tuple[str, Sequence[float]]],
     return path
 
 
-def rss_timeline(path: Path, samples: Sequence[tuple[float, float]],
-                 marks: Sequence[tuple[float, str]]) -> Path:
-    """``samples``: (seconds since the worker started, MB); ``marks``: (seconds, label)."""
-    fig, ax = plt.subplots(figsize=(10, 4))
-    if samples:
-        ax.plot(*zip(*samples, strict=True), linewidth=1, color="tab:purple")
-    for t, label in marks:
-        ax.axvline(t, color="0.55", linewidth=0.8)
-        ax.text(t, 1.0, f" {label}", transform=ax.get_xaxis_transform(), rotation=90,
-                va="top", ha="left", fontsize=7, color="0.3")
+#: gap between two workers' lives in rss.png, seconds
+RSS_GAP_S = 2.0
+
+#: one worker's RSS: its label, (seconds since it started, MB), marks (seconds, label)
+Worker = tuple[str, Sequence[Sequence[float]], Sequence[Sequence[Any]]]
+
+
+def rss_timeline(path: Path, workers: Sequence[Worker]) -> Path:
+    """One worker: its RSS since it started, with its marks. Several: one after the other,
+    each from its own start (``RSS_GAP_S`` apart), a dashed line and its label at each
+    worker's start."""
+    fig, ax = plt.subplots(figsize=(12 if len(workers) > 1 else 10, 4))
+    offset = 0.0
+    for label, samples, marks in workers:
+        if len(workers) > 1:
+            ax.axvline(offset, color="black", linewidth=0.8, linestyle="--")
+            ax.text(offset, 0.02, f" worker: {label}", transform=ax.get_xaxis_transform(),
+                    rotation=90, va="bottom", ha="left", fontsize=7)
+        if samples:
+            ax.plot([offset + t for t, _mb in samples], [mb for _t, mb in samples],
+                    linewidth=1, color="tab:purple")
+        for t, mark in marks:
+            ax.axvline(offset + t, color="0.55", linewidth=0.8)
+            ax.text(offset + t, 1.0, f" {mark}", transform=ax.get_xaxis_transform(),
+                    rotation=90, va="top", ha="left", fontsize=7, color="0.3")
+        offset += max([t for t, _mb in samples], default=0.0) + RSS_GAP_S
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("seconds since the worker started")
+    ax.set_xlabel("seconds since the worker started" if len(workers) <= 1 else
+                  "seconds since each worker started, workers one after the other")
     ax.set_ylabel("RSS, MB (worker and children)")
-    ax.set_title("Worker RSS")
+    ax.set_title("Worker RSS" if len(workers) <= 1 else f"RSS of {len(workers)} workers")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -144,15 +169,14 @@ def rss_timeline(path: Path, samples: Sequence[tuple[float, float]],
 
 def write_all(folder: Path, *, buckets: Sequence[dict], runs: Sequence[dict],
               cdfs: Sequence[tuple[str, Sequence[float]]], budget_ms: float,
-              rss: Sequence[tuple[float, float]], rss_marks: Sequence[tuple[float, str]],
-              ) -> list[str]:
+              rss: Sequence[Worker], xlabel: str = XLABEL) -> list[str]:
     """Every plot that has data; returns the file names written."""
     out: list[Path] = []
     if buckets:
-        out.append(latency_timeline(folder / "latency.png", buckets, runs, budget_ms))
-        out.append(throughput_timeline(folder / "throughput.png", buckets, runs))
+        out.append(latency_timeline(folder / "latency.png", buckets, runs, budget_ms, xlabel))
+        out.append(throughput_timeline(folder / "throughput.png", buckets, runs, xlabel))
     if any(values for _label, values in cdfs):
         out.append(latency_cdfs(folder / "latency_cdf.png", cdfs, budget_ms))
-    if rss:
-        out.append(rss_timeline(folder / "rss.png", rss, rss_marks))
+    if any(samples for _label, samples, _marks in rss):
+        out.append(rss_timeline(folder / "rss.png", rss))
     return [p.name for p in out]
