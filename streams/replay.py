@@ -219,6 +219,8 @@ class _PartitionRange:
         if self.end is not None and self.end.kind == "time" and ts >= self.end.value:
             self.done = True  # the first record at or after --to ends the range
             return None
+        if self.stop is not None and offset + 1 >= self.stop:
+            self.done = True  # the range's last record: nothing may follow it for long
         if not self.started:
             s = self.start
             self.started = offset >= s.value if s.kind == "offset" else ts >= s.value
@@ -237,7 +239,8 @@ class RangeReader:
         self.settings = settings
         self.topic = settings.topics.transactions
         self.consumer = Consumer({**settings.kafka.consumer_config(group),
-                                  "enable.auto.offset.store": False})
+                                  "enable.auto.offset.store": False,
+                                  "queued.max.messages.kbytes": 16384})
         meta = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise ReplayError(f"topic {self.topic!r} not found")
@@ -305,8 +308,7 @@ class RangeReader:
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since > IDLE_S:
                     for r in self.ranges.values():
-                        if r.stop is None:
-                            r.done = True  # read to the end
+                        r.done = True  # read to the end (or the end offset is gone)
                 self._flow(buffers, paused)
             out = self._merge(buffers)
             for i in range(0, len(out), self.batch):
@@ -447,8 +449,9 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                               max(reader.partitions) + 1, config.online)
     result = ReplayResult(config, champion.version, challenger.version)
     result.ranges = {p: (r.first, r.stop) for p, r in reader.ranges.items()}
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 50}) \
-        if config.publish else None
+    # bounded client queues: a replay reads and writes as fast as it can
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 50,
+                         "queue.buffering.max.kbytes": 65536}) if config.publish else None
     headers = [(REPLAY_HEADER, config.replay_id.encode())]
     seen: set[bytes] = set()  # dedupe keys decided: a repeat is counted, not decided again
 

@@ -222,3 +222,18 @@ def test_a_replay_refuses_to_write_to_the_live_decisions(models_registry, stack_
                                           topic=settings.topics.decisions))
     with pytest.raises(ReplayError, match="no version"):
         run_replay(settings, ReplayConfig(challenger="nope", start=Bound("offset", 0)))
+
+
+@pytest.mark.timeout(120)
+def test_an_end_offset_ends_the_range_even_when_nothing_follows_it(
+        models_registry, stack_settings, codecs, tmp_path):
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = fresh_topics(stack_settings, 1, scoring={"models_dir": root})
+    events = [(k, r) for k, r in history(23, 0.2, 1500) if k == "transaction"][:300]
+    produce_arrivals(settings, codecs, events)
+    for end in (300, 120):  # 300: the last record; no record at that offset will come
+        result = run_replay(settings, ReplayConfig(
+            challenger=second, start=Bound("offset", 20), end=Bound("offset", end),
+            publish=False))
+        assert (result.read, len(result.decided)) == (end - 20, end - 20)
+        assert result.decided.transaction_ids[0] == events[20][1]["transaction_id"]
