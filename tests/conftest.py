@@ -55,6 +55,8 @@ def stack_settings(broker: EmbeddedBroker, registry: EmbeddedRegistry, tmp_path:
         codec={"registry_url": registry.url},
         worker={"app_id": f"fraudstream-{uid}", "data_dir": tmp_path / "state",
                 "commit_interval_s": 0.5, "metrics_port": 0},
+        # not the checkout's models/ folder: a test decides with a model only by choice
+        scoring={"models_dir": tmp_path / "no-models"},
     )
     ensure_topics(settings)
     return settings
