@@ -460,6 +460,7 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
 
     labels: list[RawRecord] | None = None
     label_times: list[int] = []
+    labelled: set[bytes] = set()
     fed = batches = 0
     thresholds = gc.get_threshold()
     gc.set_threshold(50_000, 20, 20)  # fewer young collections: batches make many objects
@@ -471,6 +472,14 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                                      min(rec.timestamp_ms for _, rec in batch)
                                      - LABEL_LOOKBACK_MS, group)
                 label_times = [lab.timestamp_ms for lab in labels]
+                for lab in labels:  # every label of the range's transactions, for the measures
+                    try:
+                        rec = pipeline.read_label(lab)
+                    except (DecodeError, ValidationError):
+                        continue  # counted as a bad label when it is fed
+                    tid = rec["transaction_id"]
+                    result.labels[tid] = result.labels.get(tid, False) or bool(rec["is_fraud"])
+                labelled = {tid.encode() for tid in result.labels}
             until = bisect.bisect_right(label_times, max(rec.timestamp_ms for _, rec in batch))
             due, fed = labels[fed:until], max(fed, until)
             result.labels_fed += len(due)
@@ -482,7 +491,10 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                     continue
                 res = pipeline.process(records, lookup, due)
                 due = []
-                store.write(res.feature_writes)
+                # The feature log serves labels looking for their features: the replay
+                # knows every label to come, so it keeps only the entries one will read.
+                store.write([w for w in res.feature_writes
+                             if not w[1].startswith(b"f|") or w[1].split(b"|", 2)[2] in labelled])
                 seen.update(key for _p, key, _v in res.new_entries)
                 _count_rejects(result, res, codecs, settings.topics.labels)
                 if role == "warmup":
@@ -503,13 +515,6 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                 # the whole replay again (that doubled the cost per record).
                 gc.collect()
                 gc.freeze()
-        for lab in labels or []:  # every label of the range's transactions, for the measures
-            try:
-                rec = pipeline.read_label(lab)
-            except (DecodeError, ValidationError):
-                continue  # counted as a bad label when it was fed
-            tid = rec["transaction_id"]
-            result.labels[tid] = result.labels.get(tid, False) or bool(rec["is_fraud"])
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
