@@ -101,9 +101,17 @@ class DriftMonitor:
 
     def _event(self, feature: str, stat: str, value: float, threshold: float,
                now_ms: int) -> dict[str, Any]:
-        return {"feature": feature, "statistic": stat, "value": float(value),
-                "threshold": float(threshold),
-                "window_start": self.window_start or now_ms, "window_end": now_ms,
-                "window_count": int(self.n), "model_version": self.version,
-                "severity": "critical" if value > 2 * threshold else "warning",
-                "detected_at": int(time.time() * 1000)}
+        return drift_event(feature, stat, value, threshold, self.window_start or now_ms,
+                           now_ms, self.n, self.version,
+                           "critical" if value > 2 * threshold else "warning")
+
+
+def drift_event(feature: str, statistic: str, value: float, threshold: float,
+                window_start: int, window_end: int, window_count: int, model_version: str,
+                severity: str) -> dict[str, Any]:
+    """A DriftEvent record (schemas/drift_event.avsc), detected now."""
+    return {"feature": feature, "statistic": statistic, "value": float(value),
+            "threshold": float(threshold), "window_start": window_start,
+            "window_end": window_end, "window_count": int(window_count),
+            "model_version": model_version, "severity": severity,
+            "detected_at": int(time.time() * 1000)}

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from river import drift, linear_model, optim, preprocessing
 
+from scorers.drift import drift_event
 from state.engine import LabelEvent, StateStore
 from state.features import FEATURE_NAMES
 
@@ -206,13 +207,10 @@ class OnlineStage:
             detector.update(e)
             if detector.drift_detected:
                 now = int(time.time() * 1000)
-                self.drift_events.append({
-                    "feature": "online_error", "statistic": "adwin",
-                    "value": float(detector.estimation), "threshold": float(before),
-                    "window_start": now, "window_end": now,
-                    "window_count": int(detector.width),
-                    "severity": "warning" if detector.estimation > before else "info",
-                    "model_version": f"online-p{partition}", "detected_at": now})
+                self.drift_events.append(drift_event(
+                    "online_error", "adwin", detector.estimation, before, now, now,
+                    detector.width, f"online-p{partition}",
+                    "warning" if detector.estimation > before else "info"))
 
     def blend(self, learners: dict[int, OnlineLearner], partitions: Sequence[int],
               X: np.ndarray, scores: np.ndarray) -> np.ndarray:

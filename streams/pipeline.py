@@ -297,7 +297,7 @@ class Pipeline:
             finite = np.isfinite(p)
             out.drift_events += monitor.observe(X[finite], p[finite],
                                                 int(self.clock() * 1000))
-        verdicts = self._verdicts(model, scores, p, reasons, "model", out.fallbacks, rules)
+        verdicts = self._verdicts(model, scores, p, reasons, "model", out.fallbacks, "", rules)
         shadow_model = models.shadow
         if shadow_model is None or time.perf_counter() >= deadline:
             return verdicts, None
@@ -307,25 +307,22 @@ class Pipeline:
             return verdicts, None
         if learners and self.online is not None:
             sp = self.online.blend(learners, partitions, X, sp)
-        shadow_fallbacks: Counter[str] = Counter()
-        shadow = self._verdicts(shadow_model, scores, sp, sreasons, "shadow", shadow_fallbacks,
-                                rules)
-        for cause, n in shadow_fallbacks.items():
-            out.fallbacks[f"shadow_{cause}"] += n
-        return verdicts, shadow
+        return verdicts, self._verdicts(shadow_model, scores, sp, sreasons, "shadow",
+                                        out.fallbacks, "shadow_", rules)
 
     @staticmethod
     def _verdicts(model: Any, scores: list[Score], p: np.ndarray, reasons: list[list[str]],
-                  stage: str, fallbacks: Counter[str],
+                  stage: str, fallbacks: Counter[str], cause_prefix: str,
                   rules: Callable[[Score, str, str | None], dict[str, Any]],
                   ) -> list[dict[str, Any]]:
         """``model``'s decisions: its thresholds, the rules' guardrails as a floor, the
-        rules' decision (fallback ``nan``) where its score is not finite. The shadow goes
-        through the same steps, so it shows what the version would decide if promoted."""
+        rules' decision (fallback ``nan``, counted as ``<cause_prefix>nan``) where its
+        score is not finite. The shadow goes through the same steps, so it shows what the
+        version would decide if promoted."""
         verdicts = []
         for s, value, why in zip(scores, p.tolist(), reasons, strict=True):
             if not math.isfinite(value):
-                fallbacks["nan"] += 1
+                fallbacks[f"{cause_prefix}nan"] += 1
                 verdicts.append(rules(s, stage, "nan"))
                 continue
             outcome = model.thresholds.outcome(value)

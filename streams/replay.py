@@ -58,7 +58,6 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from schemas.codec import Codecs, DecodeError, make_registry
 from schemas.validate import ValidationError
-from scorers.base import Scorer
 from scorers.cascade import ModelStage
 from scorers.online import OnlineStage
 from scorers.registry import ACTIVE, Registry
@@ -276,12 +275,6 @@ class RangeReader:
         self.consumer.assign([TopicPartition(self.topic, p, first[p]) for p in partitions])
         self.batch = config.batch
 
-    def expected(self) -> int | None:
-        """Records to read, when every partition's end is known (for progress)."""
-        if any(r.stop is None for r in self.ranges.values()):
-            return None
-        return sum(max(0, r.stop - r.first) for r in self.ranges.values())  # type: ignore[operator]
-
     def batches(self) -> Iterator[list[tuple[str, RawRecord]]]:
         """The records in Kafka timestamp order across partitions (each partition's own
         order kept), as a live worker meets them on live traffic; in batches."""
@@ -412,8 +405,7 @@ def _load_models(settings: Settings, config: ReplayConfig) -> tuple[Any, Any]:
 
 
 def build_pipeline(settings: Settings, codecs: Codecs, champion: Any, challenger: Any,
-                   partitions: int, online: bool, scorer: Scorer | None = None,
-                   ) -> tuple[Pipeline, MemoryStore]:
+                   partitions: int, online: bool) -> tuple[Pipeline, MemoryStore]:
     """The live worker's pipeline on a fresh in-memory state, without a deadline; the
     caller writes each batch's ``feature_writes`` to the store, as the worker's committer
     does."""
@@ -424,7 +416,7 @@ def build_pipeline(settings: Settings, codecs: Codecs, champion: Any, challenger
                       label_delay_ms=int(fs.label_delay_s * 1000)), store)
     w = settings.worker
     return Pipeline(
-        codecs, scorer or RulesScorer(RuleSet.load(settings.scoring.rules_path)),
+        codecs, RulesScorer(RuleSet.load(settings.scoring.rules_path)),
         Limits(max_record_bytes=settings.codec.max_record_bytes,
                max_future_ms=w.max_future_ms, max_amount=w.max_amount),
         input_format=settings.codec.input_format, features=engine,
