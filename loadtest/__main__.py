@@ -87,6 +87,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer
 
 from loadtest import plots
+from loadtest.proc import tree_cpu_s, tree_rss_kb
 from schemas.codec import Codecs, make_registry
 from streams.broker import EmbeddedBroker, free_port
 from streams.demo import percentile
@@ -179,60 +180,6 @@ def read_decisions(settings: Settings, codecs: Codecs, stop: Callable[[list], bo
 
 
 # ------------------------------------------------------------------------ RSS, CPU
-
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += _children(p)
-    return out
-
-
-def tree_rss_kb(pid: int) -> int:
-    """VmRSS of ``pid`` and all its descendants, in kB (0 once it is gone)."""
-    return sum(_rss_kb(p) for p in _tree(pid))
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its living descendants."""
-    ticks = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return ticks / os.sysconf("SC_CLK_TCK")
-
 
 class RssSampler(threading.Thread):
     """Samples a process tree's RSS every ``RSS_EVERY_S`` until stopped. ``label`` names

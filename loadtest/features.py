@@ -39,6 +39,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from loadtest.proc import rss_kb
 from state.engine import FeatureEngine, MemoryStore, TxnEvent
 from state.features import FeatureConfig
 from streams.generator import DAY_MS, GeneratorConfig, generate_history
@@ -326,7 +327,7 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int 
         if seconds is None:
             raise RuntimeError(f"no decision from the worker; see {log}")
         time.sleep(2.0)
-        result = {"seconds": seconds, "rss_mb": _rss_kb(proc.pid) / 1024.0}
+        result = {"seconds": seconds, "rss_mb": rss_kb(proc.pid) / 1024.0}
         if traffic:
             rng = random.Random(7)
             t1 = time.monotonic()
@@ -348,18 +349,11 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int 
                 seen += sum(1 for m in consumer.consume(1000, 0.5) if not m.error())
             result["traffic"] = seen
             result["traffic_rate"] = seen / (time.monotonic() - t1)
-            result["rss_after_traffic_mb"] = _rss_kb(proc.pid) / 1024.0
+            result["rss_after_traffic_mb"] = rss_kb(proc.pid) / 1024.0
     finally:
         stop_process(proc, 30.0)
         consumer.close()
     return result
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _du(path: Path) -> int:
