@@ -14,19 +14,13 @@ import re
 from datetime import datetime
 from typing import Any
 
+from schemas.fx import Rates
+
 CHANNELS = frozenset({"pos", "ecom", "atm", "moto", "contactless"})
 OPTIONAL_STRINGS = ("customer_id", "terminal_id", "device_id")
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake
 MAX_ID_LEN = 128
-#: Rough units per euro, by order of magnitude, for currencies where one unit is worth far
-#: less than a euro. The absurd-amount bound (``max_amount``, in euro-sized units) is
-#: multiplied by this, so 1,176,000 NGN (about 735 EUR) is not refused as absurd.
-CURRENCY_SCALE = {
-    "ARS": 1000, "CLP": 1000, "COP": 5000, "HUF": 400, "IDR": 20000, "INR": 100,
-    "IRR": 50000, "ISK": 150, "JPY": 200, "KES": 150, "KRW": 1500, "KZT": 500, "LKR": 300,
-    "MAD": 10, "MXN": 20, "NGN": 2000, "PHP": 60, "PKR": 300, "RUB": 100, "THB": 40,
-    "TRY": 40, "TWD": 35, "UAH": 45, "UGX": 4000, "VND": 30000, "ZAR": 20,
-}
+_NO_FUTURE_CHECK = 2**62
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _MCC = re.compile(r"^[0-9]{4}$")
@@ -141,9 +135,15 @@ def _event_time(rec: dict[str, Any], name: str = "event_time") -> int:
 
 
 def validate_transaction(
-    rec: dict[str, Any], now_ms: int, max_future_ms: int, max_amount: float
+    rec: dict[str, Any], now_ms: int, max_future_ms: int, max_amount: float, *, rates: Rates
 ) -> dict[str, Any]:
-    """Return the normalized transaction, or raise :class:`ValidationError`."""
+    """Return the normalized transaction, or raise :class:`ValidationError`.
+
+    The result carries ``amount_ref``, the amount in ``rates.reference`` (what features,
+    rules and models use), next to the original ``amount`` and ``currency``. A currency the
+    rates table lacks is refused (field ``currency``): deciding it would compare an amount
+    of unknown value with thresholds in the reference currency. ``max_amount`` is in the
+    reference currency too."""
     txn_id = _string(rec, "transaction_id")
     card_id = _string(rec, "card_id")
     assert card_id is not None
@@ -165,9 +165,16 @@ def validate_transaction(
     currency = _string(rec, "currency")
     if not _CURRENCY.match(currency or ""):
         raise ValidationError("currency", f"expected an ISO 4217 code, got {currency!r}")
-    limit = max_amount * CURRENCY_SCALE.get(currency or "", 1)
-    if amount > limit:
-        raise ValidationError("amount", f"{amount} {currency} is over the maximum {limit:.0f}")
+    assert currency is not None
+    rate = rates.rate(currency)
+    if rate is None:
+        raise ValidationError("currency", f"no exchange rate for {currency!r} in rates table "
+                                          f"{rates.version}")
+    amount_ref = amount / rate
+    if amount_ref > max_amount:
+        raise ValidationError("amount", f"{amount} {currency} (about {amount_ref:.0f} "
+                                        f"{rates.reference}) is over the maximum "
+                                        f"{max_amount:.0f} {rates.reference}")
     country = _string(rec, "country")
     if not _COUNTRY.match(country or ""):
         raise ValidationError("country", f"expected an ISO 3166 alpha-2 code, got {country!r}")
@@ -204,6 +211,7 @@ def validate_transaction(
         "merchant_id": merchant_id,
         "amount": amount,
         "currency": currency,
+        "amount_ref": amount_ref,
         "mcc": mcc,
         "country": country,
         "card_country": card_country,
@@ -215,6 +223,14 @@ def validate_transaction(
     for name in OPTIONAL_STRINGS:
         out[name] = _string(rec, name, required=False)
     return out
+
+
+def validate_history_transaction(rec: dict[str, Any], rates: Rates,
+                                 max_amount: float = math.inf) -> dict[str, Any]:
+    """:func:`validate_transaction` for a record of history (a file, a generated stream):
+    no bound on how far in the future its event time is, since "now" is the history's."""
+    return validate_transaction(rec, now_ms=_NO_FUTURE_CHECK, max_future_ms=0,
+                                max_amount=max_amount, rates=rates)
 
 
 def validate_label(rec: dict[str, Any]) -> dict[str, Any]:

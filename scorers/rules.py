@@ -16,7 +16,10 @@ Rule keys common to every kind: ``id``, ``kind``, ``weight`` (required); ``actio
 
 Kinds and their own keys:
 
-- ``amount``: ``op``, ``value`` -- ``amount <op> value``.
+- ``amount``: ``op``, ``value`` -- ``amount_ref <op> value``: the amount converted into
+  the rates table's reference currency (EUR by default, :mod:`schemas.fx`), so one
+  threshold means the same value in every currency. With ``in_currency = "JPY"`` the rule
+  compares the original amount instead and applies only to transactions in that currency.
 - ``mcc``: fires when the event's ``mcc`` is in the (required) ``mcc`` list.
 - ``country``: ``countries`` list; ``field`` = ``"country"`` (default) or
   ``"card_country"``.
@@ -471,7 +474,14 @@ def _compare(getter: Callable[[Event, Features], Any], op: str, bound: float) ->
 
 def _build_amount(r: _RuleReader) -> Predicate:
     op, bound = r.comparison()
-    return _compare(lambda e, f: e.get("amount"), op, bound)
+    currency = r.raw.get("in_currency")
+    if currency is None:
+        return _compare(lambda e, f: e.get("amount_ref"), op, bound)
+    if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha() \
+            or not currency.isupper():
+        r.fail("in_currency", f"must be an ISO 4217 code, got {currency!r}")
+    return _compare(lambda e, f: e.get("amount") if e.get("currency") == currency else None,
+                    op, bound)
 
 
 def _build_feature(r: _RuleReader) -> Predicate:
@@ -554,7 +564,7 @@ def _ip_matcher(groups: tuple[tuple[int, int, frozenset[int]], ...]) -> Predicat
 
 
 _KINDS: dict[str, tuple[Callable[[_RuleReader], Predicate | None], frozenset[str]]] = {
-    "amount": (_build_amount, frozenset({"op", "value"})),
+    "amount": (_build_amount, frozenset({"op", "value", "in_currency"})),
     "feature": (_build_feature, frozenset({"feature", "op", "value"})),
     "mcc": (_build_mcc, frozenset()),
     "country": (_build_country, frozenset({"countries", "field"})),

@@ -198,7 +198,7 @@ class FeatureEngine:
                     if cached is not None and cached[0] == hour:
                         agg = cached[1]
                         if added:
-                            amount = float(txn["amount"])
+                            amount = float(txn["amount_ref"])
                             agg[0] += 1.0
                             agg[1] += amount
                             agg[2] += 1.0

@@ -21,6 +21,8 @@ Windows (``t`` is the event's own time, UTC):
   its hour or day seen so far, so these windows are hour- or day-aligned.
 - Windowed values include the current event; the amount ratio and z-score compare the
   amount with the card's *earlier* 30 days.
+- Amounts are the event's ``amount_ref``: converted into the reference currency by the
+  validator (:mod:`schemas.fx`), so a card spending in JPY and EUR gets sums in one unit.
 
 Lateness: an event older than the entity's latest event time minus the allowed lateness
 is still counted (in every bucket still kept) and gets features, flagged
@@ -89,7 +91,9 @@ def _names() -> tuple[str, ...]:
 #: The feature vector's names, in order. A model artifact records these; changing them is
 #: a new :data:`FEATURE_VERSION`.
 FEATURE_NAMES: tuple[str, ...] = _names()
-FEATURE_VERSION = "v1"
+#: v2: every amount is ``amount_ref``, in the rates table's reference currency (v1 summed
+#: raw amounts across currencies).
+FEATURE_VERSION = "v2"
 INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 
@@ -350,7 +354,7 @@ def update_card(state: CardState, event: Mapping[str, Any], v: list[float],
     ``add=False``: the state already holds the event (delivered again): only the features,
     its windows counting it once (first-use flags and the gap then see it as known)."""
     t = event["event_time"]
-    amount = float(event["amount"])
+    amount = float(event["amount_ref"])
     lat_v, lon_v = event.get("lat"), event.get("lon")
     if lat_v is not None and lon_v is not None:
         has_loc, lat, lon = True, float(lat_v), float(lon_v)
@@ -531,7 +535,7 @@ def add_merchant_event(state: EntityState, event: Mapping[str, Any],
                        config: FeatureConfig) -> None:
     """Count ``event`` in a merchant's partial state (hourly and daily buckets)."""
     t = event["event_time"]
-    amount = float(event["amount"])
+    amount = float(event["amount_ref"])
     hb = _bucket(state.hours, t // HOUR_MS, 2)
     hb[1] += 1.0
     hb[2] += amount

@@ -254,14 +254,13 @@ def build_worker(settings: Settings) -> Worker:
                                           sc.drift_js_threshold))
     watcher = ModelWatcher(registry, models, metrics)
     watcher.check()
+    limits = Limits.from_settings(settings)
+    log.warning("amounts in %s, rates table %s (%d currencies)", limits.rates.reference,
+                limits.rates.version, len(limits.rates.units_per_ref))
     pipeline = Pipeline(
         codecs,
         scorer,
-        Limits(
-            max_record_bytes=settings.codec.max_record_bytes,
-            max_future_ms=w.max_future_ms,
-            max_amount=w.max_amount,
-        ),
+        limits,
         input_format=settings.codec.input_format,
         features=engine,
         log_features=fs.log,

@@ -187,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"fraudstream: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(args, settings) or 0)
+    from schemas.fx import RatesError
+
+    try:
+        return int(args.func(args, settings) or 0)
+    except RatesError as exc:
+        print(f"fraudstream: rates table: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

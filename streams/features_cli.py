@@ -16,14 +16,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from schemas.validate import ValidationError, validate_label, validate_transaction
+from schemas.fx import Rates
+from schemas.validate import ValidationError, validate_history_transaction, validate_label
 from state.features import FEATURE_NAMES, FeatureConfig, Vector
 from state.offline import OfflineStats, offline_features
 from streams.csv_source import ColumnMapping, CsvMappingError, read_csv_events
 from streams.settings import Settings
 
 ID_COLUMNS = ("transaction_id", "event_time", "card_id", "merchant_id")
-_NO_FUTURE_CHECK = 2**62
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,15 +83,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def checked_events(events: Iterator[tuple[str, dict[str, Any]]], settings: Settings,
              errors: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """Events as the worker would accept them; the others reported in ``errors``."""
+    rates = Rates.load(settings.worker.rates_path)
     for kind, record in events:
         if kind == "error":
             errors.append(f"line {record['line']}: {record['reason']}")
             continue
         try:
             if kind == "transaction":
-                yield kind, validate_transaction(
-                    record, now_ms=_NO_FUTURE_CHECK, max_future_ms=0,
-                    max_amount=settings.worker.max_amount)
+                yield kind, validate_history_transaction(record, rates,
+                                                         settings.worker.max_amount)
             else:
                 yield kind, validate_label(record)
         except ValidationError as exc:

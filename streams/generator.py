@@ -41,6 +41,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.fx import Rates
+from schemas.validate import validate_history_transaction
 from state.geo import haversine_km
 
 DAY_MS = 86_400_000
@@ -590,10 +592,14 @@ def generate_history(
     return [a[2] for a in arrivals], gen.due_labels(end)
 
 
-def arrival_events(txns: list[dict[str, Any]], labels: list[dict[str, Any]]
-                   ) -> list[tuple[str, dict[str, Any]]]:
+def arrival_events(txns: list[dict[str, Any]], labels: list[dict[str, Any]],
+                   rates: Rates | None = None) -> list[tuple[str, dict[str, Any]]]:
     """One stream as the topics would carry it: transactions in arrival order, each label
-    once the stream reached its label_time (the rest at the end)."""
+    once the stream reached its label_time (the rest at the end). Transactions come as the
+    worker's validator returns them (``amount_ref`` in the reference currency of ``rates``,
+    the shipped table by default), ready for the offline feature builder."""
+    rates = rates or Rates.load()
+    txns = [validate_history_transaction(t, rates) for t in txns]
     pending = sorted(labels, key=lambda lab: lab["label_time"])
     out: list[tuple[str, dict[str, Any]]] = []
     latest, j = 0, 0

@@ -66,6 +66,8 @@ class MalformedFactory:
             ),
             "card_number": lambda t: self._good(dict(t, card_id="4111111111111111"), "card_id"),
             "bad_channel": lambda t: self._good(dict(t, channel="carrier-pigeon"), "channel"),
+            # a well-formed ISO 4217 code that no rates table for card spend holds (gold)
+            "unknown_currency": lambda t: self._good(dict(t, currency="XAU"), "currency"),
             "oversize": self.oversize,
         }
         if input_format == "json":

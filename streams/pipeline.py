@@ -27,12 +27,14 @@ from typing import Any
 import numpy as np
 
 from schemas.codec import Codecs, DecodeError, decode_json
+from schemas.fx import Rates
 from schemas.validate import ValidationError, mask_pans, validate_label, validate_transaction
 from scorers.base import Score, Scorer
 from scorers.cascade import ModelStage
 from scorers.online import OnlineStage
 from state.engine import FeatureBatch, FeatureEngine, LabelEvent, StateUnavailable, TxnEvent
 from state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
+from streams.settings import Settings
 
 #: (partition, [dedupe keys]) -> [stored decision bytes or None], aligned.
 Lookup = Callable[[int, list[bytes]], list[bytes | None]]
@@ -97,7 +99,18 @@ class BatchResult:
 class Limits:
     max_record_bytes: int
     max_future_ms: int
+    #: In the reference currency of ``rates``.
     max_amount: float
+    #: Every amount is converted with it (``amount_ref``); the shipped table by default.
+    rates: Rates = field(default_factory=Rates.load)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The worker's limits; raises :class:`schemas.fx.RatesError` for a bad rates file."""
+        w = settings.worker
+        return cls(max_record_bytes=settings.codec.max_record_bytes,
+                   max_future_ms=w.max_future_ms, max_amount=w.max_amount,
+                   rates=Rates.load(w.rates_path))
 
 
 class Pipeline:
@@ -218,6 +231,9 @@ class Pipeline:
                 "event_time": txn["event_time"],
                 "source_timestamp": rec.timestamp_ms,
                 "decided_at": decided_at,
+                "amount": txn["amount"],
+                "currency": txn["currency"],
+                "amount_ref": round(txn["amount_ref"], 4),
             }
             value = encode({**common, **verdict,
                             "reasons": [*verdict["reasons"], *flags[i]]})
@@ -257,6 +273,7 @@ class Pipeline:
             now_ms=now_ms,
             max_future_ms=self.limits.max_future_ms,
             max_amount=self.limits.max_amount,
+            rates=self.limits.rates,
         )
 
     def _cascade(self, scores: list[Score], vectors: Sequence[Any] | None, out: BatchResult,

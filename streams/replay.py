@@ -414,11 +414,9 @@ def build_pipeline(settings: Settings, codecs: Codecs, champion: Any, challenger
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                       label_delay_ms=int(fs.label_delay_s * 1000)), store)
-    w = settings.worker
     return Pipeline(
         codecs, RulesScorer(RuleSet.load(settings.scoring.rules_path)),
-        Limits(max_record_bytes=settings.codec.max_record_bytes,
-               max_future_ms=w.max_future_ms, max_amount=w.max_amount),
+        Limits.from_settings(settings),
         input_format=settings.codec.input_format, features=engine,
         models=ModelStage(active=champion, shadow=challenger),
         budget_ms=float("inf"),

@@ -120,7 +120,11 @@ class WorkerSettings:
     store: Literal["rocksdb", "memory"] = "rocksdb"
     batch_max: int = 500
     max_future_ms: int = 5 * 60 * 1000
+    #: Larger amounts (in the rates table's reference currency) go to the DLQ as absurd.
     max_amount: float = 1_000_000.0
+    #: Exchange rates into the reference currency (EUR): every amount the features, rules
+    #: and models use is converted with it; a currency it lacks goes to the DLQ.
+    rates_path: Path = Path(__file__).resolve().parent.parent / "schemas" / "rates.toml"
     commit_interval_s: float = 1.0
     dedupe_retention_days: float = 7.0
     dedupe_expiry_interval_s: float = 600.0
@@ -263,6 +267,6 @@ def describe() -> list[tuple[str, str, str]]:
             name = f"{PREFIX}{section.name}_{f.name}".upper()
             default = getattr(obj, f.name)
             if isinstance(default, Path) and default.is_absolute():
-                default = "scorers/rules/default.toml"
+                default = default.relative_to(Path(__file__).resolve().parent.parent)
             rows.append((name, str(default), doc))
     return rows

@@ -12,6 +12,7 @@ import pytest
 from fastavro import parse_schema
 from fastavro.validation import validate
 
+from schemas.fx import Rates
 from schemas.validate import validate_transaction
 from streams.csv_source import (
     ColumnMapping,
@@ -65,7 +66,8 @@ def test_other_column_names_map_to_valid_transactions(tmp_path: Path) -> None:
     label_schema = parse_schema(json.loads((SCHEMA_DIR / "label.avsc").read_text()))
     for t in txns:
         assert validate(t, schema, raise_errors=True)
-        validate_transaction(t, now_ms=_ms("2030-01-01"), max_future_ms=0, max_amount=1e9)
+        validate_transaction(t, now_ms=_ms("2030-01-01"), max_future_ms=0, max_amount=1e9,
+                             rates=Rates.load())
     for lb in _of(events, "label"):
         assert validate(lb, label_schema, raise_errors=True)
     a1 = next(t for t in txns if t["transaction_id"] == "a1")

@@ -25,8 +25,10 @@ T0 = 1_790_000_000_000 - 1_790_000_000_000 % DAY_MS + 12 * HOUR_MS  # a Monday n
 
 def txn(i: int, t: int, amount: float = 10.0, card: str = "card_1", merchant: str = "m1",
         **extra: Any) -> dict[str, Any]:
+    """A transaction as the validator returns it: EUR, so ``amount_ref`` is the amount."""
     return {"transaction_id": f"t{i}", "event_time": t, "card_id": card,
-            "merchant_id": merchant, "amount": amount, "country": "FR", "lat": None,
+            "merchant_id": merchant, "amount": amount, "currency": "EUR",
+            "amount_ref": amount, "country": "FR", "lat": None,
             "lon": None, "device_id": None, "ip": None, **extra}
 
 

@@ -14,6 +14,7 @@ import pytest
 from fastavro import parse_schema, schemaless_writer
 from fastavro.validation import validate
 
+from schemas.fx import Rates
 from schemas.validate import validate_transaction
 from streams.generator import (
     COUNTRY_CURRENCY,
@@ -88,7 +89,8 @@ def test_every_transaction_and_label_matches_the_avro_schema(run: Run) -> None:
 
 def test_every_transaction_passes_the_workers_validation(run: Run) -> None:
     for t in run.txns:
-        validate_transaction(t, now_ms=run.end, max_future_ms=0, max_amount=1e9)
+        validate_transaction(t, now_ms=run.end, max_future_ms=0, max_amount=1e9,
+                             rates=Rates.load())
 
 
 def test_fields_look_like_real_traffic(run: Run) -> None:

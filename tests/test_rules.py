@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 
+from schemas.fx import Rates
 from scorers.base import Outcome, Score, Scorer
 from scorers.rules import DEFAULT_RULES_PATH, RulesError, RuleSet, RulesScorer
+
+RATES = Rates.load()
 
 
 def txn(**overrides: Any) -> dict[str, Any]:
@@ -34,6 +37,8 @@ def txn(**overrides: Any) -> dict[str, Any]:
         "channel": "pos",
     }
     event.update(overrides)
+    if "amount_ref" not in overrides:  # as the validator converts it
+        event["amount_ref"] = RATES.to_reference(event["amount"], event["currency"])
     return event
 
 
@@ -65,7 +70,7 @@ def scorer_from(tmp_path: Path, rules: str) -> RulesScorer:
 
 def test_default_file_loads_and_reports_its_version(default_scorer: RulesScorer) -> None:
     ruleset = RuleSet.load(DEFAULT_RULES_PATH)
-    assert ruleset.version == "2026.11.1"
+    assert ruleset.version == "2026.12.1"
     assert default_scorer.version == f"rules@{ruleset.version}"
     assert isinstance(default_scorer, Scorer)
     assert len(ruleset.rules) >= 10

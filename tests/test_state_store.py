@@ -33,6 +33,8 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from schemas.fx import Rates
+from schemas.validate import validate_history_transaction
 from state.engine import (
     FeatureBatch,
     FeatureEngine,
@@ -431,9 +433,10 @@ def test_a_hung_redis_costs_one_timeout(start_redis):
 
 def txn(card_id: str, event_time: int, **changes: Any) -> dict[str, Any]:
     base = {"card_id": card_id, "merchant_id": "merchant_9", "amount": 25.0,
-            "event_time": event_time, "country": "FR", "lat": 48.857, "lon": 2.352,
-            "device_id": "dev_1", "ip": "90.1.2.3"}
+            "currency": "EUR", "event_time": event_time, "country": "FR", "lat": 48.857,
+            "lon": 2.352, "device_id": "dev_1", "ip": "90.1.2.3"}
     base.update(changes)
+    base.setdefault("amount_ref", base["amount"])  # EUR: as the validator returns it
     return base
 
 
@@ -447,6 +450,9 @@ def same(x: float, y: float) -> bool:
 
 
 _TRAFFIC: list[tuple[list[TxnEvent], list[LabelEvent]]] = []
+
+
+RATES = Rates.load()
 
 
 def traffic_batches(n: int = 600, size: int = 50
@@ -463,7 +469,7 @@ def traffic_batches(n: int = 600, size: int = 50
     rows: list[tuple[str, dict[str, Any]]] = []
     for _ in range(n):
         now += int(rng.expovariate(1 / 180_000))
-        t = gen.next_transaction(now)
+        t = validate_history_transaction(gen.next_transaction(now), RATES)
         if rng.random() < 0.02:
             t = {**t, "event_time": t["event_time"] - 3 * 3_600_000}
         rows.append(("t", t))
