@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.proc import rss_kb
+from schemas.fx import Rates
+from schemas.validate import validate_history_transaction
 from state.engine import FeatureEngine, MemoryStore, TxnEvent
 from state.features import FeatureConfig
 from streams.generator import DAY_MS, GeneratorConfig, generate_history
@@ -48,11 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _history(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Generated transactions as the validator returns them (amounts in EUR too)."""
     start = int(time.time() * 1000) - int((args.days + 1) * DAY_MS)
     txns, _labels = generate_history(
         GeneratorConfig(seed=args.seed, n_cards=args.cards, id_prefix="bench"), start,
         args.days, args.per_day)
-    return txns
+    rates = Rates.load()
+    return [validate_history_transaction(t, rates) for t in txns]
 
 
 def _partition(card_id: str, partitions: int) -> int:
