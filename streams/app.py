@@ -15,7 +15,6 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from streams.feature_store import TableFeatureStore
 from streams.metrics import WorkerMetrics
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import KafkaSettings, Settings
+from streams.status import WorkerStatus
 from streams.table_state import FaustTableState
 
 log = logging.getLogger("fraudstream.worker")
@@ -114,59 +114,6 @@ def source_partitions(settings: Settings) -> int:
     if topic is None or topic.error is not None or not topic.partitions:
         return settings.kafka.partitions
     return len(topic.partitions)
-
-
-class BatchStats:
-    """Logs, every ``every_s`` seconds, what the batches looked like (until /metrics)."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self._reset(time.monotonic())
-
-    def _reset(self, now: float) -> None:
-        self.since = now
-        self.batches = self.events = self.dead = 0
-        self.process_ms = self.commit_ms = self.features_ms = 0.0
-        self.late = self.too_late = self.degraded = self.labels = self.unattributed = 0
-        self.miskeyed = 0
-        self.fallbacks: Counter[str] = Counter()
-
-    def add(self, size: int, result: Any, commit_ms: float) -> None:
-        self.batches += 1
-        self.events += size
-        self.dead += len(result.dead_letters)
-        self.process_ms += result.timings_ms.get("total", 0.0)
-        self.features_ms += result.timings_ms.get("features", 0.0)
-        self.commit_ms += commit_ms
-        self.miskeyed += result.miskeyed
-        self.fallbacks.update(result.fallbacks)
-        fb = result.features
-        if fb is not None:
-            self.late += fb.late
-            self.too_late += fb.too_late
-            self.degraded += len(fb.vectors) if fb.degraded else 0
-            self.labels += fb.labels_counted
-            self.unattributed += fb.labels_unattributed
-        now = time.monotonic()
-        if now - self.since >= self.every_s:
-            n = self.batches
-            log.info(
-                "%.0f events/s, %d batches (mean size %.1f), mean process %.2f ms "
-                "(features %.2f ms), mean commit %.2f ms, %d dead letters; features: "
-                "%d late, %d too late, %d degraded, %d fraud labels counted, "
-                "%d labels without merchant_id",
-                self.events / (now - self.since), n, self.events / n, self.process_ms / n,
-                self.features_ms / n, self.commit_ms / n, self.dead, self.late,
-                self.too_late, self.degraded, self.labels, self.unattributed,
-            )
-            if self.fallbacks:
-                log.warning("rules decided in place of the model: %s", dict(self.fallbacks))
-            if self.miskeyed:
-                log.warning(
-                    "%d transactions were not keyed by their card_id: a card's events may "
-                    "be split over partitions, and its features with them. Key by card_id, "
-                    "or set FRAUDSTREAM_WORKER_REPARTITION=true", self.miskeyed)
-            self._reset(now)
 
 
 @dataclass
@@ -281,7 +228,7 @@ def build_worker(settings: Settings) -> Worker:
         for name in (settings.topics.transactions, settings.topics.labels,
                      settings.topics.by_card)
     )
-    stats = BatchStats()
+    status = WorkerStatus()
     labels_topic = settings.topics.labels
     seen = {"learned": 0, "unjoined": 0}
 
@@ -332,9 +279,12 @@ def build_worker(settings: Settings) -> Worker:
         result = pipeline.process(records, state.lookup, label_records, arrived=arrived)
         t0 = time.perf_counter()
         await committer.commit(result)
-        commit_s = time.perf_counter() - t0
-        stats.add(len(records), result, commit_s * 1000.0)
+        done = time.perf_counter()
+        commit_s = done - t0
+        status.add(len(records), len(label_records), result, (done - arrived) * 1000.0)
         metrics.observe(result, len(records), len(label_records), commit_s)
+        if records:
+            metrics.batch_seconds.observe(done - arrived)
         monitor = models.drift
         if result.drift_events:
             metrics.set_drift(monitor.last if monitor is not None else {},
@@ -349,8 +299,9 @@ def build_worker(settings: Settings) -> Worker:
             except Exception:  # not assigned any more (a rebalance): no reading
                 continue
             if end is not None and recs:
-                metrics.lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, end - recs[-1].offset - 1))
+                lag = max(0, end - recs[-1].offset - 1)
+                metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+                status.set_lag(tp.topic, tp.partition, lag)
 
     topics = {settings.topics.transactions, labels_topic}
     if w.repartition:
@@ -368,6 +319,12 @@ def build_worker(settings: Settings) -> Worker:
                 time.time() * 1000, log_days=settings.scoring.feature_log_days)
             if removed:
                 log.info("features: expired %d idle entity records", removed)
+
+    @app.timer(interval=w.status_interval_s)
+    async def log_status() -> None:
+        """One status line at the default log level: rates, lag, model share, fallbacks,
+        the worker's own batch time."""
+        status.report()
 
     @app.timer(interval=settings.scoring.reload_interval_s)
     async def reload_models() -> None:

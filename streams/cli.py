@@ -137,11 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("demo", help="run everything on embedded defaults with a live summary")
-    p.add_argument("--duration", type=float, default=0, help="seconds; 0 = until Ctrl-C")
-    p.add_argument("--rate", type=float, default=1000, help="transactions per second")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--bad-ratio", type=float, default=0.01,
-                   help="share of malformed records sent, to show the DLQ")
+    from streams.demo import add_arguments as demo_arguments
+
+    demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="write a simulated history (CSV, labels included)")

@@ -1,10 +1,20 @@
-"""``fraudstream demo``: the whole service on embedded defaults, with a live summary.
+"""``fraudstream demo``: the whole product on embedded defaults, with a live summary.
 
-Starts the embedded broker (Tansu, in memory) and Schema Registry, creates the topics,
-starts one worker and the traffic generator as child processes, and prints once a second:
-events/s, decisions by outcome, DLQ count and p50/p99 decision latency (transaction's
-Kafka timestamp to decision received). Ctrl-C, SIGTERM or ``--duration`` stops it; every
-process it started is stopped before it returns.
+1. The model: trained on a generated history of the demo's world the first time (progress
+   bar), cached, and promoted (:mod:`streams.demo_model`); ``--rules-only`` skips it.
+2. The embedded broker (Tansu, in memory) and Schema Registry, the topics, one worker, and
+   the traffic generator with labels flowing back, as child processes.
+3. Once a second, a line (:mod:`streams.demo_summary`): rate, decision mix, who decided,
+   precision of review and decline once labels arrive, dead letters, the worker's own
+   time per batch, and the end-to-end latency; at the end, a summary.
+
+The traffic is sized for a real portfolio: ``--cards`` cards at ``--rate`` transactions a
+second with event time ``--speed`` times faster than the wall clock, so a card's genuine
+gap is ``cards * speed / rate`` event-seconds (8 h by default). Producers batch for
+``--linger-ms``: the embedded broker's fetch cost grows with the record batches it holds.
+
+Ctrl-C, SIGTERM or ``--duration`` stops it; every process it started is stopped before
+it returns.
 """
 
 from __future__ import annotations
@@ -12,79 +22,49 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer
-
-from schemas.codec import Codecs, DecodeError, make_registry
+from schemas.codec import Codecs, make_registry
+from schemas.fx import Rates
 from streams.broker import EmbeddedBroker
+from streams.demo_model import DemoWorld, default_cache, ensure_model
+from streams.demo_summary import Summary
 from streams.processes import StopFlag, die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings
-from streams.topics import assign_all, ensure_topics
+from streams.topics import ensure_topics
+
+DAY_MS = 86_400_000
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-class Summary:
-    """Reads ``decisions`` and the DLQ from the start and keeps the running numbers."""
-
-    def __init__(self, settings: Settings, codecs: Codecs) -> None:
-        self.codecs = codecs
-        self.decisions_topic = settings.topics.decisions
-        self.consumer = Consumer(settings.kafka.consumer_config("fraudstream-demo-summary"))
-        assign_all(self.consumer, [settings.topics.decisions, settings.topics.dlq],
-                   OFFSET_BEGINNING)
-        self.outcomes: Counter[str] = Counter()
-        self.dlq = 0
-        self.total = 0
-        self.window: list[float] = []  # latencies (ms) since the last report
-        self.window_count = 0
-
-    def poll(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            # consume() waits for its whole count or the timeout: keep the timeout short
-            # so that the latency measured is the pipeline's, not this loop's
-            for msg in self.consumer.consume(1000, min(left, 0.005)):
-                if msg.error():
-                    continue
-                now_ms = time.time() * 1000.0
-                self.total += 1
-                self.window_count += 1
-                if msg.topic() != self.decisions_topic:
-                    self.dlq += 1
-                    continue
-                try:
-                    decision = self.codecs.decision.decode(msg.value())
-                except DecodeError:
-                    continue
-                self.outcomes[decision["decision"]] += 1
-                ts = decision["source_timestamp"]
-                self.window.append(now_ms - ts.timestamp() * 1000.0)
-
-    def line(self, interval: float) -> str:
-        rate = self.window_count / interval if interval > 0 else 0.0
-        if self.window:
-            latency = (f"latency p50 {percentile(self.window, 0.5):6.1f} ms "
-                       f"p99 {percentile(self.window, 0.99):6.1f} ms")
-        else:
-            latency = "latency -"
-        self.window, self.window_count = [], 0
-        mix = " ".join(f"{k}={self.outcomes[k]}" for k in ("approve", "review", "decline"))
-        return (f"{rate:7.0f} ev/s | decisions {sum(self.outcomes.values()):>8} ({mix}) | "
-                f"dlq {self.dlq:>6} | {latency}")
-
-    def close(self) -> None:
-        self.consumer.close()
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    world = DemoWorld()
+    p.add_argument("--duration", type=float, default=0, help="seconds; 0 = until Ctrl-C")
+    p.add_argument("--rate", type=float, default=world.rate, help="transactions per second")
+    p.add_argument("--speed", type=float, default=world.speed,
+                   help="event time runs this many times faster than the wall clock")
+    p.add_argument("--cards", type=int, default=world.cards, help="card population")
+    p.add_argument("--label-delay-days", type=float, default=world.label_delay_days,
+                   help="mean delay of a label, in event time")
+    p.add_argument("--history-days", type=float, default=world.history_days,
+                   help="days of generated history the model is trained on")
+    p.add_argument("--warmup-days", type=float, default=1.0,
+                   help="days of event time sent first, unpaced, to warm the worker's state")
+    p.add_argument("--seed", type=int, default=world.seed)
+    p.add_argument("--bad-ratio", type=float, default=0.001,
+                   help="share of malformed records sent, to show the DLQ")
+    p.add_argument("--linger-ms", type=float, default=100.0,
+                   help="producer batching (fewer record batches for the embedded broker)")
+    p.add_argument("--rules-only", action="store_true", help="no model: decide with rules")
+    p.add_argument("--models-cache", type=Path, default=None,
+                   help="where trained demo models are kept (default: ~/.cache/fraudstream)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="the worker's /metrics port (default: a free one)")
 
 
 def _read(path: Path) -> str:
@@ -103,52 +83,113 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
+def _warmup_sent(log: Path) -> int | None:
+    for line in _read(log).splitlines():
+        if line.startswith("warm-up sent "):
+            return int(line.split()[2])
+    return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
+    world = DemoWorld(seed=args.seed, rate=args.rate, speed=args.speed, cards=args.cards,
+                      label_delay_days=args.label_delay_days, history_days=args.history_days)
+    print(f"demo world: {world.cards:,} cards at {world.rate:g} tx/s, event time x{world.speed:g}"
+          f" (a card's genuine gap about {world.card_gap_hours:.1f} h), labels after "
+          f"{world.label_delay_days:g} days of event time", flush=True)
+    models_dir = version = None
+    if not args.rules_only:
+        models_dir, version, trained = ensure_model(
+            world, args.models_cache or default_cache(), settings.scoring.rules_path,
+            Rates.load(settings.worker.rates_path))
+        print(f"model {version} {'trained and ' if trained else ''}promoted (registry "
+              f"{models_dir})", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="fraudstream-demo-"))
     stop = StopFlag()
     broker = EmbeddedBroker(log_path=workdir / "broker.log")
     registry = EmbeddedRegistry()
     worker = producer = None
     summary = None
+    code = 0
+    rss = float("nan")
     try:
         broker.start()
         registry.start()
+        metrics_port = args.metrics_port or _free_port()
         settings = settings.replace(
             kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "embedded": True},
             codec={"registry_url": registry.url},
-            worker={"data_dir": workdir / "state"},
+            worker={"data_dir": workdir / "state", "metrics_port": metrics_port},
+            scoring={"models_dir": models_dir or workdir / "no-models"},
         )
         ensure_topics(settings)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
         env.update(settings.to_env())
         worker = _spawn(["worker", "--loglevel", "warning"], env, workdir / "worker.log")
+        # Live event time starts far enough back to stay behind the wall clock.
+        live_from = int(time.time() * 1000 - (args.duration or 6 * 3600) * args.speed * 1000)
         producer = _spawn(
             ["produce", "--rate", str(args.rate), "--seed", str(args.seed), "--quiet",
-             "--bad-ratio", str(args.bad_ratio), "--time-compression", "86400"]
+             "--traffic-seed", str(args.seed + 1000), "--start-ms", str(live_from),
+             "--warmup-days", str(args.warmup_days), "--hold-after-warmup",
+             "--bad-ratio", str(args.bad_ratio), "--speed", str(args.speed),
+             "--cards", str(args.cards), "--label-delay-days", str(args.label_delay_days),
+             "--linger-ms", str(args.linger_ms)]
             + (["--duration", str(args.duration)] if args.duration else []),
             env, workdir / "producer.log",
         )
         print(f"broker {broker.bootstrap} (pid {broker.process.pid if broker.process else '-'})"
-              f", registry {registry.url}, worker pid {worker.pid}, producer pid "
-              f"{producer.pid}; logs in {workdir}", flush=True)
+              f", registry {registry.url}, worker pid {worker.pid} (/metrics on port "
+              f"{metrics_port}), producer pid {producer.pid}; logs in {workdir}", flush=True)
         print("waiting for the worker to join its group... (Ctrl-C to stop)", flush=True)
-        summary = Summary(settings, Codecs(make_registry(registry.url), settings.topics))
+        horizon = (world.label_delay_days * 2.0) * DAY_MS  # mean + 2 sd (sd = mean / 2)
+        summary = Summary(settings, Codecs(make_registry(registry.url), settings.topics),
+                          f"http://127.0.0.1:{metrics_port}/metrics", horizon,
+                          settings.scoring.budget_ms, live_from)
         started = time.monotonic()
         last = started
+        held = args.warmup_days > 0
         while not stop.set:
             summary.poll(1.0)
-            got = summary.window_count
+            if held:  # live traffic starts once the worker decided all of the warm-up
+                sent = _warmup_sent(workdir / "producer.log")
+                if sent is not None and summary.warmup >= sent:
+                    producer.send_signal(signal.SIGUSR1)
+                    held = False
+                    print(f"warm-up done: {sent} transactions decided; live traffic starts "
+                          "(the summary counts from here)", flush=True)
+                    started = time.monotonic()
+            got = summary.window.count
             now = time.monotonic()
             print(f"[{now - started:5.0f}s] " + summary.line(now - last), flush=True)
             last = now
             if worker.poll() is not None:
                 print(f"worker exited with code {worker.returncode}; see {workdir}/worker.log")
-                return 1
+                code = 1
+                break
+            rss = _rss_mb(worker.pid)
             if args.duration and now - started >= args.duration:
                 drained = producer.poll() is not None and got == 0 and summary.total > 0
                 if drained or now - started >= args.duration + 30:
                     break
-        return 0
+        return code
     finally:
         stop_process(producer)
         stop_process(worker)
@@ -156,10 +197,13 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 if line.startswith("sent ")]
         if sent:
             print(f"producer: {sent[-1]}", flush=True)
+        status = [line for line in _read(workdir / "worker.log").splitlines()
+                  if "status:" in line]
+        if status:
+            print(f"worker's last status line: {status[-1].split('status:', 1)[1].strip()}")
         if summary is not None:
-            print(f"total: {summary.total} records out, "
-                  f"{sum(summary.outcomes.values())} decisions {dict(summary.outcomes)}, "
-                  f"{summary.dlq} dead letters", flush=True)
+            print(summary.final(), flush=True)
+            print(f"worker RSS at the end: {rss:.0f} MB", flush=True)
             summary.close()
         registry.stop()
         broker.stop()

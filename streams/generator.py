@@ -119,6 +119,9 @@ class GeneratorConfig:
     big_purchase_rate: float = 0.004  # 4-12x the card's usual amount
     new_device_rate: float = 0.003  # a genuine ecom purchase from a new phone/laptop
     id_prefix: str = ""  # transaction_id prefix; "" -> "t<seed>" (set per run to avoid reuse)
+    #: the traffic's own seed (default: ``seed``): the same world (cards, merchants, devices)
+    #: with other traffic, e.g. a live demo after training on a history of that world
+    traffic_seed: int | None = None
     max_pending_labels: int = 1_000_000  # beyond it, no new genuine samples (fraud always)
 
     def __post_init__(self) -> None:
@@ -164,7 +167,8 @@ class TrafficGenerator:
 
     def __init__(self, config: GeneratorConfig | None = None) -> None:
         cfg = self.config = config or GeneratorConfig()
-        self._rng = random.Random(f"fraudstream-traffic-{cfg.seed}")
+        traffic = cfg.seed if cfg.traffic_seed is None else cfg.traffic_seed
+        self._rng = random.Random(f"fraudstream-traffic-{traffic}")
         self._r = self._rng.random
         self._prefix = cfg.id_prefix or f"t{cfg.seed}"
         self._build_world(random.Random(f"fraudstream-world-{cfg.seed}"))

@@ -48,7 +48,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default", action="append", default=[], metavar="FIELD=VALUE",
                    help="value for a field the CSV lacks, e.g. --default currency=USD")
     p.add_argument("--speed", type=float, default=0.0,
-                   help="CSV: event-time speed-up (3600: an hour per second; 0: use --rate)")
+                   help="event time runs this many times faster than the wall clock (3600: "
+                        "an hour per second). CSV: paces by event time (0: use --rate). "
+                        "Generated: event time starts in the past, so that it stays behind "
+                        "the wall clock for --duration (or 6 h)")
+    p.add_argument("--traffic-seed", type=int, default=None,
+                   help="generated: other traffic in the same world (default: --seed)")
+    p.add_argument("--start-ms", type=int, default=0,
+                   help="generated with --speed: event time of the first paced transaction "
+                        "(default: far enough back to stay behind the wall clock)")
+    p.add_argument("--warmup-days", type=float, default=0.0,
+                   help="generated: first send this many days of event time before the "
+                        "start, unpaced, so that the worker's state is warm")
+    p.add_argument("--hold-after-warmup", action="store_true",
+                   help="after the warm-up, print 'warm-up sent N' and wait for SIGUSR1 "
+                        "(the demo sends it once the worker decided the warm-up)")
+    p.add_argument("--cards", type=int, default=2000,
+                   help="generated: size of the card population (size it for the rate: a "
+                        "card's genuine gap is cards * speed / rate event-seconds)")
+    p.add_argument("--linger-ms", type=float, default=5.0,
+                   help="producer batching: fewer, larger record batches (the embedded "
+                        "broker's fetch cost grows with the batches it holds)")
     p.add_argument("--token-key", default="fraudstream-demo",
                    help="CSV: key for tokenizing card numbers found in the card column")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -57,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class TopicWriter:
     """Encodes and produces transactions, labels and malformed records."""
 
-    def __init__(self, settings: Settings, input_format: str, bad_ratio: float, seed: int) -> None:
+    def __init__(self, settings: Settings, input_format: str, bad_ratio: float, seed: int,
+                 linger_ms: float = 5.0) -> None:
         self.settings = settings
         self.codecs = Codecs(
             make_registry(settings.codec.registry_url, settings.codec.registry_username,
@@ -65,7 +86,7 @@ class TopicWriter:
             settings.topics,
         )
         self.format = input_format
-        self.producer = Producer({**settings.kafka.client_config(), "linger.ms": 5,
+        self.producer = Producer({**settings.kafka.client_config(), "linger.ms": linger_ms,
                                   "queue.buffering.max.messages": 500_000})
         self.bad_ratio = bad_ratio
         self.rng = random.Random(seed ^ 0x5EED)
@@ -86,9 +107,9 @@ class TopicWriter:
             except BufferError:
                 self.producer.poll(0.05)
 
-    def transaction(self, txn: dict[str, Any]) -> None:
+    def transaction(self, txn: dict[str, Any], bad: bool = True) -> None:
         key = txn["card_id"].encode()
-        if self.bad_ratio and self.rng.random() < self.bad_ratio:
+        if bad and self.bad_ratio and self.rng.random() < self.bad_ratio:
             kind = self.rng.choice(sorted(self.malformed.kinds))
             value, _expected = self.malformed.make(kind, txn)
             self.counts[f"bad:{kind}"] += 1
@@ -110,24 +131,57 @@ class TopicWriter:
 
 
 def _generated(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
-    from streams.generator import GeneratorConfig, TrafficGenerator
+    from streams.generator import TrafficGenerator
 
-    gen = TrafficGenerator(
-        GeneratorConfig(
-            seed=args.seed,
-            label_delay_days=args.label_delay_days,
-            time_compression=args.time_compression,
-            # compressed demos: fraud campaigns play out in minutes, not hours
-            campaign_time_scale=20.0 if args.time_compression > 1 else 1.0,
-            id_prefix=args.id_prefix or f"t{args.seed}-{int(time.time()) % 1_000_000}",
-        )
-    )
+    gen = TrafficGenerator(generator_config(args))
+    wall0 = time.time() * 1000.0
+    speed = args.speed
+    # Event time S times faster than the wall clock starts in the past, far enough to stay
+    # behind the wall clock (the worker refuses event times in the future).
+    start_ms = args.start_ms or (wall0 - (args.duration or 6 * 3600) * speed * 1000.0
+                                 if speed > 0 else wall0)
+    if args.warmup_days > 0:
+        from streams.generator import DAY_MS
+
+        per_ms = args.rate / (speed if speed > 0 else 1.0) / 1000.0  # events per event-ms
+        t = start_ms - args.warmup_days * DAY_MS
+        rng = random.Random(args.seed ^ 0x3A11)
+        while True:
+            t += rng.expovariate(per_ms)
+            if t >= start_ms:
+                break
+            yield "warmup", gen.next_transaction(int(t))
+            if not args.no_labels:
+                for label in gen.due_labels(int(t)):
+                    yield "label", label
+    mono0 = time.monotonic()
     while True:
-        now_ms = int(time.time() * 1000)
+        if speed > 0:
+            now_ms = int(min(start_ms + (time.monotonic() - mono0) * speed * 1000.0,
+                             time.time() * 1000.0))
+        else:
+            now_ms = int(time.time() * 1000)
         yield "transaction", gen.next_transaction(now_ms)
         if not args.no_labels:
             for label in gen.due_labels(now_ms):
                 yield "label", label
+
+
+def generator_config(args: argparse.Namespace) -> Any:
+    """The generated world of ``--seed``, ``--cards``, label delay and time compression."""
+    from streams.generator import GeneratorConfig
+
+    return GeneratorConfig(
+        seed=args.seed,
+        traffic_seed=getattr(args, "traffic_seed", None),
+        n_cards=args.cards,
+        label_delay_days=args.label_delay_days,
+        label_delay_spread_days=args.label_delay_days / 2,
+        time_compression=args.time_compression,
+        # compressed demos: fraud campaigns play out in minutes, not hours
+        campaign_time_scale=20.0 if args.time_compression > 1 else 1.0,
+        id_prefix=args.id_prefix or f"t{args.seed}-{int(time.time()) % 1_000_000}",
+    )
 
 
 def _from_csv(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
@@ -152,8 +206,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         events = itertools.chain([first] if first else [], events)
     else:
         events = _generated(args)
-    writer = TopicWriter(settings, fmt, args.bad_ratio, args.seed)
+    writer = TopicWriter(settings, fmt, args.bad_ratio, args.seed, args.linger_ms)
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: flush, then report
+    signal.signal(signal.SIGUSR1, _release)
     start = time.monotonic()
     last_report = start
     sent = 0
@@ -169,8 +224,16 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 if not args.no_labels:
                     writer.label(item)
                 continue
+            if kind == "warmup":  # unpaced history before the paced traffic
+                writer.transaction(item, bad=False)
+                writer.counts["warmup"] += 1
+                continue
+            if writer.counts["warmup"] and not sent:  # paced traffic starts now
+                if args.hold_after_warmup:
+                    _hold(writer)
+                start = last_report = time.monotonic()
             # pacing: by rate, or by event time for CSV --speed
-            if args.csv and args.speed > 0:
+            if args.csv and args.speed > 0:  # CSV: paced by event time
                 first_event_ms = first_event_ms or item["event_time"]
                 due = (item["event_time"] - first_event_ms) / 1000.0 / args.speed
             else:
@@ -198,7 +261,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         sys.stderr.write("\n")
     bad = sum(v for k, v in writer.counts.items() if k.startswith("bad:"))
     print(
-        f"sent {writer.counts['transactions']} transactions ({bad} malformed), "
+        f"sent {writer.counts['transactions']} transactions ({bad} malformed, "
+        f"{writer.counts['warmup']} of warm-up history), "
         f"{writer.counts['labels']} labels in {elapsed:.1f}s"
         + (f"; {csv_errors} CSV lines skipped" if csv_errors else ""),
         file=sys.stderr,
@@ -211,6 +275,22 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
+
+
+_released: list[bool] = []
+
+
+def _release(_signum: int, _frame: object) -> None:
+    _released.append(True)
+
+
+def _hold(writer: TopicWriter, timeout_s: float = 900.0) -> None:
+    """Flush the warm-up, say how much was sent, and wait for SIGUSR1 (or the timeout)."""
+    writer.producer.flush(60.0)
+    print(f"warm-up sent {writer.counts['warmup']}", file=sys.stderr, flush=True)
+    end = time.monotonic() + timeout_s
+    while not _released and time.monotonic() < end:
+        writer.producer.poll(0.05)
 
 
 def _progress(writer: TopicWriter, sent: int, elapsed: float) -> None:

@@ -131,6 +131,8 @@ class WorkerSettings:
     #: The transactions topic is not keyed by card_id: re-key it through the by_card
     #: topic first, so that a card's events (and its state) stay in one partition.
     repartition: bool = False
+    #: How often the worker logs its one-line status (rates, lag, model share, latency).
+    status_interval_s: float = 10.0
     #: Port of the worker's Prometheus /metrics (0: none). One per worker process.
     metrics_port: int = 9464
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).

@@ -1,0 +1,254 @@
+"""The demo's live numbers, read as a user would: from the topics and the worker's /metrics.
+
+:class:`Summary` reads ``decisions``, the DLQ and ``labels`` from the start and keeps:
+
+- the decision mix (approve / review / decline) and who decided (model, rules, fallback);
+- precision of review and of decline once labels arrive: of the flagged transactions old
+  enough that their label is due (event time + the label delay's mean + 2 sd before the
+  newest label's time), the share labelled fraud;
+- end-to-end latency: decision received minus the transaction record's Kafka timestamp;
+- the worker's own time per batch (fetch to decisions acknowledged), from the worker's
+  ``fraudstream_batch_seconds`` histogram, scraped each second;
+- when the end-to-end p99 keeps growing while the worker's own p99 stays within budget,
+  that the embedded broker has become the bottleneck.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer
+
+from schemas.codec import Codecs, DecodeError
+from streams.settings import Settings
+from streams.topics import assign_all
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """Prometheus' histogram_quantile over (upper bound, cumulative count) pairs."""
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below)
+                                              if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def scrape_buckets(url: str, metric: str) -> list[tuple[float, float]] | None:
+    """The cumulative buckets of a histogram on a /metrics page, or None if unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out = []
+    prefix = f'{metric}_bucket{{le="'
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            le, _, value = line[len(prefix):].partition('"} ')
+            out.append((float(le), float(value)))
+    return sorted(out)
+
+
+@dataclass
+class Window:
+    """One summary interval's latencies."""
+
+    e2e: list[float] = field(default_factory=list)
+    count: int = 0
+    warmup: int = 0
+
+
+class Summary:
+    def __init__(self, settings: Settings, codecs: Codecs, metrics_url: str | None,
+                 label_horizon_ms: float, budget_ms: float, live_from_ms: int = 0) -> None:
+        """Decisions of transactions before ``live_from_ms`` (event time) are the warm-up
+        history: counted apart, and kept out of the mix, precision and latency."""
+        self.codecs = codecs
+        self.topics = settings.topics
+        self.consumer = Consumer(settings.kafka.consumer_config("fraudstream-demo-summary"))
+        assign_all(self.consumer, [self.topics.decisions, self.topics.dlq, self.topics.labels],
+                   OFFSET_BEGINNING)
+        self.metrics_url = metrics_url
+        self.live_from_ms = live_from_ms
+        self.warmup = 0
+        self.label_horizon_ms = label_horizon_ms
+        self.budget_ms = budget_ms
+        self.outcomes: Counter[str] = Counter()
+        self.deciders: Counter[str] = Counter()
+        self.dlq = 0
+        self.labels = 0
+        self.total = 0
+        self.window = Window()
+        self.e2e_all: list[float] = []  # every latency, for the final percentiles
+        self.own_all: list[float] = []  # per-interval worker p99s
+        self.flagged: dict[str, tuple[str, int]] = {}  # transaction_id -> (outcome, event)
+        self.fraud: set[str] = set()
+        self.newest_label_ms = 0
+        self._last_buckets: list[tuple[float, float]] | None = None
+        self.own_p50 = self.own_p99 = float("nan")
+        self.e2e_p99_history: list[float] = []
+        self.bottleneck_since: float | None = None
+
+    def poll(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            # consume() waits for its whole count or the timeout: keep the timeout short
+            # so that the latency measured is the pipeline's, not this loop's
+            for msg in self.consumer.consume(1000, min(left, 0.005)):
+                if msg.error():
+                    continue
+                self._record(msg, time.time() * 1000.0)
+
+    def _record(self, msg: Any, now_ms: float) -> None:
+        topic = msg.topic()
+        if topic == self.topics.labels:
+            try:
+                label = self.codecs.label.decode(msg.value())
+            except DecodeError:
+                return
+            self.labels += 1
+            if label["is_fraud"]:
+                self.fraud.add(label["transaction_id"])
+            lt = int(label["label_time"].timestamp() * 1000)
+            self.newest_label_ms = max(self.newest_label_ms, lt)
+            return
+        self.total += 1
+        self.window.count += 1
+        if topic != self.topics.decisions:
+            self.dlq += 1
+            return
+        try:
+            d = self.codecs.decision.decode(msg.value())
+        except DecodeError:
+            return
+        event_ms = int(d["event_time"].timestamp() * 1000)
+        if event_ms < self.live_from_ms:
+            self.warmup += 1
+            self.window.warmup += 1
+            return
+        outcome = d["decision"]
+        self.outcomes[outcome] += 1
+        self.deciders["fallback" if d["fallback"] else
+                      "rules" if d["stage"] == "rules" else "model"] += 1
+        if outcome != "approve":
+            self.flagged[d["transaction_id"]] = (outcome, event_ms)
+        latency = now_ms - d["source_timestamp"].timestamp() * 1000.0
+        self.window.e2e.append(latency)
+        self.e2e_all.append(latency)
+
+    def precision(self) -> dict[str, tuple[int, int]]:
+        """outcome -> (labelled fraud, flagged old enough to be labelled)."""
+        due = self.newest_label_ms - self.label_horizon_ms
+        out = {"review": [0, 0], "decline": [0, 0]}
+        for txn_id, (outcome, event_ms) in self.flagged.items():
+            if event_ms <= due:
+                out[outcome][1] += 1
+                out[outcome][0] += txn_id in self.fraud
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def _scrape_own(self, warming: bool) -> None:
+        if not self.metrics_url:
+            return
+        buckets = scrape_buckets(self.metrics_url, "fraudstream_batch_seconds")
+        if buckets is None:
+            return
+        last = self._last_buckets
+        self._last_buckets = buckets
+        if last is None or len(last) != len(buckets):
+            return
+        delta = [(b, c - c0) for (b, c), (_b0, c0) in zip(buckets, last, strict=True)]
+        if delta and delta[-1][1] > 0:
+            self.own_p50 = histogram_quantile(delta, 0.5) * 1000.0
+            self.own_p99 = histogram_quantile(delta, 0.99) * 1000.0
+            if not warming:
+                self.own_all.append(self.own_p99)
+
+    def line(self, interval: float) -> str:
+        w, self.window = self.window, Window()
+        self._scrape_own(warming=w.warmup > 0 or not self.outcomes)
+        rate = w.count / interval if interval > 0 else 0.0
+        decided = sum(self.outcomes.values())
+
+        def pct(n: int, of: int) -> str:
+            return f"{100.0 * n / of:.1f}%" if of else "-"
+
+        mix = " ".join(f"{k} {pct(self.outcomes[k], decided)}"
+                       for k in ("approve", "review", "decline"))
+        by = " ".join(f"{k} {pct(self.deciders[k], decided)}"
+                      for k in ("model", "rules", "fallback"))
+        prec = self.precision()
+        precision = " ".join(f"{k} {pct(*prec[k])} of {prec[k][1]}" for k in prec)
+        e2e = (f"e2e p50 {percentile(w.e2e, 0.5):5.0f} p99 {percentile(w.e2e, 0.99):5.0f} ms"
+               if w.e2e else "e2e -")
+        own = (f"worker p50 {self.own_p50:4.1f} p99 {self.own_p99:5.1f} ms"
+               if self.own_p99 == self.own_p99 else "worker -")
+        if w.warmup or not decided:
+            return (f"warming up the worker's state with history: {self.warmup} decided "
+                    f"({w.warmup / max(interval, 1e-9):.0f}/s), {own}")
+        text = (f"{rate:5.0f}/s | {decided:>7} decided: {mix} | by {by} | precision "
+                f"{precision} | dlq {self.dlq} | {own} | {e2e}")
+        note = self._bottleneck(percentile(w.e2e, 0.99) if w.e2e else None)
+        return text + (f"\n  ! {note}" if note else "")
+
+    def _bottleneck(self, e2e_p99: float | None) -> str | None:
+        """Said once when the end-to-end p99 has risen well above its early level while
+        the worker's own p99 stays within the budget: the time goes to the broker."""
+        if e2e_p99 is None:
+            return None
+        if self.window.warmup:
+            return None
+        hist = self.e2e_p99_history
+        hist.append(e2e_p99)
+        if len(hist) < 40 or self.bottleneck_since is not None:
+            return None
+        early = sorted(hist[10:40])[15]
+        recent = sorted(hist[-10:])[5]
+        if recent > max(2.0 * early, early + 100.0) and self.own_p99 <= self.budget_ms:
+            self.bottleneck_since = time.monotonic()
+            return (f"the embedded broker is now the bottleneck: end-to-end p99 {recent:.0f} ms "
+                    f"(was {early:.0f} ms) while the worker's own p99 is {self.own_p99:.1f} ms;"
+                    f" its fetch cost grows with the record batches it holds (see README)")
+        return None
+
+    def final(self) -> str:
+        decided = sum(self.outcomes.values())
+        prec = self.precision()
+        lines = [
+            f"total: {self.total} records out, {decided + self.warmup} decisions, "
+            f"{self.dlq} dead letters",
+            f"decisions {decided}: " + ", ".join(
+                f"{k} {self.outcomes[k]} ({100.0 * self.outcomes[k] / max(decided, 1):.2f}%)"
+                for k in ("approve", "review", "decline")),
+            "decided by " + ", ".join(
+                f"{k} {self.deciders[k]} ({100.0 * self.deciders[k] / max(decided, 1):.2f}%)"
+                for k in ("model", "rules", "fallback")),
+            "precision once labelled: " + ", ".join(
+                f"{k} {p[0]}/{p[1]}" + (f" ({100.0 * p[0] / p[1]:.1f}%)" if p[1] else "")
+                for k, p in prec.items()) + f"; {self.labels} labels read",
+            f"dead letters {self.dlq}; warm-up history decided before the run: {self.warmup}",
+            f"end-to-end latency p50 {percentile(self.e2e_all, 0.5):.1f} ms, p99 "
+            f"{percentile(self.e2e_all, 0.99):.1f} ms",
+            f"worker's own time per batch: median of per-second p99s "
+            f"{percentile(self.own_all, 0.5):.1f} ms, worst {max(self.own_all, default=0):.1f} ms"
+            f" (budget {self.budget_ms:.0f} ms)",
+        ]
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self.consumer.close()
