@@ -57,7 +57,8 @@ class DemoWorld:
                                traffic_seed=traffic_seed, id_prefix=id_prefix)
 
     def key(self, rates: Rates, rules_version: str) -> str:
-        text = json.dumps({**asdict(self), "features": FEATURE_VERSION,
+        world = {k: float(v) for k, v in asdict(self).items()}  # 100 and 100.0 alike
+        text = json.dumps({**world, "features": FEATURE_VERSION,
                            "rates": rates.version, "rules": rules_version}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
