@@ -130,10 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_produce)
 
-    p = sub.add_parser("tail", help="print decoded records of a topic")
-    p.add_argument("topic", help="decisions, transactions.dlq, transactions, labels, drift, ...")
-    p.add_argument("--count", type=int, default=10, help="stop after this many (0: follow)")
-    p.add_argument("--from-beginning", action="store_true")
+    from streams.tail import DESCRIPTION as TAIL_DESCRIPTION
+    from streams.tail import add_arguments as tail_arguments
+
+    p = sub.add_parser("tail", help="print decoded records of a topic, or export a time "
+                                    "range of them (JSON lines or CSV)",
+                       description=TAIL_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    tail_arguments(p)
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("demo", help="run everything on embedded defaults with a live summary")
