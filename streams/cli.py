@@ -1,14 +1,6 @@
-"""``fraudstream``: one command, with subcommands.
-
-    fraudstream broker     run the embedded Kafka-compatible broker (in memory)
-    fraudstream registry   run the embedded Schema Registry (in memory)
-    fraudstream topics     create the service's topics
-    fraudstream worker     run the scoring worker (Faust)
-    fraudstream produce    send generated traffic, or a CSV file, to the topics
-    fraudstream tail       print decoded records of a topic (decisions, dlq, ...)
-    fraudstream demo       all of the above on embedded defaults, with a live summary
-    fraudstream replay     a range of transactions through a champion and a challenger
-    fraudstream settings   list every setting (environment variable) and its default
+"""The ``fraudstream`` command and its subcommands (argument parsing; the work is in each
+subcommand's module). ``fraudstream --help`` lists the subcommands: keep its text plain,
+it is read in a terminal.
 """
 
 from __future__ import annotations
@@ -105,9 +97,20 @@ def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Streaming fraud scoring on Kafka: the scoring worker, an embedded broker and
+schema registry, test traffic, exports of the topics, models and replays.
+Settings come from FRAUDSTREAM_* environment variables: fraudstream settings
+lists them."""
+
+EPILOG = "Run 'fraudstream COMMAND --help' for the options of a command."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fraudstream", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fraudstream", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (in memory)")
     p.add_argument("--port", type=int, default=0, help="default: the port of KAFKA_BOOTSTRAP")
@@ -130,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_produce)
 
-    p = sub.add_parser("tail", help="print decoded records of a topic")
-    p.add_argument("topic", help="decisions, transactions.dlq, transactions, labels, drift, ...")
-    p.add_argument("--count", type=int, default=10, help="stop after this many (0: follow)")
-    p.add_argument("--from-beginning", action="store_true")
+    from streams.tail import DESCRIPTION as TAIL_DESCRIPTION
+    from streams.tail import add_arguments as tail_arguments
+
+    p = sub.add_parser("tail", help="print decoded records of a topic, or export a time "
+                                    "range of them (JSON lines or CSV)",
+                       description=TAIL_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    tail_arguments(p)
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("demo", help="run everything on embedded defaults with a live summary")
