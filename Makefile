@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DURATION ?= 0
-RATE ?= 1000
+RATE ?= 250
 
 .PHONY: help venv demo test test-deps lint bench clean
 

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of malformed records sent, to show the DLQ")
     p.add_argument("--linger-ms", type=float, default=100.0,
                    help="producer batching (fewer record batches for the embedded broker)")
+    p.add_argument("--fetch-wait-ms", type=int, default=100,
+                   help="the worker's fetch wait: fewer, larger batches in and out (the "
+                        "embedded broker always waits this long)")
     p.add_argument("--rules-only", action="store_true", help="no model: decide with rules")
     p.add_argument("--models-cache", type=Path, default=None,
                    help="where trained demo models are kept (default: ~/.cache/fraudstream)")
@@ -134,7 +137,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         registry.start()
         metrics_port = args.metrics_port or _free_port()
         settings = settings.replace(
-            kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "embedded": True},
+            kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "embedded": True,
+                   "fetch_max_wait_ms": args.fetch_wait_ms},
             codec={"registry_url": registry.url},
             worker={"data_dir": workdir / "state", "metrics_port": metrics_port},
             scoring={"models_dir": models_dir or workdir / "no-models"},
@@ -160,7 +164,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
               f"{metrics_port}), producer pid {producer.pid}; logs in {workdir}", flush=True)
         print("waiting for the worker to join its group... (Ctrl-C to stop)", flush=True)
         horizon = (world.label_delay_days * 2.0) * DAY_MS  # mean + 2 sd (sd = mean / 2)
-        summary = Summary(settings, Codecs(make_registry(registry.url), settings.topics),
+        # The summary reads with a short fetch wait: its own wait adds to the latency shown.
+        summary = Summary(settings.replace(kafka={"fetch_max_wait_ms": 10}),
+                          Codecs(make_registry(registry.url), settings.topics),
                           f"http://127.0.0.1:{metrics_port}/metrics", horizon,
                           settings.scoring.budget_ms, live_from)
         started = time.monotonic()
