@@ -55,6 +55,24 @@ class OnlineLearner:
         z = np.clip(xs @ w + lr.intercept, -500.0, 500.0)  # exp() of more overflows
         return 1.0 / (1.0 + np.exp(-z))
 
+    def predict_for(self, X: np.ndarray, base_rate: float | None) -> np.ndarray:
+        """:meth:`predict`, corrected for how labels are sampled.
+
+        Every fraud gets a label but only a sample of genuine transactions does, so the
+        learner sees far more fraud (often a third of its labels) than traffic holds (about
+        1%), and its raw probabilities are inflated as much; blended into the ensemble,
+        they would raise every score as labels accrue. The prior-shift correction moves
+        the log-odds by ``logit(base_rate) - logit(share of fraud among the labels
+        learned)``, ``base_rate`` being the fraud rate the ensemble was trained on."""
+        p = self.predict(X)
+        if base_rate is None or not 0.0 < base_rate < 1.0 or not self.labels:
+            return p
+        seen = (sum(self.auc_bins[1]) + 0.5) / (self.labels + 1.0)
+        shift = math.log(base_rate / (1 - base_rate)) - math.log(seen / (1 - seen))
+        q = np.clip(p, 1e-12, 1 - 1e-12)
+        z = np.clip(np.log(q / (1 - q)) + shift, -500.0, 500.0)
+        return 1.0 / (1.0 + np.exp(-z))
+
     def learn(self, X: np.ndarray, y: Sequence[bool]) -> list[float]:
         """Learn each label in turn, after predicting it (prequential quality); returns
         the prequential errors, ``|label - prediction|``."""
@@ -213,8 +231,10 @@ class OnlineStage:
                     "warning" if detector.estimation > before else "info"))
 
     def blend(self, learners: dict[int, OnlineLearner], partitions: Sequence[int],
-              X: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """Ensemble scores mixed with each event's partition learner, by its weight."""
+              X: np.ndarray, scores: np.ndarray, base_rate: float | None = None
+              ) -> np.ndarray:
+        """Ensemble scores mixed with each event's partition learner, by its weight; the
+        learner's probabilities corrected to ``base_rate`` (:meth:`OnlineLearner.predict_for`)."""
         out = scores.copy()
         parts = np.asarray(partitions)
         for p, learner in learners.items():
@@ -222,7 +242,7 @@ class OnlineStage:
             rows = np.flatnonzero(parts == p)
             if w <= 0 or not len(rows):
                 continue
-            out[rows] = (1 - w) * scores[rows] + w * learner.predict(X[rows])
+            out[rows] = (1 - w) * scores[rows] + w * learner.predict_for(X[rows], base_rate)
         return out
 
     @staticmethod

@@ -40,6 +40,8 @@ class ModelScorer:
         self.reference = reference
         self.sessions = sessions
         self.thresholds = thresholds
+        #: The fraud rate of the training history (the online learners are corrected to it).
+        self.base_rate: float | None = None
         self._mean = np.asarray(explain["mean"], dtype=np.float64)
         self._scale = np.asarray(explain["scale"], dtype=np.float64)
         self._coef = np.asarray(explain["coef"], dtype=np.float64)
@@ -88,6 +90,8 @@ class ModelScorer:
                 raise ArtifactError(f"{version}: {file} is not a loadable ONNX model: "
                                     f"{exc}") from None
         scorer = cls(version, sessions, thresholds, explain, meta.get("reference"))
+        rate = (meta.get("data") or {}).get("fraud_rate")
+        scorer.base_rate = float(rate) if isinstance(rate, int | float) else None
         probe = scorer.predict(np.zeros((4, len(FEATURE_NAMES)), dtype=np.float32))
         if probe.shape != (4,) or not np.all(np.isfinite(probe)):
             raise ArtifactError(f"{version}: a probe batch gave {probe!r}, not 4 probabilities")

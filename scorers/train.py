@@ -338,6 +338,7 @@ def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainC
     from scorers.online import OnlineLearner
 
     learner = OnlineLearner()
+    base_rate = float(ds.y.mean()) if len(ds.y) else None  # as in metadata data.fraud_rate
     order = te[np.argsort(ds.times[te], kind="stable")]
     position = {int(i): k for k, i in enumerate(te)}
     logged: dict[str, int] = {}
@@ -355,7 +356,8 @@ def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainC
         w = learner.weight(max_weight, half)
         k = position[int(i)]
         if w > 0:
-            out[k] = (1 - w) * scores[k] + w * float(learner.predict(ds.X[i][None, :])[0])
+            out[k] = (1 - w) * scores[k] + w * float(
+                learner.predict_for(ds.X[i][None, :], base_rate)[0])
         logged[ds.txns[i]["transaction_id"]] = int(i)
     return out
 

@@ -49,20 +49,32 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
     return lower
 
 
-def scrape_buckets(url: str, metric: str) -> list[tuple[float, float]] | None:
-    """The cumulative buckets of a histogram on a /metrics page, or None if unreachable."""
+def scrape_histograms(url: str) -> dict[str, list[tuple[float, float]]] | None:
+    """The worker's own batch time (key ``batch``) and its stage times (``features``,
+    ``model``, ``commit``, ...) as cumulative buckets, or None if /metrics is unreachable."""
     try:
         with urllib.request.urlopen(url, timeout=0.5) as resp:
             text = resp.read().decode()
     except OSError:
         return None
-    out = []
-    prefix = f'{metric}_bucket{{le="'
+    out: dict[str, list[tuple[float, float]]] = {}
     for line in text.splitlines():
-        if line.startswith(prefix):
-            le, _, value = line[len(prefix):].partition('"} ')
-            out.append((float(le), float(value)))
-    return sorted(out)
+        if line.startswith("fraudstream_batch_seconds_bucket{"):
+            key = "batch"
+        elif line.startswith("fraudstream_stage_seconds_bucket{"):
+            key = line.partition('stage="')[2].partition('"')[0]
+        else:
+            continue
+        le = line.partition('le="')[2].partition('"')[0]
+        out.setdefault(key, []).append((float(le), float(line.rpartition(" ")[2])))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def bucket_delta(now: list[tuple[float, float]], before: list[tuple[float, float]] | None
+                 ) -> list[tuple[float, float]]:
+    if not before or len(before) != len(now):
+        return now
+    return [(b, c - c0) for (b, c), (_b, c0) in zip(now, before, strict=True)]
 
 
 @dataclass
@@ -100,7 +112,8 @@ class Summary:
         self.flagged: dict[str, tuple[str, int]] = {}  # transaction_id -> (outcome, event)
         self.fraud: set[str] = set()
         self.newest_label_ms = 0
-        self._last_buckets: list[tuple[float, float]] | None = None
+        self._last: dict[str, list[tuple[float, float]]] | None = None
+        self._at_live: dict[str, list[tuple[float, float]]] | None = None
         self.own_p50 = self.own_p99 = float("nan")
         self.e2e_p99_history: list[float] = []
         self.bottleneck_since: float | None = None
@@ -165,19 +178,34 @@ class Summary:
     def _scrape_own(self, warming: bool) -> None:
         if not self.metrics_url:
             return
-        buckets = scrape_buckets(self.metrics_url, "fraudstream_batch_seconds")
-        if buckets is None:
+        now = scrape_histograms(self.metrics_url)
+        if not now or "batch" not in now:
             return
-        last = self._last_buckets
-        self._last_buckets = buckets
-        if last is None or len(last) != len(buckets):
+        last, self._last = self._last, now
+        if warming or self._at_live is None:
+            self._at_live = now  # the live run's numbers start after the warm-up
+        if last is None or "batch" not in last:
             return
-        delta = [(b, c - c0) for (b, c), (_b0, c0) in zip(buckets, last, strict=True)]
+        delta = bucket_delta(now["batch"], last["batch"])
         if delta and delta[-1][1] > 0:
             self.own_p50 = histogram_quantile(delta, 0.5) * 1000.0
             self.own_p99 = histogram_quantile(delta, 0.99) * 1000.0
             if not warming:
                 self.own_all.append(self.own_p99)
+
+    def live_times(self) -> dict[str, tuple[float, float, float]]:
+        """Over the live run: (batches, p50 ms, p99 ms) of the worker's own batch time and
+        of each stage, from the worker's histograms (bucket-interpolated)."""
+        out: dict[str, tuple[float, float, float]] = {}
+        if not self._last:
+            return out
+        for key, buckets in self._last.items():
+            delta = bucket_delta(buckets, (self._at_live or {}).get(key))
+            n = delta[-1][1] if delta else 0.0
+            if n > 0:
+                out[key] = (n, histogram_quantile(delta, 0.5) * 1000.0,
+                            histogram_quantile(delta, 0.99) * 1000.0)
+        return out
 
     def line(self, interval: float) -> str:
         w, self.window = self.window, Window()
@@ -244,10 +272,17 @@ class Summary:
             f"dead letters {self.dlq}; warm-up history decided before the run: {self.warmup}",
             f"end-to-end latency p50 {percentile(self.e2e_all, 0.5):.1f} ms, p99 "
             f"{percentile(self.e2e_all, 0.99):.1f} ms",
-            f"worker's own time per batch: median of per-second p99s "
-            f"{percentile(self.own_all, 0.5):.1f} ms, worst {max(self.own_all, default=0):.1f} ms"
-            f" (budget {self.budget_ms:.0f} ms)",
         ]
+        times = self.live_times()
+        if "batch" in times:
+            n, p50, p99 = times.pop("batch")
+            lines.append(
+                f"worker's own time per batch (fetch to acknowledged), {n:.0f} batches: p50 "
+                f"{p50:.1f} ms, p99 {p99:.1f} ms (budget {self.budget_ms:.0f} ms); per-second "
+                f"p99s: median {percentile(self.own_all, 0.5):.1f} ms, worst "
+                f"{max(self.own_all, default=0):.1f} ms")
+            lines.append("  stages p50/p99 ms: " + ", ".join(
+                f"{k} {v[1]:.1f}/{v[2]:.1f}" for k, v in times.items()))
         return "\n".join(lines)
 
     def close(self) -> None:

@@ -309,7 +309,7 @@ class Pipeline:
                 out.drift_events += monitor.observe(X, None, int(self.clock() * 1000))
             return [rules(s, stage, cause) for s in scores], None
         if learners and self.online is not None:
-            p = self.online.blend(learners, partitions, X, p)
+            p = self.online.blend(learners, partitions, X, p, getattr(model, "base_rate", None))
         if monitor is not None:
             finite = np.isfinite(p)
             out.drift_events += monitor.observe(X[finite], p[finite],
@@ -323,7 +323,8 @@ class Pipeline:
             out.fallbacks[f"shadow_{scause}"] += len(scores)
             return verdicts, None
         if learners and self.online is not None:
-            sp = self.online.blend(learners, partitions, X, sp)
+            sp = self.online.blend(learners, partitions, X, sp,
+                                   getattr(shadow_model, "base_rate", None))
         return verdicts, self._verdicts(shadow_model, scores, sp, sreasons, "shadow",
                                         out.fallbacks, "shadow_", rules)
 
