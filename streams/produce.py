@@ -154,6 +154,7 @@ def _generated(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
             if not args.no_labels:
                 for label in gen.due_labels(int(t)):
                     yield "label", label
+        yield "warmup_done", None  # the caller may hold here: live event time starts after
     mono0 = time.monotonic()
     while True:
         if speed > 0:
@@ -228,10 +229,11 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 writer.transaction(item, bad=False)
                 writer.counts["warmup"] += 1
                 continue
-            if writer.counts["warmup"] and not sent:  # paced traffic starts now
+            if kind == "warmup_done":  # paced traffic (and its event clock) starts next
                 if args.hold_after_warmup:
                     _hold(writer)
                 start = last_report = time.monotonic()
+                continue
             # pacing: by rate, or by event time for CSV --speed
             if args.csv and args.speed > 0:  # CSV: paced by event time
                 first_event_ms = first_event_ms or item["event_time"]

@@ -131,6 +131,9 @@ class WorkerSettings:
     #: The transactions topic is not keyed by card_id: re-key it through the by_card
     #: topic first, so that a card's events (and its state) stay in one partition.
     repartition: bool = False
+    #: Young collections of the garbage collector after this many allocations (Python:
+    #: 700); start-up objects are frozen out of its walks. 0 keeps Python's defaults.
+    gc_gen0_threshold: int = 50_000
     #: How often the worker logs its one-line status (rates, lag, model share, latency).
     status_interval_s: float = 10.0
     #: Port of the worker's Prometheus /metrics (0: none). One per worker process.

@@ -16,6 +16,7 @@ latency that the worker owns.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -44,9 +45,35 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+class GcPauses:
+    """Time the interpreter spends in full (generation 2) collections: a pause there
+    stops the event loop, and a batch in hand waits it out."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self.count = 0
+        self.max_ms = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.count += 1
+            self.max_ms = max(self.max_ms, (time.perf_counter() - self._start) * 1000.0)
+
+    def take(self) -> tuple[int, float]:
+        out = (self.count, self.max_ms)
+        self.count, self.max_ms = 0, 0.0
+        return out
+
+
 class WorkerStatus:
     def __init__(self) -> None:
         install_handler()
+        self.gc = GcPauses()
         self._reset(time.monotonic())
         self.lag: dict[tuple[str, int], int] = {}
 
@@ -64,7 +91,10 @@ class WorkerStatus:
         self.labels += labels
         self.dead += len(result.dead_letters)
         self.miskeyed += result.miskeyed
-        self.fallbacks.update(result.fallbacks)
+        # Decisions the rules took in place of the model; shadow and label-side causes are
+        # not decisions of this stream.
+        self.fallbacks.update({c: n for c, n in result.fallbacks.items()
+                               if not c.startswith("shadow_") and c != "online_unavailable"})
         for (stage, _outcome), n in result.stage_outcomes.items():
             self.stages[stage] += n
         if size:
@@ -84,22 +114,26 @@ class WorkerStatus:
         span = max(now - self.since, 1e-9)
         decided = sum(self.stages.values())
         fell_back = sum(self.fallbacks.values())
-        model = sum(n for stage, n in self.stages.items() if stage != "rules")
+        # A deadline or degraded fallback is decided at stage "rules", the others (timeout,
+        # error, nan) at stage "model": the rules' own share is what is left.
+        rules = self.stages["rules"] - self.fallbacks["deadline"] - self.fallbacks["degraded"]
+        model = decided - rules - fell_back
 
         def share(n: int) -> str:
             return f"{100.0 * n / decided:.1f}%" if decided else "-"
 
-        rules = decided - model - fell_back
         fallback = f"fallback {share(fell_back)}"
         if self.fallbacks:
             fallback += f" {dict(self.fallbacks)}"
         own = (f"worker p50 {quantile(self.own_ms, 0.5):.1f} ms p99 "
                f"{quantile(self.own_ms, 0.99):.1f} ms (fetch to acknowledged)"
                if self.own_ms else "worker -")
+        full, pause = self.gc.take()
         text = (f"status: {self.events / span:.0f} tx/s, {self.labels / span:.1f} labels/s, "
                 f"lag {sum(self.lag.values())} | model {share(model)} rules {share(rules)} "
                 f"{fallback} | dlq {self.dead} | {own} | features: {self.late} late, "
-                f"{self.too_late} too late, {self.degraded} degraded")
+                f"{self.too_late} too late, {self.degraded} degraded | gc: {full} full, "
+                f"longest {pause:.0f} ms")
         if self.miskeyed:
             warn.warning(
                 "%d transactions were not keyed by their card_id: a card's events may "

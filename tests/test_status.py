@@ -36,6 +36,19 @@ def test_status_line_gives_rates_shares_fallbacks_and_the_workers_own_time():
     assert "worker p50 30.0 ms p99 30.0 ms (fetch to acknowledged)" in line
 
 
+def test_fallbacks_of_every_stage_and_of_the_shadow_are_counted_once():
+    status = WorkerStatus()
+    status.since = 0.0
+    # 10 decided: 6 by the model, 2 by the rules past the deadline, 1 by the rules when the
+    # model timed out (stage "model"), 1 by the rules alone; the shadow's own fallbacks
+    # and the labels the learner could not read are not decisions of the stream.
+    status.add(10, 0, result({("ensemble", "approve"): 7, ("rules", "approve"): 3},
+                             {"deadline": 2, "timeout": 1, "shadow_deadline": 5,
+                              "online_unavailable": 4}), 5.0)
+    line = status.line(now=1.0)
+    assert "model 60.0% rules 10.0% fallback 30.0% {'deadline': 2, 'timeout': 1}" in line
+
+
 def test_an_idle_worker_still_says_so():
     status = WorkerStatus()
     status.since = 0.0
