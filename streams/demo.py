@@ -164,8 +164,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
               f"{metrics_port}), producer pid {producer.pid}; logs in {workdir}", flush=True)
         print("waiting for the worker to join its group... (Ctrl-C to stop)", flush=True)
         horizon = (world.label_delay_days * 2.0) * DAY_MS  # mean + 2 sd (sd = mean / 2)
-        # The summary reads with a short fetch wait: its own wait adds to the latency shown.
-        summary = Summary(settings.replace(kafka={"fetch_max_wait_ms": 10}),
+        # The summary reads with the worker's fetch wait: each fetch costs the embedded
+        # broker a walk of every batch it holds, so it must not poll every 10 ms.
+        summary = Summary(settings,
                           Codecs(make_registry(registry.url), settings.topics),
                           f"http://127.0.0.1:{metrics_port}/metrics", horizon,
                           settings.scoring.budget_ms, live_from)
