@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 DURATION ?= 0
 RATE ?= 1000
 
-.PHONY: help venv demo test test-deps lint bench clean
+.PHONY: help venv demo test test-deps test-faketime lint bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ lint: venv  ## ruff
 
 test: venv test-deps lint  ## install what the tests need and run them all (e2e included)
 	$(BIN)/pytest
+
+FAKE ?= 2027-02-28 23:59:30
+
+test-faketime: venv test-deps  ## the suite at a fake date and hour, clock running (FAKE="2026-12-31 23:58:00" TZ=America/Adak)
+	@command -v faketime >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; \
+	else echo "missing: faketime: sudo apt-get install faketime"; exit 1; fi
+	@# FAKE is local time in TZ; faketime's plain (not -f) form shares one running clock
+	@# with every process it starts (workers, redis-server, kcat), so they agree on "now".
+	$(if $(TZ),TZ="$(TZ)") faketime "$(FAKE)" $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: venv  ## one-worker throughput and latency benchmark (prints numbers, JSON in results/)
 	$(BIN)/python -m loadtest
