@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 DURATION ?= 0
 RATE ?= 250
 
-.PHONY: help venv demo test test-deps lint bench clean
+.PHONY: help venv demo test test-deps test-faketime lint bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,28 @@ lint: venv  ## ruff
 
 test: venv test-deps lint  ## install what the tests need and run them all (e2e included)
 	$(BIN)/pytest
+
+FAKE ?= 2027-02-28 23:59:30
+FAKETIME_PRELOAD := $(VENV)/faketime-preload.so
+
+$(FAKETIME_PRELOAD): tests/faketime/preload.c
+	cc -O2 -shared -fPIC -Wall -o $@ $< -lpthread
+
+test-faketime: venv test-deps $(FAKETIME_PRELOAD)  ## the suite at a fake date, hour and zone (FAKE="2026-12-31 23:58:00" TZ=America/Adak)
+	@command -v faketime >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; \
+	else echo "missing: faketime: sudo apt-get install faketime"; exit 1; fi
+	@# FAKE is local time in TZ. The plain form (not -f) sets one offset from the real
+	@# clock, the same in every process started (test, workers, kcat), which keeps
+	@# running. The monotonic clock stays real: Python's timed lock waits measure on it.
+	@# The preload fixes two libfaketime gaps (librdkafka waits, monotonic sleeps), and
+	@# redis-server runs on the real clock (jemalloc hangs under libfaketime): see them.
+	@# FAKETIME_FORCE_MONOTONIC_FIX=0: libfaketime turns this on by itself for glibc >= 2.30;
+	@# with it, a CLOCK_MONOTONIC condition wait returns at once, so Python's 5 ms GIL
+	@# wait never waits: threads thrash over the GIL and a 50 ms model budget is missed.
+	$(if $(TZ),TZ="$(TZ)") PATH="$(CURDIR)/tests/faketime/bin:$$PATH" \
+	  LD_PRELOAD="$(abspath $(FAKETIME_PRELOAD))" FAKETIME_FORCE_MONOTONIC_FIX=0 \
+	  faketime --exclude-monotonic "$(FAKE)" $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: venv  ## one-worker throughput and latency benchmark (prints numbers, JSON in results/)
 	$(BIN)/python -m loadtest

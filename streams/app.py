@@ -43,6 +43,8 @@ from streams.table_state import FaustTableState
 
 log = logging.getLogger("fraudstream.worker")
 
+DAY_MS = 86_400_000
+
 
 def faust_credentials(kafka: KafkaSettings) -> Any:
     """Faust/aiokafka credentials for the same cluster settings librdkafka gets."""
@@ -313,10 +315,17 @@ def build_worker(settings: Settings) -> Worker:
 
         @app.timer(interval=fs.expiry_interval_s)
         async def expire_features() -> None:
-            """Delete the records of cards, merchants, devices and IPs idle for 31 days
-            (Redis expires them by TTL)."""
+            """Delete the records of cards, merchants, devices and IPs idle for 31 days of
+            event time: 31 days before the newest event_time this worker decided on their
+            partition (:attr:`Pipeline.event_time_hwm`), not the wall clock, so history
+            replayed into a worker keeps the state that is current for it. Nothing is
+            deleted on a partition before a first transaction of it was decided. (Redis
+            expires by TTL from the last write, which never deletes sooner.)"""
+            newest = dict(pipeline.event_time_hwm)
+            if not newest:
+                return
             removed = await table_store.expire_idle(
-                time.time() * 1000, log_days=settings.scoring.feature_log_days)
+                newest, log_days=settings.scoring.feature_log_days)
             if removed:
                 log.info("features: expired %d idle entity records", removed)
 
@@ -335,12 +344,20 @@ def build_worker(settings: Settings) -> Worker:
 
     @app.timer(interval=w.dedupe_expiry_interval_s)
     async def expire_dedupe() -> None:
-        """Forget transaction_ids older than the retention: a copy sent later than that
-        is decided afresh."""
-        before = int((time.time() / 86_400.0) - w.dedupe_retention_days)
+        """Forget transaction_ids older than the retention in event time: the entries of
+        event days before (newest event_time decided on the partition - retention). A
+        copy sent later than that is decided afresh. Measured from the partition's
+        event-time high-water mark (:attr:`Pipeline.event_time_hwm`), not the wall clock:
+        a worker replaying history remembers ids for the retention of *that* history. A
+        partition with nothing decided since the worker started expires nothing."""
+        newest = dict(pipeline.event_time_hwm)
+        if not newest:
+            return
+        before = {p: int(t / DAY_MS - w.dedupe_retention_days) for p, t in newest.items()}
         removed = await state.expire(before)
         if removed:
-            log.info("dedupe: expired %d entries of event days before %d", removed, before)
+            log.info("dedupe: expired %d entries of event days before %s (by partition)",
+                     removed, dict(sorted(before.items())))
 
     @app.agent(source, name="score")
     async def score(stream: Any) -> None:

@@ -16,7 +16,7 @@ every partition's partial.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from state.features import DAY_MS, record_max_ts
 from streams.table_state import FaustTableState, _as_event
@@ -52,20 +52,25 @@ class TableFeatureStore:
     async def flush(self) -> None:
         await self.state.flush()
 
-    async def expire_idle(self, now_ms: float, chunk: int = 5000,
+    async def expire_idle(self, now_ms: Mapping[int, float], chunk: int = 5000,
                           log_days: float = 30.0) -> int:
-        """Delete feature records with no event in the last 31 days, and feature-log
-        entries of event days older than ``log_days`` (with changelog tombstones). Reads
-        the local RocksDB partitions in chunks, yielding to the event loop between them,
-        so batches go on during a long scan."""
+        """Delete feature records with no event in the 31 days before ``now_ms[partition]``,
+        and feature-log entries of event days older than ``log_days`` before it (with
+        changelog tombstones). ``now_ms`` is event time (the worker passes the newest
+        event_time decided per partition); a partition missing from it is left alone.
+        Reads the local RocksDB partitions in chunks, yielding to the event loop between
+        them, so batches go on during a long scan."""
         dbs = getattr(self.state.table.data, "_dbs", None)
         if not dbs:
             return 0
-        before = now_ms - 31 * DAY_MS
-        log_before = b"f|%05d|" % int((now_ms - log_days * DAY_MS) // DAY_MS)
         decode = self.state.table.data._decode_value
         expired: list[tuple[int, bytes]] = []
         for partition, db in list(dbs.items()):
+            now = now_ms.get(partition)
+            if now is None:
+                continue
+            before = now - 31 * DAY_MS
+            log_before = b"f|%05d|" % int((now - log_days * DAY_MS) // DAY_MS)
             seen = 0
             for key, value in db.items(from_key=b"c|"):
                 if key.startswith(b"f|"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +40,14 @@ def _writer_schema(drop: str | None = None, retype: tuple[str, str] | None = Non
 class MalformedFactory:
     """Turns a good transaction dict into a malformed record of a chosen kind."""
 
-    def __init__(self, codecs: Codecs, input_format: str = "avro", max_bytes: int = 65536) -> None:
+    def __init__(self, codecs: Codecs, input_format: str = "avro", max_bytes: int = 65536,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock``: the worker's wall clock, as seconds. The one bound the worker checks
+        against the wall clock is how far ahead an event_time may be, so ``future_time``
+        puts the event a day ahead of both the transaction and ``clock()`` (test data may
+        lie far in the past)."""
         self.codecs = codecs
+        self.clock = clock
         self.format = input_format
         self.max_bytes = max_bytes
         self._variants: dict[str, tuple[bytes, Any]] = {}
@@ -61,9 +68,8 @@ class MalformedFactory:
             "nan_amount": lambda t: self._good(dict(t, amount=float("nan")), "amount"),
             "negative_amount": lambda t: self._good(dict(t, amount=-t["amount"]), "amount"),
             "absurd_amount": lambda t: self._good(dict(t, amount=1e12), "amount"),
-            "future_time": lambda t: self._good(
-                dict(t, event_time=t["event_time"] + 86_400_000), "event_time"
-            ),
+            "future_time": lambda t: self._good(dict(t, event_time=max(
+                t["event_time"], int(self.clock() * 1000)) + 86_400_000), "event_time"),
             "card_number": lambda t: self._good(dict(t, card_id="4111111111111111"), "card_id"),
             "bad_channel": lambda t: self._good(dict(t, channel="carrier-pigeon"), "channel"),
             # a well-formed ISO 4217 code that no rates table for card spend holds (gold)

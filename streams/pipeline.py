@@ -13,6 +13,12 @@ Features (:class:`state.engine.FeatureEngine`, when given): computed for the bat
 transactions after dedupe, in the order received, with the batch's labels applied first;
 the changed state records come back in :attr:`BatchResult.feature_writes`. A label record
 that cannot be read goes to the dead letters like a transaction.
+
+Event time: :attr:`Pipeline.event_time_hwm` keeps, per partition, the newest event_time
+among the transactions decided (duplicates included). The worker's state expiry (dedupe
+retention, idle entities) measures from it, not from the wall clock: a worker fed
+history (a replay, a backlog, tests on a fixed date) keeps what is current in event time.
+The wall clock only bounds how far in the future an event_time may be (the validator).
 """
 
 from __future__ import annotations
@@ -136,6 +142,11 @@ class Pipeline:
         self.models = models
         self.budget_ms = budget_ms
         self.online = online
+        #: Partition -> newest event_time decided there (valid transactions, duplicates
+        #: included; dead letters not). Advanced in :meth:`process`, before the batch's
+        #: state is recorded; read by the worker's expiry timers. Empty until a first
+        #: transaction is decided: no expiry before that.
+        self.event_time_hwm: dict[int, int] = {}
         self._decode: Callable[[bytes], dict[str, Any]] = (
             codecs.transaction.decode if input_format == "avro" else decode_json
         )
@@ -156,6 +167,10 @@ class Pipeline:
                 valid.append((rec, self._read(rec, now_ms)))
             except (DecodeError, ValidationError) as exc:
                 self._reject(out, rec, exc, now_ms)
+        hwm = self.event_time_hwm
+        for rec, txn in valid:
+            if txn["event_time"] > hwm.get(rec.partition, -1):
+                hwm[rec.partition] = txn["event_time"]
         out.miskeyed = sum(1 for rec, txn in valid if rec.key != txn["card_id"].encode())
         label_events: list[LabelEvent] = []
         for rec in labels:

@@ -12,7 +12,7 @@ records the persisted offsets as Faust's own send callback would.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -131,9 +131,10 @@ class FaustTableState:
             store.set_persisted_offset(TP(topic, partition), offset)
         return last
 
-    async def expire(self, before_day: int) -> int:
-        """Delete the entries of event days before ``before_day`` from the local RocksDB
-        partitions, with changelog tombstones; returns how many.
+    async def expire(self, before_days: Mapping[int, int]) -> int:
+        """Delete the entries of event days before ``before_days[partition]`` from the
+        local RocksDB partitions, with changelog tombstones; returns how many. A partition
+        missing from ``before_days`` (no event-time bound known yet) is left alone.
 
         Keys lead with the event day, so each partition is read from its first key to the
         first one that stays. The memory store keeps no per-partition files: it does not
@@ -142,9 +143,12 @@ class FaustTableState:
         dbs = getattr(self.table.data, "_dbs", None)
         if not dbs:
             return 0
-        stop = b"%05d|" % before_day
         expired: list[tuple[int, bytes]] = []
         for partition, db in list(dbs.items()):
+            before_day = before_days.get(partition)
+            if before_day is None:
+                continue
+            stop = b"%05d|" % before_day
             for key in db.keys():
                 if key >= stop:
                     break

@@ -5,6 +5,7 @@ feature backend) runs as a real process too."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,18 @@ from streams.settings import Settings, TopicSettings
 from streams.topics import assign_all, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: The one base instant of the tests' data: 2026-01-05T00:00:00Z (a Monday, midnight UTC).
+#: Event and label times in tests are this plus or minus offsets, never the wall clock,
+#: so generated traffic (``TrafficGenerator`` picks cards by the hour of its ``now_ms``),
+#: features and decisions are the same on any day, at any hour, in any time zone. It must
+#: stay in the past of every date the suite runs at: the worker sends an event_time more
+#: than ``FRAUDSTREAM_WORKER_MAX_FUTURE_MS`` ahead of its wall clock to the DLQ (the
+#: worker's state expiry follows event time, so data this old is still current for it).
+#: What still reads the wall clock in tests is time itself, not data: deadlines
+#: (``time.monotonic``), Kafka record timestamps, decided_at.
+T0_MS = 1_767_571_200_000
+DAY_MS = 86_400_000
 
 
 @pytest.fixture(scope="session")
@@ -160,6 +173,13 @@ def consume_all(
     return out
 
 
+def expired_in_log(worker: WorkerProcess, what: str) -> int:
+    """Entries the worker's ``what`` expiry ("dedupe", "features") logged as deleted, over
+    all its runs so far (one run may catch only part of a batch's partitions)."""
+    text = worker.log.read_text(errors="replace") if worker.log.exists() else ""
+    return sum(int(n) for n in re.findall(rf"{what}: expired (\d+) ", text))
+
+
 class RedisServer:
     """A real ``redis-server`` on a loopback port, no persistence. :meth:`stop` and
     :meth:`start` again on the same port simulate an outage and a recovery."""
@@ -241,11 +261,10 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 def _events(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
     from streams.generator import GeneratorConfig, arrival_events, generate_history
 
-    now = int(time.time() * 1000)
     txns, labels = generate_history(
         GeneratorConfig(seed=seed, n_cards=400, label_delay_days=0.5,
                         label_delay_spread_days=0.2, id_prefix=f"c{seed}"),
-        now - int((days + 1) * 86_400_000), days, per_day)
+        T0_MS - int((days + 1) * DAY_MS), days, per_day)
     return arrival_events(txns, labels)
 
 

@@ -21,9 +21,10 @@ from state.engine import FeatureEngine, MemoryStore
 from state.features import FeatureConfig
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import TopicSettings
+from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)
-NOW = int(time.time() * 1000)
+NOW = T0_MS
 
 
 @pytest.fixture

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from collections import Counter
 
 import pytest
 
 from scorers.registry import Registry
-from tests.conftest import consume_all, produce
+from tests.conftest import T0_MS, consume_all, produce
 
 pytestmark = pytest.mark.e2e
 
 
 def txns(start: int, n: int) -> list[dict]:
-    now = int(time.time() * 1000)
     base = {"customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 30.0,
             "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR",
             "lat": None, "lon": None, "device_id": None, "ip": None, "channel": "pos"}
     return [{**base, "transaction_id": f"p-{i}", "card_id": f"card_p{i % 37}",
-             "event_time": now + i} for i in range(start, start + n)]
+             "event_time": T0_MS + i} for i in range(start, start + n)]
 
 
 def test_promotion_and_shadow_reach_a_running_worker(models_registry, stack_settings, start_worker,
@@ -84,7 +84,7 @@ def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
     version = models_registry.versions()[0]
     shutil.copytree(models_registry.root / version, root / version)
     Registry(root).promote(version)
-    prefix = f"learn-{int(time.time() * 1000) % 1_000_000}"
+    prefix = f"learn-{uuid.uuid4().hex[:8]}"
     settings = stack_settings.replace(
         scoring={"models_dir": root, "budget_ms": 1000.0},
         features={"backend": "redis", "redis_url": redis_server.url, "redis_prefix": prefix})
@@ -103,7 +103,7 @@ def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
             "transaction_id": t["transaction_id"], "card_id": t["card_id"],
             "merchant_id": t["merchant_id"], "is_fraud": fraud, "fraud_type": None,
             "source": "chargeback", "event_time": t["event_time"],
-            "label_time": int(time.time() * 1000)})
+            "label_time": T0_MS + 60_000})
 
     def wait_learned(n: int) -> None:
         deadline = time.monotonic() + 90

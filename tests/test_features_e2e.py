@@ -20,7 +20,7 @@ from streams.generator import GeneratorConfig, generate_history
 from streams.history import write_csv
 from streams.settings import Settings, TopicSettings
 from streams.topics import ensure_topics
-from tests.conftest import ROOT, consume_all, produce
+from tests.conftest import ROOT, T0_MS, consume_all, expired_in_log, produce
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_online_features_equal_offline_ones(stack_settings, start_worker, redis_
 
     # Two generated days (labels after ~0.3 day), 3% of transactions arriving up to 2 h
     # late: past the 1 h allowed lateness for some.
-    start = int(time.time() * 1000) - 3 * DAY_MS
+    start = T0_MS - 3 * DAY_MS
     txns, labels = generate_history(
         GeneratorConfig(seed=11, n_cards=300, label_delay_days=0.3,
                         label_delay_spread_days=0.15, id_prefix=f"p{uuid.uuid4().hex[:6]}"),
@@ -143,7 +143,7 @@ def test_redis_down_decisions_go_on_degraded_and_recover(stack_settings, start_w
         "backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "redis_timeout_ms": 100,
         "redis_retry_s": 0.5})
     worker = start_worker(settings)
-    now = int(time.time() * 1000)
+    now = T0_MS
     txn = {"transaction_id": "", "event_time": now, "card_id": "card_r", "customer_id": None,
            "merchant_id": "m1", "terminal_id": None, "amount": 20.0, "currency": "EUR",
            "mcc": "5411", "country": "FR", "card_country": "FR", "lat": None, "lon": None,
@@ -174,7 +174,7 @@ def test_redis_down_decisions_go_on_degraded_and_recover(stack_settings, start_w
 def test_transactions_keyed_otherwise_are_repartitioned_by_card(stack_settings, start_worker,
                                                                 codecs):
     settings = stack_settings.replace(worker={"repartition": True}, features={"log": True})
-    hour = int(time.time() * 1000) // 3_600_000 * 3_600_000 - 2 * 3_600_000
+    hour = T0_MS // 3_600_000 * 3_600_000 - 2 * 3_600_000
     base = {"customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 10.0,
             "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR",
             "lat": None, "lon": None, "device_id": None, "ip": None, "channel": "pos"}
@@ -202,3 +202,45 @@ def test_transactions_keyed_otherwise_are_repartitioned_by_card(stack_settings, 
     # Each card's events all reached one partition's state: its counts run 1..15.
     assert {c: sorted(v) for c, v in counts.items()} == {
         f"k{c}": [float(i) for i in range(1, 16)] for c in range(6)}
+
+
+def test_idle_cards_expire_by_event_time_not_by_the_wall_clock(stack_settings, start_worker,
+                                                               codecs):
+    """A card idle for 31 days of event time (behind the newest event decided on its
+    partition) loses its record; one active an hour before keeps it, however far in the
+    past of the wall clock all of them are."""
+    settings = stack_settings.replace(features={"log": True, "expiry_interval_s": 1.0},
+                                      scoring={"online": False})
+    base = {"customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 10.0,
+            "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR",
+            "lat": None, "lon": None, "device_id": None, "ip": None, "channel": "pos"}
+
+    def events(kind: str, event_time: int, tag: str) -> list[dict]:
+        return [{**base, "transaction_id": f"{tag}-{kind}{c}", "card_id": f"card_{kind}{c}",
+                 "event_time": event_time} for c in range(30)]
+
+    def send(txns: list[dict]) -> None:
+        produce(settings, settings.topics.transactions,
+                [(t["card_id"].encode(), codecs.transaction.encode(t)) for t in txns])
+
+    # Merchant m1 is shared, so only the old cards' records are idle: 30 of them.
+    first = events("old", T0_MS - 40 * DAY_MS, "a") + events("new", T0_MS - 3_600_000, "a")
+    worker = start_worker(settings)
+    send(first)
+    consume_all(settings, settings.topics.decisions, len(first), settle_s=0)
+    deadline = time.monotonic() + 30
+    while expired_in_log(worker, "features") < 30:
+        assert worker.running and time.monotonic() < deadline, worker.tail()
+        time.sleep(0.5)
+    assert expired_in_log(worker, "features") == 30, worker.tail()
+
+    later = events("old", T0_MS + 60_000, "b") + events("new", T0_MS + 60_000, "b")
+    send(later)
+    logged = consume_all(settings, settings.topics.features, len(first) + len(later))
+    assert worker.running, worker.tail()
+    values = {rec["transaction_id"]: rec["values"] for rec in (
+        codecs.feature_vector.decode(m.value()) for m in logged)}
+    for c in range(30):
+        assert values[f"b-old{c}"]["card_has_prev"] == 0.0  # forgotten
+        assert values[f"b-new{c}"]["card_has_prev"] == 1.0  # remembered
+        assert values[f"b-new{c}"]["card_secs_since_prev"] == 3660.0

@@ -8,7 +8,6 @@ import json
 import shutil
 import struct
 import subprocess
-import time
 import urllib.request
 
 import fastavro
@@ -19,7 +18,7 @@ from streams.broker import EmbeddedBroker, free_port
 from streams.generator import GeneratorConfig, TrafficGenerator
 from streams.topics import ensure_topics
 from tests.apiversions_proxy import ApiVersionsProxy
-from tests.conftest import WorkerProcess, consume_all, produce
+from tests.conftest import T0_MS, WorkerProcess, consume_all, produce
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +58,7 @@ def test_kcat_reads_decisions_decodable_with_the_published_schema(
     ensure_topics(settings)
     codecs = Codecs(make_registry(registry.url), settings.topics)
     gen = TrafficGenerator(GeneratorConfig(seed=11))
-    now = int(time.time() * 1000)
+    now = T0_MS
     txns = [gen.next_transaction(now + i) for i in range(300)]
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     try:

@@ -26,7 +26,7 @@ import pytest
 from scorers.registry import Registry
 from streams.broker import free_port
 from streams.processes import die_with_parent, stop_process
-from tests.conftest import ROOT, consume_all, produce
+from tests.conftest import ROOT, T0_MS, consume_all, produce
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +100,7 @@ scrape_configs:
 
         # ~25 s of traffic: amounts 20x the training ones (drift), a few bad records
         # (dead letters, 2.4%), labels for some decided transactions (the online learner).
-        now = int(time.time() * 1000)
+        now = T0_MS
         sent = 0
         prev: list[dict] = []
         for k in range(25):

@@ -3,8 +3,6 @@ labels, the River learner learns, its predictions move the right way, its state 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from schemas.codec import Codecs, make_registry
@@ -15,9 +13,10 @@ from state.engine import FeatureEngine, MemoryStore
 from state.features import FEATURE_NAMES, FeatureConfig
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import TopicSettings
+from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)
-NOW = int(time.time() * 1000)
+NOW = T0_MS
 
 
 def txn(i: int, amount: float) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import orjson
@@ -14,6 +13,7 @@ from scorers.rules import RuleSet, RulesScorer
 from streams.malformed import MalformedFactory
 from streams.pipeline import Limits, Pipeline, RawRecord
 from streams.settings import TopicSettings
+from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)
 
@@ -25,7 +25,7 @@ def unit_codecs() -> Codecs:
 
 def txn(i: int, **changes: object) -> dict:
     base = {
-        "transaction_id": f"t{i}", "event_time": int(time.time() * 1000), "card_id": f"card_{i}",
+        "transaction_id": f"t{i}", "event_time": T0_MS, "card_id": f"card_{i}",
         "customer_id": None, "merchant_id": "m1", "terminal_id": None, "amount": 25.0,
         "currency": "EUR", "mcc": "5411", "country": "FR", "card_country": "FR", "lat": None,
         "lon": None, "device_id": None, "ip": None, "channel": "pos",
@@ -45,8 +45,12 @@ def nothing_seen(partition: int, keys: list[bytes]) -> list[bytes | None]:
 
 @pytest.mark.parametrize("fmt", ["avro", "json"])
 def test_every_malformed_kind_becomes_a_dead_letter_naming_the_field(unit_codecs, fmt):
-    factory = MalformedFactory(unit_codecs, fmt, LIMITS.max_record_bytes)
-    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS, input_format=fmt)
+    def clock() -> float:  # the worker's wall clock, an hour after the data
+        return (T0_MS + 3_600_000) / 1000
+
+    factory = MalformedFactory(unit_codecs, fmt, LIMITS.max_record_bytes, clock=clock)
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS, input_format=fmt,
+                        clock=clock)
     good = txn(0)
     encode = unit_codecs.transaction.encode if fmt == "avro" else orjson.dumps
     values, expected = [encode(good)], []
@@ -94,7 +98,7 @@ def test_a_seen_transaction_id_gets_its_stored_decision_not_a_new_one(unit_codec
     values = [unit_codecs.transaction.encode(txn(i)) for i in range(3)]
     values.append(unit_codecs.transaction.encode(txn(2, amount=9999.0)))  # repeat in batch
     result = pipeline.process(raw(values, partition=2), seen)
-    day = b"%05d|" % (int(time.time() * 1000) // 86_400_000)
+    day = b"%05d|" % (T0_MS // 86_400_000)
     # one lookup per partition per batch; keys lead with the event day (for expiry)
     assert asked == [(2, [day + b"t0", day + b"t1", day + b"t2", day + b"t2"])]
     got = dict(Counter(k for k, _ in result.decisions))
@@ -131,7 +135,7 @@ def test_labels_feed_the_features_and_a_bad_label_is_a_dead_letter(unit_codecs):
     store = MemoryStore()
     pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS,
                         features=FeatureEngine(FeatureConfig(), store), log_features=True)
-    now = int(time.time() * 1000)
+    now = T0_MS
     label = {"transaction_id": "old", "card_id": "card_9", "merchant_id": "m1",
              "is_fraud": True, "fraud_type": None, "source": "chargeback",
              "event_time": now - 5 * 86_400_000, "label_time": now - 2 * 86_400_000}
@@ -167,3 +171,18 @@ def test_degraded_features_are_named_in_the_decision(unit_codecs):
     [(_key, value)] = result.decisions
     assert "features_degraded" in unit_codecs.decision.decode(value)["reasons"]
     assert result.feature_writes == []
+
+
+def test_the_event_time_high_water_mark_is_the_newest_decided_per_partition(unit_codecs):
+    """What the worker's state expiry measures from (not the wall clock): nothing before a
+    first decision, then the newest event_time decided on each partition."""
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS)
+    assert pipeline.event_time_hwm == {}
+    encode = unit_codecs.transaction.encode
+    pipeline.process(raw([encode(txn(1, event_time=T0_MS - 5_000)),
+                          encode(txn(2, event_time=T0_MS - 9_000)), b"not avro"], 0),
+                     nothing_seen)
+    pipeline.process(raw([encode(txn(3, event_time=T0_MS - 40 * 86_400_000))], 2),
+                     nothing_seen)
+    pipeline.process(raw([encode(txn(4, event_time=T0_MS - 7_000))], 0), nothing_seen)
+    assert pipeline.event_time_hwm == {0: T0_MS - 5_000, 2: T0_MS - 40 * 86_400_000}

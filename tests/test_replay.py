@@ -21,7 +21,7 @@ from streams.replay import REPLAY_HEADER, Bound, ReplayConfig, ReplayError, run_
 from streams.replay_report import write_report
 from streams.settings import Settings, TopicSettings
 from streams.topics import ensure_topics
-from tests.conftest import ROOT, consume_all
+from tests.conftest import ROOT, T0_MS, consume_all
 from tests.test_features_e2e import committed
 
 DAY_MS = 86_400_000
@@ -49,7 +49,7 @@ def fresh_topics(settings: Settings, partitions: int, **changes) -> Settings:
 
 
 def history(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
-    start = int(time.time() * 1000) - int((days + 0.5) * DAY_MS)
+    start = T0_MS - int((days + 0.5) * DAY_MS)
     txns, labels = generate_history(
         GeneratorConfig(seed=seed, n_cards=300, label_delay_days=0.3,
                         label_delay_spread_days=0.1, id_prefix=f"r{uuid.uuid4().hex[:6]}"),
@@ -182,7 +182,7 @@ def test_a_time_range_after_a_warm_up_adds_up_and_shows_the_challenger(
                and rec["event_time"] >= events[0][1]["event_time"] + DAY_MS)
     produce_arrivals(settings, codecs, events[:cut])
     time.sleep(0.05)
-    middle = int(time.time() * 1000)
+    middle = int(time.time() * 1000)  # a Kafka timestamp (produce time), not event time
     time.sleep(0.05)
     produce_arrivals(settings, codecs, events[cut:])
     in_range = sum(1 for kind, _ in events[cut:] if kind == "transaction")
