@@ -83,6 +83,12 @@ def test_online_features_equal_offline_ones(stack_settings, start_worker, redis_
                         label_delay_spread_days=0.15, id_prefix=f"p{uuid.uuid4().hex[:6]}"),
         start, 2.0, 2500, late_ratio=0.03)
     assert labels, "the history has labels to count"
+    # Mixed currencies: the worker and the offline builder convert amounts the same way.
+    by_card: dict[str, set[str]] = {}
+    for t in txns:
+        by_card.setdefault(t["card_id"], set()).add(t["currency"])
+    assert len(set().union(*by_card.values())) >= 5
+    assert sum(len(c) >= 2 for c in by_card.values()) >= 10, "cards spending in 2+ currencies"
 
     worker = start_worker(settings)
     # Labels first, and only then the transactions: a label counts for an event once it
