@@ -119,9 +119,14 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
           f"{world.label_delay_days:g} days of event time", flush=True)
     models_dir = version = None
     if not args.rules_only:
-        models_dir, version, trained = ensure_model(
-            world, args.models_cache or default_cache(), settings.scoring.rules_path,
-            Rates.load(settings.worker.rates_path))
+        try:
+            models_dir, version, trained = ensure_model(
+                world, args.models_cache or default_cache(), settings.scoring.rules_path,
+                Rates.load(settings.worker.rates_path))
+        except KeyboardInterrupt:
+            print("interrupted while training the demo model; nothing was started",
+                  file=sys.stderr)
+            return 130
         print(f"model {version} {'trained and ' if trained else ''}promoted (registry "
               f"{models_dir})", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="fraudstream-demo-"))

@@ -53,8 +53,9 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
 
 
 def scrape_histograms(url: str) -> dict[str, list[tuple[float, float]]] | None:
-    """The worker's own batch time (key ``batch``) and its stage times (``features``,
-    ``model``, ``commit``, ...) as cumulative buckets, or None if /metrics is unreachable."""
+    """The worker's own batch time (key ``batch``), its decision latency (``e2e``) and its
+    stage times (``features``, ``model``, ``commit``, ...) as cumulative buckets, or None
+    if /metrics is unreachable."""
     try:
         with urllib.request.urlopen(url, timeout=0.5) as resp:
             text = resp.read().decode()
