@@ -11,7 +11,10 @@
 The traffic is sized for a real portfolio: ``--cards`` cards at ``--rate`` transactions a
 second with event time ``--speed`` times faster than the wall clock, so a card's genuine
 gap is ``cards * speed / rate`` event-seconds (8 h by default). Producers batch for
-``--linger-ms``: the embedded broker's fetch cost grows with the record batches it holds.
+``--linger-ms``, the worker and the summary fetch with ``--fetch-wait-ms``, and topics have
+one partition: the embedded broker walks every record batch of a partition on each fetch
+that finds new data, so its cost grows with batches held x fetches, and every partition
+adds a stream of both (``docs/performance.md``).
 
 Ctrl-C, SIGTERM or ``--duration`` stops it; every process it started is stopped before
 it returns.
@@ -60,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of malformed records sent, to show the DLQ")
     p.add_argument("--linger-ms", type=float, default=100.0,
                    help="producer batching (fewer record batches for the embedded broker)")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="partitions per topic: on the embedded broker each one adds its own "
+                        "stream of record batches to walk on every fetch")
     p.add_argument("--fetch-wait-ms", type=int, default=100,
                    help="the worker's fetch wait: fewer, larger batches in and out (the "
                         "embedded broker always waits this long)")
@@ -143,7 +149,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         metrics_port = args.metrics_port or _free_port()
         settings = settings.replace(
             kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "embedded": True,
-                   "fetch_max_wait_ms": args.fetch_wait_ms},
+                   "fetch_max_wait_ms": args.fetch_wait_ms, "partitions": args.partitions},
             codec={"registry_url": registry.url},
             worker={"data_dir": workdir / "state", "metrics_port": metrics_port},
             scoring={"models_dir": models_dir or workdir / "no-models"},
@@ -174,7 +180,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         summary = Summary(settings,
                           Codecs(make_registry(registry.url), settings.topics),
                           f"http://127.0.0.1:{metrics_port}/metrics", horizon,
-                          settings.scoring.budget_ms, live_from)
+                          settings.scoring.budget_ms, live_from,
+                          broker.process.pid if broker.process else None)
         started = time.monotonic()
         last = started
         held = args.warmup_days > 0

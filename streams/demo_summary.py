@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from collections import Counter
@@ -83,6 +84,17 @@ def bucket_delta(now: list[tuple[float, float]], before: list[tuple[float, float
     return [(b, c - c0) for (b, c), (_b, c0) in zip(now, before, strict=True)]
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far, from /proc (None if unreadable)."""
+    if pid is None:
+        return None
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Window:
     """One summary interval's latencies."""
@@ -94,7 +106,8 @@ class Window:
 
 class Summary:
     def __init__(self, settings: Settings, codecs: Codecs, metrics_url: str | None,
-                 label_horizon_ms: float, budget_ms: float, live_from_ms: int = 0) -> None:
+                 label_horizon_ms: float, budget_ms: float, live_from_ms: int = 0,
+                 broker_pid: int | None = None) -> None:
         """Decisions of transactions before ``live_from_ms`` (event time) are the warm-up
         history: counted apart, and kept out of the mix, precision and latency."""
         self.codecs = codecs
@@ -104,6 +117,9 @@ class Summary:
                    OFFSET_BEGINNING)
         self.metrics_url = metrics_url
         self.live_from_ms = live_from_ms
+        self.broker_pid = broker_pid
+        self._cpu: list[tuple[float, float]] = []  # (monotonic, broker CPU seconds)
+        self.broker_cpu = float("nan")  # share of a core over the last 10 s
         self.warmup = 0
         self.label_horizon_ms = label_horizon_ms
         self.budget_ms = budget_ms
@@ -220,7 +236,20 @@ class Summary:
                             histogram_quantile(delta, 0.99) * 1000.0)
         return out
 
+    def _broker_cpu(self) -> None:
+        used = cpu_seconds(self.broker_pid)
+        if used is None:
+            return
+        now = time.monotonic()
+        self._cpu.append((now, used))
+        while len(self._cpu) > 2 and now - self._cpu[0][0] > 10.0:
+            self._cpu.pop(0)
+        t0, c0 = self._cpu[0]
+        if now - t0 > 0.5:
+            self.broker_cpu = (used - c0) / (now - t0)
+
     def line(self, interval: float) -> str:
+        self._broker_cpu()
         w, self.window = self.window, Window()
         self._scrape_own(warming=w.warmup > 0 or not self.outcomes)
         rate = w.count / interval if interval > 0 else 0.0
@@ -242,17 +271,19 @@ class Summary:
         if w.warmup or not decided:
             return (f"warming up the worker's state with history: {self.warmup} decided "
                     f"({w.warmup / max(interval, 1e-9):.0f}/s), {own}")
+        broker = (f" | broker {100 * self.broker_cpu:3.0f}% cpu"
+                  if self.broker_cpu == self.broker_cpu else "")
         text = (f"{rate:5.0f}/s | {decided:>7} decided: {mix} | by {by} | precision "
-                f"{precision} | dlq {self.dlq} | {own} | {e2e}")
+                f"{precision} | dlq {self.dlq} | {own} | {e2e}{broker}")
         note = self._bottleneck(self.e2e_p99 if self.e2e_p99 == self.e2e_p99 else None)
         return text + (f"\n  ! {note}" if note else "")
 
     def _bottleneck(self, e2e_p99: float | None) -> str | None:
         """Said once when the end-to-end p99 has risen well above its early level while
-        the worker's own p99 stays within the budget: the time goes to the broker."""
-        if e2e_p99 is None:
-            return None
-        if self.window.warmup:
+        the embedded broker burns most of a core, or while the worker's own p99 stays
+        within the budget: the time goes to the broker (its fetch cost grows with the
+        record batches it holds)."""
+        if e2e_p99 is None or self.window.warmup:
             return None
         hist = self.e2e_p99_history
         hist.append(e2e_p99)
@@ -260,11 +291,13 @@ class Summary:
             return None
         early = sorted(hist[10:40])[15]
         recent = sorted(hist[-10:])[5]
-        if recent > max(2.0 * early, early + 100.0) and self.own_p99 <= self.budget_ms:
+        busy = self.broker_cpu == self.broker_cpu and self.broker_cpu > 0.6
+        if recent > max(2.0 * early, early + 100.0) and (busy or self.own_p99 <= self.budget_ms):
             self.bottleneck_since = time.monotonic()
+            cpu = f", the broker at {100 * self.broker_cpu:.0f}% of a core" if busy else ""
             return (f"the embedded broker is now the bottleneck: end-to-end p99 {recent:.0f} ms "
-                    f"(was {early:.0f} ms) while the worker's own p99 is {self.own_p99:.1f} ms;"
-                    f" its fetch cost grows with the record batches it holds (see README)")
+                    f"(was {early:.0f} ms), the worker's own p99 {self.own_p99:.1f} ms{cpu}; "
+                    f"its fetch cost grows with the record batches it holds (see README)")
         return None
 
     def final(self) -> str:
@@ -282,6 +315,8 @@ class Summary:
             "precision once labelled: " + ", ".join(
                 f"{k} {p[0]}/{p[1]}" + (f" ({100.0 * p[0] / p[1]:.1f}%)" if p[1] else "")
                 for k, p in prec.items()) + f"; {self.labels} labels read",
+            f"embedded broker CPU over the last 10 s: "
+            f"{100 * self.broker_cpu:.0f}% of a core",
             f"dead letters {self.dlq}; warm-up history decided before the run: {self.warmup}",
             f"end-to-end latency as this reader received the decisions (its fetch wait "
             f"included): p50 {percentile(self.e2e_all, 0.5):.1f} ms, p99 "
