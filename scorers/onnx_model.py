@@ -33,15 +33,15 @@ class ArtifactError(ScorerError):
 
 class ModelScorer:
     def __init__(self, version: str, sessions: list[tuple[Any, float]], thresholds: Thresholds,
-                 explain: dict[str, list[float]], reference: dict[str, Any] | None = None
-                 ) -> None:
+                 explain: dict[str, list[float]], reference: dict[str, Any] | None = None,
+                 base_rate: float | None = None) -> None:
         self.version = version
         #: Reference histograms of the features and the score (drift detection).
         self.reference = reference
         self.sessions = sessions
         self.thresholds = thresholds
         #: The fraud rate of the training history (the online learners are corrected to it).
-        self.base_rate: float | None = None
+        self.base_rate = base_rate
         self._mean = np.asarray(explain["mean"], dtype=np.float64)
         self._scale = np.asarray(explain["scale"], dtype=np.float64)
         self._coef = np.asarray(explain["coef"], dtype=np.float64)
@@ -89,9 +89,9 @@ class ModelScorer:
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"{version}: {file} is not a loadable ONNX model: "
                                     f"{exc}") from None
-        scorer = cls(version, sessions, thresholds, explain, meta.get("reference"))
         rate = (meta.get("data") or {}).get("fraud_rate")
-        scorer.base_rate = float(rate) if isinstance(rate, int | float) else None
+        scorer = cls(version, sessions, thresholds, explain, meta.get("reference"),
+                     float(rate) if isinstance(rate, int | float) else None)
         probe = scorer.predict(np.zeros((4, len(FEATURE_NAMES)), dtype=np.float32))
         if probe.shape != (4,) or not np.all(np.isfinite(probe)):
             raise ArtifactError(f"{version}: a probe batch gave {probe!r}, not 4 probabilities")

@@ -36,14 +36,12 @@ from streams import batching, restore
 from streams.delivery import BatchCommitter, KafkaSink
 from streams.feature_store import TableFeatureStore
 from streams.metrics import WorkerMetrics
-from streams.pipeline import Limits, Pipeline, RawRecord
+from streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from streams.settings import KafkaSettings, Settings
 from streams.status import WorkerStatus
 from streams.table_state import FaustTableState
 
 log = logging.getLogger("fraudstream.worker")
-
-DAY_MS = 86_400_000
 
 
 def faust_credentials(kafka: KafkaSettings) -> Any:
@@ -282,11 +280,9 @@ def build_worker(settings: Settings) -> Worker:
         t0 = time.perf_counter()
         await committer.commit(result)
         done = time.perf_counter()
-        commit_s = done - t0
-        status.add(len(records), len(label_records), result, (done - arrived) * 1000.0)
-        metrics.observe(result, len(records), len(label_records), commit_s)
-        if records:
-            metrics.batch_seconds.observe(done - arrived)
+        own_s = done - arrived
+        status.add(len(records), len(label_records), result, own_s * 1000.0)
+        metrics.observe(result, len(records), len(label_records), done - t0, own_s)
         monitor = models.drift
         if result.drift_events:
             metrics.set_drift(monitor.last if monitor is not None else {},

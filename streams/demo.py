@@ -37,12 +37,11 @@ from schemas.fx import Rates
 from streams.broker import EmbeddedBroker
 from streams.demo_model import DemoWorld, default_cache, ensure_model
 from streams.demo_summary import Summary
+from streams.generator import DAY_MS
 from streams.processes import StopFlag, die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings
 from streams.topics import ensure_topics
-
-DAY_MS = 86_400_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

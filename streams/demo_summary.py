@@ -22,19 +22,15 @@ import os
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer
 
 from schemas.codec import Codecs, DecodeError
 from streams.settings import Settings
+from streams.status import quantile as percentile
 from streams.topics import assign_all
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
@@ -84,6 +80,17 @@ def bucket_delta(now: list[tuple[float, float]], before: list[tuple[float, float
     return [(b, c - c0) for (b, c), (_b, c0) in zip(now, before, strict=True)]
 
 
+def interval_ms(now: list[tuple[float, float]], before: list[tuple[float, float]] | None
+                ) -> tuple[float, float, float] | None:
+    """(count, p50 ms, p99 ms) of what a histogram observed since ``before``; None if
+    nothing."""
+    delta = bucket_delta(now, before)
+    if not delta or delta[-1][1] <= 0:
+        return None
+    return (delta[-1][1], histogram_quantile(delta, 0.5) * 1000.0,
+            histogram_quantile(delta, 0.99) * 1000.0)
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a process so far, from /proc (None if unreadable)."""
     if pid is None:
@@ -97,9 +104,8 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 @dataclass
 class Window:
-    """One summary interval's latencies."""
+    """One summary interval's counts."""
 
-    e2e: list[float] = field(default_factory=list)
     count: int = 0
     warmup: int = 0
 
@@ -185,7 +191,6 @@ class Summary:
         if outcome != "approve":
             self.flagged[d["transaction_id"]] = (outcome, event_ms)
         latency = now_ms - d["source_timestamp"].timestamp() * 1000.0
-        self.window.e2e.append(latency)
         self.e2e_all.append(latency)
 
     def precision(self) -> dict[str, tuple[int, int]]:
@@ -209,18 +214,14 @@ class Summary:
             self._at_live = now  # the live run's numbers start after the warm-up
         if last is None or "batch" not in last:
             return
-        delta = bucket_delta(now["batch"], last["batch"])
-        if delta and delta[-1][1] > 0:
-            self.own_p50 = histogram_quantile(delta, 0.5) * 1000.0
-            self.own_p99 = histogram_quantile(delta, 0.99) * 1000.0
+        own = interval_ms(now["batch"], last["batch"])
+        if own is not None:
+            _n, self.own_p50, self.own_p99 = own
             if not warming:
                 self.own_all.append(self.own_p99)
-        delta = bucket_delta(now.get("e2e", []), last.get("e2e"))
-        if delta and delta[-1][1] > 0:
-            self.e2e_p50 = histogram_quantile(delta, 0.5) * 1000.0
-            self.e2e_p99 = histogram_quantile(delta, 0.99) * 1000.0
-        else:
-            self.e2e_p50 = self.e2e_p99 = float("nan")
+        e2e = interval_ms(now.get("e2e", []), last.get("e2e"))
+        _n, self.e2e_p50, self.e2e_p99 = e2e if e2e is not None else (0, float("nan"),
+                                                                      float("nan"))
 
     def live_times(self) -> dict[str, tuple[float, float, float]]:
         """Over the live run: (batches, p50 ms, p99 ms) of the worker's own batch time and
@@ -229,11 +230,9 @@ class Summary:
         if not self._last:
             return out
         for key, buckets in self._last.items():
-            delta = bucket_delta(buckets, (self._at_live or {}).get(key))
-            n = delta[-1][1] if delta else 0.0
-            if n > 0:
-                out[key] = (n, histogram_quantile(delta, 0.5) * 1000.0,
-                            histogram_quantile(delta, 0.99) * 1000.0)
+            times = interval_ms(buckets, (self._at_live or {}).get(key))
+            if times is not None:
+                out[key] = times
         return out
 
     def _broker_cpu(self) -> None:

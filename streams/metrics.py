@@ -86,12 +86,16 @@ class WorkerMetrics:
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
-    def observe(self, result: Any, size: int, labels: int, commit_s: float) -> None:
-        """One micro-batch's worth of updates."""
+    def observe(self, result: Any, size: int, labels: int, commit_s: float,
+                own_s: float | None = None) -> None:
+        """One micro-batch's worth of updates; ``own_s``: the worker's own time for it
+        (fetched batch in hand to decisions acknowledged)."""
         now_ms = time.time() * 1000.0
         if size:
             self.transactions.inc(size)
             self.batch_size.observe(size)
+            if own_s is not None:
+                self.batch_seconds.observe(own_s)
         if labels:
             self.labels.inc(labels)
         self.duplicates.inc(result.duplicates)
