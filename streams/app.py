@@ -189,12 +189,9 @@ def build_worker(settings: Settings) -> Worker:
         feature_store,
     )
     metrics = WorkerMetrics()
-    if w.metrics_port:
-        try:
-            metrics.serve(w.metrics_port)
-        except OSError as exc:
-            log.error("metrics: cannot serve on port %d (%s); running without /metrics",
-                      w.metrics_port, exc)
+    from streams.preflight import serve_metrics
+
+    serve_metrics(metrics, w)  # a taken port stops the worker, unless METRICS_PORT_BUSY=warn
     registry = Registry(settings.scoring.models_dir)
     sc = settings.scoring
     models = ModelStage(drift=DriftConfig(sc.drift_window, sc.drift_psi_threshold,
