@@ -47,12 +47,18 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
     from streams.produce import main as produce_main
 
     return produce_main(args, settings)
 
 
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
     from streams.tail import main as tail_main
 
     return tail_main(args, settings)
@@ -89,6 +95,9 @@ def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
     from streams.replay_cli import run
 
     return run(args, settings)

@@ -39,6 +39,11 @@ def check_worker(settings: Settings) -> None:
     w = settings.worker
     if w.metrics_port and w.metrics_port_busy == "fail":
         check_metrics_port(w.metrics_address, w.metrics_port)
+    check_services(settings)
+
+
+def check_services(settings: Settings) -> None:
+    """The broker (with its SASL/TLS settings) and the schema registry answer."""
     from streams.topics import connect
 
     connect(settings.kafka)

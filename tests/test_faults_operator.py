@@ -105,6 +105,10 @@ def test_a_data_dir_that_cannot_be_used_is_one_line(quiet_settings, tmp_path):
     out = run_worker(worker_env(quiet_settings, FRAUDSTREAM_WORKER_DATA_DIR=str(below)))
     assert one_line(out, 2) == (f"fraudstream: FRAUDSTREAM_WORKER_DATA_DIR={below}: not "
                                 "writable: Not a directory")
+    # a folder no process may create files in, root included (sysfs): not writable
+    out = run_worker(worker_env(quiet_settings, FRAUDSTREAM_WORKER_DATA_DIR="/sys"))
+    assert one_line(out, 2) == ("fraudstream: FRAUDSTREAM_WORKER_DATA_DIR=/sys: not "
+                                "writable: Permission denied")
 
 
 def test_an_unreachable_broker_and_registry_are_named_within_the_timeout(quiet_settings,
@@ -181,12 +185,19 @@ def test_a_refused_sasl_login_stops_at_once_with_one_line(quiet_settings, sasl_b
     assert "not-the-password" not in out.stderr + out.stdout
 
 
-def test_the_topics_command_reports_an_unreachable_broker_in_one_line(quiet_settings):
+def test_topics_produce_and_tail_report_an_unreachable_service_in_one_line(quiet_settings):
     port = free_port()
     env = worker_env(quiet_settings, FRAUDSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
     out = subprocess.run([sys.executable, "-m", "streams.cli", "topics"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert one_line(out, 3).startswith(f"fraudstream: cannot reach Kafka at 127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{free_port()}"
+    env = worker_env(quiet_settings, FRAUDSTREAM_CODEC_REGISTRY_URL=url)
+    for command in (["produce", "--count", "1"], ["tail", "decisions", "--count", "1"]):
+        out = subprocess.run([sys.executable, "-m", "streams.cli", *command], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert one_line(out, 3).startswith(
+            f"fraudstream: cannot reach the schema registry at {url} "), command
 
 
 def test_a_taken_metrics_port_stops_the_worker_unless_told_to_warn(quiet_settings, tmp_path):
