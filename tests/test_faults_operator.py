@@ -248,3 +248,24 @@ def test_metrics_listen_on_the_configured_address_only():
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
     assert Settings().worker.metrics_address == "0.0.0.0"
+
+
+def test_serve_metrics_raises_or_warns_on_a_port_taken_after_the_start_checks(caplog):
+    """The same rule when the port is taken between the start checks and the server's
+    bind (build_worker serves /metrics through serve_metrics)."""
+    from streams.errors import StartError
+    from streams.metrics import WorkerMetrics
+    from streams.preflight import serve_metrics
+    from streams.settings import WorkerSettings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartError, match=f"METRICS_PORT={port}: the port is taken"):
+            serve_metrics(WorkerMetrics(), WorkerSettings(metrics_port=port))
+        with caplog.at_level("WARNING", logger="fraudstream.worker"):
+            assert serve_metrics(WorkerMetrics(), WorkerSettings(
+                metrics_port=port, metrics_port_busy="warn")) is None
+        assert "running without /metrics" in caplog.text
+    assert serve_metrics(WorkerMetrics(), WorkerSettings(metrics_port=0)) is None
