@@ -35,6 +35,8 @@ def check_worker(settings: Settings) -> None:
     check_rules(settings.scoring.rules_path)
     check_rates(settings.worker.rates_path)
     check_data_dir(settings.worker.data_dir)
+    if settings.worker.store == "rocksdb":
+        lock_data_dir(settings.worker.data_dir)
     check_models_dir(settings.scoring.models_dir)
     w = settings.worker
     if w.metrics_port and w.metrics_port_busy == "fail":
@@ -81,6 +83,32 @@ def check_data_dir(path: Path) -> None:
             pass
     except OSError as exc:
         raise StartError(f"{where}: not writable: {exc.strerror or exc}") from exc
+
+
+#: The open lock file of this process's data dir (held until the process ends).
+_held: dict[Path, object] = {}
+
+
+def lock_data_dir(path: Path) -> None:
+    """Take the data dir for this process: a second worker on the same RocksDB state
+    would fail deep in RocksDB (its LOCK file) once partitions are assigned. The lock is
+    an flock, so a killed worker leaves none behind."""
+    import fcntl
+
+    lock = path / ".fraudstream.lock"
+    handle = open(lock, "a+")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise StartError(f"FRAUDSTREAM_WORKER_DATA_DIR={path}: in use by another worker "
+                         f"(pid {holder}); each worker needs its own data dir") from exc
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held[path] = handle
 
 
 def check_models_dir(path: Path) -> None:

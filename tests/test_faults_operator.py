@@ -105,6 +105,23 @@ def test_a_data_dir_that_cannot_be_used_is_one_line(quiet_settings, tmp_path):
     out = run_worker(worker_env(quiet_settings, FRAUDSTREAM_WORKER_DATA_DIR=str(below)))
     assert one_line(out, 2) == (f"fraudstream: FRAUDSTREAM_WORKER_DATA_DIR={below}: not "
                                 "writable: Not a directory")
+    # another process holds the folder (as a running worker does)
+    (tmp_path / "held").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from streams.preflight import lock_data_dir; lock_data_dir(Path(sys.argv[1])); "
+         "print('locked', flush=True); time.sleep(60)", str(tmp_path / "held")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        out = run_worker(worker_env(quiet_settings,
+                                    FRAUDSTREAM_WORKER_DATA_DIR=str(tmp_path / "held")))
+        assert one_line(out, 2) == (
+            f"fraudstream: FRAUDSTREAM_WORKER_DATA_DIR={tmp_path / 'held'}: in use by "
+            f"another worker (pid {holder.pid}); each worker needs its own data dir")
+    finally:
+        holder.kill()
+        holder.wait()
     # a folder no process may create files in, root included (sysfs): not writable
     out = run_worker(worker_env(quiet_settings, FRAUDSTREAM_WORKER_DATA_DIR="/sys"))
     assert one_line(out, 2) == ("fraudstream: FRAUDSTREAM_WORKER_DATA_DIR=/sys: not "
