@@ -25,9 +25,22 @@ def connect(kafka: KafkaSettings, timeout_s: float | None = None) -> AdminClient
     not fix themselves, and librdkafka would retry every 50 ms forever), or it could not
     be reached within ``timeout_s`` (default ``FRAUDSTREAM_KAFKA_CONNECT_TIMEOUT_S``)."""
     timeout_s = kafka.connect_timeout_s if timeout_s is None else timeout_s
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(kafka, name)
+            try:
+                if path:
+                    open(path, "rb").close()
+            except OSError as exc:
+                raise StartError(f"FRAUDSTREAM_KAFKA_{name.upper()}={path}: cannot read it: "
+                                 f"{exc.strerror or exc}") from exc
     errors: list[KafkaError] = []
-    admin = AdminClient({**kafka.client_config(), "error_cb": errors.append,
-                         "logger": _quiet})
+    try:
+        admin = AdminClient({**kafka.client_config(), "error_cb": errors.append,
+                             "logger": _quiet})
+    except KafkaException as exc:  # e.g. a CA file that is not PEM
+        raise StartError(f"the Kafka client refused the FRAUDSTREAM_KAFKA_* settings: "
+                         f"{_reason(exc.args[0] if exc.args else exc)}") from exc
     deadline = time.monotonic() + timeout_s
     while True:
         try:

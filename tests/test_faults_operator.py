@@ -202,6 +202,20 @@ def test_a_refused_sasl_login_stops_at_once_with_one_line(quiet_settings, sasl_b
     assert "not-the-password" not in out.stderr + out.stdout
 
 
+def test_a_tls_file_that_cannot_be_used_is_one_line(quiet_settings, tmp_path):
+    missing, junk = tmp_path / "missing.pem", tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    tls = {"FRAUDSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL"}
+    out = run_worker(worker_env(quiet_settings, **tls,
+                                FRAUDSTREAM_KAFKA_SSL_CAFILE=str(missing)))
+    assert one_line(out, 2) == (f"fraudstream: FRAUDSTREAM_KAFKA_SSL_CAFILE={missing}: "
+                                "cannot read it: No such file or directory")
+    out = run_worker(worker_env(quiet_settings, **tls, FRAUDSTREAM_KAFKA_SSL_CAFILE=str(junk)))
+    assert one_line(out, 2).startswith(
+        "fraudstream: the Kafka client refused the FRAUDSTREAM_KAFKA_* settings: Failed to "
+        "create admin client: ssl.ca.location failed: ")
+
+
 def test_topics_produce_and_tail_report_an_unreachable_service_in_one_line(quiet_settings):
     port = free_port()
     env = worker_env(quiet_settings, FRAUDSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
