@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
-from confluent_kafka.admin import AdminClient
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas.codec import Codecs, make_registry
@@ -108,7 +107,9 @@ def _tolerate_revoked_seek() -> None:
 
 def source_partitions(settings: Settings) -> int:
     """Partition count of the transactions topic (tables must match it)."""
-    admin = AdminClient(settings.kafka.client_config())
+    from streams.topics import connect  # a refused or unreachable broker: one line
+
+    admin = connect(settings.kafka)
     meta = admin.list_topics(settings.topics.transactions, timeout=15.0)
     topic = meta.topics.get(settings.topics.transactions)
     if topic is None or topic.error is not None or not topic.partitions:
@@ -189,12 +190,9 @@ def build_worker(settings: Settings) -> Worker:
         feature_store,
     )
     metrics = WorkerMetrics()
-    if w.metrics_port:
-        try:
-            metrics.serve(w.metrics_port)
-        except OSError as exc:
-            log.error("metrics: cannot serve on port %d (%s); running without /metrics",
-                      w.metrics_port, exc)
+    from streams.preflight import serve_metrics
+
+    serve_metrics(metrics, w)  # a taken port stops the worker, unless METRICS_PORT_BUSY=warn
     registry = Registry(settings.scoring.models_dir)
     sc = settings.scoring
     models = ModelStage(drift=DriftConfig(sc.drift_window, sc.drift_psi_threshold,

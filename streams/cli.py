@@ -35,6 +35,9 @@ def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.preflight import check_worker
+
+    check_worker(settings)  # one line and exit 2 or 3 for what cannot be used
     from streams.app import run_worker
     from streams.topics import ensure_topics
 
@@ -44,12 +47,18 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
     from streams.produce import main as produce_main
 
     return produce_main(args, settings)
 
 
 def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
     from streams.tail import main as tail_main
 
     return tail_main(args, settings)
@@ -86,6 +95,9 @@ def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
     from streams.replay_cli import run
 
     return run(args, settings)
@@ -186,19 +198,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. A configuration error (a setting out of range, a file or folder
+    that cannot be used, a broker or registry that cannot be reached or refuses the
+    credentials) is one line on stderr, ``fraudstream: ...``, and exit code 2 (fix the
+    configuration) or 3 (a service could not be reached): never a traceback."""
     args = build_parser().parse_args(argv)
+    from streams.errors import CONFIG_EXIT, StartError
+
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
-        print(f"fraudstream: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), CONFIG_EXIT)
     from schemas.fx import RatesError
+    from scorers.rules import RulesError
 
     try:
         return int(args.func(args, settings) or 0)
+    except StartError as exc:
+        return _fail(str(exc), exc.exit_code)
     except RatesError as exc:
-        print(f"fraudstream: rates table: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"rates table: {exc}", CONFIG_EXIT)
+    except RulesError as exc:
+        return _fail(f"rules: {exc}", CONFIG_EXIT)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fraudstream: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -83,8 +83,11 @@ class WorkerMetrics:
             "fraudstream_online_quality", "Prequential quality of the online learner.",
             ["partition", "metric"], registry=r)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, address: str = "0.0.0.0") -> int:
+        """Serve /metrics on ``address``:``port`` (0: a free port); returns the port.
+        Raises OSError when the port is taken or the address is not this host's."""
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        return int(server.server_port)
 
     def observe(self, result: Any, size: int, labels: int, commit_s: float,
                 own_s: float | None = None) -> None:

@@ -10,6 +10,7 @@ is generated from it: ``fraudstream settings``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,9 @@ class KafkaSettings:
     #: the base offset of the last record batch + 1 (Kafka: last offset + 1), which breaks
     #: Faust's table recovery; the worker then works around it (see streams/app.py).
     embedded: bool = False
+    #: How long a command waits at start for the broker (and the worker for the schema
+    #: registry) before it stops with one line saying which one it could not reach.
+    connect_timeout_s: float = 15.0
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka (confluent-kafka) configuration for this cluster."""
@@ -138,6 +142,12 @@ class WorkerSettings:
     status_interval_s: float = 10.0
     #: Port of the worker's Prometheus /metrics (0: none). One per worker process.
     metrics_port: int = 9464
+    #: Address /metrics listens on: all interfaces by default, so that a Prometheus on
+    #: another host can scrape it; 127.0.0.1 keeps it on the machine.
+    metrics_address: str = "0.0.0.0"
+    #: The metrics port is taken by another process: stop the worker (fail), or run
+    #: without /metrics and log a warning (warn).
+    metrics_port_busy: Literal["fail", "warn"] = "fail"
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).
     rocksdb_block_cache_mb: int = 32
     rocksdb_write_buffer_mb: int = 16
@@ -217,6 +227,7 @@ class Settings:
                 known.add(name)
                 if name in env:
                     values[f.name] = _coerce(name, env[name], hints[f.name])
+                    _check_range(name, env[name], values[f.name])
             sections[section.name] = section_cls(**values)
         unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
         if unknown:
@@ -259,6 +270,75 @@ def _coerce(name: str, raw: str, hint: Any) -> Any:
         return raw
     except ValueError as exc:
         raise SettingsError(f"{name}={raw!r}: expected {getattr(hint, '__name__', hint)}") from exc
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: ``low`` (excluded if ``low_open``) up to
+    ``high``, both optional; never NaN or infinite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{self.low:g}"
+        if self.high is not None:
+            return f"{low} to {self.high:g}" + (f" ({low} excluded)" if self.low_open else "")
+        return f"> {low}" if self.low_open else f">= {low}"
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_ONE = Range(1)
+NOT_NEGATIVE = Range(0)
+
+#: The allowed range of every numeric setting (tests/test_settings.py checks that each int
+#: and float setting has one). A value outside it is refused at start, by name.
+RANGES: dict[str, Range] = {
+    "FRAUDSTREAM_KAFKA_SESSION_TIMEOUT_MS": AT_LEAST_ONE,
+    "FRAUDSTREAM_KAFKA_FETCH_MAX_WAIT_MS": Range(0, 300_000),  # librdkafka's own range
+    "FRAUDSTREAM_KAFKA_PARTITIONS": AT_LEAST_ONE,
+    "FRAUDSTREAM_KAFKA_REPLICATION_FACTOR": Range(1, 32_767),
+    "FRAUDSTREAM_KAFKA_CONNECT_TIMEOUT_S": POSITIVE,
+    "FRAUDSTREAM_CODEC_MAX_RECORD_BYTES": AT_LEAST_ONE,
+    "FRAUDSTREAM_WORKER_BATCH_MAX": AT_LEAST_ONE,
+    "FRAUDSTREAM_WORKER_MAX_FUTURE_MS": NOT_NEGATIVE,
+    "FRAUDSTREAM_WORKER_MAX_AMOUNT": POSITIVE,
+    "FRAUDSTREAM_WORKER_COMMIT_INTERVAL_S": POSITIVE,
+    "FRAUDSTREAM_WORKER_DEDUPE_RETENTION_DAYS": POSITIVE,
+    "FRAUDSTREAM_WORKER_DEDUPE_EXPIRY_INTERVAL_S": POSITIVE,
+    "FRAUDSTREAM_WORKER_GC_GEN0_THRESHOLD": NOT_NEGATIVE,
+    "FRAUDSTREAM_WORKER_STATUS_INTERVAL_S": POSITIVE,
+    "FRAUDSTREAM_WORKER_METRICS_PORT": Range(0, 65_535),
+    "FRAUDSTREAM_WORKER_ROCKSDB_BLOCK_CACHE_MB": AT_LEAST_ONE,
+    "FRAUDSTREAM_WORKER_ROCKSDB_WRITE_BUFFER_MB": AT_LEAST_ONE,
+    "FRAUDSTREAM_FEATURES_REDIS_TIMEOUT_MS": AT_LEAST_ONE,
+    "FRAUDSTREAM_FEATURES_REDIS_RETRY_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_FEATURES_ALLOWED_LATENESS_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_FEATURES_LABEL_DELAY_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_FEATURES_EXPIRY_INTERVAL_S": POSITIVE,
+    "FRAUDSTREAM_SCORING_BUDGET_MS": POSITIVE,
+    "FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S": POSITIVE,
+    "FRAUDSTREAM_SCORING_ONLINE_MAX_WEIGHT": Range(0, 1),
+    "FRAUDSTREAM_SCORING_FEATURE_LOG_DAYS": POSITIVE,
+    "FRAUDSTREAM_SCORING_DRIFT_WINDOW": AT_LEAST_ONE,
+    "FRAUDSTREAM_SCORING_DRIFT_PSI_THRESHOLD": POSITIVE,
+    "FRAUDSTREAM_SCORING_DRIFT_JS_THRESHOLD": Range(0, 1, low_open=True),
+}
+
+
+def _check_range(name: str, raw: str, value: Any) -> None:
+    allowed = RANGES.get(name)
+    if allowed is not None and value not in allowed:
+        what = "out of range" if math.isfinite(value) else "not a finite number"
+        raise SettingsError(f"{name}={raw}: {what}, allowed {allowed}")
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -2,10 +2,75 @@
 
 from __future__ import annotations
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+import logging
+import re
+import time
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.settings import Settings
+from streams.errors import CONFIG_EXIT, UNREACHABLE_EXIT, StartError
+from streams.settings import KafkaSettings, Settings
+
+#: librdkafka logs every failed connection attempt (about every 50 ms on a refused SASL
+#: handshake); :func:`connect` says what went wrong once, in its error.
+_quiet = logging.getLogger("fraudstream.kafka.connect")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+
+def connect(kafka: KafkaSettings, timeout_s: float | None = None) -> AdminClient:
+    """An admin client that has talked to the cluster, or :class:`StartError` with one
+    line: the broker refused SASL authentication (at its first refusal: credentials do
+    not fix themselves, and librdkafka would retry every 50 ms forever), or it could not
+    be reached within ``timeout_s`` (default ``FRAUDSTREAM_KAFKA_CONNECT_TIMEOUT_S``)."""
+    timeout_s = kafka.connect_timeout_s if timeout_s is None else timeout_s
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(kafka, name)
+            try:
+                if path:
+                    open(path, "rb").close()
+            except OSError as exc:
+                raise StartError(f"FRAUDSTREAM_KAFKA_{name.upper()}={path}: cannot read it: "
+                                 f"{exc.strerror or exc}") from exc
+    errors: list[KafkaError] = []
+    try:
+        admin = AdminClient({**kafka.client_config(), "error_cb": errors.append,
+                             "logger": _quiet})
+    except KafkaException as exc:  # e.g. a CA file that is not PEM
+        raise StartError(f"the Kafka client refused the FRAUDSTREAM_KAFKA_* settings: "
+                         f"{_reason(exc.args[0] if exc.args else exc)}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.list_topics(timeout=max(0.1, min(0.25, deadline - time.monotonic())))
+            return admin
+        except KafkaException as exc:
+            last = exc.args[0] if exc.args else exc
+        admin.poll(0)  # serves error_cb
+        refused = [e for e in errors if e.code() == KafkaError._AUTHENTICATION]
+        if refused:
+            raise StartError(
+                f"Kafka at {kafka.bootstrap} refused SASL authentication (mechanism "
+                f"{kafka.sasl_mechanism}, user {kafka.sasl_username!r}): "
+                f"{_reason(refused[-1])}; check FRAUDSTREAM_KAFKA_SASL_MECHANISM, "
+                "FRAUDSTREAM_KAFKA_SASL_USERNAME and FRAUDSTREAM_KAFKA_SASL_PASSWORD",
+                CONFIG_EXIT)
+        if time.monotonic() >= deadline:
+            seen = [e for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN]
+            why = _reason(seen[-1] if seen else last)
+            raise StartError(
+                f"cannot reach Kafka at {kafka.bootstrap} (FRAUDSTREAM_KAFKA_BOOTSTRAP, "
+                f"{kafka.security_protocol}) within {timeout_s:g} s: {why}",
+                UNREACHABLE_EXIT)
+
+
+def _reason(error: object) -> str:
+    """librdkafka's error text without the broker name prefix and timing suffix."""
+    text = error.str() if isinstance(error, KafkaError) else str(error)
+    text = re.sub(r"^\S+/(bootstrap|\d+): ", "", text)
+    return re.sub(r" \(after \d+ms in state \w+\)$", "", text)
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0,
@@ -13,9 +78,10 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0,
     """Create every topic of ``settings.topics`` (or ``names``) that does not exist yet.
 
     Returns topic -> partition count as the broker reports it afterwards. A topic that
-    already exists is left as it is (its partition count is not changed).
+    already exists is left as it is (its partition count is not changed). A broker that
+    cannot be reached or refuses the credentials is a :class:`StartError`.
     """
-    admin = AdminClient(settings.kafka.client_config())
+    admin = connect(settings.kafka)
     existing = admin.list_topics(timeout=timeout_s).topics
     names = settings.topics.all() if names is None else names
     wanted = [t for t in names if t not in existing]

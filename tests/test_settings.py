@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.settings import Settings, SettingsError, describe
+from streams.settings import RANGES, Settings, SettingsError, describe
 
 
 def test_environment_variables_fill_the_typed_sections():
@@ -75,3 +75,50 @@ def test_faust_gets_the_same_sasl_and_tls_settings_as_librdkafka(tmp_path):
     assert str(creds.mechanism.value) == "SCRAM-SHA-256"
     assert creds.ssl_context is not None and str(creds.protocol.value) == "SASL_SSL"
     assert faust_credentials(Settings().kafka) is None  # PLAINTEXT
+
+
+@pytest.mark.parametrize("name, raw, allowed", [
+    ("FRAUDSTREAM_WORKER_BATCH_MAX", "-5", "out of range, allowed >= 1"),
+    ("FRAUDSTREAM_WORKER_BATCH_MAX", "0", "out of range, allowed >= 1"),
+    ("FRAUDSTREAM_WORKER_METRICS_PORT", "65536", "out of range, allowed 0 to 65535"),
+    ("FRAUDSTREAM_WORKER_METRICS_PORT", "-1", "out of range, allowed 0 to 65535"),
+    ("FRAUDSTREAM_KAFKA_PARTITIONS", "0", "out of range, allowed >= 1"),
+    ("FRAUDSTREAM_WORKER_COMMIT_INTERVAL_S", "0", "out of range, allowed > 0"),
+    ("FRAUDSTREAM_SCORING_BUDGET_MS", "nan", "not a finite number, allowed > 0"),
+    ("FRAUDSTREAM_SCORING_BUDGET_MS", "inf", "not a finite number, allowed > 0"),
+    ("FRAUDSTREAM_SCORING_ONLINE_MAX_WEIGHT", "1.5", "out of range, allowed 0 to 1"),
+    ("FRAUDSTREAM_SCORING_DRIFT_JS_THRESHOLD", "0",
+     "out of range, allowed 0 to 1 (0 excluded)"),
+    ("FRAUDSTREAM_FEATURES_ALLOWED_LATENESS_S", "-1", "out of range, allowed >= 0"),
+])
+def test_an_out_of_range_value_is_refused_with_its_name_value_and_range(name, raw, allowed):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({name: raw})
+    assert str(err.value) == f"{name}={raw}: {allowed}"
+
+
+def test_the_bounds_themselves_are_accepted():
+    s = Settings.from_env({"FRAUDSTREAM_WORKER_METRICS_PORT": "65535",
+                           "FRAUDSTREAM_WORKER_BATCH_MAX": "1",
+                           "FRAUDSTREAM_SCORING_ONLINE_MAX_WEIGHT": "0",
+                           "FRAUDSTREAM_SCORING_DRIFT_JS_THRESHOLD": "1"})
+    assert (s.worker.metrics_port, s.worker.batch_max) == (65535, 1)
+
+
+def test_every_numeric_setting_has_an_allowed_range_that_holds_its_default():
+    """A new int or float setting needs an entry in streams.settings.RANGES."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    numeric, defaults = set(), {}
+    for section in fields(Settings):
+        obj = getattr(Settings(), section.name)
+        hints = get_type_hints(type(obj))
+        for f in fields(obj):
+            if hints[f.name] in (int, float):
+                name = f"FRAUDSTREAM_{section.name}_{f.name}".upper()
+                numeric.add(name)
+                defaults[name] = getattr(obj, f.name)
+    assert numeric - set(RANGES) == set(), "add these to streams.settings.RANGES"
+    assert set(RANGES) - numeric == set()
+    assert [n for n, v in defaults.items() if v not in RANGES[n]] == []
