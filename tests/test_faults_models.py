@@ -336,3 +336,31 @@ def test_a_worker_with_a_broken_active_version_flags_every_decision(
             if int(m.key().decode().split("-")[1]) >= 60]
     assert len(late) == 40 and {(d["model_version"], d["fallback"]) for d in late} == {
         (version, False)}, worker.tail()
+
+
+def test_the_refused_model_alert_fires_on_the_gauge(tmp_path):
+    """The shipped rule, unit-tested by promtool on a series like the worker's gauge."""
+    promtool = shutil.which("promtool")
+    assert promtool, "make test-deps installs the prometheus package"
+    shutil.copy(ROOT / "deploy" / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "test.yml").write_text("""
+rule_files: [alerts.yml]
+evaluation_interval: 15s
+tests:
+  - interval: 15s
+    input_series:
+      - series: 'fraudstream_model_refused{instance="w1", role="active", version="v1"}'
+        values: '1x10'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: FraudstreamModelRefused
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: w1, role: active, version: v1}
+            exp_annotations:
+              summary: SUMMARY
+""".replace("SUMMARY", json.dumps(
+        "Worker w1 refused the active model v1 (altered or degenerate; reason in its log): "
+        "the previous model, or the rules, decide instead.")))
+    out = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
