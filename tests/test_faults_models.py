@@ -318,6 +318,10 @@ def test_a_worker_with_a_broken_active_version_flags_every_decision(
     assert len({d["transaction_id"] for d in ds}) == 60
     assert all(d["fallback"] and "fallback:model_unavailable" in d["reasons"]
                and d["model_version"].startswith("rules@") for d in ds), ds[:2]
+    deadline = time.monotonic() + 10  # metrics are updated once the batch is committed
+    while _metric(port, "fraudstream_fallbacks_total", 'cause="model_unavailable"') != 60 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _metric(port, "fraudstream_fallbacks_total", 'cause="model_unavailable"') == 60
     assert _metric(port, "fraudstream_model_refused",
                    f'role="active",version="{version}"') == 1
