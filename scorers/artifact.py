@@ -173,7 +173,7 @@ def probe_batch(meta: dict[str, Any], n_features: int
             e = np.asarray(edges, dtype=np.float64)
             k = rng.integers(0, len(e) - 1, size=len(rows))
             rows[:, j] = e[k] + rng.random(len(rows)) * (e[k + 1] - e[k])
-    return rows, None
+    return np.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0), None
 
 
 def check_probe(version: str, scores: np.ndarray, expected: np.ndarray | None) -> None:
