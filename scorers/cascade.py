@@ -9,7 +9,9 @@ batches fall back at once ("busy") rather than queue behind it.
 Causes of a fallback, named in the decision's reasons as ``fallback:<cause>``: ``deadline``
 (no time left before the model stage), ``timeout``, ``busy``, ``error`` (the model
 raised), ``nan`` (a non-finite score for that event), ``degraded`` (the features could not
-be read).
+be read), ``model_unavailable`` (the registry's ACTIVE pointer names a version that was
+refused, and no model serves: :attr:`ModelStage.unavailable`). With no ACTIVE pointer at
+all the rules decide by design: no fallback.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class ModelStage:
         self.drift_config = drift
         #: The monitor of the active version (its last window feeds the drift gauges).
         self.drift: DriftMonitor | None = None
+        #: The fallback cause while ``active`` is None although a version should serve
+        #: (``"model_unavailable"``); None when the rules decide by design.
+        self.unavailable: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._pending: Future[Any] | None = None
 

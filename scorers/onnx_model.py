@@ -2,9 +2,11 @@
 model per micro-batch.
 
 :meth:`ModelScorer.load` refuses an artifact it cannot serve exactly as it was trained,
-with a :class:`ArtifactError` naming the problem: missing or altered files (sha256), a
-feature list or version that is not the worker's, ONNX that does not load, or a model
-that does not give one finite probability per row on a probe batch.
+with a :class:`ArtifactError` naming the problem: missing, altered or added files
+(``SHA256SUMS``, :mod:`scorers.artifact`), a feature list or version that is not the
+worker's, ensemble weights or thresholds that make no usable model, ONNX that does not
+load, or a probe batch whose scores are not finite, all one value, or not those stored at
+training.
 
 Sessions are tuned for latency: one intra-op thread, sequential execution. Reason codes
 for a model decision are the features with the largest positive terms of the linear
@@ -21,14 +23,19 @@ from typing import Any
 
 import numpy as np
 
+from scorers.artifact import (
+    ArtifactError,
+    check_probe,
+    check_thresholds,
+    check_weights,
+    probe_batch,
+    verify_sums,
+)
 from scorers.base import Event, Features, Score, ScorerError, Thresholds
 from state.features import FEATURE_NAMES, FEATURE_VERSION
 
 REASONS = 3
-
-
-class ArtifactError(ScorerError):
-    """This artifact cannot be served; the message says why."""
+__all__ = ["ArtifactError", "ModelScorer"]
 
 
 class ModelScorer:
@@ -46,17 +53,26 @@ class ModelScorer:
         self._scale = np.asarray(explain["scale"], dtype=np.float64)
         self._coef = np.asarray(explain["coef"], dtype=np.float64)
         self._names = np.asarray(FEATURE_NAMES)
+        #: The whole artifact's digest (sha256 of its SHA256SUMS); None for a version
+        #: written before artifacts were sealed.
+        self.digest: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> ModelScorer:
         import onnxruntime as ort
 
+        digest = verify_sums(path)
         meta_path = path / "metadata.json"
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as exc:
-            raise ArtifactError(f"{path}: no readable metadata.json ({exc})") from None
-        version = meta.get("version", path.name)
+            raise ArtifactError(f"{path.name}: no readable metadata.json "
+                                f"({_one_line(exc)})") from None
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{path.name}: metadata.json is not an object")
+        version = str(meta.get("version", path.name))
+        if version != path.name:
+            raise ArtifactError(f"{path.name}: metadata.json names version {version!r}")
         if meta.get("feature_version") != FEATURE_VERSION or \
                 meta.get("feature_names") != list(FEATURE_NAMES):
             raise ArtifactError(
@@ -64,11 +80,14 @@ class ModelScorer:
                 f"({len(meta.get('feature_names') or [])} names), the worker computes "
                 f"{FEATURE_VERSION!r} ({len(FEATURE_NAMES)}): retrain it")
         try:
-            thresholds = Thresholds(meta["thresholds"]["review"], meta["thresholds"]["decline"])
-            models = [(m["file"], float(m["weight"]), m["sha256"]) for m in meta["models"]]
+            review, decline = meta["thresholds"]["review"], meta["thresholds"]["decline"]
+            models = [(str(m["file"]), float(m["weight"]), m["sha256"]) for m in meta["models"]]
             explain = meta["explain"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{version}: metadata.json lacks or mangles {exc}") from None
+        check_weights(version, [w for _f, w, _s in models])
+        check_thresholds(version, review, decline)
+        thresholds = Thresholds(float(review), float(decline))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
@@ -76,6 +95,9 @@ class ModelScorer:
         opts.log_severity_level = 3
         sessions = []
         for file, weight, sha in models:
+            if Path(file).name != file or file.startswith("."):
+                raise ArtifactError(f"{version}: model file {file!r} is not a file of the "
+                                    "version's own folder")
             try:
                 data = (path / file).read_bytes()
             except OSError as exc:
@@ -88,13 +110,22 @@ class ModelScorer:
                                  weight))
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"{version}: {file} is not a loadable ONNX model: "
-                                    f"{exc}") from None
+                                    f"{_one_line(exc)}") from None
         rate = (meta.get("data") or {}).get("fraud_rate")
-        scorer = cls(version, sessions, thresholds, explain, meta.get("reference"),
-                     float(rate) if isinstance(rate, int | float) else None)
-        probe = scorer.predict(np.zeros((4, len(FEATURE_NAMES)), dtype=np.float32))
-        if probe.shape != (4,) or not np.all(np.isfinite(probe)):
-            raise ArtifactError(f"{version}: a probe batch gave {probe!r}, not 4 probabilities")
+        try:
+            scorer = cls(version, sessions, thresholds, explain, meta.get("reference"),
+                         float(rate) if isinstance(rate, int | float) else None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{version}: metadata.json mangles explain "
+                                f"({_one_line(exc)})") from None
+        X, expected = probe_batch(meta, len(FEATURE_NAMES))
+        try:
+            scores = scorer.predict(X)
+            scorer.reasons(X)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"{version}: the probe batch failed: {_one_line(exc)}") from None
+        check_probe(version, scores, expected)
+        scorer.digest = digest
         return scorer
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -124,3 +155,7 @@ class ModelScorer:
 
     def learn_batch(self, features: Sequence[Features], labels: Sequence[int]) -> None:
         """Trained offline: labels teach the online learners, not this model."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -15,7 +15,9 @@ arrival order) and:
    window, for the rules alone, each model and the ensemble;
 7. writes the artifact: ONNX files and ``metadata.json`` (feature names and order,
    thresholds, windows, data hash, library versions, metrics, reference histograms of
-   every feature and of the score, for drift detection), and a report with plots.
+   every feature and of the score, for drift detection, and a probe batch: rows of the
+   test window with their ensemble scores), a report with plots, and last
+   ``SHA256SUMS``, which seals every other file (:mod:`scorers.artifact`).
 
 A transaction without a label in the history counts as genuine.
 """
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from scorers.artifact import ArtifactError, check_probe, choose_probe, write_sums
 from scorers.metrics import summary
 from state.features import FEATURE_NAMES, FEATURE_VERSION, FeatureConfig
 from state.offline import OfflineStats, offline_features
@@ -273,6 +276,13 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         return sum(weights[n] * scores[n] for n in MODELS)
 
     thresholds = _thresholds(ensemble(valid_scores), ds.y[va].astype(bool), config)
+    probe = choose_probe(ds.X[te], ensemble(test_scores), config.seed)
+    rows = np.asarray(probe["rows"], dtype=np.float32)
+    probe["scores"] = ensemble({n: onnx_scores(onnx_models[n], rows) for n in MODELS}).tolist()
+    try:
+        check_probe("the new model", np.asarray(probe["scores"]), None)
+    except ArtifactError as exc:
+        raise TrainingError(f"{exc}; artifact not written") from None
     rules = np.array([s.score for s in rules_scorer.score_batch(
         [ds.txns[i] for i in te], [ds.vectors[i] for i in te])])
     cards = [ds.cards[i] for i in te]
@@ -320,12 +330,15 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
             "features": {n: _histogram(ds.X[tr][:, i]) for i, n in enumerate(FEATURE_NAMES)},
             "score": _histogram(ensemble(valid_scores)),
         },
+        # Rows of the test window and the ensemble's scores for them: checked at each load.
+        "probe": probe,
         "training_seconds": round(time.monotonic() - t0, 1),
     }
     (target / "metadata.json").write_text(json.dumps(meta, indent=2))
     _report(target, meta, ds.y[te], {"rules": rules, **test_scores,
                                      "ensemble": ensemble(test_scores),
                                      "ensemble+online": with_online})
+    write_sums(target)
     return meta
 
 

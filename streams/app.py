@@ -26,8 +26,7 @@ from schemas.codec import Codecs, make_registry
 from scorers.cascade import ModelStage
 from scorers.drift import DriftConfig
 from scorers.online import OnlineStage
-from scorers.onnx_model import ArtifactError
-from scorers.registry import ACTIVE, SHADOW, Registry
+from scorers.registry import Registry
 from scorers.rules import RuleSet, RulesScorer
 from state.engine import FeatureEngine, StateStore
 from state.features import FeatureConfig
@@ -35,6 +34,7 @@ from streams import batching, restore
 from streams.delivery import BatchCommitter, KafkaSink
 from streams.feature_store import TableFeatureStore
 from streams.metrics import WorkerMetrics
+from streams.models_watch import ModelWatcher
 from streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from streams.settings import KafkaSettings, Settings
 from streams.status import WorkerStatus
@@ -376,43 +376,6 @@ def build_worker(settings: Settings) -> Worker:
 
     return Worker(app=app, pipeline=pipeline, committer=committer, state=state, sink=sink,
                   features=feature_store)
-
-
-class ModelWatcher:
-    """Keeps :class:`ModelStage` on the registry's ACTIVE and SHADOW versions. A version
-    that cannot be served is refused (logged once) and the current model keeps serving."""
-
-    def __init__(self, registry: Registry, stage: ModelStage,
-                 metrics: WorkerMetrics | None = None) -> None:
-        self.registry = registry
-        self.stage = stage
-        self.metrics = metrics
-        self._seen: dict[str, str | None] = {ACTIVE: None, SHADOW: None}
-
-    def check(self) -> None:
-        for pointer in (ACTIVE, SHADOW):
-            version = self.registry.pointer(pointer)
-            if version == self._seen[pointer]:
-                continue
-            self._seen[pointer] = version
-            attr = "active" if pointer == ACTIVE else "shadow"
-            if version is None:
-                setattr(self.stage, attr, None)
-                log.warning("models: no %s version: %s", pointer,
-                            "rules only" if pointer == ACTIVE else "no shadow")
-                continue
-            try:
-                model = self.registry.load(version)
-            except ArtifactError as exc:
-                current = getattr(self.stage, attr)
-                log.error("models: %s %s refused, %s keeps serving: %s", pointer, version,
-                          current.version if current else "nothing", exc)
-                continue
-            setattr(self.stage, attr, model)
-            log.warning("models: %s is now %s", pointer, version)
-        if self.metrics is not None:
-            self.metrics.set_models(getattr(self.stage.active, "version", None),
-                                    getattr(self.stage.shadow, "version", None))
 
 
 def _owned(app: faust.App, settings: Settings) -> list[int]:

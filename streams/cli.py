@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("model", help="the model registry: list, promote, rollback, shadow")
+    p = sub.add_parser("model", help="the model registry: list, promote, rollback, shadow, seal")
     from streams.model_cli import add_arguments as model_arguments
 
     model_arguments(p)

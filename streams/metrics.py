@@ -64,6 +64,11 @@ class WorkerMetrics:
         self.model = Gauge(
             "fraudstream_model_info", "The model versions in use (value 1).",
             ["role", "version"], registry=r)
+        self.model_refused = Gauge(
+            "fraudstream_model_refused",
+            "Model versions a registry pointer names that this worker refused (value 1, the "
+            "reason in its log); the model serving before, if any, keeps serving.",
+            ["role", "version"], registry=r)
         self.feature_flags = Counter(
             "fraudstream_feature_events", "Transactions whose features were flagged.",
             ["flag"], registry=r)
@@ -131,6 +136,13 @@ class WorkerMetrics:
             self.drift.labels(feature, stat).set(value)
         for e in events:
             self.drift_events.labels(e["statistic"], e["severity"]).inc()
+
+    def set_refused(self, refused: dict[str, str | None]) -> None:
+        """``refused``: pointer name (ACTIVE, SHADOW) -> the version refused, or None."""
+        self.model_refused.clear()
+        for pointer, version in refused.items():
+            if version:
+                self.model_refused.labels(pointer.lower(), version).set(1)
 
     def set_models(self, active: str | None, shadow: str | None) -> None:
         self.model.clear()

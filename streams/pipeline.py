@@ -307,7 +307,11 @@ class Pipeline:
         models = self.models
         model = models.active if models is not None else None
         if model is None or not scores:
-            return [rules(s, "rules", None) for s in scores], None
+            # no model: by design (no ACTIVE version), or a fallback when one was refused
+            cause = models.unavailable if models is not None and scores else None
+            if cause:
+                out.fallbacks[cause] += len(scores)
+            return [rules(s, "rules", cause) for s in scores], None
         assert models is not None
         degraded = vectors is None or (out.features is not None and out.features.degraded)
         if degraded:

@@ -114,9 +114,10 @@ class WorkerStatus:
         span = max(now - self.since, 1e-9)
         decided = sum(self.stages.values())
         fell_back = sum(self.fallbacks.values())
-        # A deadline or degraded fallback is decided at stage "rules", the others (timeout,
-        # error, nan) at stage "model": the rules' own share is what is left.
-        rules = self.stages["rules"] - self.fallbacks["deadline"] - self.fallbacks["degraded"]
+        # A deadline, degraded or model_unavailable fallback is decided at stage "rules",
+        # the others (timeout, error, nan) at stage "model": the rules' own share is the rest.
+        rules = self.stages["rules"] - self.fallbacks["deadline"] - self.fallbacks["degraded"] \
+            - self.fallbacks["model_unavailable"]
         model = decided - rules - fell_back
 
         def share(n: int) -> str:

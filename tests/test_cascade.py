@@ -13,6 +13,7 @@ import pytest
 
 from schemas.codec import Codecs, make_registry
 from scorers import train as T
+from scorers.artifact import write_sums
 from scorers.cascade import ModelStage
 from scorers.onnx_model import ArtifactError, ModelScorer
 from scorers.registry import ACTIVE, Registry
@@ -158,9 +159,11 @@ def test_an_artifact_that_cannot_be_served_is_refused(models_registry, tmp_path)
         meta = json.loads((target / "metadata.json").read_text())
         if damage == "onnx":
             (target / "lightgbm.onnx").write_bytes(b"not onnx")
-        elif damage == "names":
+        elif damage == "names":  # trained on other features, and sealed so
             meta["feature_names"] = meta["feature_names"][:-1]
+            meta["version"] = target.name
             (target / "metadata.json").write_text(json.dumps(meta))
+            write_sums(target)
         else:
             (target / "metadata.json").write_text("{")
     reg = Registry(bad)

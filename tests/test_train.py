@@ -46,7 +46,11 @@ def test_the_artifact_describes_itself_and_beats_the_rules(history, tmp_path):
     target = tmp_path / meta["version"]
     assert {p.name for p in target.iterdir()} == {
         "lightgbm.onnx", "logistic.onnx", "metadata.json", "report.md", "pr_curve.png",
-        "score_hist.png"}
+        "score_hist.png", "SHA256SUMS"}
+    # SHA256SUMS seals every other file, metadata.json included
+    assert sorted(line.split()[1] for line in (target / "SHA256SUMS").read_text()
+                  .splitlines()) == sorted(p.name for p in target.iterdir()
+                                           if p.name != "SHA256SUMS")
     stored = json.loads((target / "metadata.json").read_text())
     assert stored["feature_names"] == list(FEATURE_NAMES)
     assert set(stored["reference"]["features"]) == set(FEATURE_NAMES)
