@@ -109,6 +109,11 @@ class CodecSettings:
     registry_username: str = ""
     registry_password: str = ""
     max_record_bytes: int = 64 * 1024
+    #: A dead letter keeps at most this much of the refused record's value (masked); it
+    #: records the original size and sha256. Keep it well under the producer's
+    #: message.max.bytes (1,000,000): a dead letter the broker refuses is sent again
+    #: without the value.
+    dead_letter_max_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
