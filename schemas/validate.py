@@ -38,6 +38,7 @@ _PAN_TEXT = re.compile(r"^[0-9][0-9 -]{11,22}[0-9]$")
 _RUN_BYTES = re.compile(rb"[0-9](?:[ -]?[0-9])*")
 _RUN_SPACED = re.compile(r"[0-9](?: ?[0-9])*")
 _THIRTEEN = re.compile(r"[0-9](?:[ -]?[0-9]){12}")
+_THIRTEEN_BYTES = re.compile(rb"[0-9](?:[ -]?[0-9]){12}")
 #: Unicode categories refused in any string field: controls (NUL, ESC, newline, C1),
 #: format characters (right-to-left overrides, zero-width, BOM), lone surrogates, and the
 #: line and paragraph separators.
@@ -92,23 +93,33 @@ def _groups(run: str) -> list[tuple[int, int]]:
 
 def _pan_spans(run: str, glued: bool) -> list[tuple[int, int]]:
     """Spans of ``run`` (digits and single separators) that are a card number: a range of
-    whole groups of 13-19 digits passing the Luhn check. ``glued``: also try each range
-    without its first and/or last digit. In Avro bytes, a string's one-byte length prefix
-    or the next field's first byte may be a digit glued to the number."""
+    whole groups of 13-19 digits passing the Luhn check. ``glued``: a range at an end of
+    the run may also drop its outermost digit there. In Avro bytes, a string's one-byte
+    length prefix, or the next field's first byte, may be a digit glued to the number.
+    A card number is written in at most 7 groups (4-4-4-4-3 is 5), so a range spans at most
+    7: work is linear in the run, and runs of one-digit groups cost little."""
     groups = _groups(run)
+    last = len(groups) - 1
+    longest = 21 if glued else 19
     spans = []
     for i, (start, _) in enumerate(groups):
-        for j in range(i, len(groups)):
+        count = 0
+        for j in range(i, min(last, i + 6) + 1):
+            count += groups[j][1] - groups[j][0]
+            if count > longest:
+                break
+            if count < 13:
+                continue
             end = groups[j][1]
             digits = run[start:end].replace(" ", "").replace("-", "")
-            if len(digits) > 21:
-                break
-            trims = ((0, 0), (1, 0), (0, 1), (1, 1)) if glued else ((0, 0),)
-            for head, tail in trims:
-                d = digits[head:len(digits) - tail]
-                if 13 <= len(d) <= 19 and luhn_ok(d):
-                    spans.append((start + head, end - tail))
-                    break
+            heads = (0, 1) if glued and i == 0 else (0,)
+            tails = (0, 1) if glued and j == last else (0,)
+            found = [(h, t) for h in heads for t in tails
+                     if 13 <= len(digits) - h - t <= 19
+                     and luhn_ok(digits[h:len(digits) - t])]
+            if found:
+                head, tail = found[0]
+                spans.append((start + head, end - tail))
     return spans
 
 
@@ -141,6 +152,12 @@ def control_character(value: str) -> str | None:
             name = unicodedata.name(ch, "control character")
             return f"U+{ord(ch):04X} ({name}, category {category}) at position {i}"
     return None
+
+
+def may_hold_pan(data: bytes) -> bool:
+    """False when ``data`` has no run of 13 digits (single spaces or dashes between them
+    allowed): then it holds no card number. Cheap on megabytes."""
+    return _THIRTEEN_BYTES.search(data) is not None
 
 
 def mask_pans(data: bytes | None) -> bytes | None:

@@ -24,7 +24,7 @@ import hashlib
 from typing import Any
 
 from schemas.codec import AvroCodec
-from schemas.validate import mask_pans
+from schemas.validate import mask_pans, may_hold_pan
 
 #: A Kafka key is a card token or a transaction id; past this it is cut.
 KEY_MAX_BYTES = 1024
@@ -32,17 +32,23 @@ KEY_MAX_BYTES = 1024
 REASON_MAX_CHARS = 1000
 
 
+#: Bytes past the cut that are masked with the kept ones: a card number (19 digits and
+#: 18 separators at most, and a glued digit) that straddles the cut is masked whole.
+_MARGIN = 64
+
+
 def _bounded(data: bytes | None, limit: int) -> tuple[bytes | None, bool, bool]:
-    """``data`` masked, then cut to ``limit`` bytes (masking first, so a card number that
-    straddles the cut is masked too); whether it was cut; whether masking changed it."""
+    """``data`` cut to ``limit`` bytes and masked (with a margin past the cut, so a card
+    number that straddles it is masked too); whether it was cut; whether it may hold a
+    card number (exact when not cut; past the cut, any 13-digit run counts)."""
     if data is None:
         return None, False, False
-    masked = mask_pans(data)
-    assert masked is not None
-    changed = masked != data
-    if len(masked) > limit:
-        return masked[:limit], True, changed
-    return masked, False, changed
+    if len(data) <= limit:
+        masked = mask_pans(data)
+        assert masked is not None
+        return masked, False, masked != data
+    kept = (mask_pans(data[:limit + _MARGIN]) or b"")[:limit]
+    return kept, True, kept != data[:limit] or may_hold_pan(data[limit:])
 
 
 class DeadLetters:
