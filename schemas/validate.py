@@ -136,7 +136,7 @@ def contains_pan(value: str) -> bool:
         value = unicodedata.normalize("NFKC", value)
         value = "".join(str(unicodedata.decimal(c, c)) if c.isdecimal() else c
                         for c in value)
-    if looks_like_pan(value):
+    if looks_like_pan(value.strip()):
         return True
     return any(_pan_spans(m.group(0), glued=False)
                for m in _RUN_SPACED.finditer(value) if len(m.group(0)) >= 13)

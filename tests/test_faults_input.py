@@ -246,6 +246,11 @@ def test_a_dead_letter_is_bounded_masked_and_hashed(unit_codecs):
     assert number[:5].encode() not in b["value"] and b["value"].endswith(b"*****")
     assert number.encode() not in b["key"] and b["key"].endswith(number[-4:].encode())
     assert b["value_sha256"] is None and b["value_size"] == len(with_pan)
+    # a number far past the cut: the kept bytes are clean, but no hash goes out
+    far = b"z" * 3000 + number.encode() + b"z"
+    _, v4 = dl.build(RawRecord("t", 0, 4, None, far, 0), "oversize", None, "too big", 0)
+    d = unit_codecs.dead_letter.decode(v4)
+    assert d["value"] == far[:1000] and d["value_sha256"] is None and d["truncated"]
     # small and clean: whole, not truncated
     _, v3 = dl.build(RawRecord("t", 0, 3, None, b"tiny", 0), "decode", None, "bad", 0)
     c = unit_codecs.dead_letter.decode(v3)
@@ -303,7 +308,9 @@ def test_contains_pan_spares_uuids_and_dates():
     number = pan(rng)
     spaced = " ".join(number[i:i + 4] for i in range(0, 16, 4))
     for value in (number, spaced, spaced.replace(" ", "-"), f"ord-{number}", f"{number}|x",
-                  f"ref {spaced} ok", "".join(chr(0xFF10 + int(c)) for c in number)):
+                  f"ref {spaced} ok", f" {spaced.replace(' ', '-')} ",
+                  "".join(chr(0xFF10 + int(c)) for c in number),
+                  "".join(chr(0x0660 + int(c)) for c in number)):
         assert contains_pan(value), value
 
 
