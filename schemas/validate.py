@@ -93,14 +93,15 @@ def _groups(run: str) -> list[tuple[int, int]]:
 
 def _pan_spans(run: str, glued: bool) -> list[tuple[int, int]]:
     """Spans of ``run`` (digits and single separators) that are a card number: a range of
-    whole groups of 13-19 digits passing the Luhn check. ``glued``: a range at an end of
-    the run may also drop its outermost digit there. In Avro bytes, a string's one-byte
-    length prefix, or the next field's first byte, may be a digit glued to the number.
+    whole groups of 13-19 digits passing the Luhn check. ``glued`` (binary Avro): a range
+    at the start of the run may also drop its first one or two digits, and at the end its
+    last one. A string's one-byte length prefix is a digit for 24-28 characters, after a
+    field that may end in a digit; the next field's first byte may be a digit.
     A card number is written in at most 7 groups (4-4-4-4-3 is 5), so a range spans at most
     7: work is linear in the run, and runs of one-digit groups cost little."""
     groups = _groups(run)
     last = len(groups) - 1
-    longest = 21 if glued else 19
+    longest = 22 if glued else 19
     spans = []
     for i, (start, _) in enumerate(groups):
         count = 0
@@ -112,7 +113,7 @@ def _pan_spans(run: str, glued: bool) -> list[tuple[int, int]]:
                 continue
             end = groups[j][1]
             digits = run[start:end].replace(" ", "").replace("-", "")
-            heads = (0, 1) if glued and i == 0 else (0,)
+            heads = (0, 1, 2) if glued and i == 0 else (0,)
             tails = (0, 1) if glued and j == last else (0,)
             found = [(h, t) for h in heads for t in tails
                      if 13 <= len(digits) - h - t <= 19
@@ -160,13 +161,14 @@ def may_hold_pan(data: bytes) -> bool:
     return _THIRTEEN_BYTES.search(data) is not None
 
 
-def mask_pans(data: bytes | None) -> bytes | None:
+def mask_pans(data: bytes | None, glued: bool = False) -> bytes | None:
     """Replace every digit of card-number-like runs with ``*`` except the last four.
 
     Length is kept, so Avro or JSON bytes keep their shape. Used on every byte string the
     service writes that came from outside (dead letters). A run of digits joined by single
-    spaces or dashes is searched for whole groups that make a card number, with or without
-    one digit glued on either side (an Avro length byte, the next field's first byte).
+    spaces or dashes is searched for whole groups that make a card number. ``glued``: the
+    bytes may be binary Avro, where digits of a length byte or of the next field can be
+    glued to the number (see :func:`_pan_spans`); it masks more, so text does without.
     """
     if not data:
         return data
@@ -175,7 +177,7 @@ def mask_pans(data: bytes | None) -> bytes | None:
         run = m.group(0)
         if len(run) < 13:
             continue
-        for start, end in _pan_spans(run.decode(), glued=True):
+        for start, end in _pan_spans(run.decode(), glued=glued):
             if out is None:
                 out = bytearray(data)
             keep = 4

@@ -44,10 +44,10 @@ def _bounded(data: bytes | None, limit: int) -> tuple[bytes | None, bool, bool]:
     if data is None:
         return None, False, False
     if len(data) <= limit:
-        masked = mask_pans(data)
+        masked = mask_pans(data, glued=True)
         assert masked is not None
         return masked, False, masked != data
-    kept = (mask_pans(data[:limit + _MARGIN]) or b"")[:limit]
+    kept = (mask_pans(data[:limit + _MARGIN], glued=True) or b"")[:limit]
     return kept, True, kept != data[:limit] or may_hold_pan(data[limit:])
 
 

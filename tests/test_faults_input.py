@@ -287,13 +287,19 @@ def test_old_dead_letters_still_read_and_new_ones_read_with_the_old_schema(unit_
 
 def test_mask_pans_finds_a_number_glued_to_an_avro_length_byte(unit_codecs):
     """Avro writes a 16-character string after a length byte 0x20 (a space): with a digit
-    before it ("cust_123 4111...") the run is 19 digits and was left unmasked."""
+    before it ("cust_123 4111...") the run is 19 digits and was left unmasked. A 24-28
+    character string has a digit for its length byte: two digits glued on."""
     rng = random.Random(7)
     base = generated(1, seed=3)[0]
     for _ in range(50):
         number = pan(rng)
         t = dict(base, customer_id="cust_123", merchant_id=number)
-        assert number.encode() not in mask_pans(unit_codecs.transaction.encode(t))
+        assert number.encode() not in mask_pans(unit_codecs.transaction.encode(t), glued=True)
+        # 26 characters: the length byte is "4", after a customer_id ending in a digit
+        t = dict(base, customer_id="cust_1", merchant_id=f"{number}-shop-0001")
+        assert b"cust_14" + number.encode() in unit_codecs.transaction.encode(t)
+        assert number[:12].encode() not in mask_pans(unit_codecs.transaction.encode(t),
+                                                     glued=True)
 
 
 def test_contains_pan_spares_uuids_and_dates():
