@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import unicodedata
 from datetime import datetime
 from typing import Any
 
@@ -18,14 +19,34 @@ from schemas.fx import Rates
 
 CHANNELS = frozenset({"pos", "ecom", "atm", "moto", "contactless"})
 OPTIONAL_STRINGS = ("customer_id", "terminal_id", "device_id")
+#: Every string field that names something (a transaction, card, merchant, customer,
+#: terminal, device, address): none may hold a card number. Every string field of a
+#: transaction or label, identifiers or not, is refused when it holds a control character.
+TRANSACTION_IDS = ("transaction_id", "card_id", "merchant_id", "customer_id", "terminal_id",
+                   "device_id", "ip")
+LABEL_IDS = ("transaction_id", "card_id", "merchant_id", "fraud_type")
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01: anything older is a unit mistake
 MAX_ID_LEN = 128
 _NO_FUTURE_CHECK = 2**62
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
-_MCC = re.compile(r"^[0-9]{4}$")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_COUNTRY = re.compile(r"[A-Z]{2}")
+_MCC = re.compile(r"[0-9]{4}")
 _PAN_TEXT = re.compile(r"^[0-9][0-9 -]{11,22}[0-9]$")
-_PAN_BYTES = re.compile(rb"(?<![0-9])(?:[0-9][ -]?){12,18}[0-9](?![0-9])")
+#: Maximal runs of digits joined by single spaces or dashes (what masking looks at), and
+#: by single spaces only (what a card number inside a longer identifier looks like: a
+#: dash joins the groups of UUIDs and dates, so dashes only count for a whole value).
+_RUN_BYTES = re.compile(rb"[0-9](?:[ -]?[0-9])*")
+_RUN_SPACED = re.compile(r"[0-9](?: ?[0-9])*")
+_THIRTEEN = re.compile(r"[0-9](?:[ -]?[0-9]){12}")
+_THIRTEEN_BYTES = re.compile(rb"[0-9](?:[ -]?[0-9]){12}")
+#: Unicode categories refused in any string field: controls (NUL, ESC, newline, C1),
+#: format characters (right-to-left overrides, zero-width, BOM), lone surrogates, and the
+#: line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+PAN_REASON = ("looks like or holds a raw card number (13-19 digits passing the Luhn "
+              "check); send a token")
 
 
 class ValidationError(Exception):
@@ -59,31 +80,114 @@ def looks_like_pan(value: str) -> bool:
     return 13 <= len(digits) <= 19 and luhn_ok(digits)
 
 
-def mask_pans(data: bytes | None) -> bytes | None:
+def _groups(run: str) -> list[tuple[int, int]]:
+    """(start, end) of each group of digits of a run (groups split by one separator)."""
+    out, start = [], 0
+    for i, ch in enumerate(run):
+        if not "0" <= ch <= "9":
+            out.append((start, i))
+            start = i + 1
+    out.append((start, len(run)))
+    return out
+
+
+def _pan_spans(run: str, glued: bool) -> list[tuple[int, int]]:
+    """Spans of ``run`` (digits and single separators) that are a card number: a range of
+    whole groups of 13-19 digits passing the Luhn check. ``glued`` (binary Avro): a range
+    at the start of the run may also drop its first one or two digits, and at the end its
+    last one. A string's one-byte length prefix is a digit for 24-28 characters, after a
+    field that may end in a digit; the next field's first byte may be a digit.
+    A card number is written in at most 7 groups (4-4-4-4-3 is 5), so a range spans at most
+    7: work is linear in the run, and runs of one-digit groups cost little."""
+    groups = _groups(run)
+    last = len(groups) - 1
+    longest = 22 if glued else 19
+    spans = []
+    for i, (start, _) in enumerate(groups):
+        count = 0
+        for j in range(i, min(last, i + 6) + 1):
+            count += groups[j][1] - groups[j][0]
+            if count > longest:
+                break
+            if count < 13:
+                continue
+            end = groups[j][1]
+            digits = run[start:end].replace(" ", "").replace("-", "")
+            heads = (0, 1, 2) if glued and i == 0 else (0,)
+            tails = (0, 1) if glued and j == last else (0,)
+            found = [(h, t) for h in heads for t in tails
+                     if 13 <= len(digits) - h - t <= 19
+                     and luhn_ok(digits[h:len(digits) - t])]
+            if found:
+                head, tail = found[0]
+                spans.append((start + head, end - tail))
+    return spans
+
+
+def contains_pan(value: str) -> bool:
+    """True when ``value`` is a card number (13-19 digits passing the Luhn check, spaces or
+    dashes allowed), or holds one: 13-19 digits, contiguous or grouped by single spaces,
+    between non-digits. Digits of other scripts (fullwidth, Arabic-Indic) count as
+    digits. A numeric identifier of 13-19 digits passes the Luhn check one time in ten:
+    identifiers must be tokens, not long digit strings."""
+    if value.isascii():
+        if _THIRTEEN.search(value) is None:
+            return False
+    else:
+        value = unicodedata.normalize("NFKC", value)
+        value = "".join(str(unicodedata.decimal(c, c)) if c.isdecimal() else c
+                        for c in value)
+    if looks_like_pan(value.strip()):
+        return True
+    return any(_pan_spans(m.group(0), glued=False)
+               for m in _RUN_SPACED.finditer(value) if len(m.group(0)) >= 13)
+
+
+def control_character(value: str) -> str | None:
+    """A description of the first control or format character in ``value``, or None."""
+    if value.isascii() and value.isprintable():
+        return None
+    for i, ch in enumerate(value):
+        category = unicodedata.category(ch)
+        if category in _REFUSED_CATEGORIES:
+            name = unicodedata.name(ch, "control character")
+            return f"U+{ord(ch):04X} ({name}, category {category}) at position {i}"
+    return None
+
+
+def may_hold_pan(data: bytes) -> bool:
+    """False when ``data`` has no run of 13 digits (single spaces or dashes between them
+    allowed): then it holds no card number. Cheap on megabytes."""
+    return _THIRTEEN_BYTES.search(data) is not None
+
+
+def mask_pans(data: bytes | None, glued: bool = False) -> bytes | None:
     """Replace every digit of card-number-like runs with ``*`` except the last four.
 
     Length is kept, so Avro or JSON bytes keep their shape. Used on every byte string the
-    service writes that came from outside (dead letters).
+    service writes that came from outside (dead letters). A run of digits joined by single
+    spaces or dashes is searched for whole groups that make a card number. ``glued``: the
+    bytes may be binary Avro, where digits of a length byte or of the next field can be
+    glued to the number (see :func:`_pan_spans`); it masks more, so text does without.
     """
     if not data:
         return data
-
-    def _mask(m: re.Match[bytes]) -> bytes:
+    out: bytearray | None = None
+    for m in _RUN_BYTES.finditer(data):
         run = m.group(0)
-        digits = bytes(c for c in run if 48 <= c <= 57)
-        if not 13 <= len(digits) <= 19 or not luhn_ok(digits.decode()):
-            return run
-        keep = 4
-        out = bytearray(run)
-        for i in range(len(out) - 1, -1, -1):
-            if 48 <= out[i] <= 57:
-                if keep:
-                    keep -= 1
-                else:
-                    out[i] = ord("*")
-        return bytes(out)
-
-    return _PAN_BYTES.sub(_mask, data)
+        if len(run) < 13:
+            continue
+        for start, end in _pan_spans(run.decode(), glued=glued):
+            if out is None:
+                out = bytearray(data)
+            keep = 4
+            for i in range(m.start() + end - 1, m.start() + start - 1, -1):
+                if 48 <= data[i] <= 57:
+                    if keep:
+                        keep -= 1
+                    else:
+                        out[i] = 42  # "*"
+    return data if out is None else bytes(out)
 
 
 def _string(rec: dict[str, Any], name: str, required: bool = True) -> str | None:
@@ -98,7 +202,17 @@ def _string(rec: dict[str, Any], name: str, required: bool = True) -> str | None
         raise ValidationError(name, "empty")
     if len(value) > MAX_ID_LEN:
         raise ValidationError(name, f"longer than {MAX_ID_LEN} characters")
+    bad = control_character(value)
+    if bad is not None:
+        raise ValidationError(name, f"contains a control character {bad}")
     return value
+
+
+def _no_pans(out: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        value = out.get(name)
+        if value is not None and contains_pan(value):
+            raise ValidationError(name, PAN_REASON)
 
 
 def _number(rec: dict[str, Any], name: str, required: bool = True) -> float | None:
@@ -147,8 +261,6 @@ def validate_transaction(
     txn_id = _string(rec, "transaction_id")
     card_id = _string(rec, "card_id")
     assert card_id is not None
-    if looks_like_pan(card_id):
-        raise ValidationError("card_id", "looks like a raw card number; send a token")
     merchant_id = _string(rec, "merchant_id")
 
     event_time = _event_time(rec)
@@ -163,7 +275,7 @@ def validate_transaction(
     if amount <= 0:
         raise ValidationError("amount", f"must be positive, got {amount}")
     currency = _string(rec, "currency")
-    if not _CURRENCY.match(currency or ""):
+    if not _CURRENCY.fullmatch(currency or ""):
         raise ValidationError("currency", f"expected an ISO 4217 code, got {currency!r}")
     assert currency is not None
     rate = rates.rate(currency)
@@ -176,13 +288,13 @@ def validate_transaction(
                                         f"{rates.reference}) is over the maximum "
                                         f"{max_amount:.0f} {rates.reference}")
     country = _string(rec, "country")
-    if not _COUNTRY.match(country or ""):
+    if not _COUNTRY.fullmatch(country or ""):
         raise ValidationError("country", f"expected an ISO 3166 alpha-2 code, got {country!r}")
     card_country = _string(rec, "card_country", required=False)
-    if card_country is not None and not _COUNTRY.match(card_country):
+    if card_country is not None and not _COUNTRY.fullmatch(card_country):
         raise ValidationError("card_country", f"expected an ISO 3166 code, got {card_country!r}")
     mcc = _string(rec, "mcc", required=False)
-    if mcc is not None and not _MCC.match(mcc):
+    if mcc is not None and not _MCC.fullmatch(mcc):
         raise ValidationError("mcc", f"expected 4 digits, got {mcc!r}")
     channel = _string(rec, "channel")
     if channel not in CHANNELS:
@@ -199,6 +311,7 @@ def validate_transaction(
 
     ip = _string(rec, "ip", required=False)
     if ip is not None:
+        _no_pans({"ip": ip}, ("ip",))
         try:
             ipaddress.ip_address(ip)
         except ValueError as exc:
@@ -222,6 +335,7 @@ def validate_transaction(
     }
     for name in OPTIONAL_STRINGS:
         out[name] = _string(rec, name, required=False)
+    _no_pans(out, TRANSACTION_IDS)
     return out
 
 
@@ -238,8 +352,6 @@ def validate_label(rec: dict[str, Any]) -> dict[str, Any]:
     txn_id = _string(rec, "transaction_id")
     card_id = _string(rec, "card_id")
     assert card_id is not None
-    if looks_like_pan(card_id):
-        raise ValidationError("card_id", "looks like a raw card number; send a token")
     is_fraud = rec.get("is_fraud")
     if not isinstance(is_fraud, bool):
         raise ValidationError("is_fraud", f"expected a boolean, got {type(is_fraud).__name__}")
@@ -247,7 +359,7 @@ def validate_label(rec: dict[str, Any]) -> dict[str, Any]:
     label_time = _event_time(rec, "label_time")
     if label_time < MIN_EVENT_TIME_MS:
         raise ValidationError("label_time", f"{label_time} is before 2000 (seconds, not millis?)")
-    return {
+    out = {
         "transaction_id": txn_id,
         "card_id": card_id,
         "merchant_id": _string(rec, "merchant_id", required=False),
@@ -256,3 +368,5 @@ def validate_label(rec: dict[str, Any]) -> dict[str, Any]:
         "event_time": event_time,
         "label_time": label_time,
     }
+    _no_pans(out, LABEL_IDS)
+    return out

@@ -219,7 +219,10 @@ def build_worker(settings: Settings) -> Worker:
                                by_card_topic=settings.topics.by_card,
                                shadow_topic=settings.topics.decisions_shadow,
                                drift_topic=settings.topics.drift,
-                               encode_drift=codecs.drift_event.encode)
+                               encode_drift=codecs.drift_event.encode,
+                               dead_letters=pipeline.dead_letters,
+                               on_lost=lambda why: metrics.dead_letters_lost.labels(
+                                   why.split(":", 1)[0]).inc())
     source, labels, by_card = (
         app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                   value_serializer="raw", partitions=partitions)

@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from schemas.fx import Rates
-from schemas.validate import ValidationError, validate_history_transaction, validate_label
+from schemas.validate import (
+    ValidationError,
+    mask_pans,
+    validate_history_transaction,
+    validate_label,
+)
 from state.features import FEATURE_NAMES, FeatureConfig, Vector
 from state.offline import OfflineStats, offline_features
 from streams.csv_source import ColumnMapping, CsvMappingError, read_csv_events
@@ -86,7 +91,7 @@ def checked_events(events: Iterator[tuple[str, dict[str, Any]]], settings: Setti
     rates = Rates.load(settings.worker.rates_path)
     for kind, record in events:
         if kind == "error":
-            errors.append(f"line {record['line']}: {record['reason']}")
+            errors.append(f"line {record['line']}: {_masked(str(record['reason']))}")
             continue
         try:
             if kind == "transaction":
@@ -95,7 +100,13 @@ def checked_events(events: Iterator[tuple[str, dict[str, Any]]], settings: Setti
             else:
                 yield kind, validate_label(record)
         except ValidationError as exc:
-            errors.append(f"{kind} {record.get('transaction_id')}: {exc.field}: {exc.reason}")
+            txn_id = _masked(str(record.get("transaction_id")))
+            errors.append(f"{kind} {txn_id!r}: {_masked(exc.reason)}")
+
+
+def _masked(text: str) -> str:
+    """``text`` with card-number-like digit runs masked (error lines quote the input)."""
+    return (mask_pans(text.encode()) or b"").decode(errors="replace")
 
 
 def _write(out: Path, rows: Iterator[tuple[Mapping[str, Any], Vector]]) -> int:

@@ -71,6 +71,12 @@ class MalformedFactory:
             "future_time": lambda t: self._good(dict(t, event_time=max(
                 t["event_time"], int(self.clock() * 1000)) + 86_400_000), "event_time"),
             "card_number": lambda t: self._good(dict(t, card_id="4111111111111111"), "card_id"),
+            # a card number in another identifier (after a customer_id ending in a digit)
+            "card_number_in_merchant": lambda t: self._good(
+                dict(t, customer_id="cust_123", merchant_id="4111111111111111"), "merchant_id"),
+            # a right-to-left override and a terminal escape
+            "control_character": lambda t: self._good(dict(t, device_id="dev\u202e\x1b[2J"),
+                                                      "device_id"),
             "bad_channel": lambda t: self._good(dict(t, channel="carrier-pigeon"), "channel"),
             # a well-formed ISO 4217 code that no rates table for card spend holds (gold)
             "unknown_currency": lambda t: self._good(dict(t, currency="XAU"), "currency"),

@@ -40,6 +40,11 @@ class WorkerMetrics:
         self.dead_letters = Counter(
             "fraudstream_dead_letters", "Records sent to the dead-letter topic, by reason.",
             ["kind", "field"], registry=r)
+        self.dead_letters_lost = Counter(
+            "fraudstream_dead_letters_lost",
+            "Dead letters the broker refused even without the original value: logged as "
+            "errors (source topic, partition, offset) and skipped, by the refusal's error.",
+            ["error"], registry=r)
         self.fallbacks = Counter(
             "fraudstream_fallbacks", "Events the rules decided in place of the model, by cause.",
             ["cause"], registry=r)

@@ -34,12 +34,13 @@ import numpy as np
 
 from schemas.codec import Codecs, DecodeError, decode_json
 from schemas.fx import Rates
-from schemas.validate import ValidationError, mask_pans, validate_label, validate_transaction
+from schemas.validate import ValidationError, validate_label, validate_transaction
 from scorers.base import Score, Scorer
 from scorers.cascade import ModelStage
 from scorers.online import OnlineStage
 from state.engine import FeatureBatch, FeatureEngine, LabelEvent, StateUnavailable, TxnEvent
 from state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
+from streams.dead_letters import DeadLetters
 from streams.settings import Settings
 
 #: (partition, [dedupe keys]) -> [stored decision bytes or None], aligned.
@@ -109,6 +110,8 @@ class Limits:
     max_amount: float
     #: Every amount is converted with it (``amount_ref``); the shipped table by default.
     rates: Rates = field(default_factory=Rates.load)
+    #: A dead letter keeps at most this much of the record's value (streams/dead_letters.py).
+    dead_letter_max_bytes: int = 64 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -116,7 +119,8 @@ class Limits:
         w = settings.worker
         return cls(max_record_bytes=settings.codec.max_record_bytes,
                    max_future_ms=w.max_future_ms, max_amount=w.max_amount,
-                   rates=Rates.load(w.rates_path))
+                   rates=Rates.load(w.rates_path),
+                   dead_letter_max_bytes=settings.codec.dead_letter_max_bytes)
 
 
 class Pipeline:
@@ -142,6 +146,7 @@ class Pipeline:
         self.models = models
         self.budget_ms = budget_ms
         self.online = online
+        self.dead_letters = DeadLetters(codecs.dead_letter, limits.dead_letter_max_bytes)
         #: Partition -> newest event_time decided there (valid transactions, duplicates
         #: included; dead letters not). Advanced in :meth:`process`, before the batch's
         #: state is recorded; read by the worker's expiry timers. Empty until a first
@@ -449,18 +454,4 @@ class Pipeline:
     def _dead_letter(
         self, rec: RawRecord, exc: DecodeError | ValidationError, now_ms: int
     ) -> tuple[bytes | None, bytes]:
-        key = mask_pans(rec.key)
-        value = self.codecs.dead_letter.encode(
-            {
-                "source_topic": rec.topic,
-                "source_partition": rec.partition,
-                "source_offset": rec.offset,
-                "key": key,
-                "value": mask_pans(rec.value),
-                "error_kind": exc.kind,
-                "field": exc.field,
-                "reason": (mask_pans(exc.reason.encode()) or b"").decode(),
-                "failed_at": now_ms,
-            }
-        )
-        return key, value
+        return self.dead_letters.build(rec, exc.kind, exc.field, exc.reason, now_ms)

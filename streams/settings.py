@@ -113,6 +113,11 @@ class CodecSettings:
     registry_username: str = ""
     registry_password: str = ""
     max_record_bytes: int = 64 * 1024
+    #: A dead letter keeps at most this much of the refused record's value (masked); it
+    #: records the original size and sha256. Keep it well under the producer's
+    #: message.max.bytes (1,000,000): a dead letter the broker refuses is sent again
+    #: without the value.
+    dead_letter_max_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,8 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_KAFKA_REPLICATION_FACTOR": Range(1, 32_767),
     "FRAUDSTREAM_KAFKA_CONNECT_TIMEOUT_S": POSITIVE,
     "FRAUDSTREAM_CODEC_MAX_RECORD_BYTES": AT_LEAST_ONE,
+    # a dead letter must fit under the producer's default message.max.bytes (1,000,000)
+    "FRAUDSTREAM_CODEC_DEAD_LETTER_MAX_BYTES": Range(0, 900_000),
     "FRAUDSTREAM_WORKER_BATCH_MAX": AT_LEAST_ONE,
     "FRAUDSTREAM_WORKER_MAX_FUTURE_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_MAX_AMOUNT": POSITIVE,
