@@ -141,6 +141,12 @@ class WorkerSettings:
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).
     rocksdb_block_cache_mb: int = 32
     rocksdb_write_buffer_mb: int = 16
+    #: An input partition with records waiting and nothing handled for this long is
+    #: stalled: an error line, fraudstream_stalled_partitions, an alert.
+    stall_s: float = 60.0
+    #: A producer with records queued and no acknowledgement for this long is replaced
+    #: and the records sent again (0: never; the batch then fails after 60 s).
+    producer_stuck_s: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ class WorkerStatus:
         self.gc = GcPauses()
         self._reset(time.monotonic())
         self.lag: dict[tuple[str, int], int] = {}
+        #: Input partitions the progress watchdog found stalled at its last check.
+        self.stalled = 0
 
     def _reset(self, now: float) -> None:
         self.since = now
@@ -134,6 +136,8 @@ class WorkerStatus:
                 f"{fallback} | dlq {self.dead} | {own} | features: {self.late} late, "
                 f"{self.too_late} too late, {self.degraded} degraded | gc: {full} full, "
                 f"longest {pause:.0f} ms")
+        if self.stalled:
+            text += f" | STALLED: {self.stalled} partition(s)"
         if self.miskeyed:
             warn.warning(
                 "%d transactions were not keyed by their card_id: a card's events may "
