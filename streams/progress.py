@@ -175,10 +175,14 @@ class OutOfRangeLog(logging.Filter):
             self.watchdog.out_of_range(getattr(tp, "topic", str(tp)),
                                        int(getattr(tp, "partition", -1)), int(offset))
             return False  # said again, as an error, by the watchdog
-        return True
+        # The logger is set to INFO so that the line above reaches this filter; its other
+        # lines show only as the worker's log level says.
+        return record.levelno >= logging.getLogger().getEffectiveLevel()
 
     def install(self) -> None:
-        logging.getLogger("aiokafka.consumer.fetcher").addFilter(self)
+        logger = logging.getLogger("aiokafka.consumer.fetcher")
+        logger.addFilter(self)
+        logger.setLevel(logging.INFO)
 
 
 class ProgressWatchdog:
@@ -230,12 +234,18 @@ class ProgressWatchdog:
         """One check: gather the views, reset positions past the end, report stalls."""
         views = await self.views()
         now = time.monotonic()
+        if getattr(self.app, "in_recovery", False):
+            # Restoring tables from their changelogs pauses the input: waiting, not
+            # stalled (Faust logs the recovery's progress itself).
+            views = [PartitionView(v.topic, v.partition, v.position, v.position, v.fresh)
+                     for v in views]
         for v in views:
             old = self._out_of_range.get((v.topic, v.partition))
             if old is not None and v.position is not None and v.position != old:
                 del self._out_of_range[(v.topic, v.partition)]
                 log.error("offset out of range: %s[%d] reset from %d to %d", v.topic,
                           v.partition, old, v.position)
+                self._forget_committed(v.topic, v.partition)
                 self.tracker.reset(v.topic, v.partition, v.position, now)
         resets, stalls = self.tracker.check(views, now)
         self.lag = {}
@@ -307,18 +317,23 @@ class ProgressWatchdog:
             log.error("offset past the end: %s[%d] at %d, end %d: reset failed: %r",
                       r.topic, r.partition, r.position, r.end, exc)
             return
-        # Faust's own bookkeeping still holds the old committed offset: acknowledgements
-        # below it would be dropped and nothing committed again.
-        for name in ("_committed_offset", "_read_offset"):
-            getattr(consumer, name, {}).pop(tp, None)
-        for name in ("_acked", "_acked_index", "_gap"):
-            getattr(consumer, name, {}).pop(tp, None)
+        self._forget_committed(r.topic, r.partition)
         self.tracker.reset(r.topic, r.partition, target, now)
         self._count_reset(r.topic, r.partition, "beyond_end")
         log.error("offset past the end: %s[%d] position %d is beyond the partition's end "
                   "%d (the broker lost its log?); reset to %d, the %s offset "
                   "(auto.offset.reset)", r.topic, r.partition, r.position, r.end, target,
                   self.policy)
+
+    def _forget_committed(self, topic: str, partition: int) -> None:
+        """After a reset, Faust's own bookkeeping still holds the old committed offset:
+        acknowledgements below it would be dropped and nothing committed again."""
+        from faust.types import TP
+
+        tp = TP(topic, partition)
+        consumer = self.app.consumer
+        for name in ("_committed_offset", "_read_offset", "_acked", "_acked_index", "_gap"):
+            getattr(consumer, name, {}).pop(tp, None)
 
     async def views(self) -> list[PartitionView]:
         """The assigned input partitions: position, end, freshness of the fetched end."""

@@ -97,7 +97,30 @@ def test_aiokafka_out_of_range_line_becomes_an_error_and_a_count():
     assert f.filter(record) is False
     assert seen == [("transactions", 3, 512)]
     other = logging.LogRecord("aiokafka.consumer.fetcher", logging.INFO, "f", 1, "x", (), None)
-    assert f.filter(other) is True
+    error = logging.LogRecord("aiokafka.consumer.fetcher", logging.ERROR, "f", 1, "x", (), None)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.WARNING
+    try:
+        assert f.filter(other) is False and f.filter(error) is True
+    finally:
+        root.level = level
+
+
+def test_the_out_of_range_line_is_caught_at_the_worker_default_log_level():
+    seen = []
+    watchdog = SimpleNamespace(out_of_range=lambda *a: seen.append(a))
+    fetcher_log = logging.getLogger("aiokafka.consumer.fetcher")
+    root = logging.getLogger()
+    saved = fetcher_log.level, list(fetcher_log.filters), root.level
+    root.setLevel(logging.WARNING)  # the worker's default level
+    try:
+        OutOfRangeLog(watchdog).install()  # type: ignore[arg-type]
+        fetcher_log.info(AIOKAFKA_OUT_OF_RANGE, 77, TP(topic="labels", partition=0))
+    finally:
+        fetcher_log.setLevel(saved[0])
+        fetcher_log.filters[:] = saved[1]
+        root.setLevel(saved[2])
+    assert seen == [("labels", 0, 77)]
 
 
 class WedgedProducer:
