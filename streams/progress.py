@@ -39,6 +39,9 @@ log = logging.getLogger("fraudstream.worker")
 
 #: The longest fetch wait :meth:`ProgressWatchdog._longer_fetch_wait` goes to.
 MAX_FETCH_WAIT_MS = 640
+#: Records waiting on the broker this long (or stall_s, if shorter) with no fetch
+#: returning them, while the handler is idle: the fetch wait is raised.
+STARVED_S = 5.0
 
 #: What aiokafka's fetcher logs (at INFO) when the broker says a position is out of range.
 AIOKAFKA_OUT_OF_RANGE = "Fetch offset %s is out of range for partition %s, resetting offset"
@@ -197,6 +200,7 @@ class ProgressWatchdog:
         #: The partitions stalled at the last check (a liveness check fails on these).
         self.stalled: list[Stall] = []
         self._reported_at = 0.0
+        self._wait_raised_at = float("-inf")
         #: (topic, partition) -> records not handled yet, at the last check (the batch
         #: handler sets the lag gauge too, but only for partitions that progress).
         self.lag: dict[tuple[str, int], int] = {}
@@ -260,11 +264,16 @@ class ProgressWatchdog:
         for r in resets:
             await self._reset(r, now)
         self._report(stalls, now)
-        if stalls and self.tracker.busy_since is None:
-            self._longer_fetch_wait()
+        starved = [v for v in views if v.position is not None and v.end is not None
+                   and v.end > v.position and now - self.tracker.moved_at.get(
+                       (v.topic, v.partition), now) >= min(self.tracker.stall_s, STARVED_S)]
+        if starved and self.tracker.busy_since is None \
+                and now - self._wait_raised_at >= 2 * self.interval_s:
+            self._wait_raised_at = now
+            self._longer_fetch_wait(starved)
         return stalls
 
-    def _longer_fetch_wait(self) -> None:
+    def _longer_fetch_wait(self, starved: list[PartitionView]) -> None:
         """Records wait on the broker and no fetch brings them. The embedded broker lists
         every stored record batch of a partition on each fetch; past ~100k batches it does
         not answer within a 10 ms fetch wait and returns nothing, every time (measured).
@@ -277,8 +286,10 @@ class ProgressWatchdog:
         wait = int(getattr(fetcher, "_fetch_max_wait_ms", 0) or 0)
         if 0 < wait < MAX_FETCH_WAIT_MS:
             fetcher._fetch_max_wait_ms = min(MAX_FETCH_WAIT_MS, wait * 4)
-            log.error("stalled: records wait on the broker and no fetch returns them: fetch "
-                      "wait raised from %d ms to %d ms", wait, fetcher._fetch_max_wait_ms)
+            log.error("records wait on the broker and no fetch returns them (%s): fetch wait "
+                      "raised from %d ms to %d ms", ", ".join(
+                          f"{v.topic}[{v.partition}] at {v.position}, end {v.end}"
+                          for v in starved), wait, fetcher._fetch_max_wait_ms)
 
     def _report(self, stalls: list[Stall], now: float) -> None:
         was = bool(self.stalled)
