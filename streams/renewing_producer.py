@@ -27,6 +27,9 @@ from typing import Any
 
 log = logging.getLogger("fraudstream.worker")
 
+#: ``confluent_kafka.Producer.produce``'s arguments after the topic, in order.
+_PRODUCE_ARGS = ("value", "key", "partition", "on_delivery", "timestamp", "headers")
+
 
 class RenewingProducer:
     def __init__(self, factory: Callable[[], Any], stuck_s: float,
@@ -43,12 +46,16 @@ class RenewingProducer:
         self._acked_at = time.monotonic()
         self.renewals = 0
 
-    def produce(self, topic: str, value: Any = None, key: Any = None,
-                on_delivery: Any = None, **kwargs: Any) -> None:
+    def produce(self, topic: str, *args: Any, **kwargs: Any) -> None:
+        """``Producer.produce``: value, key, partition, on_delivery, timestamp, headers,
+        by position or by name (``callback`` too)."""
+        named = dict(zip(_PRODUCE_ARGS, args, strict=False))
+        named.update(kwargs)
+        on_delivery = named.pop("on_delivery", None) or named.pop("callback", None)
         with self._lock:
             seq = self._seq
             self._seq += 1
-            args = {"topic": topic, "value": value, "key": key, **kwargs}
+            args = {"topic": topic, **named}
             self._pending[seq] = (args, on_delivery)
         try:
             self._produce(seq, args, on_delivery)

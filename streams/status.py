@@ -9,8 +9,10 @@ INFO so that it shows under the worker's default ``warning`` level::
 features: 0 late, 0 too late, 0 degraded
 
 The line is logged even when nothing arrived (``0 tx/s``), so a stalled worker does not
-fall silent. "worker p50/p99" is the batch's own time: from the fetched batch reaching
-the worker to its decisions acknowledged by the broker, the part of the end-to-end
+fall silent; it ends with ``STALLED: n partition(s)`` while the progress watchdog
+(:mod:`streams.progress`) finds input partitions with records waiting and nothing
+handled. "worker p50/p99" is the batch's own time: from the fetched batch reaching the
+worker to its decisions acknowledged by the broker, the part of the end-to-end
 latency that the worker owns.
 """
 

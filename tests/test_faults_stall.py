@@ -129,7 +129,7 @@ class WedgedProducer:
     def __init__(self, name: str, log: list) -> None:
         self.name, self.log, self.queue = name, log, []
 
-    def produce(self, topic, value=None, key=None, on_delivery=None, **kw):
+    def produce(self, topic, value=None, key=None, on_delivery=None, partition=None):
         self.queue.append((key, on_delivery))
 
     def flush(self, timeout=0):
@@ -162,8 +162,9 @@ def test_a_producer_without_acknowledgements_is_replaced_and_its_records_sent_ag
     made = iter([WedgedProducer("old", sent), GoodProducer("new", sent)])
     p = RenewingProducer(lambda: next(made), stuck_s=0.05)
     reports = []
-    for k in (b"a", b"b", b"c"):
-        p.produce("decisions", value=b"v", key=k, on_delivery=lambda e, m: reports.append(e))
+    p.produce("decisions", value=b"v", key=b"a", on_delivery=lambda e, m: reports.append(e))
+    p.produce("decisions", b"v", b"b", 0, lambda e, m: reports.append(e))  # by position
+    p.produce("decisions", value=b"v", key=b"c", callback=lambda e, m: reports.append(e))
     assert p.flush(5.0) == 0
     assert sent == [("new", b"a"), ("new", b"b"), ("new", b"c")]  # in order, once each
     assert reports == [None, None, None]  # the old producer's purge reports are not passed on
