@@ -20,15 +20,13 @@ transaction_id, and a repeated changelog record holds the same value), never los
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 log = logging.getLogger("fraudstream.worker")
 
-#: ``confluent_kafka.Producer.produce``'s arguments after the topic, in order.
-_PRODUCE_ARGS = ("value", "key", "partition", "on_delivery", "timestamp", "headers")
 
 
 class RenewingProducer:
@@ -41,65 +39,67 @@ class RenewingProducer:
         self._generation = 0
         self._seq = 0
         #: seq -> (produce arguments, the caller's callback), until delivered.
-        self._pending: dict[int, tuple[dict[str, Any], Any]] = {}
-        self._lock = threading.Lock()
-        self._acked_at = time.monotonic()
+        self._pending: dict[int, tuple[Any, ...]] = {}
+        self._acks = 0
         self.renewals = 0
 
-    def produce(self, topic: str, *args: Any, **kwargs: Any) -> None:
-        """``Producer.produce``: value, key, partition, on_delivery, timestamp, headers,
-        by position or by name (``callback`` too)."""
-        named = dict(zip(_PRODUCE_ARGS, args, strict=False))
-        named.update(kwargs)
-        on_delivery = named.pop("on_delivery", None) or named.pop("callback", None)
-        with self._lock:
-            seq = self._seq
-            self._seq += 1
-            args = {"topic": topic, **named}
-            self._pending[seq] = (args, on_delivery)
+    def produce(self, topic: str, value: Any = None, key: Any = None,
+                partition: int | None = None, on_delivery: Any = None,
+                **kwargs: Any) -> None:
+        """``Producer.produce``, with the same arguments (``callback`` too)."""
+        if on_delivery is None:
+            on_delivery = kwargs.pop("callback", None)
+        seq = self._seq  # produce() runs on one thread at a time (the event loop's)
+        self._seq = seq + 1
+        record = (topic, value, key, partition, kwargs, on_delivery)
+        self._pending[seq] = record
         try:
-            self._produce(seq, args, on_delivery)
+            self._produce(seq, record)
         except BaseException:
             self._pending.pop(seq, None)
             raise
 
-    def _produce(self, seq: int, args: dict[str, Any], on_delivery: Any) -> None:
-        generation = self._generation
+    def _produce(self, seq: int, record: tuple[Any, ...]) -> None:
+        topic, value, key, partition, kwargs, on_delivery = record
+        report = partial(self._delivered, seq, self._generation, on_delivery)
+        if partition is None:
+            self._producer.produce(topic, value, key, on_delivery=report, **kwargs)
+        else:
+            self._producer.produce(topic, value, key, partition, on_delivery=report, **kwargs)
 
-        def delivered(err: Any, msg: Any) -> None:
-            if generation != self._generation:
-                return  # a report of a replaced producer: the record was sent again
-            self._pending.pop(seq, None)
-            self._acked_at = time.monotonic()
-            if on_delivery is not None:
-                on_delivery(err, msg)
-
-        self._producer.produce(**args, on_delivery=delivered)
+    def _delivered(self, seq: int, generation: int, on_delivery: Any, err: Any,
+                   msg: Any) -> None:
+        if generation != self._generation:
+            return  # a report of a replaced producer: the record was sent again
+        del self._pending[seq]
+        self._acks += 1
+        if on_delivery is not None:
+            on_delivery(err, msg)
 
     def flush(self, timeout: float = -1) -> int:
         """Like ``Producer.flush``; a producer with records queued and no acknowledgement
         for ``stuck_s`` is replaced, and its records sent again, before the timeout."""
-        start = time.monotonic()
-        deadline = start + timeout if timeout >= 0 else float("inf")
+        deadline = time.monotonic() + timeout if timeout >= 0 else float("inf")
+        acks, moved = self._acks, time.monotonic()
         while True:
-            now = time.monotonic()
-            left = self._producer.flush(max(0.0, min(1.0, deadline - now)))
+            left = self._producer.flush(max(0.0, min(1.0, deadline - time.monotonic())))
             if not left:
                 return 0
             now = time.monotonic()
-            if self.stuck_s > 0 and now - max(self._acked_at, start) >= self.stuck_s:
+            if self._acks != acks:
+                acks, moved = self._acks, now
+            elif self.stuck_s > 0 and now - moved >= self.stuck_s:
                 self.renew()
-                start = now
+                moved = now
             if now >= deadline:
                 return len(self._producer)
 
     def renew(self) -> None:
         """Replace the producer and produce every unacknowledged record again."""
-        with self._lock:
-            old = self._producer
-            self._generation += 1
-            pending = sorted(self._pending.items())
-            self.renewals += 1
+        old = self._producer
+        self._generation += 1
+        pending = sorted(self._pending.items())
+        self.renewals += 1
         log.error("producer: no acknowledgement for %.0f s with %d record(s) waiting; a new "
                   "producer (new producer id) sends them again (a broker that lost the "
                   "producer's state refuses the old one forever)", self.stuck_s, len(pending))
@@ -109,10 +109,10 @@ class RenewingProducer:
         except Exception as exc:  # pragma: no cover - purging a wedged producer
             log.warning("producer: purging the old producer failed: %r", exc)
         self._producer = self._factory()
-        for seq, (args, on_delivery) in pending:
+        for seq, record in pending:
             while True:
                 try:
-                    self._produce(seq, args, on_delivery)
+                    self._produce(seq, record)
                     break
                 except BufferError:
                     self._producer.poll(0.05)

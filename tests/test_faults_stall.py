@@ -129,7 +129,7 @@ class WedgedProducer:
     def __init__(self, name: str, log: list) -> None:
         self.name, self.log, self.queue = name, log, []
 
-    def produce(self, topic, value=None, key=None, on_delivery=None, partition=None):
+    def produce(self, topic, value=None, key=None, partition=None, on_delivery=None):
         self.queue.append((key, on_delivery))
 
     def flush(self, timeout=0):
