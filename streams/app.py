@@ -30,12 +30,13 @@ from scorers.registry import Registry
 from scorers.rules import RuleSet, RulesScorer
 from state.engine import FeatureEngine, StateStore
 from state.features import FeatureConfig
-from streams import batching, restore
+from streams import batching, renewing_producer, restore
 from streams.delivery import BatchCommitter, KafkaSink
 from streams.feature_store import TableFeatureStore
 from streams.metrics import WorkerMetrics
 from streams.models_watch import ModelWatcher
 from streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
+from streams.progress import OutOfRangeLog, ProgressWatchdog
 from streams.settings import KafkaSettings, Settings
 from streams.status import WorkerStatus
 from streams.table_state import FaustTableState
@@ -305,7 +306,18 @@ def build_worker(settings: Settings) -> Worker:
     topics = {settings.topics.transactions, labels_topic}
     if w.repartition:
         topics.add(settings.topics.by_card)
-    batching.install(app, topics, handle, w.batch_max)
+    watchdog = ProgressWatchdog(app, topics, w.stall_s, metrics)
+    OutOfRangeLog(watchdog).install()
+    renewing_producer.install(sink, settings.kafka.client_config(), w.producer_stuck_s,
+                              on_renew=lambda _n: metrics.producer_renewals.inc())
+    batching.install(app, topics, handle, w.batch_max, progress=watchdog)
+
+    @app.timer(interval=watchdog.interval_s)
+    async def watch_progress() -> None:
+        """Stalled input partitions and read positions past the end (streams/progress.py)."""
+        status.stalled = len(await watchdog.check())
+        for (topic, partition), lag in watchdog.lag.items():
+            status.set_lag(topic, partition, lag)
 
     if isinstance(feature_store, TableFeatureStore):
         table_store = feature_store

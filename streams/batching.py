@@ -35,6 +35,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
     batch_topics: frozenset[str] = frozenset()
     batch_handler: BatchHandler | None = None
     batch_max: int = 500
+    #: Told of each chunk handed to the handler and of each one handled
+    #: (:class:`streams.progress.ProgressWatchdog`).
+    progress: Any = None
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
         records, active = await self._wait_next_records(timeout)
@@ -49,11 +52,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if active is not None and tp not in active and tp not in self._buffered_partitions:
                 continue
             (ours if tp.topic in self.batch_topics else others).append((tp, recs))
+        progress = self.progress
         for chunk in _chunks(ours, self.batch_max):
             assert self.batch_handler is not None
+            if progress is not None:
+                progress.started(chunk)
             await self.batch_handler(chunk)
             for tp, recs in chunk:
                 self._ack_range(tp, recs[0].offset, recs[-1].offset)
+            if progress is not None:
+                progress.handled(chunk)
         to_message = self._to_message
         for tp, recs in others:
             for record in recs:
@@ -97,11 +105,13 @@ def _chunks(
     return chunks
 
 
-def install(app: Any, topics: set[str], handler: BatchHandler, batch_max: int) -> None:
-    """Make ``app`` build a :class:`BatchConsumer` for ``topics`` (call before it starts)."""
+def install(app: Any, topics: set[str], handler: BatchHandler, batch_max: int,
+            progress: Any = None) -> None:
+    """Make ``app`` build a :class:`BatchConsumer` for ``topics`` (call before it starts);
+    ``progress`` is told of every chunk handed out and handled."""
     app.transport.Consumer = type(
         "AppBatchConsumer",
         (BatchConsumer,),
         {"batch_topics": frozenset(topics), "batch_handler": staticmethod(handler),
-         "batch_max": batch_max},
+         "batch_max": batch_max, "progress": progress},
     )

@@ -92,6 +92,24 @@ class WorkerMetrics:
         self.online_quality = Gauge(
             "fraudstream_online_quality", "Prequential quality of the online learner.",
             ["partition", "metric"], registry=r)
+        # Progress (streams/progress.py): updated by the watchdog's timer, not per batch.
+        self.stalled_partitions = Gauge(
+            "fraudstream_stalled_partitions",
+            "Input partitions with records waiting and nothing handled for "
+            "FRAUDSTREAM_WORKER_STALL_S.", registry=r)
+        self.stall_seconds = Gauge(
+            "fraudstream_stall_seconds",
+            "How long the longest-stalled input partition has handled nothing (0: none).",
+            registry=r)
+        self.offset_resets = Counter(
+            "fraudstream_offset_resets",
+            "Read positions reset by auto.offset.reset: out_of_range (the broker said so), "
+            "beyond_end (past the partition's end).", ["topic", "partition", "reason"],
+            registry=r)
+        self.producer_renewals = Counter(
+            "fraudstream_producer_renewals",
+            "Producers replaced after getting no acknowledgement for "
+            "FRAUDSTREAM_WORKER_PRODUCER_STUCK_S.", registry=r)
 
     def serve(self, port: int, address: str = "0.0.0.0") -> int:
         """Serve /metrics on ``address``:``port`` (0: a free port); returns the port.

@@ -156,6 +156,12 @@ class WorkerSettings:
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).
     rocksdb_block_cache_mb: int = 32
     rocksdb_write_buffer_mb: int = 16
+    #: An input partition with records waiting and nothing handled for this long is
+    #: stalled: an error line, fraudstream_stalled_partitions, an alert.
+    stall_s: float = 60.0
+    #: A producer with records queued and no acknowledgement for this long is replaced
+    #: and the records sent again (0: never; the batch then fails after 60 s).
+    producer_stuck_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -323,6 +329,8 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_WORKER_DEDUPE_EXPIRY_INTERVAL_S": POSITIVE,
     "FRAUDSTREAM_WORKER_GC_GEN0_THRESHOLD": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_STATUS_INTERVAL_S": POSITIVE,
+    "FRAUDSTREAM_WORKER_STALL_S": POSITIVE,
+    "FRAUDSTREAM_WORKER_PRODUCER_STUCK_S": POSITIVE,
     "FRAUDSTREAM_WORKER_METRICS_PORT": Range(0, 65_535),
     "FRAUDSTREAM_WORKER_ROCKSDB_BLOCK_CACHE_MB": AT_LEAST_ONE,
     "FRAUDSTREAM_WORKER_ROCKSDB_WRITE_BUFFER_MB": AT_LEAST_ONE,

@@ -9,8 +9,10 @@ INFO so that it shows under the worker's default ``warning`` level::
 features: 0 late, 0 too late, 0 degraded
 
 The line is logged even when nothing arrived (``0 tx/s``), so a stalled worker does not
-fall silent. "worker p50/p99" is the batch's own time: from the fetched batch reaching
-the worker to its decisions acknowledged by the broker, the part of the end-to-end
+fall silent; it ends with ``STALLED: n partition(s)`` while the progress watchdog
+(:mod:`streams.progress`) finds input partitions with records waiting and nothing
+handled. "worker p50/p99" is the batch's own time: from the fetched batch reaching the
+worker to its decisions acknowledged by the broker, the part of the end-to-end
 latency that the worker owns.
 """
 
@@ -76,6 +78,8 @@ class WorkerStatus:
         self.gc = GcPauses()
         self._reset(time.monotonic())
         self.lag: dict[tuple[str, int], int] = {}
+        #: Input partitions the progress watchdog found stalled at its last check.
+        self.stalled = 0
 
     def _reset(self, now: float) -> None:
         self.since = now
@@ -135,6 +139,8 @@ class WorkerStatus:
                 f"{fallback} | dlq {self.dead} | {own} | features: {self.late} late, "
                 f"{self.too_late} too late, {self.degraded} degraded | gc: {full} full, "
                 f"longest {pause:.0f} ms")
+        if self.stalled:
+            text += f" | STALLED: {self.stalled} partition(s)"
         if self.miskeyed:
             warn.warning(
                 "%d transactions were not keyed by their card_id: a card's events may "
