@@ -255,12 +255,12 @@ class Traffic(threading.Thread):
 
 class Decisions(threading.Thread):
     """Every record of ``decisions`` from the beginning: (transaction_id, value bytes,
-    stage, fallback, decided_at in epoch s)."""
+    who decided: ``model``, ``rules`` or ``fallback:<cause>``, decided_at in epoch s)."""
 
     def __init__(self, stack: Stack) -> None:
         super().__init__(daemon=True)
         self.stack = stack
-        self.records: list[tuple[str, bytes, str, bool, float]] = []
+        self.records: list[tuple[str, bytes, str, float]] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -276,15 +276,17 @@ class Decisions(threading.Thread):
                     d = decode(msg.value())
                     at = d["decided_at"]
                     at = at.timestamp() if hasattr(at, "timestamp") else at / 1000.0
-                    self.records.append((d["transaction_id"], msg.value(), d["stage"],
-                                         bool(d["fallback"]), at))
+                    who = ("rules" if d["stage"] == "rules" else "model") if not d["fallback"] \
+                        else next((r for r in d["reasons"] if r.startswith("fallback:")),
+                                  "fallback:?")
+                    self.records.append((d["transaction_id"], msg.value(), who, at))
         finally:
             consumer.close()
 
     def first_at_or_after(self, t: float, start_index: int = 0) -> float | None:
         for rec in self.records[start_index:]:
-            if rec[4] >= t:
-                return rec[4]
+            if rec[3] >= t:
+                return rec[3]
         return None
 
 
@@ -434,31 +436,29 @@ def run_crashloop(args: argparse.Namespace) -> dict[str, Any]:
             reader.halt.set()
             reader.join(10)
     by_id: dict[str, set[bytes]] = {}
-    for tid, value, _stage, _fb, _at in reader.records:
+    deciders: dict[str, int] = {}
+    for tid, value, who, _at in reader.records:
+        if tid not in expected:
+            continue
+        if tid not in by_id:  # who decided, counted once per transaction
+            deciders[who] = deciders.get(who, 0) + 1
         by_id.setdefault(tid, set()).add(value)
-    decided = {tid for tid in by_id if tid in expected}
-    model = sum(1 for tid, _v, stage, fb, _at in reader.records
-                if tid in expected and stage != "rules" and not fb)
-    firsts = {}
-    for rec in reader.records:
-        firsts.setdefault(rec[0], rec)
-    model_unique = sum(1 for tid, rec in firsts.items()
-                       if tid in expected and rec[2] != "rules" and not rec[3])
+    decided = set(by_id)
     out = {
         "events": args.events, "rate": args.rate, "kills": args.kills,
         "send_seconds": round(sent_at, 1), "sent": len(expected),
         "missing": len(expected - decided),
-        "conflicting": sum(1 for tid in decided if len(by_id[tid]) > 1),
+        "conflicting": sum(1 for values in by_id.values() if len(values) > 1),
         "duplicates": sum(1 for r in reader.records if r[0] in expected) - len(decided),
-        "model_share": round(model_unique / max(1, len(decided)), 4),
-        "model_records": model,
+        "model_share": round(deciders.get("model", 0) / max(1, len(decided)), 4),
+        "deciders": dict(sorted(deciders.items())),
         "decision_records": len(reader.records),
         "session_timeout_ms": args.session_timeout_ms, "instance_id": args.instance_id,
     }
     print(f"crash loop: {out['sent']} transactions at {args.rate:g}/s, {args.kills} SIGKILLs: "
           f"missing {out['missing']}, conflicting {out['conflicting']}, duplicates "
-          f"{out['duplicates']}, share decided by the model {out['model_share']:.1%}",
-          flush=True)
+          f"{out['duplicates']}, share decided by the model {out['model_share']:.1%} "
+          f"(deciders: {out['deciders']})", flush=True)
     _done(args, workdir)
     return out
 
