@@ -6,6 +6,7 @@ imports its example datasets, which import ``river.stream.iter_sklearn`` and wit
 scikit-learn and most of SciPy, and ``river.linear_model`` imports ``river.proba`` (for
 Bayesian linear regression), which imports ``scipy.stats``. Measured on this 2-core machine
 that was 0.6-0.9 s of every worker start, for modules the worker never calls.
+(``scipy.special`` is not deferred: ``river.linear_model`` imports a function from it.)
 
 :func:`defer` puts a stand-in for such a module in ``sys.modules`` before River is imported:
 the package ``__init__`` binds the stand-in, and the real module is imported the first time
@@ -23,8 +24,7 @@ import types
 from typing import Any
 
 #: Packages River imports that the worker does not use: imported on first use only.
-DEFERRED = ("river.drift.datasets", "river.proba", "river.tree", "scipy.ndimage", "scipy.special",
-            "scipy.stats")
+DEFERRED = ("river.drift.datasets", "river.proba", "river.tree", "scipy.ndimage", "scipy.stats")
 
 
 class _Deferred(types.ModuleType):
@@ -32,6 +32,10 @@ class _Deferred(types.ModuleType):
     imported and takes the stand-in's place in ``sys.modules``."""
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__") and attr != "__all__":
+            # module metadata (``__file__``...): ``inspect.getmodule``, which Faust's
+            # decorators call, asks every module in ``sys.modules`` for it
+            raise AttributeError(attr)
         name = self.__name__
         if sys.modules.get(name) is self:
             del sys.modules[name]

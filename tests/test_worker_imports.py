@@ -14,12 +14,18 @@ NOT_IN_WORKER = ("sklearn", "lightgbm", "skl2onnx", "onnxmltools", "matplotlib",
                  "pyarrow", "scipy.stats", "scipy.optimize", "scipy.spatial")
 
 #: What ``fraudstream worker`` imports before it connects: the CLI with the worker's
-#: options, the worker's wiring and the Faust worker that runs it.
+#: options, the worker's wiring and the Faust worker that runs it, and a Faust timer.
 WORKER_PATH = """
 import json, sys
 from streams import cli
 cli.build_parser(only="worker").parse_args(["worker"])
 import streams.app, streams.topics, faust
+# what build_worker does that reads every module: Faust's decorators look up the caller's
+# module (inspect.getmodule walks sys.modules)
+app = faust.App("import-check")
+@app.timer(interval=1.0)
+async def tick():
+    pass
 from scorers.river_import import _Deferred
 loaded = sorted(n for n, m in sys.modules.items() if not isinstance(m, _Deferred))
 print(json.dumps(loaded))
