@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-from river import drift, linear_model, optim, preprocessing
 
 from scorers.drift import drift_event
+from scorers.river_import import drift, linear_model, optim, preprocessing
 from state.engine import LabelEvent, StateStore
 from state.features import FEATURE_NAMES
 

@@ -38,6 +38,7 @@ from streams.models_watch import ModelWatcher
 from streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from streams.progress import OutOfRangeLog, ProgressWatchdog
 from streams.settings import KafkaSettings, Settings
+from streams.startup import group_instance_id, skip_table_manager_sleep
 from streams.status import WorkerStatus
 from streams.table_state import FaustTableState
 
@@ -133,6 +134,7 @@ def build_worker(settings: Settings) -> Worker:
     partitions = source_partitions(settings)
     _set_fetch_max_wait(settings.kafka.fetch_max_wait_ms)
     _tolerate_revoked_seek()
+    skip_table_manager_sleep()
     app = faust.App(
         w.app_id,
         broker=[f"kafka://{host}" for host in settings.kafka.bootstrap.split(",")],
@@ -144,6 +146,7 @@ def build_worker(settings: Settings) -> Worker:
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000.0,
         broker_heartbeat_interval=max(0.5, settings.kafka.session_timeout_ms / 1000.0 / 6),
         broker_commit_interval=w.commit_interval_s,
+        consumer_group_instance_id=group_instance_id(settings),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_enabled=False,

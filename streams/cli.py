@@ -118,7 +118,15 @@ lists them."""
 EPILOG = "Run 'fraudstream COMMAND --help' for the options of a command."
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only``, the options of that one subcommand only (the others
+    are listed, without their options): each subcommand's options live in its module, and
+    ``fraudstream worker`` should not import the modules of ``train``, ``demo`` and the
+    rest to start."""
+
+    def wanted(command: str) -> bool:
+        return only is None or only == command
+
     parser = argparse.ArgumentParser(prog="fraudstream", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, title="commands",
@@ -140,56 +148,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("produce", help="send generated or CSV traffic")
-    from streams.produce import add_arguments
+    if wanted("produce"):
+        from streams.produce import add_arguments
 
-    add_arguments(p)
+        add_arguments(p)
     p.set_defaults(func=_cmd_produce)
-
-    from streams.tail import DESCRIPTION as TAIL_DESCRIPTION
-    from streams.tail import add_arguments as tail_arguments
 
     p = sub.add_parser("tail", help="print decoded records of a topic, or export a time "
                                     "range of them (JSON lines or CSV)",
-                       description=TAIL_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    tail_arguments(p)
+    if wanted("tail"):
+        from streams.tail import DESCRIPTION as TAIL_DESCRIPTION
+        from streams.tail import add_arguments as tail_arguments
+
+        p.description = TAIL_DESCRIPTION
+        tail_arguments(p)
     p.set_defaults(func=_cmd_tail)
 
     p = sub.add_parser("demo", help="run everything on embedded defaults with a live summary")
-    from streams.demo import add_arguments as demo_arguments
+    if wanted("demo"):
+        from streams.demo import add_arguments as demo_arguments
 
-    demo_arguments(p)
+        demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="write a simulated history (CSV, labels included)")
-    from streams.history import add_arguments as history_arguments
+    if wanted("generate"):
+        from streams.history import add_arguments as history_arguments
 
-    history_arguments(p)
+        history_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("features", help="compute the feature vectors of a CSV/Parquet history")
-    from streams.features_cli import add_arguments as features_arguments
+    if wanted("features"):
+        from streams.features_cli import add_arguments as features_arguments
 
-    features_arguments(p)
+        features_arguments(p)
     p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("train", help="train a model artifact from a labelled history")
-    from streams.train_cli import add_arguments as train_arguments
+    if wanted("train"):
+        from streams.train_cli import add_arguments as train_arguments
 
-    train_arguments(p)
+        train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("model", help="the model registry: list, promote, rollback, shadow, seal")
-    from streams.model_cli import add_arguments as model_arguments
+    if wanted("model"):
+        from streams.model_cli import add_arguments as model_arguments
 
-    model_arguments(p)
+        model_arguments(p)
     p.set_defaults(func=_cmd_model)
 
     p = sub.add_parser("replay", help="replay a range of transactions through a champion and "
                                       "a challenger, with a diff report")
-    from streams.replay_cli import add_arguments as replay_arguments
+    if wanted("replay"):
+        from streams.replay_cli import add_arguments as replay_arguments
 
-    replay_arguments(p)
+        replay_arguments(p)
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("settings", help="list every setting and its default")
@@ -202,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     that cannot be used, a broker or registry that cannot be reached or refuses the
     credentials) is one line on stderr, ``fraudstream: ...``, and exit code 2 (fix the
     configuration) or 3 (a service could not be reached): never a traceback."""
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)
+    args = build_parser(only=command).parse_args(argv)
     from streams.errors import CONFIG_EXIT, StartError
 
     try:

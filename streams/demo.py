@@ -147,7 +147,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         registry.start()
         metrics_port = args.metrics_port or _free_port()
         settings = settings.replace(
-            kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "embedded": True,
+            kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 3000, "embedded": True,
                    "fetch_max_wait_ms": args.fetch_wait_ms, "partitions": args.partitions},
             codec={"registry_url": registry.url},
             worker={"data_dir": workdir / "state", "metrics_port": metrics_port},

@@ -153,6 +153,11 @@ class WorkerSettings:
     #: The metrics port is taken by another process: stop the worker (fail), or run
     #: without /metrics and log a warning (warn).
     metrics_port_busy: Literal["fail", "warn"] = "fail"
+    #: The worker's static group membership id (Kafka's group.instance.id): a worker
+    #: started again under the same id gets its partitions back at once instead of
+    #: after the dead one's session. Empty: derived from the app id, the host name and
+    #: the data dir (stable across restarts, one per worker); "none": dynamic membership.
+    instance_id: str = ""
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).
     rocksdb_block_cache_mb: int = 32
     rocksdb_write_buffer_mb: int = 16
