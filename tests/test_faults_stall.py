@@ -328,3 +328,18 @@ def test_broker_lost_and_restarted_empty_every_new_transaction_is_decided(regist
         worker.stop()
         broker.stop()
 
+
+
+@pytest.mark.e2e
+def test_a_partition_whose_fetches_return_nothing_is_read_again_within_a_bound():
+    """The soak stall: the embedded broker lists every stored record batch on each fetch,
+    and past ~30,000 of them in a partition no fetch with the worker's 10 ms wait returns
+    anything. The worker used to report "0 tx/s, lag 0" and decide nothing (measured on
+    the old code with these numbers: 0 of 300 in 45 s); it now sees records waiting that
+    no fetch returns, raises its fetch wait, says so, and decides them."""
+    from loadtest.fetch_starvation import run
+
+    got, sent, lines = run(batches=30_000, transactions=300, stall_s=60.0, timeout_s=60.0)
+    assert got == sent, (got, sent, lines)
+    assert any("no fetch returns them" in line and "fetch wait raised" in line
+               for line in lines), lines
