@@ -1,4 +1,4 @@
-"""Bulk recovery of the state table (streams/restore.py) against the embedded broker."""
+"""Bulk recovery of the state table (streams/worker/restore.py) against the embedded broker."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from fraudstream.streams.worker import restore
 from rocksdict import Options, Rdict
-
-from streams import restore
 
 OFFSET_KEY = b"__faust\0offset__"
 
