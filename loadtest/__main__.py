@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer
+
 from fraudstream.loadtest import plots
 from fraudstream.loadtest.proc import tree_cpu_s, tree_rss_kb
 from fraudstream.schemas.codec import Codecs, make_registry

@@ -13,6 +13,7 @@ import sys
 import time
 
 import faust
+
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.worker.app import _set_fetch_max_wait
 

@@ -21,6 +21,7 @@ import time
 import uuid
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer
+
 from fraudstream.schemas.codec import Codecs, DecodeError, make_registry
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all, ensure_topics

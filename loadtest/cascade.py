@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from fraudstream.scorers import train as T
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import OnlineLearner, OnlineStage

@@ -139,6 +139,7 @@ def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.N
                   tmp: Path) -> dict[str, Any]:
     import faust
     from confluent_kafka.admin import AdminClient, NewTopic
+
     from fraudstream.streams.embedded.broker import EmbeddedBroker
     from fraudstream.streams.worker.delivery import KafkaSink
     from fraudstream.streams.worker.feature_store import TableFeatureStore
@@ -195,6 +196,7 @@ def _redis_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Nam
 
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     from confluent_kafka import Producer
+
     from fraudstream.schemas.codec import Codecs, make_registry
     from fraudstream.state.features import CardState
     from fraudstream.streams.embedded.broker import EmbeddedBroker
@@ -295,6 +297,7 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int 
     """Start a worker, send one transaction, wait for its decision; seconds and RSS. Then
     ``traffic`` transactions on random cards among ``cards``: the RSS after them."""
     from confluent_kafka import OFFSET_END, Consumer, Producer
+
     from fraudstream.streams.processes import die_with_parent, stop_process
     from fraudstream.streams.topics import assign_all
 

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker
 from fraudstream.streams.embedded.registry import EmbeddedRegistry

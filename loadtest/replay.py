@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from confluent_kafka import Producer
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker
 from fraudstream.streams.embedded.registry import EmbeddedRegistry

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker
 from fraudstream.streams.embedded.registry import EmbeddedRegistry

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fraudstream.scorers.base import ScorerError
 
 SUMS = "SHA256SUMS"

@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
+
 from fraudstream.scorers.drift import DriftConfig, DriftMonitor
 
 log = logging.getLogger("fraudstream.cascade")

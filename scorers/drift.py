@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from fraudstream.scorers.river_import import drift
 from fraudstream.state.features import FEATURE_NAMES
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+
 from fraudstream.scorers.drift import drift_event
 from fraudstream.scorers.river_import import drift, linear_model, optim, preprocessing
 from fraudstream.state.engine import LabelEvent, StateStore

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fraudstream.scorers.artifact import ArtifactError, check_probe, choose_probe, write_sums
 from fraudstream.scorers.metrics import summary
 from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION, FeatureConfig

@@ -46,6 +46,7 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+
 from fraudstream.state.geo import haversine_km
 
 MINUTE_MS = 60_000

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import ValidationError, validate_label, validate_transaction

@@ -8,6 +8,7 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from fraudstream.streams.errors import CONFIG_EXIT, UNREACHABLE_EXIT, StartError
 from fraudstream.streams.settings import KafkaSettings, Settings
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.embedded.registry import EmbeddedRegistry

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.scorers import train as T
 from fraudstream.scorers.artifact import write_sums
@@ -21,7 +22,6 @@ from fraudstream.state.engine import FeatureEngine, MemoryStore
 from fraudstream.state.features import FeatureConfig
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import TopicSettings
-
 from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)

@@ -9,8 +9,8 @@ import uuid
 from collections import Counter
 
 import pytest
-from fraudstream.scorers.registry import Registry
 
+from fraudstream.scorers.registry import Registry
 from tests.conftest import T0_MS, consume_all, produce
 
 pytestmark = pytest.mark.e2e
@@ -77,6 +77,7 @@ def test_promotion_and_shadow_reach_a_running_worker(models_registry, stack_sett
 def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
         models_registry, stack_settings, start_worker, codecs, redis_server, tmp_path):
     import redis
+
     from fraudstream.scorers.online import LEARNER_KEY, OnlineLearner
 
     root = tmp_path / "models"

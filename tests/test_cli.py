@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
+
 from fraudstream.streams.embedded.broker import free_port
 
 pytestmark = pytest.mark.e2e

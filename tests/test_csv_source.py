@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fastavro import parse_schema
 from fastavro.validation import validate
+
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_transaction
 from fraudstream.streams.traffic.csv_source import (

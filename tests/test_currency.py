@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.schemas.fx import Rates, RatesError
 from fraudstream.schemas.validate import ValidationError, validate_history_transaction

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from fraudstream.streams.pipeline import BatchResult
 from fraudstream.streams.worker.delivery import BatchCommitter, DeliveryError
 

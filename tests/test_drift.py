@@ -4,10 +4,10 @@ events naming the features that moved when the traffic changes."""
 from __future__ import annotations
 
 import numpy as np
+
 from fraudstream.scorers import train as T
 from fraudstream.scorers.drift import DriftConfig, DriftMonitor, js_distance, psi
 from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
-
 from tests.conftest import _events
 
 

@@ -7,12 +7,12 @@ import time
 from collections import Counter, defaultdict
 
 import pytest
+
 from fraudstream.schemas.codec import Codecs
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
 from fraudstream.streams.traffic.malformed import MalformedFactory
-
 from tests.conftest import T0_MS, consume_all, expired_in_log, produce
 
 pytestmark = pytest.mark.e2e

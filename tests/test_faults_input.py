@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 from confluent_kafka.admin import AdminClient
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.schemas.validate import LABEL_IDS, TRANSACTION_IDS, contains_pan, mask_pans
 from fraudstream.scorers.rules import RuleSet, RulesScorer
@@ -25,7 +26,6 @@ from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import assign_all
 from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
 from fraudstream.streams.worker.delivery import BatchCommitter, KafkaSink
-
 from tests.conftest import T0_MS, consume_all, produce
 
 KIB = 1024
@@ -263,6 +263,7 @@ def test_old_dead_letters_still_read_and_new_ones_read_with_the_old_schema(unit_
     import json
 
     import fastavro
+
     from fraudstream.schemas.codec import schema_text
 
     new = json.loads(schema_text("dead_letter"))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.scorers import train as T
 from fraudstream.scorers.artifact import SUMS, write_sums
@@ -34,7 +35,6 @@ from fraudstream.streams.settings import TopicSettings
 from fraudstream.streams.worker.metrics import WorkerMetrics
 from fraudstream.streams.worker.models_watch import UNAVAILABLE, ModelWatcher
 from fraudstream.streams.worker.status import WorkerStatus
-
 from tests.conftest import ROOT, T0_MS, consume_all, produce
 from tests.test_cascade import decisions, nothing, pipeline, records
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fraudstream.streams.embedded.broker import broker_binary, free_port
 from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.settings import Settings, TopicSettings
@@ -31,7 +32,6 @@ from fraudstream.streams.worker.progress import (
     ProgressTracker,
 )
 from fraudstream.streams.worker.renewing_producer import RenewingProducer
-
 from tests.conftest import ROOT, WorkerProcess, consume_all, produce
 from tests.test_e2e import encoded, generated
 

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import pytest
+
 from fraudstream.state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
 from fraudstream.state.features import (
     DAY_MS,

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.state.features import DAY_MS, FEATURE_NAMES
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics
 from fraudstream.streams.traffic.generator import GeneratorConfig, generate_history
 from fraudstream.streams.traffic.history import write_csv
-
 from tests.conftest import ROOT, T0_MS, consume_all, expired_in_log, produce
 
 pytestmark = pytest.mark.e2e

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastavro import parse_schema, schemaless_writer
 from fastavro.validation import validate
+
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_transaction
 from fraudstream.streams.traffic.generator import (

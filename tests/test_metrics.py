@@ -9,10 +9,10 @@ import time
 import urllib.request
 
 import pytest
-from fraudstream.streams.embedded.broker import free_port
-from fraudstream.streams.traffic.malformed import MalformedFactory
 from prometheus_client.parser import text_string_to_metric_families
 
+from fraudstream.streams.embedded.broker import free_port
+from fraudstream.streams.traffic.malformed import MalformedFactory
 from tests.conftest import consume_all, produce
 from tests.test_e2e import encoded, generated
 

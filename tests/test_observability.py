@@ -22,10 +22,10 @@ import urllib.request
 import uuid
 
 import pytest
+
 from fraudstream.scorers.registry import Registry
 from fraudstream.streams.embedded.broker import free_port
 from fraudstream.streams.processes import die_with_parent, stop_process
-
 from tests.conftest import ROOT, T0_MS, consume_all, produce
 
 pytestmark = pytest.mark.e2e

@@ -4,6 +4,7 @@ labels, the River learner learns, its predictions move the right way, its state 
 from __future__ import annotations
 
 import numpy as np
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import LEARNER_KEY, OnlineLearner, OnlineStage
@@ -12,7 +13,6 @@ from fraudstream.state.engine import FeatureEngine, MemoryStore
 from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import TopicSettings
-
 from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)

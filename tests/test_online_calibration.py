@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from fraudstream.scorers.online import OnlineLearner, OnlineStage
 from fraudstream.state.engine import MemoryStore
 from fraudstream.state.features import FEATURE_NAMES

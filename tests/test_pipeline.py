@@ -6,13 +6,13 @@ from collections import Counter
 
 import orjson
 import pytest
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.schemas.validate import looks_like_pan, mask_pans
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import TopicSettings
 from fraudstream.streams.traffic.malformed import MalformedFactory
-
 from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+
 from fraudstream.scorers.registry import Registry
 from fraudstream.streams.replay.engine import (
     REPLAY_HEADER,
@@ -26,7 +27,6 @@ from fraudstream.streams.replay.report import write_report
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics
 from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
-
 from tests.conftest import ROOT, T0_MS, consume_all
 from tests.test_features_e2e import committed
 

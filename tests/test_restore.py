@@ -7,8 +7,9 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from fraudstream.streams.worker import restore
 from rocksdict import Options, Rdict
+
+from fraudstream.streams.worker import restore
 
 OFFSET_KEY = b"__faust\0offset__"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.base import Outcome, Score, Scorer
 from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RulesError, RuleSet, RulesScorer

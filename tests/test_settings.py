@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fraudstream.streams.settings import RANGES, Settings, SettingsError, describe
 
 
@@ -59,6 +60,7 @@ def test_every_setting_is_documented_in_the_readme():
 
 def test_faust_gets_the_same_sasl_and_tls_settings_as_librdkafka(tmp_path):
     import faust
+
     from fraudstream.streams.worker.app import faust_credentials
 
     kafka = Settings.from_env({

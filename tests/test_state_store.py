@@ -34,6 +34,7 @@ import faust
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_history_transaction
 from fraudstream.state.engine import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
 from fraudstream.streams.demo.summary import histogram_quantile
 from fraudstream.streams.pipeline import BatchResult
 from fraudstream.streams.worker.status import WorkerStatus

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Producer
+
 from fraudstream.schemas.codec import Codecs, schema_text
 from fraudstream.streams.cli.tail import (
     DEFAULT_IDLE_S,

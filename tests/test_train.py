@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fraudstream.scorers import train as T
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
 from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
 from fraudstream.streams.traffic.history import write_csv
-
 from tests.conftest import ROOT
 
 START = 1_790_000_000_000

@@ -37,9 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
     from fraudstream.streams.replay.engine import Bound, ReplayConfig, ReplayError, run_replay
     from fraudstream.streams.replay.report import write_report
-    from tqdm import tqdm
 
     if args.models is not None:
         settings = settings.replace(scoring={"models_dir": args.models})

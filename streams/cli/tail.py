@@ -47,6 +47,7 @@ from typing import Any, TextIO
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+
 from fraudstream.schemas.codec import AvroCodec, Codecs, DecodeError, make_registry, schema_text
 from fraudstream.schemas.validate import mask_pans
 from fraudstream.streams.settings import Settings

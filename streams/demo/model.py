@@ -73,12 +73,13 @@ def default_cache() -> Path:
 def ensure_model(world: DemoWorld, cache: Path, rules_path: Path, rates: Rates,
                  quiet: bool = False) -> tuple[Path, str, bool]:
     """(registry folder, active version, trained now?) for ``world``; trains if needed."""
+    from tqdm import tqdm
+
     from fraudstream.scorers.registry import Registry
     from fraudstream.scorers.rules import RuleSet, RulesScorer
     from fraudstream.scorers.train import TrainConfig, train
     from fraudstream.state.features import FeatureConfig
     from fraudstream.streams.traffic.generator import arrival_events, generate_history
-    from tqdm import tqdm
 
     rules = RuleSet.load(rules_path)
     folder = cache / world.key(rates, rules.version)

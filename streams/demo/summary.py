@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer
+
 from fraudstream.schemas.codec import Codecs, DecodeError
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
+
 from fraudstream.streams.processes import StopFlag, die_with_parent, stop_process
 
 

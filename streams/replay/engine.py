@@ -55,6 +55,7 @@ from datetime import datetime
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
+
 from fraudstream.schemas.codec import Codecs, DecodeError, make_registry
 from fraudstream.schemas.validate import ValidationError
 from fraudstream.scorers.cascade import ModelStage

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fraudstream.scorers.metrics import summary
 from fraudstream.streams.replay.engine import OUTCOMES, ReplayResult
 

@@ -17,6 +17,7 @@ from typing import Any
 import fastavro
 import orjson
 from confluent_kafka.schema_registry import Schema
+
 from fraudstream.schemas.codec import Codecs, schema_text
 
 Expected = tuple[str, str | None]  # (error_kind, field)

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.malformed import MalformedFactory

@@ -23,6 +23,7 @@ from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.drift import DriftConfig

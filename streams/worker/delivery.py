@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
+
 from fraudstream.state.engine import StateStore, StateUnavailable
 from fraudstream.streams.dead_letters import DeadLetters
 from fraudstream.streams.pipeline import BatchResult

@@ -39,10 +39,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import redis
-from fraudstream.state.engine import StateUnavailable
-from fraudstream.streams.settings import FeatureSettings
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from fraudstream.state.engine import StateUnavailable
+from fraudstream.streams.settings import FeatureSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import faust.streams
 from faust.types import TP
-from fraudstream.streams.worker.delivery import KafkaSink
 from rocksdict import WriteBatch
+
+from fraudstream.streams.worker.delivery import KafkaSink
 
 #: Changelog key of the embedded-broker end marker; never a transaction_id (NUL byte).
 END_MARKER = b"\x00fraudstream:end-marker"
