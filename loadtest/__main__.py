@@ -89,13 +89,13 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer
 from fraudstream.loadtest import plots
 from fraudstream.loadtest.proc import tree_cpu_s, tree_rss_kb
 from fraudstream.schemas.codec import Codecs, make_registry
-from fraudstream.streams.demo.run import percentile
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
 from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import assign_all, ensure_topics
 from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.worker.status import quantile as percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 
