@@ -58,7 +58,7 @@ test-faketime: venv test-deps $(FAKETIME_PRELOAD)  ## the suite at a fake date, 
 	  faketime --exclude-monotonic "$(FAKE)" $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: venv  ## one-worker throughput and latency benchmark (prints numbers, JSON in results/)
-	$(BIN)/python -m loadtest
+	$(BIN)/python -m fraudstream.loadtest
 
 clean:  ## remove the virtual environment and local state
 	rm -rf $(VENV) data results *.egg-info

@@ -1,9 +1,9 @@
-"""``python -m loadtest``: how fast one worker decides, and up to what rate it keeps up.
+"""``python -m fraudstream.loadtest``: how fast one worker decides, and up to what rate it keeps up.
 
 One registry; the first phase (1-3) on one embedded broker and worker, then each live
 run (4-6) on a broker and worker of its own:
 
-1. **Pre-produce** ``--events`` generated transactions (``streams.generator``).
+1. **Pre-produce** ``--events`` generated transactions (``fraudstream.streams.traffic.generator``).
 2. **Two baselines** on those same records, each a subprocess timed from its first record
    to its last: (a) a bare Faust agent that only consumes (loadtest/bare_faust.py);
    (b) a plain confluent-kafka loop: consume batches of 500, decode the Avro transaction
@@ -86,16 +86,16 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer
 
-from loadtest import plots
-from loadtest.proc import tree_cpu_s, tree_rss_kb
-from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker, free_port
-from streams.demo import percentile
-from streams.generator import GeneratorConfig, TrafficGenerator
-from streams.processes import die_with_parent, stop_process
-from streams.registry import EmbeddedRegistry
-from streams.settings import Settings, TopicSettings
-from streams.topics import assign_all, ensure_topics
+from fraudstream.loadtest import plots
+from fraudstream.loadtest.proc import tree_cpu_s, tree_rss_kb
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.embedded.registry import EmbeddedRegistry
+from fraudstream.streams.processes import die_with_parent, stop_process
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import assign_all, ensure_topics
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.worker.status import quantile as percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -593,7 +593,7 @@ class FreshRuns(Runs):
                 worker={"app_id": f"{self.base.worker.app_id}-{k}",
                         "data_dir": self.workdir / f"state-{k}", "metrics_port": free_port()})
             ensure_topics(settings)
-            worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
+            worker = _spawn(["-m", "fraudstream", "worker", "--loglevel", "info"], settings,
                             self.workdir / f"worker-{k}.log")
             rss = RssSampler(worker.pid, label)
             self.samplers.append(rss)
@@ -834,7 +834,7 @@ def _ratios(rate: float | None, result: dict) -> dict:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loadtest",
+    parser = argparse.ArgumentParser(prog="python -m fraudstream.loadtest",
                                      description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--quick", action="store_true",
                         help="a 1-2 minute smoke run: " + ", ".join(
@@ -937,7 +937,8 @@ def main() -> int:
             pre_produce(settings, codecs, args.events, args.seed)
 
             _progress("baseline: bare Faust consumer...")
-            bare = _spawn(["-m", "loadtest.bare_faust", "--topic", settings.topics.transactions,
+            bare = _spawn(["-m", "fraudstream.loadtest.bare_faust",
+                           "--topic", settings.topics.transactions,
                            "--count", str(args.events), "--app-id", f"bare-{uid}",
                            "--data-dir", str(workdir / "bare-data")],
                           settings, workdir / "bare.log")
@@ -948,7 +949,7 @@ def main() -> int:
             _progress(f"  {result['bare_faust']['rate']:,.0f}/s")
 
             _progress("baseline: Kafka loop (consume, decode, produce)...")
-            loop = _spawn(["-m", "loadtest.baseline_kafka", "--topic",
+            loop = _spawn(["-m", "fraudstream.loadtest.baseline_kafka", "--topic",
                            settings.topics.transactions, "--out-topic", f"baseline-out-{uid}",
                            "--count", str(args.events)],
                           settings, workdir / "baseline_kafka.log")
@@ -959,7 +960,7 @@ def main() -> int:
             _progress(f"  {result['kafka_loop']['rate']:,.0f}/s")
 
             _progress("worker: backlog drain...")
-            worker = _spawn(["-m", "streams.cli", "worker", "--loglevel", "info"], settings,
+            worker = _spawn(["-m", "fraudstream", "worker", "--loglevel", "info"], settings,
                             workdir / "worker.log")
             rss = RssSampler(worker.pid, "backlog drain")
             samplers.append(rss)

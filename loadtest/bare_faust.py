@@ -1,4 +1,4 @@
-"""Baseline: a Faust agent that only consumes (``python -m loadtest.bare_faust``).
+"""Baseline: a Faust agent that only consumes (``python -m fraudstream.loadtest.bare_faust``).
 
 Same broker, same fetch wait and batching as the worker, no work per event. Prints one
 JSON line when ``--count`` events have arrived: the rate from the first to the last.
@@ -14,8 +14,8 @@ import time
 
 import faust
 
-from streams.app import _set_fetch_max_wait
-from streams.settings import Settings
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.worker.app import _set_fetch_max_wait
 
 
 def main() -> None:

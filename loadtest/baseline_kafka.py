@@ -1,11 +1,11 @@
-"""Baseline: a plain confluent-kafka loop (``python -m loadtest.baseline_kafka``).
+"""Baseline: a plain confluent-kafka loop (``python -m fraudstream.loadtest.baseline_kafka``).
 
 Consume in batches (``consumer.consume(500, timeout)``), decode each Avro transaction with
 the project's codec, produce one small record per transaction (key: transaction_id, value:
 the amount) to a scratch output topic, ``producer.poll(0)`` after each batch and one flush
 at the end. No state, features, scoring, dedupe or offset commits: what a Python process on
 librdkafka pays per event here before any of the worker's own work. The producer has the
-worker's producer configuration (``streams.delivery.KafkaSink``).
+worker's producer configuration (``fraudstream.streams.worker.delivery.KafkaSink``).
 
 Prints one JSON line once ``--count`` records were consumed and produced: ``rate`` runs from
 the first record consumed to the end of the final flush (every output record acknowledged,
@@ -22,10 +22,10 @@ import uuid
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer
 
-from schemas.codec import Codecs, DecodeError, make_registry
-from streams.delivery import KafkaSink
-from streams.settings import Settings
-from streams.topics import assign_all, ensure_topics
+from fraudstream.schemas.codec import Codecs, DecodeError, make_registry
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import assign_all, ensure_topics
+from fraudstream.streams.worker.delivery import KafkaSink
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""``python -m loadtest.cascade``: what the scoring cascade costs per event, by batch size.
+"""``python -m fraudstream.loadtest.cascade``: what the scoring cascade costs per event, by batch
+size.
 
 A model is trained on a generated history (or ``--model DIR`` is loaded), then for batches
 of 1, 32 and 256 transactions with real feature vectors it times, per event (median over
@@ -23,14 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from scorers import train as T
-from scorers.cascade import ModelStage
-from scorers.online import OnlineLearner, OnlineStage
-from scorers.onnx_model import ModelScorer
-from scorers.rules import RuleSet, RulesScorer
-from state.engine import MemoryStore
-from state.features import FeatureConfig
-from streams.generator import DAY_MS, GeneratorConfig, arrival_events, generate_history
+from fraudstream.scorers import train as T
+from fraudstream.scorers.cascade import ModelStage
+from fraudstream.scorers.online import OnlineLearner, OnlineStage
+from fraudstream.scorers.onnx_model import ModelScorer
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.state.engine import MemoryStore
+from fraudstream.state.features import FeatureConfig
+from fraudstream.streams.traffic.generator import (
+    DAY_MS,
+    GeneratorConfig,
+    arrival_events,
+    generate_history,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +60,7 @@ def _median_us(fn, batches: list, per: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.cascade")
+    p = argparse.ArgumentParser(prog="python -m fraudstream.loadtest.cascade")
     p.add_argument("--model", type=Path, help="an artifact folder (default: train one)")
     p.add_argument("--days", type=float, default=6.0)
     p.add_argument("--per-day", type=int, default=6000)

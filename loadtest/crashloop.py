@@ -1,7 +1,8 @@
-"""``python -m loadtest.restart crashloop``: ``--events`` transactions at ``--rate``/s while
+"""``python -m fraudstream.loadtest.restart crashloop``: ``--events`` transactions at ``--rate``/s
+while
 the worker is SIGKILLed ``--kills`` times, evenly spaced, and started again at once each
 time; then every decision is read back: missing, conflicting, duplicates, and who decided
-(see :mod:`loadtest.restart`)."""
+(see :mod:`fraudstream.loadtest.restart`)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.restart import Decisions, Stack, Traffic, Worker, _done, _wait, _workdir
-from streams.generator import GeneratorConfig
+from fraudstream.loadtest.restart import Decisions, Stack, Traffic, Worker, _done, _wait, _workdir
+from fraudstream.streams.traffic.generator import GeneratorConfig
 
 
 def ensure_models(models: Path) -> None:
     """A small model (40 trees, 20k generated transactions) as the active version of
     ``models``, unless it has one."""
-    from scorers.registry import ACTIVE, Registry
+    from fraudstream.scorers.registry import ACTIVE, Registry
 
     reg = Registry(models)
     if reg.pointer(ACTIVE):
         return
-    from scorers import train as T
-    from scorers.rules import RuleSet, RulesScorer
-    from streams.generator import arrival_events, generate_history
+    from fraudstream.scorers import train as T
+    from fraudstream.scorers.rules import RuleSet, RulesScorer
+    from fraudstream.streams.traffic.generator import arrival_events, generate_history
 
     print(f"training a small model into {models} ...", file=sys.stderr, flush=True)
     now = int(time.time() * 1000)

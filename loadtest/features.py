@@ -1,7 +1,8 @@
-"""``python -m loadtest.features``: what the velocity features cost, per backend.
+"""``python -m fraudstream.loadtest.features``: what the velocity features cost, per backend.
 
 ``cost``: the same generated traffic (``--days`` of ``--per-day`` transactions over
-``--cards`` cards, in micro-batches of ``--batch``) through :class:`state.engine.FeatureEngine`
+``--cards`` cards, in micro-batches of ``--batch``) through
+:class:`fraudstream.state.engine.FeatureEngine`
 with each backend:
 
 - ``memory``: a dict (the offline builder's store): the cost of the feature code alone;
@@ -39,12 +40,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from loadtest.proc import rss_kb
-from schemas.fx import Rates
-from schemas.validate import validate_history_transaction
-from state.engine import FeatureEngine, MemoryStore, TxnEvent
-from state.features import FeatureConfig
-from streams.generator import DAY_MS, GeneratorConfig, generate_history
+from fraudstream.loadtest.proc import rss_kb
+from fraudstream.schemas.fx import Rates
+from fraudstream.schemas.validate import validate_history_transaction
+from fraudstream.state.engine import FeatureEngine, MemoryStore, TxnEvent
+from fraudstream.state.features import FeatureConfig
+from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, generate_history
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,10 +140,10 @@ def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.N
     import faust
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from streams.broker import EmbeddedBroker
-    from streams.delivery import KafkaSink
-    from streams.feature_store import TableFeatureStore
-    from streams.table_state import FaustTableState
+    from fraudstream.streams.embedded.broker import EmbeddedBroker
+    from fraudstream.streams.worker.delivery import KafkaSink
+    from fraudstream.streams.worker.feature_store import TableFeatureStore
+    from fraudstream.streams.worker.table_state import FaustTableState
 
     with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
         uid = uuid.uuid4().hex[:8]
@@ -167,9 +168,9 @@ def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.N
 
 def _redis_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Namespace,
                 tmp: Path) -> dict[str, Any]:
-    from streams.broker import free_port
-    from streams.processes import die_with_parent, stop_process
-    from streams.redis_store import RedisStore
+    from fraudstream.streams.embedded.broker import free_port
+    from fraudstream.streams.processes import die_with_parent, stop_process
+    from fraudstream.streams.worker.redis_store import RedisStore
 
     proc = None
     url = args.redis_url
@@ -196,12 +197,12 @@ def _redis_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Nam
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     from confluent_kafka import Producer
 
-    from schemas.codec import Codecs, make_registry
-    from state.features import CardState
-    from streams.broker import EmbeddedBroker
-    from streams.registry import EmbeddedRegistry
-    from streams.settings import Settings, TopicSettings
-    from streams.topics import ensure_topics
+    from fraudstream.schemas.codec import Codecs, make_registry
+    from fraudstream.state.features import CardState
+    from fraudstream.streams.embedded.broker import EmbeddedBroker
+    from fraudstream.streams.embedded.registry import EmbeddedRegistry
+    from fraudstream.streams.settings import Settings, TopicSettings
+    from fraudstream.streams.topics import ensure_topics
 
     # Realistic card records: those of a generated history, reused across card ids.
     small = argparse.Namespace(**{**vars(args), "cards": 2000})
@@ -297,8 +298,8 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int 
     ``traffic`` transactions on random cards among ``cards``: the RSS after them."""
     from confluent_kafka import OFFSET_END, Consumer, Producer
 
-    from streams.processes import die_with_parent, stop_process
-    from streams.topics import assign_all
+    from fraudstream.streams.processes import die_with_parent, stop_process
+    from fraudstream.streams.topics import assign_all
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
     env.update(settings.to_env())
@@ -314,7 +315,7 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int 
     producer = Producer(settings.kafka.client_config())
     t0 = time.monotonic()
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "fraudstream", "worker"], env=env,
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
     producer.produce(settings.topics.transactions, key=b"card_00000007",
@@ -365,8 +366,8 @@ def _du(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.features", description=__doc__.split(
-        "\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fraudstream.loadtest.features",
+                                description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("cost", help="feature cost per event, per backend")
     c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"])

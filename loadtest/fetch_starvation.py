@@ -1,4 +1,4 @@
-"""``python -m loadtest.fetch_starvation``: does a worker still decide once the embedded
+"""``python -m fraudstream.loadtest.fetch_starvation``: does a worker still decide once the embedded
 broker holds many record batches in a partition?
 
 The embedded broker (Tansu) lists every stored record batch of a partition on each fetch;
@@ -8,7 +8,7 @@ writes ``--batches`` one-record batches to a one-partition ``transactions`` topi
 fresh broker, commits the worker's group at their end, starts a worker, sends
 ``--transactions`` new ones, and prints how many were decided and in how long (worker
 start included), with the worker's stall and fetch-wait lines. Before the worker raised
-its fetch wait on such a starvation (``streams/progress.py``), it decided 0 of 300 in
+its fetch wait on such a starvation (``streams/worker/progress.py``), it decided 0 of 300 in
 90 s and logged nothing but "0 tx/s".
 """
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker
-from streams.generator import GeneratorConfig, TrafficGenerator
-from streams.registry import EmbeddedRegistry
-from streams.settings import Settings
-from streams.topics import assign_all, ensure_topics
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker
+from fraudstream.streams.embedded.registry import EmbeddedRegistry
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import assign_all, ensure_topics
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
 
 #: Event times of the generated transactions (a fixed instant in the past, as in tests).
 T0_MS = 1_767_571_200_000
@@ -89,7 +89,7 @@ def run(batches: int, transactions: int, stall_s: float, timeout_s: float,
         log = tmp / "worker.log"
         with open(log, "wb") as out:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", "fraudstream", "worker", "--loglevel", "info"],
                 env=env, stdout=out, stderr=subprocess.STDOUT)
         codecs = Codecs(make_registry(registry.url), settings.topics)
         gen = TrafficGenerator(GeneratorConfig(seed=3))

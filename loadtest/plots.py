@@ -1,4 +1,5 @@
-"""PNG plots of one ``python -m loadtest`` run (matplotlib, Agg backend: no display needed).
+"""PNG plots of one ``python -m fraudstream.loadtest`` run (matplotlib, Agg backend: no display
+needed).
 
 Each function takes plain data from the run (see ``loadtest/__main__.py``) and writes one
 file; :func:`write_all` writes them all into the run's results folder.

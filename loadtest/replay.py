@@ -1,4 +1,4 @@
-"""``python -m loadtest.replay``: how fast ``fraudstream replay`` goes, and its memory.
+"""``python -m fraudstream.loadtest.replay``: how fast ``fraudstream replay`` goes, and its memory.
 
 On one embedded broker and registry: ``--events`` generated transactions spread over
 ``--days`` of event time (and their labels, at their label times) are produced to
@@ -24,12 +24,12 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker
-from streams.generator import DAY_MS, GeneratorConfig, TrafficGenerator
-from streams.registry import EmbeddedRegistry
-from streams.settings import Settings, TopicSettings
-from streams.topics import ensure_topics
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker
+from fraudstream.streams.embedded.registry import EmbeddedRegistry
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import ensure_topics
+from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, TrafficGenerator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,10 +68,10 @@ def produce_history(settings: Settings, codecs: Codecs, n: int, days: float, car
 
 
 def train_two(root: Path) -> tuple[str, str]:
-    from scorers import train as T
-    from scorers.registry import Registry
-    from scorers.rules import RuleSet, RulesScorer
-    from streams.generator import arrival_events, generate_history
+    from fraudstream.scorers import train as T
+    from fraudstream.scorers.registry import Registry
+    from fraudstream.scorers.rules import RuleSet, RulesScorer
+    from fraudstream.streams.traffic.generator import arrival_events, generate_history
 
     for seed in (5, 6):
         start = int(time.time() * 1000) - 9 * DAY_MS
@@ -87,7 +87,7 @@ def train_two(root: Path) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.replay",
+    p = argparse.ArgumentParser(prog="python -m fraudstream.loadtest.replay",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--days", type=float, default=10.0)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         args.models = workdir / "models"
         champion, challenger = train_two(args.models)
     else:
-        from scorers.registry import ACTIVE, Registry
+        from fraudstream.scorers.registry import ACTIVE, Registry
 
         champion, challenger = Registry(args.models).pointer(ACTIVE), args.challenger
         if champion is None or challenger is None:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         out = workdir / "report"
         t0 = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "streams.cli", "replay", "--from", "0", "--champion",
+            [sys.executable, "-m", "fraudstream", "replay", "--from", "0", "--champion",
              champion, "--challenger", challenger, "--online", args.online,
              "--out", str(out)], cwd=ROOT, env=env)
         wall = time.monotonic() - t0

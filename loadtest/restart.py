@@ -1,11 +1,11 @@
 """Restart benchmarks on the embedded stack: how long a worker takes to decide again after
 a crash, and what 10 crashes under steady traffic cost.
 
-    python -m loadtest.restart imports [--runs 5]
-    python -m loadtest.restart restart [--runs 3] [--session-timeout-ms 6000]
-    python -m loadtest.restart crashloop [--kills 10 --events 100000 --rate 1000]
+    python -m fraudstream.loadtest.restart imports [--runs 5]
+    python -m fraudstream.loadtest.restart restart [--runs 3] [--session-timeout-ms 6000]
+    python -m fraudstream.loadtest.restart crashloop [--kills 10 --events 100000 --rate 1000]
 
-``imports``: the import time of ``streams.app`` and of the worker's CLI path
+``imports``: the import time of ``fraudstream.streams.worker.app`` and of the worker's CLI path
 (``python -X importtime``), median over ``--runs`` fresh interpreters.
 
 ``restart``: one embedded broker and registry, one worker fed steady traffic (``--rate``,
@@ -47,13 +47,13 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 
-from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker
-from streams.generator import GeneratorConfig, TrafficGenerator
-from streams.processes import die_with_parent, stop_process
-from streams.registry import EmbeddedRegistry
-from streams.settings import Settings
-from streams.topics import assign_all, ensure_topics
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker
+from fraudstream.streams.embedded.registry import EmbeddedRegistry
+from fraudstream.streams.processes import die_with_parent, stop_process
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import assign_all, ensure_topics
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,17 +82,18 @@ def _wall_s(code: str, root: Path) -> float:
 
 CLI_WORKER_PATH = """
 import inspect
-from streams import cli
+from fraudstream.streams.cli import main as cli
 kw = {"only": "worker"} if "only" in inspect.signature(cli.build_parser).parameters else {}
 cli.build_parser(**kw).parse_args(["worker"])
-import streams.app, streams.topics, faust
+import fraudstream.streams.worker.app, fraudstream.streams.topics, faust
 """
 
 
 def run_imports(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root).resolve()
     out: dict[str, Any] = {"root": str(root), "runs": args.runs}
-    for label, code in (("import streams.app", "import streams.app"),
+    for label, code in (("import fraudstream.streams.worker.app",
+                         "import fraudstream.streams.worker.app"),
                         ("fraudstream worker path", CLI_WORKER_PATH)):
         imp = [_importtime_s(code, root) for _ in range(args.runs)]
         wall = [_wall_s(code, root) for _ in range(args.runs)]
@@ -143,7 +144,7 @@ class Stack:
 
 
 def _known_settings(root: Path) -> set[str]:
-    out = subprocess.run([sys.executable, "-m", "streams.cli", "settings"], cwd=root,
+    out = subprocess.run([sys.executable, "-m", "fraudstream", "settings"], cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
                          text=True, check=True)
     return {line.split("=", 1)[0] for line in out.stdout.splitlines() if "=" in line}
@@ -167,7 +168,7 @@ class Worker:
         with open(self.log, "ab") as out:
             self.started = time.time()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", "fraudstream", "worker", "--loglevel", "info"],
                 env=self.env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=die_with_parent)
         return self.started
@@ -367,7 +368,7 @@ def run_restart(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.restart", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fraudstream.loadtest.restart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -415,7 +416,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "crashloop":
-        from loadtest.crashloop import run_crashloop
+        from fraudstream.loadtest.crashloop import run_crashloop
 
         result = run_crashloop(args)
     else:

@@ -2,7 +2,7 @@
 
 Every amount that features, rules and models use is ``amount_ref``: the transaction's
 amount converted into the table's reference currency (EUR by default). The conversion
-happens once, in :func:`schemas.validate.validate_transaction`, which every path goes
+happens once, in :func:`fraudstream.schemas.validate.validate_transaction`, which every path goes
 through (worker, replay, ``fraudstream features``, ``train``), so online and offline
 numbers agree. The original ``amount`` and ``currency`` stay on the transaction and in its
 decision.

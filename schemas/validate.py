@@ -15,7 +15,7 @@ import unicodedata
 from datetime import datetime
 from typing import Any
 
-from schemas.fx import Rates
+from fraudstream.schemas.fx import Rates
 
 CHANNELS = frozenset({"pos", "ecom", "atm", "moto", "contactless"})
 OPTIONAL_STRINGS = ("customer_id", "terminal_id", "device_id")

@@ -8,7 +8,7 @@ the version (``metadata.json``, the ONNX files, the report and its plots), one
 *digest* is the sha256 of that file, one value for the whole artifact. A version is
 refused when a listed file is missing or differs, or when the folder holds a file the
 list does not name. ``fraudstream model promote`` records the digest in the pointer
-(:mod:`scorers.registry`), so a version altered after its promotion, even with its
+(:mod:`fraudstream.scorers.registry`), so a version altered after its promotion, even with its
 ``SHA256SUMS`` rewritten to match, is refused by the workers. To check one by hand::
 
     cd models/<version> && sha256sum -c SHA256SUMS && sha256sum SHA256SUMS
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from scorers.base import ScorerError
+from fraudstream.scorers.base import ScorerError
 
 SUMS = "SHA256SUMS"
 #: Weights must sum to 1 within this.

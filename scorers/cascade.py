@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from scorers.drift import DriftConfig, DriftMonitor
+from fraudstream.scorers.drift import DriftConfig, DriftMonitor
 
 log = logging.getLogger("fraudstream.cascade")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from scorers.river_import import drift
-from state.features import FEATURE_NAMES
+from fraudstream.scorers.river_import import drift
+from fraudstream.state.features import FEATURE_NAMES
 
 _EPS = 1e-4
 

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from scorers.drift import drift_event
-from scorers.river_import import drift, linear_model, optim, preprocessing
-from state.engine import LabelEvent, StateStore
-from state.features import FEATURE_NAMES
+from fraudstream.scorers.drift import drift_event
+from fraudstream.scorers.river_import import drift, linear_model, optim, preprocessing
+from fraudstream.state.engine import LabelEvent, StateStore
+from fraudstream.state.features import FEATURE_NAMES
 
 _NAMES = list(FEATURE_NAMES)
 _AUC_BINS = 20

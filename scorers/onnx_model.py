@@ -1,9 +1,10 @@
-"""Serving a trained artifact (:mod:`scorers.train`): ONNX Runtime sessions, one call per
+"""Serving a trained artifact (:mod:`fraudstream.scorers.train`): ONNX Runtime sessions, one call
+per
 model per micro-batch.
 
 :meth:`ModelScorer.load` refuses an artifact it cannot serve exactly as it was trained,
 with a :class:`ArtifactError` naming the problem: missing, altered or added files
-(``SHA256SUMS``, :mod:`scorers.artifact`), a feature list or version that is not the
+(``SHA256SUMS``, :mod:`fraudstream.scorers.artifact`), a feature list or version that is not the
 worker's, ensemble weights or thresholds that make no usable model, ONNX that does not
 load, or a probe batch whose scores are not finite, all one value, or not those stored at
 training.
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from scorers.artifact import (
+from fraudstream.scorers.artifact import (
     ArtifactError,
     check_probe,
     check_thresholds,
@@ -31,8 +32,8 @@ from scorers.artifact import (
     probe_batch,
     verify_sums,
 )
-from scorers.base import Event, Features, Score, ScorerError, Thresholds
-from state.features import FEATURE_NAMES, FEATURE_VERSION
+from fraudstream.scorers.base import Event, Features, Score, ScorerError, Thresholds
+from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION
 
 REASONS = 3
 __all__ = ["ArtifactError", "ModelScorer"]

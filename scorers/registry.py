@@ -10,7 +10,8 @@ models/
 
 A pointer is a one-line file, ``<version> <digest>``, replaced atomically (write, then
 rename), so a worker polling it never reads half a version. The digest is the version's
-whole-artifact digest when it was promoted (:mod:`scorers.artifact`): a worker refuses the
+whole-artifact digest when it was promoted (:mod:`fraudstream.scorers.artifact`): a worker refuses
+the
 version if its files no longer give that digest. :meth:`Registry.promote`, :meth:`shadow`
 and :meth:`rollback` load the artifact first and refuse one that cannot be served, or that
 is not sealed (the pointer is left alone).
@@ -33,8 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scorers.artifact import SUMS, write_sums
-from scorers.onnx_model import ArtifactError, ModelScorer
+from fraudstream.scorers.artifact import SUMS, write_sums
+from fraudstream.scorers.onnx_model import ArtifactError, ModelScorer
 
 ACTIVE, SHADOW, HISTORY = "ACTIVE", "SHADOW", "history.log"
 log = logging.getLogger("fraudstream.models")

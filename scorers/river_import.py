@@ -12,7 +12,7 @@ that was 0.6-0.9 s of every worker start, for modules the worker never calls.
 the package ``__init__`` binds the stand-in, and the real module is imported the first time
 anything reads an attribute of it (so ``river.drift.datasets.Apple`` or
 ``river.proba.Gaussian`` still work, only later). Import River's classes from here:
-``from scorers.river_import import drift, linear_model, optim, preprocessing``.
+``from fraudstream.scorers.river_import import drift, linear_model, optim, preprocessing``.
 """
 
 from __future__ import annotations

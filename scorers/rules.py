@@ -17,7 +17,7 @@ Rule keys common to every kind: ``id``, ``kind``, ``weight`` (required); ``actio
 Kinds and their own keys:
 
 - ``amount``: ``op``, ``value`` -- ``amount_ref <op> value``: the amount converted into
-  the rates table's reference currency (EUR by default, :mod:`schemas.fx`), so one
+  the rates table's reference currency (EUR by default, :mod:`fraudstream.schemas.fx`), so one
   threshold means the same value in every currency. With ``in_currency = "JPY"`` the rule
   compares the original amount instead and applies only to transactions in that currency.
 - ``mcc``: fires when the event's ``mcc`` is in the (required) ``mcc`` list.
@@ -51,8 +51,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, NoReturn
 
-from scorers.base import Event, Features, Outcome, Score, ScorerError, Thresholds
-from state.features import INDEX
+from fraudstream.scorers.base import Event, Features, Outcome, Score, ScorerError, Thresholds
+from fraudstream.state.features import INDEX
 
 __all__ = [
     "DEFAULT_RULES_PATH",
@@ -202,7 +202,7 @@ class RuleSet:
 
 
 class RulesScorer:
-    """The :class:`~scorers.base.Scorer` for a :class:`RuleSet`; ``version`` is
+    """The :class:`~fraudstream.scorers.base.Scorer` for a :class:`RuleSet`; ``version`` is
     ``"rules@<ruleset version>"``. Stateless and thread-safe; ``learn_batch`` is a no-op.
     """
 

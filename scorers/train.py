@@ -3,7 +3,7 @@
 :func:`train` takes validated events (``("transaction", dict)`` / ``("label", dict)``, in
 arrival order) and:
 
-1. computes the features with the worker's own code (:mod:`state.offline`), so a label
+1. computes the features with the worker's own code (:mod:`fraudstream.state.offline`), so a label
    feeds a feature only once it would have been available;
 2. splits by event time into train / validation / test windows;
 3. fits gradient-boosted trees (LightGBM) and a logistic regression on scaled features;
@@ -17,7 +17,7 @@ arrival order) and:
    thresholds, windows, data hash, library versions, metrics, reference histograms of
    every feature and of the score, for drift detection, and a probe batch: rows of the
    test window with their ensemble scores), a report with plots, and last
-   ``SHA256SUMS``, which seals every other file (:mod:`scorers.artifact`).
+   ``SHA256SUMS``, which seals every other file (:mod:`fraudstream.scorers.artifact`).
 
 A transaction without a label in the history counts as genuine.
 """
@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from scorers.artifact import ArtifactError, check_probe, choose_probe, write_sums
-from scorers.metrics import summary
-from state.features import FEATURE_NAMES, FEATURE_VERSION, FeatureConfig
-from state.offline import OfflineStats, offline_features
+from fraudstream.scorers.artifact import ArtifactError, check_probe, choose_probe, write_sums
+from fraudstream.scorers.metrics import summary
+from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION, FeatureConfig
+from fraudstream.state.offline import OfflineStats, offline_features
 
 #: Largest difference allowed between ONNX Runtime's and the native probabilities.
 ONNX_TOLERANCE = 1e-4
@@ -348,7 +348,7 @@ def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainC
     start: each transaction is scored by the ensemble blended with the learner as it is
     then; each label teaches the learner once available (label_time + delay), if its
     transaction was decided since the deployment (the feature log starts there)."""
-    from scorers.online import OnlineLearner
+    from fraudstream.scorers.online import OnlineLearner
 
     learner = OnlineLearner()
     base_rate = float(ds.y.mean()) if len(ds.y) else None  # as in metadata data.fraud_rate

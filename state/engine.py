@@ -2,8 +2,8 @@
 
 :class:`FeatureEngine` is what the worker and the offline builder share. It reads every
 record the batch needs in one :meth:`StateStore.read` call, runs the pure functions of
-:mod:`state.features` event by event (in the order given: the order the worker received
-them), and hands back one :class:`~state.features.Vector` per transaction plus the
+:mod:`fraudstream.state.features` event by event (in the order given: the order the worker received
+them), and hands back one :class:`~fraudstream.state.features.Vector` per transaction plus the
 changed records for :meth:`StateStore.write`, each encoded once.
 
 Keys: ``c|<card_id>`` (a card lives in its transactions' partition), and per source
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from state.features import (
+from fraudstream.state.features import (
     FEATURE_NAMES,
     HOUR_MS,
     CardState,

@@ -1,7 +1,8 @@
 """Velocity features as pure functions of (entity state, event), in event time.
 
-No Faust, Kafka, Redis or Prometheus here: the worker (:mod:`state.engine` driven by
-:mod:`streams.app`) and the offline builder (:mod:`state.offline`) call the same code, so
+No Faust, Kafka, Redis or Prometheus here: the worker (:mod:`fraudstream.state.engine` driven by
+:mod:`fraudstream.streams.worker.app`) and the offline builder (:mod:`fraudstream.state.offline`)
+call the same code, so
 training and serving see the same numbers.
 
 Each entity keeps one compact record, read and written once per micro-batch:
@@ -22,7 +23,8 @@ Windows (``t`` is the event's own time, UTC):
 - Windowed values include the current event; the amount ratio and z-score compare the
   amount with the card's *earlier* 30 days.
 - Amounts are the event's ``amount_ref``: converted into the reference currency by the
-  validator (:mod:`schemas.fx`), so a card spending in JPY and EUR gets sums in one unit.
+  validator (:mod:`fraudstream.schemas.fx`), so a card spending in JPY and EUR gets sums in one
+  unit.
 
 Lateness: an event older than the entity's latest event time minus the allowed lateness
 is still counted (in every bucket still kept) and gets features, flagged
@@ -45,7 +47,7 @@ from typing import Any
 
 import orjson
 
-from state.geo import haversine_km
+from fraudstream.state.geo import haversine_km
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -204,7 +206,7 @@ class CardState:
 
 class EntityState:
     """A merchant's, device's or IP's record, for the events of one source partition
-    (:mod:`state.engine` adds up the partitions)."""
+    (:mod:`fraudstream.state.engine` adds up the partitions)."""
 
     __slots__ = ("last_offset", "last_label_offset", "max_ts", "recent", "hours", "days",
                  "fraud_days", "cards")

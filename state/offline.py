@@ -1,10 +1,10 @@
 """Features for a file of history, with the worker's own code: for training and replay.
 
-:func:`offline_features` drives :class:`state.engine.FeatureEngine` over a stream of
+:func:`offline_features` drives :class:`fraudstream.state.engine.FeatureEngine` over a stream of
 ``("transaction", dict)`` and ``("label", dict)`` events, in the order given (the order
 they arrived in), with an in-memory store and a single partition, in micro-batches like
 the worker. Labels count from their availability time whatever batch they fall in (see
-:mod:`state.features`), so the result does not depend on where batches split. A
+:mod:`fraudstream.state.features`), so the result does not depend on where batches split. A
 transaction_id seen before is skipped, as the worker's dedupe would answer it with its
 first decision.
 """
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
-from state.features import FeatureConfig, Vector
+from fraudstream.state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
+from fraudstream.state.features import FeatureConfig, Vector
 
 
 @dataclass

@@ -11,7 +11,8 @@ The sha256 is left out (null) when the original held a card-number-like run: an 
 hash next to the masked bytes would let anyone recover the card number by trying the
 masked digits (a card number has about 10^11 candidates once its last four are known).
 
-If the broker still refuses a dead letter (:class:`streams.delivery.BatchCommitter`), it
+If the broker still refuses a dead letter
+(:class:`fraudstream.streams.worker.delivery.BatchCommitter`), it
 is sent again without its key and value (:meth:`DeadLetters.without_payload`, the reason
 says why); if that is refused too, the dead letter is lost: one error line naming the
 source topic, partition and offset, and ``fraudstream_dead_letters_lost_total``. The
@@ -23,8 +24,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from schemas.codec import AvroCodec
-from schemas.validate import mask_pans, may_hold_pan
+from fraudstream.schemas.codec import AvroCodec
+from fraudstream.schemas.validate import mask_pans, may_hold_pan
 
 #: A Kafka key is a card token or a transaction id; past this it is cut.
 KEY_MAX_BYTES = 1024

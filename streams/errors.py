@@ -1,5 +1,6 @@
 """Errors that stop a command at start with one line on stderr and no traceback
-(:func:`streams.cli.main` prints them): a setting that cannot be used, a file that cannot
+(:func:`fraudstream.streams.cli.main.main` prints them): a setting that cannot be used, a file that
+cannot
 be read, a service that cannot be reached."""
 
 from __future__ import annotations

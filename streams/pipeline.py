@@ -4,12 +4,12 @@
 returns a :class:`BatchResult`: the decisions (keyed by transaction_id), the dead letters
 (one per record that could not be decided, with the reason), and the new entries for the
 dedupe state. Every input record ends in exactly one decision or one dead letter: nothing
-is dropped. Writing those out, in a safe order, is :mod:`streams.delivery`'s job.
+is dropped. Writing those out, in a safe order, is :mod:`fraudstream.streams.worker.delivery`'s job.
 
 Dedupe: a transaction_id already decided (``lookup`` finds it, or it appeared earlier in
 the same batch) gets the bytes of its first decision again, never a new decision.
 
-Features (:class:`state.engine.FeatureEngine`, when given): computed for the batch's new
+Features (:class:`fraudstream.state.engine.FeatureEngine`, when given): computed for the batch's new
 transactions after dedupe, in the order received, with the batch's labels applied first;
 the changed state records come back in :attr:`BatchResult.feature_writes`. A label record
 that cannot be read goes to the dead letters like a transaction.
@@ -32,16 +32,22 @@ from typing import Any
 
 import numpy as np
 
-from schemas.codec import Codecs, DecodeError, decode_json
-from schemas.fx import Rates
-from schemas.validate import ValidationError, validate_label, validate_transaction
-from scorers.base import Score, Scorer
-from scorers.cascade import ModelStage
-from scorers.online import OnlineStage
-from state.engine import FeatureBatch, FeatureEngine, LabelEvent, StateUnavailable, TxnEvent
-from state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
-from streams.dead_letters import DeadLetters
-from streams.settings import Settings
+from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
+from fraudstream.schemas.fx import Rates
+from fraudstream.schemas.validate import ValidationError, validate_label, validate_transaction
+from fraudstream.scorers.base import Score, Scorer
+from fraudstream.scorers.cascade import ModelStage
+from fraudstream.scorers.online import OnlineStage
+from fraudstream.state.engine import (
+    FeatureBatch,
+    FeatureEngine,
+    LabelEvent,
+    StateUnavailable,
+    TxnEvent,
+)
+from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
+from fraudstream.streams.dead_letters import DeadLetters
+from fraudstream.streams.settings import Settings
 
 #: (partition, [dedupe keys]) -> [stored decision bytes or None], aligned.
 Lookup = Callable[[int, list[bytes]], list[bytes | None]]
@@ -115,7 +121,8 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        """The worker's limits; raises :class:`schemas.fx.RatesError` for a bad rates file."""
+        """The worker's limits; raises :class:`fraudstream.schemas.fx.RatesError` for a bad rates
+        file."""
         w = settings.worker
         return cls(max_record_bytes=settings.codec.max_record_bytes,
                    max_future_ms=w.max_future_ms, max_amount=w.max_amount,

@@ -1,7 +1,7 @@
 """One typed, frozen settings object, read from ``FRAUDSTREAM_*`` environment variables.
 
 This is the only module that reads the environment. Every other module receives a
-:class:`Settings` (or one of its sections) from :mod:`streams.app` or the CLI.
+:class:`Settings` (or one of its sections) from :mod:`fraudstream.streams.worker.app` or the CLI.
 Each field's environment variable is ``FRAUDSTREAM_<SECTION>_<FIELD>`` in upper case,
 e.g. ``FRAUDSTREAM_KAFKA_BOOTSTRAP``; :func:`describe` lists them all (the README table
 is generated from it: ``fraudstream settings``).
@@ -45,7 +45,7 @@ class KafkaSettings:
     replication_factor: int = 1
     #: True when the broker is the embedded Tansu. It reports a partition's end offset as
     #: the base offset of the last record batch + 1 (Kafka: last offset + 1), which breaks
-    #: Faust's table recovery; the worker then works around it (see streams/app.py).
+    #: Faust's table recovery; the worker then works around it (see streams/worker/app.py).
     embedded: bool = False
     #: How long a command waits at start for the broker (and the worker for the schema
     #: registry) before it stops with one line saying which one it could not reach.

@@ -9,8 +9,8 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.errors import CONFIG_EXIT, UNREACHABLE_EXIT, StartError
-from streams.settings import KafkaSettings, Settings
+from fraudstream.streams.errors import CONFIG_EXIT, UNREACHABLE_EXIT, StartError
+from fraudstream.streams.settings import KafkaSettings, Settings
 
 #: librdkafka logs every failed connection attempt (about every 50 ms on a refused SASL
 #: handshake); :func:`connect` says what went wrong once, in its error.

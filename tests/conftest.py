@@ -20,12 +20,12 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 
-from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker, free_port
-from streams.processes import die_with_parent, stop_process
-from streams.registry import EmbeddedRegistry
-from streams.settings import Settings, TopicSettings
-from streams.topics import assign_all, ensure_topics
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.embedded.registry import EmbeddedRegistry
+from fraudstream.streams.processes import die_with_parent, stop_process
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import assign_all, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +93,7 @@ class WorkerProcess:
         env.update(self.settings.to_env())
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", "fraudstream", "worker", "--loglevel", "info"],
                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                 start_new_session=True, preexec_fn=die_with_parent,
             )
@@ -259,7 +259,11 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 def _events(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
-    from streams.generator import GeneratorConfig, arrival_events, generate_history
+    from fraudstream.streams.traffic.generator import (
+        GeneratorConfig,
+        arrival_events,
+        generate_history,
+    )
 
     txns, labels = generate_history(
         GeneratorConfig(seed=seed, n_cards=400, label_delay_days=0.5,
@@ -271,9 +275,9 @@ def _events(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
 @pytest.fixture(scope="session")
 def models_registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Two trained versions (different seeds) in a model registry folder."""
-    from scorers import train as T
-    from scorers.registry import Registry
-    from scorers.rules import RuleSet, RulesScorer
+    from fraudstream.scorers import train as T
+    from fraudstream.scorers.registry import Registry
+    from fraudstream.scorers.rules import RuleSet, RulesScorer
 
     root = tmp_path_factory.mktemp("models")
     for seed in (5, 6):

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas.codec import Codecs, make_registry
-from scorers import train as T
-from scorers.artifact import write_sums
-from scorers.cascade import ModelStage
-from scorers.onnx_model import ArtifactError, ModelScorer
-from scorers.registry import ACTIVE, Registry
-from scorers.rules import RuleSet, RulesScorer
-from state.engine import FeatureEngine, MemoryStore
-from state.features import FeatureConfig
-from streams.pipeline import Limits, Pipeline, RawRecord
-from streams.settings import TopicSettings
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.scorers import train as T
+from fraudstream.scorers.artifact import write_sums
+from fraudstream.scorers.cascade import ModelStage
+from fraudstream.scorers.onnx_model import ArtifactError, ModelScorer
+from fraudstream.scorers.registry import ACTIVE, Registry
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.state.engine import FeatureEngine, MemoryStore
+from fraudstream.state.features import FeatureConfig
+from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
+from fraudstream.streams.settings import TopicSettings
 from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)

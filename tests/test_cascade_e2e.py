@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from scorers.registry import Registry
+from fraudstream.scorers.registry import Registry
 from tests.conftest import T0_MS, consume_all, produce
 
 pytestmark = pytest.mark.e2e
@@ -78,7 +78,7 @@ def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
         models_registry, stack_settings, start_worker, codecs, redis_server, tmp_path):
     import redis
 
-    from scorers.online import LEARNER_KEY, OnlineLearner
+    from fraudstream.scorers.online import LEARNER_KEY, OnlineLearner
 
     root = tmp_path / "models"
     version = models_registry.versions()[0]

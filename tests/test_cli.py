@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streams.broker import free_port
+from fraudstream.streams.embedded.broker import free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "streams.cli", *args]
+    return [sys.executable, "-m", "fraudstream", *args]
 
 
 def processes_matching(pattern: str) -> list[int]:
@@ -110,9 +110,9 @@ def test_demo_trains_a_model_once_then_decides_with_it(tmp_path):
     assert by and int(by.group(1)) > 800 and float(by.group(2)) > 90.0, out.stdout[-2000:]
     assert "labels read" in out.stdout
 
-    from schemas.fx import Rates
-    from scorers.rules import DEFAULT_RULES_PATH
-    from streams.demo_model import DemoWorld, ensure_model
+    from fraudstream.schemas.fx import Rates
+    from fraudstream.scorers.rules import DEFAULT_RULES_PATH
+    from fraudstream.streams.demo.model import DemoWorld, ensure_model
 
     cached = ensure_model(DemoWorld(cards=3000, rate=100, speed=600, history_days=3,
                                     label_delay_days=0.1), tmp_path, DEFAULT_RULES_PATH,

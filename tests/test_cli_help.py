@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from streams.cli import build_parser
+from fraudstream.streams.cli.main import build_parser
 
 MARKUP = re.compile(r"``|:(?:func|class|data|meth|mod|attr):`")
 

@@ -12,9 +12,9 @@ import pytest
 from fastavro import parse_schema
 from fastavro.validation import validate
 
-from schemas.fx import Rates
-from schemas.validate import validate_transaction
-from streams.csv_source import (
+from fraudstream.schemas.fx import Rates
+from fraudstream.schemas.validate import validate_transaction
+from fraudstream.streams.traffic.csv_source import (
     ColumnMapping,
     CsvMappingError,
     parse_event_time,

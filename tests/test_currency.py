@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.codec import Codecs, make_registry
-from schemas.fx import Rates, RatesError
-from schemas.validate import ValidationError, validate_history_transaction
-from scorers.rules import RuleSet, RulesScorer
-from state.engine import FeatureEngine, MemoryStore, TxnEvent
-from state.features import DAY_MS, FeatureConfig
-from streams.pipeline import Limits, Pipeline, RawRecord
-from streams.settings import TopicSettings
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.schemas.fx import Rates, RatesError
+from fraudstream.schemas.validate import ValidationError, validate_history_transaction
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.state.engine import FeatureEngine, MemoryStore, TxnEvent
+from fraudstream.state.features import DAY_MS, FeatureConfig
+from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
+from fraudstream.streams.settings import TopicSettings
 
 T0 = 1_767_225_600_000 + 15 * 3_600_000  # 2026-01-01 15:00 UTC, a fixed instant
 RATES = Rates.load()

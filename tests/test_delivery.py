@@ -1,4 +1,4 @@
-"""The commit order of streams/delivery.py, with recording fakes (a pure unit test)."""
+"""The commit order of streams/worker/delivery.py, with recording fakes (a pure unit test)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from streams.delivery import BatchCommitter, DeliveryError
-from streams.pipeline import BatchResult
+from fraudstream.streams.pipeline import BatchResult
+from fraudstream.streams.worker.delivery import BatchCommitter, DeliveryError
 
 
 class Journal:
@@ -80,7 +80,7 @@ class RecordingFeatures:
         self.journal.step(f"features {len(items)}")
 
     async def flush(self) -> None:
-        from state.engine import StateUnavailable
+        from fraudstream.state.engine import StateUnavailable
 
         self.journal.step("flush features")
         if self.down:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from scorers import train as T
-from scorers.drift import DriftConfig, DriftMonitor, js_distance, psi
-from state.features import FEATURE_NAMES, FeatureConfig
+from fraudstream.scorers import train as T
+from fraudstream.scorers.drift import DriftConfig, DriftMonitor, js_distance, psi
+from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
 from tests.conftest import _events
 
 

@@ -8,11 +8,11 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from schemas.codec import Codecs
-from scorers.rules import RuleSet, RulesScorer
-from streams.generator import GeneratorConfig, TrafficGenerator
-from streams.malformed import MalformedFactory
-from streams.settings import Settings
+from fraudstream.schemas.codec import Codecs
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.malformed import MalformedFactory
 from tests.conftest import T0_MS, consume_all, expired_in_log, produce
 
 pytestmark = pytest.mark.e2e

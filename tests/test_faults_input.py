@@ -16,16 +16,16 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from schemas.codec import Codecs, make_registry
-from schemas.validate import LABEL_IDS, TRANSACTION_IDS, contains_pan, mask_pans
-from scorers.rules import RuleSet, RulesScorer
-from streams.broker import free_port
-from streams.dead_letters import DeadLetters
-from streams.delivery import BatchCommitter, KafkaSink
-from streams.generator import GeneratorConfig, TrafficGenerator
-from streams.pipeline import BatchResult, Limits, Pipeline, RawRecord
-from streams.settings import Settings, TopicSettings
-from streams.topics import assign_all
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.schemas.validate import LABEL_IDS, TRANSACTION_IDS, contains_pan, mask_pans
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.streams.dead_letters import DeadLetters
+from fraudstream.streams.embedded.broker import free_port
+from fraudstream.streams.pipeline import BatchResult, Limits, Pipeline, RawRecord
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import assign_all
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.worker.delivery import BatchCommitter, KafkaSink
 from tests.conftest import T0_MS, consume_all, produce
 
 KIB = 1024
@@ -264,7 +264,7 @@ def test_old_dead_letters_still_read_and_new_ones_read_with_the_old_schema(unit_
 
     import fastavro
 
-    from schemas.codec import schema_text
+    from fraudstream.schemas.codec import schema_text
 
     new = json.loads(schema_text("dead_letter"))
     old = dict(new, fields=[f for f in new["fields"]

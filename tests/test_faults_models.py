@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas.codec import Codecs, make_registry
-from scorers import train as T
-from scorers.artifact import SUMS, write_sums
-from scorers.cascade import ModelStage
-from scorers.onnx_model import ArtifactError
-from scorers.registry import ACTIVE, SHADOW, Registry
-from streams.broker import free_port
-from streams.metrics import WorkerMetrics
-from streams.models_watch import UNAVAILABLE, ModelWatcher
-from streams.settings import TopicSettings
-from streams.status import WorkerStatus
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.scorers import train as T
+from fraudstream.scorers.artifact import SUMS, write_sums
+from fraudstream.scorers.cascade import ModelStage
+from fraudstream.scorers.onnx_model import ArtifactError
+from fraudstream.scorers.registry import ACTIVE, SHADOW, Registry
+from fraudstream.streams.embedded.broker import free_port
+from fraudstream.streams.settings import TopicSettings
+from fraudstream.streams.worker.metrics import WorkerMetrics
+from fraudstream.streams.worker.models_watch import UNAVAILABLE, ModelWatcher
+from fraudstream.streams.worker.status import WorkerStatus
 from tests.conftest import ROOT, T0_MS, consume_all, produce
 from tests.test_cascade import decisions, nothing, pipeline, records
 
@@ -65,7 +65,7 @@ def zero_weights(meta: dict) -> None:
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
     env["FRAUDSTREAM_SCORING_MODELS_DIR"] = str(root)
-    return subprocess.run([sys.executable, "-m", "streams.cli", "model", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "fraudstream", "model", *args], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

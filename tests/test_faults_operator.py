@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import broker_binary, free_port
-from streams.processes import die_with_parent, stop_process
-from streams.settings import Settings
+from fraudstream.streams.embedded.broker import broker_binary, free_port
+from fraudstream.streams.processes import die_with_parent, stop_process
+from fraudstream.streams.settings import Settings
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
 
 
 def run_worker(env: dict[str, str], timeout_s: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "fraudstream", "worker"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -109,7 +109,8 @@ def test_a_data_dir_that_cannot_be_used_is_one_line(quiet_settings, tmp_path):
     (tmp_path / "held").mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from streams.preflight import lock_data_dir; lock_data_dir(Path(sys.argv[1])); "
+         "from fraudstream.streams.worker.preflight import lock_data_dir; "
+         "lock_data_dir(Path(sys.argv[1])); "
          "print('locked', flush=True); time.sleep(60)", str(tmp_path / "held")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
     try:
@@ -219,13 +220,13 @@ def test_a_tls_file_that_cannot_be_used_is_one_line(quiet_settings, tmp_path):
 def test_topics_produce_and_tail_report_an_unreachable_service_in_one_line(quiet_settings):
     port = free_port()
     env = worker_env(quiet_settings, FRAUDSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
-    out = subprocess.run([sys.executable, "-m", "streams.cli", "topics"], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "fraudstream", "topics"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert one_line(out, 3).startswith(f"fraudstream: cannot reach Kafka at 127.0.0.1:{port}")
     url = f"http://127.0.0.1:{free_port()}"
     env = worker_env(quiet_settings, FRAUDSTREAM_CODEC_REGISTRY_URL=url)
     for command in (["produce", "--count", "1"], ["tail", "decisions", "--count", "1"]):
-        out = subprocess.run([sys.executable, "-m", "streams.cli", *command], env=env,
+        out = subprocess.run([sys.executable, "-m", "fraudstream", *command], env=env,
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert one_line(out, 3).startswith(
             f"fraudstream: cannot reach the schema registry at {url} "), command
@@ -247,7 +248,7 @@ def test_a_taken_metrics_port_stops_the_worker_unless_told_to_warn(quiet_setting
         log = tmp_path / "warn.log"
         with open(log, "wb") as sink:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+                [sys.executable, "-m", "fraudstream", "worker", "--loglevel", "info"],
                 env=worker_env(settings, FRAUDSTREAM_WORKER_METRICS_PORT_BUSY="warn"),
                 cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=die_with_parent)
@@ -271,7 +272,7 @@ def test_metrics_listen_on_the_configured_address_only():
     import urllib.error
     import urllib.request
 
-    from streams.metrics import WorkerMetrics
+    from fraudstream.streams.worker.metrics import WorkerMetrics
 
     port = WorkerMetrics().serve(0, "127.0.0.2")
     with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5) as resp:
@@ -284,10 +285,10 @@ def test_metrics_listen_on_the_configured_address_only():
 def test_serve_metrics_raises_or_warns_on_a_port_taken_after_the_start_checks(caplog):
     """The same rule when the port is taken between the start checks and the server's
     bind (build_worker serves /metrics through serve_metrics)."""
-    from streams.errors import StartError
-    from streams.metrics import WorkerMetrics
-    from streams.preflight import serve_metrics
-    from streams.settings import WorkerSettings
+    from fraudstream.streams.errors import StartError
+    from fraudstream.streams.settings import WorkerSettings
+    from fraudstream.streams.worker.metrics import WorkerMetrics
+    from fraudstream.streams.worker.preflight import serve_metrics
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

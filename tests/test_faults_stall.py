@@ -21,17 +21,17 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker, free_port
-from streams.progress import (
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import ensure_topics
+from fraudstream.streams.worker.progress import (
     AIOKAFKA_OUT_OF_RANGE,
     OutOfRangeLog,
     PartitionView,
     ProgressTracker,
 )
-from streams.renewing_producer import RenewingProducer
-from streams.settings import Settings, TopicSettings
-from streams.topics import ensure_topics
+from fraudstream.streams.worker.renewing_producer import RenewingProducer
 from tests.conftest import ROOT, WorkerProcess, consume_all, produce
 from tests.test_e2e import encoded, generated
 
@@ -337,7 +337,7 @@ def test_a_partition_whose_fetches_return_nothing_is_read_again_within_a_bound()
     anything. The worker used to report "0 tx/s, lag 0" and decide nothing (measured on
     the old code with these numbers: 0 of 300 in 45 s); it now sees records waiting that
     no fetch returns, raises its fetch wait, says so, and decides them."""
-    from loadtest.fetch_starvation import run
+    from fraudstream.loadtest.fetch_starvation import run
 
     got, sent, lines = run(batches=30_000, transactions=300, stall_s=60.0, timeout_s=60.0)
     assert got == sent, (got, sent, lines)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
-from state.features import (
+from fraudstream.state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
+from fraudstream.state.features import (
     DAY_MS,
     FEATURE_NAMES,
     HOUR_MS,
@@ -17,8 +17,8 @@ from state.features import (
     FeatureConfig,
     Vector,
 )
-from state.offline import offline_features
-from streams.generator import GeneratorConfig, arrival_events, generate_history
+from fraudstream.state.offline import offline_features
+from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
 
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % DAY_MS + 12 * HOUR_MS  # a Monday noon UTC
 
@@ -203,8 +203,8 @@ def test_offline_features_do_not_depend_on_batch_size() -> None:
 
 
 def test_feature_rules_read_the_vector() -> None:
-    from scorers.rules import RuleSet, RulesScorer
-    from streams.settings import ScoringSettings
+    from fraudstream.scorers.rules import RuleSet, RulesScorer
+    from fraudstream.streams.settings import ScoringSettings
 
     scorer = RulesScorer(RuleSet.load(ScoringSettings().rules_path))
     run = Run()

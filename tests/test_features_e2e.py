@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from schemas.codec import Codecs, make_registry
-from state.features import DAY_MS, FEATURE_NAMES
-from streams.generator import GeneratorConfig, generate_history
-from streams.history import write_csv
-from streams.settings import Settings, TopicSettings
-from streams.topics import ensure_topics
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.state.features import DAY_MS, FEATURE_NAMES
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import ensure_topics
+from fraudstream.streams.traffic.generator import GeneratorConfig, generate_history
+from fraudstream.streams.traffic.history import write_csv
 from tests.conftest import ROOT, T0_MS, consume_all, expired_in_log, produce
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +52,7 @@ def offline(csv_path: Path, out: Path, settings: Settings) -> dict[str, list[flo
     import csv
 
     env = {k: v for k, v in settings.to_env().items() if k.startswith("FRAUDSTREAM_FEATURES")}
-    subprocess.run([sys.executable, "-m", "streams.cli", "features", str(csv_path),
+    subprocess.run([sys.executable, "-m", "fraudstream", "features", str(csv_path),
                     "--keep-order", "--out", str(out)], check=True, cwd=ROOT,
                    env={"PATH": "/usr/bin:/bin", **env})
     with out.open() as fh:
@@ -142,7 +142,7 @@ def test_online_features_equal_offline_ones(stack_settings, start_worker, redis_
 
 def test_redis_down_decisions_go_on_degraded_and_recover(stack_settings, start_worker,
                                                          start_redis, codecs):
-    from streams.broker import free_port
+    from fraudstream.streams.embedded.broker import free_port
 
     port = free_port()
     settings = stack_settings.replace(features={

@@ -14,9 +14,9 @@ import pytest
 from fastavro import parse_schema, schemaless_writer
 from fastavro.validation import validate
 
-from schemas.fx import Rates
-from schemas.validate import validate_transaction
-from streams.generator import (
+from fraudstream.schemas.fx import Rates
+from fraudstream.schemas.validate import validate_transaction
+from fraudstream.streams.traffic.generator import (
     COUNTRY_CURRENCY,
     DAY_MS,
     FRAUD_TYPES,

@@ -13,10 +13,10 @@ import urllib.request
 import fastavro
 import pytest
 
-from schemas.codec import Codecs, make_registry
-from streams.broker import EmbeddedBroker, free_port
-from streams.generator import GeneratorConfig, TrafficGenerator
-from streams.topics import ensure_topics
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.topics import ensure_topics
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
 from tests.apiversions_proxy import ApiVersionsProxy
 from tests.conftest import T0_MS, WorkerProcess, consume_all, produce
 

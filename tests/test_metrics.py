@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streams.broker import free_port
-from streams.malformed import MalformedFactory
+from fraudstream.streams.embedded.broker import free_port
+from fraudstream.streams.traffic.malformed import MalformedFactory
 from tests.conftest import consume_all, produce
 from tests.test_e2e import encoded, generated
 

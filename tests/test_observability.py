@@ -23,9 +23,9 @@ import uuid
 
 import pytest
 
-from scorers.registry import Registry
-from streams.broker import free_port
-from streams.processes import die_with_parent, stop_process
+from fraudstream.scorers.registry import Registry
+from fraudstream.streams.embedded.broker import free_port
+from fraudstream.streams.processes import die_with_parent, stop_process
 from tests.conftest import ROOT, T0_MS, consume_all, produce
 
 pytestmark = pytest.mark.e2e

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.codec import Codecs, make_registry
-from scorers.cascade import ModelStage
-from scorers.online import LEARNER_KEY, OnlineLearner, OnlineStage
-from scorers.rules import RuleSet, RulesScorer
-from state.engine import FeatureEngine, MemoryStore
-from state.features import FEATURE_NAMES, FeatureConfig
-from streams.pipeline import Limits, Pipeline, RawRecord
-from streams.settings import TopicSettings
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.scorers.cascade import ModelStage
+from fraudstream.scorers.online import LEARNER_KEY, OnlineLearner, OnlineStage
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.state.engine import FeatureEngine, MemoryStore
+from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
+from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
+from fraudstream.streams.settings import TopicSettings
 from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)
@@ -91,7 +91,7 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
 def test_adwin_on_the_learners_error_reports_a_change_in_what_labels_say():
     """Labels that follow one rule, then its opposite: the learner's prequential error
     drops (info events at most), then jumps: a warning drift event on online_error."""
-    from state.engine import LabelEvent
+    from fraudstream.state.engine import LabelEvent
 
     store = MemoryStore()
     stage = OnlineStage(store)

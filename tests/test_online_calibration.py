@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from scorers.online import OnlineLearner, OnlineStage
-from state.engine import MemoryStore
-from state.features import FEATURE_NAMES
+from fraudstream.scorers.online import OnlineLearner, OnlineStage
+from fraudstream.state.engine import MemoryStore
+from fraudstream.state.features import FEATURE_NAMES
 
 
 def population(rng: np.random.Generator, n: int, rate: float) -> tuple[np.ndarray, np.ndarray]:

@@ -7,12 +7,12 @@ from collections import Counter
 import orjson
 import pytest
 
-from schemas.codec import Codecs, make_registry
-from schemas.validate import looks_like_pan, mask_pans
-from scorers.rules import RuleSet, RulesScorer
-from streams.malformed import MalformedFactory
-from streams.pipeline import Limits, Pipeline, RawRecord
-from streams.settings import TopicSettings
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.schemas.validate import looks_like_pan, mask_pans
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
+from fraudstream.streams.settings import TopicSettings
+from fraudstream.streams.traffic.malformed import MalformedFactory
 from tests.conftest import T0_MS
 
 LIMITS = Limits(max_record_bytes=65536, max_future_ms=300_000, max_amount=1_000_000.0)
@@ -129,8 +129,8 @@ def test_card_numbers_are_recognised_and_masked():
 
 
 def test_labels_feed_the_features_and_a_bad_label_is_a_dead_letter(unit_codecs):
-    from state.engine import FeatureEngine, MemoryStore
-    from state.features import FeatureConfig
+    from fraudstream.state.engine import FeatureEngine, MemoryStore
+    from fraudstream.state.features import FeatureConfig
 
     store = MemoryStore()
     pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS,
@@ -155,8 +155,8 @@ def test_labels_feed_the_features_and_a_bad_label_is_a_dead_letter(unit_codecs):
 
 
 def test_degraded_features_are_named_in_the_decision(unit_codecs):
-    from state.engine import FeatureEngine, StateUnavailable
-    from state.features import FeatureConfig
+    from fraudstream.state.engine import FeatureEngine, StateUnavailable
+    from fraudstream.state.features import FeatureConfig
 
     class Down:
         def readable(self, partition):

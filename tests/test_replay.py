@@ -15,12 +15,18 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from scorers.registry import Registry
-from streams.generator import GeneratorConfig, arrival_events, generate_history
-from streams.replay import REPLAY_HEADER, Bound, ReplayConfig, ReplayError, run_replay
-from streams.replay_report import write_report
-from streams.settings import Settings, TopicSettings
-from streams.topics import ensure_topics
+from fraudstream.scorers.registry import Registry
+from fraudstream.streams.replay.engine import (
+    REPLAY_HEADER,
+    Bound,
+    ReplayConfig,
+    ReplayError,
+    run_replay,
+)
+from fraudstream.streams.replay.report import write_report
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import ensure_topics
+from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
 from tests.conftest import ROOT, T0_MS, consume_all
 from tests.test_features_e2e import committed
 
@@ -128,7 +134,7 @@ def test_replaying_the_champion_gives_the_live_decisions_and_leaves_the_live_alo
     out = tmp_path / "report"
     env = {"PATH": "/usr/bin:/bin", **settings.to_env()}
     proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "replay", "--from", "0", "--champion", first,
+        [sys.executable, "-m", "fraudstream", "replay", "--from", "0", "--champion", first,
          "--challenger", second, "--online", "off", "--replay-id", "r1", "--out", str(out),
          "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

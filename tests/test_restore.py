@@ -1,4 +1,4 @@
-"""Bulk recovery of the state table (streams/restore.py) against the embedded broker."""
+"""Bulk recovery of the state table (streams/worker/restore.py) against the embedded broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from rocksdict import Options, Rdict
 
-from streams import restore
+from fraudstream.streams.worker import restore
 
 OFFSET_KEY = b"__faust\0offset__"
 

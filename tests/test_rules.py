@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from schemas.fx import Rates
-from scorers.base import Outcome, Score, Scorer
-from scorers.rules import DEFAULT_RULES_PATH, RulesError, RuleSet, RulesScorer
+from fraudstream.schemas.fx import Rates
+from fraudstream.scorers.base import Outcome, Score, Scorer
+from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RulesError, RuleSet, RulesScorer
 
 RATES = Rates.load()
 

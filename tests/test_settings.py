@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.settings import RANGES, Settings, SettingsError, describe
+from fraudstream.streams.settings import RANGES, Settings, SettingsError, describe
 
 
 def test_environment_variables_fill_the_typed_sections():
@@ -61,7 +61,7 @@ def test_every_setting_is_documented_in_the_readme():
 def test_faust_gets_the_same_sasl_and_tls_settings_as_librdkafka(tmp_path):
     import faust
 
-    from streams.app import faust_credentials
+    from fraudstream.streams.worker.app import faust_credentials
 
     kafka = Settings.from_env({
         "FRAUDSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
@@ -106,7 +106,7 @@ def test_the_bounds_themselves_are_accepted():
 
 
 def test_every_numeric_setting_has_an_allowed_range_that_holds_its_default():
-    """A new int or float setting needs an entry in streams.settings.RANGES."""
+    """A new int or float setting needs an entry in fraudstream.streams.settings.RANGES."""
     from dataclasses import fields
     from typing import get_type_hints
 
@@ -119,6 +119,6 @@ def test_every_numeric_setting_has_an_allowed_range_that_holds_its_default():
                 name = f"FRAUDSTREAM_{section.name}_{f.name}".upper()
                 numeric.add(name)
                 defaults[name] = getattr(obj, f.name)
-    assert numeric - set(RANGES) == set(), "add these to streams.settings.RANGES"
+    assert numeric - set(RANGES) == set(), "add these to fraudstream.streams.settings.RANGES"
     assert set(RANGES) - numeric == set()
     assert [n for n, v in defaults.items() if v not in RANGES[n]] == []

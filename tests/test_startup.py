@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streams.settings import Settings
-from streams.startup import group_instance_id
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.worker.startup import group_instance_id
 
 
 def _settings(data_dir: Path, instance_id: str = "", embedded: bool = False) -> Settings:

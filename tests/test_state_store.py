@@ -1,6 +1,7 @@
 """The StateStore contract, run over every backend of the feature state.
 
-Backends: :class:`state.engine.MemoryStore` (the reference), :class:`RedisStore` on a real
+Backends: :class:`fraudstream.state.engine.MemoryStore` (the reference), :class:`RedisStore` on a
+real
 redis-server, and :class:`TableFeatureStore` on a real Faust table with RocksDB storage
 whose changelog goes to the embedded broker. Then Redis-only tests: the key layout and
 TTL, round trips, and what an outage does (degraded features, no crash, no hang, a
@@ -8,7 +9,8 @@ bounded number of attempts, recovery).
 
 The Faust table is used without starting the Faust app: a RocksDB store opens a
 partition's database lazily on first access (``Store._db_for_partition``), and
-:class:`~streams.table_state.FaustTableState` picks the partition through a stand-in
+:class:`~fraudstream.streams.worker.table_state.FaustTableState` picks the partition through a
+stand-in
 current event and produces the changelog itself, so no consumer, rebalance or recovery is
 needed. The changelog topic is created here (as the started app would).
 """
@@ -33,9 +35,9 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from schemas.fx import Rates
-from schemas.validate import validate_history_transaction
-from state.engine import (
+from fraudstream.schemas.fx import Rates
+from fraudstream.schemas.validate import validate_history_transaction
+from fraudstream.state.engine import (
     FeatureBatch,
     FeatureEngine,
     LabelEvent,
@@ -43,13 +45,13 @@ from state.engine import (
     StateUnavailable,
     TxnEvent,
 )
-from state.features import FEATURE_NAMES, FeatureConfig
-from streams.delivery import KafkaSink
-from streams.feature_store import TableFeatureStore
-from streams.generator import GeneratorConfig, TrafficGenerator
-from streams.redis_store import RedisStore
-from streams.settings import FeatureSettings
-from streams.table_state import FaustTableState
+from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
+from fraudstream.streams.settings import FeatureSettings
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.worker.delivery import KafkaSink
+from fraudstream.streams.worker.feature_store import TableFeatureStore
+from fraudstream.streams.worker.redis_store import RedisStore
+from fraudstream.streams.worker.table_state import FaustTableState
 
 PARTITIONS = 3
 T0 = 1_700_000_000_000  # 2023-11-14, event time of the hand-built transactions

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from streams.demo_summary import histogram_quantile
-from streams.pipeline import BatchResult
-from streams.status import WorkerStatus
+from fraudstream.streams.demo.summary import histogram_quantile
+from fraudstream.streams.pipeline import BatchResult
+from fraudstream.streams.worker.status import WorkerStatus
 
 
 def result(stages: dict[tuple[str, str], int], fallbacks: dict[str, int] | None = None,

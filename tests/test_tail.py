@@ -1,4 +1,4 @@
-"""``fraudstream tail`` as an export tool: run as a user runs it (``python -m streams.cli
+"""``fraudstream tail`` as an export tool: run as a user runs it (``python -m fraudstream
 tail ...``) on the embedded broker, over decisions produced with fixed Kafka timestamps
 (never the wall clock), one a minute from 2026-01-05T00:00:00Z on three partitions."""
 
@@ -20,9 +20,8 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from schemas.codec import Codecs, schema_text
-from streams.settings import Settings
-from streams.tail import (
+from fraudstream.schemas.codec import Codecs, schema_text
+from fraudstream.streams.cli.tail import (
     DEFAULT_IDLE_S,
     FOLLOW_COUNT,
     Plan,
@@ -31,6 +30,7 @@ from streams.tail import (
     parse_time,
     plain,
 )
+from fraudstream.streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = datetime(2026, 1, 5, tzinfo=UTC)
@@ -84,7 +84,7 @@ def tail(settings: Settings, *args: str, timeout: float = 60.0
          ) -> tuple[subprocess.CompletedProcess[str], float]:
     env = _env(settings)
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "streams.cli", "tail", *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "fraudstream", "tail", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=timeout)
     return out, time.monotonic() - t0
 
@@ -179,7 +179,7 @@ def test_sigterm_stops_an_export_with_its_records_written_and_a_summary(
         stack_settings, decisions, tmp_path):
     out_file = tmp_path / "all.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "tail", decisions, "--from-beginning",
+        [sys.executable, "-m", "fraudstream", "tail", decisions, "--from-beginning",
          "--until-idle", "120", "--out", str(out_file)],
         cwd=ROOT, env=_env(stack_settings), stderr=subprocess.PIPE, text=True)
     try:

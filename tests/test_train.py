@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scorers import train as T
-from scorers.rules import RuleSet, RulesScorer
-from state.features import FEATURE_NAMES, FeatureConfig
-from streams.generator import GeneratorConfig, arrival_events, generate_history
-from streams.history import write_csv
+from fraudstream.scorers import train as T
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
+from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
+from fraudstream.streams.traffic.history import write_csv
 from tests.conftest import ROOT
 
 START = 1_790_000_000_000
@@ -86,13 +86,13 @@ def test_the_command_trains_from_a_csv(history, tmp_path):
     labels = [r for k, r in history if k == "label"]
     write_csv(tmp_path / "h.csv", txns, labels)
     out = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "train", str(tmp_path / "h.csv"), "--keep-order",
+        [sys.executable, "-m", "fraudstream", "train", str(tmp_path / "h.csv"), "--keep-order",
          "--out", str(tmp_path / "models"), "--trees", "30", "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=True)
     result = json.loads(out.stdout)
     assert Path(result["path"], "metadata.json").exists()
     bad = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "train", str(tmp_path / "h.csv"),
+        [sys.executable, "-m", "fraudstream", "train", str(tmp_path / "h.csv"),
          "--map", "card_id=no_such_column"], cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert bad.returncode == 2 and "no_such_column" in bad.stderr

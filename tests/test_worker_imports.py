@@ -17,16 +17,16 @@ NOT_IN_WORKER = ("sklearn", "lightgbm", "skl2onnx", "onnxmltools", "matplotlib",
 #: options, the worker's wiring and the Faust worker that runs it, and a Faust timer.
 WORKER_PATH = """
 import json, sys
-from streams import cli
+from fraudstream.streams.cli import main as cli
 cli.build_parser(only="worker").parse_args(["worker"])
-import streams.app, streams.topics, faust
+import fraudstream.streams.worker.app, fraudstream.streams.topics, faust
 # what build_worker does that reads every module: Faust's decorators look up the caller's
 # module (inspect.getmodule walks sys.modules)
 app = faust.App("import-check")
 @app.timer(interval=1.0)
 async def tick():
     pass
-from scorers.river_import import _Deferred
+from fraudstream.scorers.river_import import _Deferred
 loaded = sorted(n for n, m in sys.modules.items() if not isinstance(m, _Deferred))
 print(json.dumps(loaded))
 """
@@ -40,7 +40,8 @@ def _loaded(code: str) -> set[str]:
 
 def test_the_worker_imports_no_training_or_plotting_library():
     loaded = _loaded(WORKER_PATH)
-    assert "streams.app" in loaded and "scorers.online" in loaded  # the check saw the worker
+    # the check saw the worker
+    assert "fraudstream.streams.worker.app" in loaded and "fraudstream.scorers.online" in loaded
     found = sorted(m for m in loaded if any(m == x or m.startswith(x + ".")
                                             for x in NOT_IN_WORKER))
     assert not found, f"fraudstream worker imports {found}"

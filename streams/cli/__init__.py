@@ -1,0 +1,1 @@
+"""The ``fraudstream`` command: ``main`` dispatches, one module per command."""

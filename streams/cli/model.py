@@ -1,0 +1,68 @@
+"""``fraudstream model list | promote V | rollback | shadow V | shadow --off | seal V``.
+
+Acts on the registry folder (``FRAUDSTREAM_SCORING_MODELS_DIR``); running workers pick a
+change up within ``FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S``. A version that cannot be
+served (altered files, degenerate weights or thresholds, a probe batch scored all alike)
+is refused here already, with one line on stderr and exit code 1, and the pointers stay
+as they were. ``list`` checks every version as a worker would and shows a broken one as
+broken, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fraudstream.scorers.onnx_model import ArtifactError
+from fraudstream.scorers.registry import Registry
+from fraudstream.streams.settings import Settings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="versions, with the active and shadow ones marked, and "
+                                "whether each can be served")
+    q = sub.add_parser("promote", help="make a version the active one")
+    q.add_argument("version")
+    sub.add_parser("rollback", help="make the previously active version active again")
+    q = sub.add_parser("shadow", help="score a version on live traffic, never deciding")
+    q.add_argument("version", nargs="?")
+    q.add_argument("--off", action="store_true", help="stop the shadow")
+    q = sub.add_parser("seal", help="check a version trained by an older fraudstream and "
+                                    "write its SHA256SUMS, so that it can be promoted")
+    q.add_argument("version")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    registry = Registry(settings.scoring.models_dir)
+    try:
+        if args.action == "list":
+            broken = 0
+            for e in registry.entries():
+                marks = ",".join(m for m, on in (("active", e.active), ("shadow", e.shadow)) if on)
+                state = {"ok": f"ok {e.detail[:12]}"}.get(e.status, f"{e.status}: {e.detail}")
+                broken += e.status == "broken"
+                print(f"{e.version}\t{marks or '-'}\t{e.created_at}\t"
+                      f"AP {e.average_precision:.3f}\t{state}")
+            if not registry.versions():
+                print(f"no versions in {registry.root}", file=sys.stderr)
+            elif broken:
+                print(f"fraudstream model: {broken} version(s) cannot be served",
+                      file=sys.stderr)
+        elif args.action == "promote":
+            registry.promote(args.version)
+            print(f"active: {args.version}")
+        elif args.action == "rollback":
+            print(f"active: {registry.rollback()}")
+        elif args.action == "seal":
+            print(f"sealed: {args.version} {registry.seal(args.version)}")
+        elif args.off or args.version is None:
+            registry.shadow(None)
+            print("shadow: off")
+        else:
+            registry.shadow(args.version)
+            print(f"shadow: {args.version}")
+    except (ArtifactError, OSError) as exc:
+        print(f"fraudstream model: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""``fraudstream demo``: the whole service on embedded defaults, its model and summary."""

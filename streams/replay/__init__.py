@@ -1,0 +1,1 @@
+"""Replaying history through a champion and challengers, and the report it writes."""

@@ -1,0 +1,118 @@
+"""Hand whole fetched batches of one topic to a handler, instead of Faust's per-message path.
+
+Faust turns every fetched record into a message, an event, a queue item and an ack: about
+170 us per record here, most of a worker's time. :class:`BatchConsumer` replaces only that
+delivery step for the batch topics. Faust keeps everything else: group membership and
+partition assignment, pausing partitions during table recovery and rebalances, table
+changelogs, and offset commits.
+
+How: :meth:`BatchConsumer.getmany` takes the records Faust's fetcher returns (only for
+active partitions, only while flow is active), passes those of the batch topics to the
+handler in chunks, and once the handler returned (its results acknowledged by the broker,
+see :mod:`fraudstream.streams.worker.delivery`) marks their offsets acknowledged in Faust's own
+bookkeeping.
+Faust's commit loop then commits them like any acknowledged offsets. Records of other
+topics take Faust's normal path. A handler that raises crashes the worker before any of
+the chunk is acknowledged: at-least-once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
+
+#: [(partition, [aiokafka ConsumerRecord])] -> None, once its results are acknowledged.
+BatchHandler = Callable[[Sequence[tuple[TP, Sequence[Any]]]], Awaitable[None]]
+
+
+class BatchConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer, delivering :attr:`batch_topics` to :attr:`batch_handler`."""
+
+    batch_topics: frozenset[str] = frozenset()
+    batch_handler: BatchHandler | None = None
+    batch_max: int = 500
+    #: Told of each chunk handed to the handler and of each one handled
+    #: (:class:`fraudstream.streams.worker.progress.ProgressWatchdog`).
+    progress: Any = None
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        records, active = await self._wait_next_records(timeout)
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            await self.perform_seek()  # as Faust does: back to the committed offsets
+            return
+        ours: list[tuple[TP, Sequence[Any]]] = []
+        others: list[tuple[TP, Sequence[Any]]] = []
+        for tp, recs in records.items():
+            if active is not None and tp not in active and tp not in self._buffered_partitions:
+                continue
+            (ours if tp.topic in self.batch_topics else others).append((tp, recs))
+        progress = self.progress
+        for chunk in _chunks(ours, self.batch_max):
+            assert self.batch_handler is not None
+            if progress is not None:
+                progress.started(chunk)
+            await self.batch_handler(chunk)
+            for tp, recs in chunk:
+                self._ack_range(tp, recs[0].offset, recs[-1].offset)
+            if progress is not None:
+                progress.handled(chunk)
+        to_message = self._to_message
+        for tp, recs in others:
+            for record in recs:
+                yield tp, to_message(tp, record)
+
+    def _ack_range(self, tp: TP, first: int, last: int) -> None:
+        """Mark offsets first..last acknowledged, as Faust's ``ack()`` does one by one."""
+        with ack_lock:
+            committed = self._committed_offset[tp]
+            if committed is not None:
+                first = max(first, committed)
+            if first > last:
+                return
+            index = self._acked_index[tp]
+            offsets = [o for o in range(first, last + 1) if o not in index]
+            index.update(offsets)
+            self._acked[tp].extend(offsets)
+            self._n_acked += len(offsets)
+        notify(self._waiting_for_ack)
+
+
+def _chunks(
+    batches: list[tuple[TP, Sequence[Any]]], size: int
+) -> list[list[tuple[TP, Sequence[Any]]]]:
+    """Split per-partition record lists into chunks of at most ``size`` records."""
+    chunks: list[list[tuple[TP, Sequence[Any]]]] = []
+    current: list[tuple[TP, Sequence[Any]]] = []
+    room = size
+    for tp, recs in batches:
+        start = 0
+        while start < len(recs):
+            take = recs[start:start + room]
+            current.append((tp, take))
+            start += len(take)
+            room -= len(take)
+            if room == 0:
+                chunks.append(current)
+                current, room = [], size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def install(app: Any, topics: set[str], handler: BatchHandler, batch_max: int,
+            progress: Any = None) -> None:
+    """Make ``app`` build a :class:`BatchConsumer` for ``topics`` (call before it starts);
+    ``progress`` is told of every chunk handed out and handled."""
+    app.transport.Consumer = type(
+        "AppBatchConsumer",
+        (BatchConsumer,),
+        {"batch_topics": frozenset(topics), "batch_handler": staticmethod(handler),
+         "batch_max": batch_max, "progress": progress},
+    )
