@@ -90,11 +90,11 @@ from loadtest import plots
 from loadtest.proc import tree_cpu_s, tree_rss_kb
 from schemas.codec import Codecs, make_registry
 from streams.broker import EmbeddedBroker, free_port
-from streams.demo import percentile
 from streams.generator import GeneratorConfig, TrafficGenerator
 from streams.processes import die_with_parent, stop_process
 from streams.registry import EmbeddedRegistry
 from streams.settings import Settings, TopicSettings
+from streams.status import quantile as percentile
 from streams.topics import assign_all, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
