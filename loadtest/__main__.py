@@ -99,7 +99,6 @@ QUICK = {"events": 10_000, "step_seconds": 8.0, "max_steps": 5, "latency_seconds
          "stop_after": 1, "drain_timeout": 30.0}
 
 
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest",
                                      description=__doc__.split("\n")[0].replace("``", ""))

@@ -31,7 +31,6 @@ def _spawn(args: list[str], settings: Settings, log: Path) -> subprocess.Popen[b
                                 stderr=out, start_new_session=True, preexec_fn=die_with_parent)
 
 
-
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 

@@ -118,7 +118,6 @@ def _ratios(rate: float | None, result: dict) -> dict:
             "vs_kafka_loop": _ratio(rate, result["kafka_loop"]["rate"])}
 
 
-
 def finish(result: dict, runs: Runs, samplers: list[RssSampler], out_dir: Path, budget: float,
            what: str) -> None:
     """Ratios, timeline, RSS and plots into ``result``; ``result.json`` and the plots into
