@@ -1,7 +1,7 @@
 """PNG plots of one ``python -m fraudstream.loadtest`` run (matplotlib, Agg backend: no display
 needed).
 
-Each function takes plain data from the run (see ``loadtest/__main__.py``) and writes one
+Each function takes plain data from the run (see ``loadtest/report.py``) and writes one
 file; :func:`write_all` writes them all into the run's results folder.
 
 - ``latency.png``: end-to-end p50/p90/p99 per 1 s bucket (by receive time) over the live

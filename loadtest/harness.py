@@ -1,0 +1,73 @@
+"""What every part of ``python -m fraudstream.loadtest`` shares: starting a project process with the
+run's settings, progress lines on stderr, producing generated transactions, and reading
+the decisions topic from its start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
+
+from fraudstream.schemas.codec import Codecs
+from fraudstream.streams.processes import die_with_parent
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import assign_all
+from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _spawn(args: list[str], settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+    env.update(settings.to_env())
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=out, start_new_session=True, preexec_fn=die_with_parent)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def pre_produce(settings: Settings, codecs: Codecs, n: int, seed: int) -> None:
+    gen = TrafficGenerator(GeneratorConfig(seed=seed, id_prefix=f"b{uuid.uuid4().hex[:6]}"))
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 20})
+    now = int(time.time() * 1000)
+    topic = settings.topics.transactions
+    for i in range(n):
+        txn = gen.next_transaction(now + i // 50)
+        while True:
+            try:
+                producer.produce(topic, key=txn["card_id"].encode(),
+                                 value=codecs.transaction.encode(txn))
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(60) == 0
+
+
+def read_decisions(settings: Settings, codecs: Codecs, stop: Callable[[list], bool],
+                   timeout_s: float) -> list[tuple[float, dict]]:
+    """(receive time, decision) from the start of ``decisions`` until ``stop(received)``
+    says so or the timeout."""
+    consumer = Consumer(settings.kafka.consumer_config(f"bench-{uuid.uuid4().hex[:6]}"))
+    assign_all(consumer, [settings.topics.decisions], OFFSET_BEGINNING)
+    out: list[tuple[float, dict]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not stop(out):
+            # consume() waits for its whole count or the timeout: a short timeout keeps
+            # this reader from adding latency of its own
+            for msg in consumer.consume(1000, 0.005):
+                if not msg.error():
+                    out.append((time.time(), codecs.decision.decode(msg.value())))
+    finally:
+        consumer.close()
+    return out
+
