@@ -16,13 +16,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from fraudstream.scorers.registry import Registry
-from fraudstream.streams.replay.engine import (
-    REPLAY_HEADER,
-    Bound,
-    ReplayConfig,
-    ReplayError,
-    run_replay,
-)
+from fraudstream.streams.replay.engine import REPLAY_HEADER, run_replay
+from fraudstream.streams.replay.ranges import Bound, ReplayConfig, ReplayError
 from fraudstream.streams.replay.report import write_report
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from fraudstream.streams.replay.engine import Bound, ReplayConfig, ReplayError, run_replay
+    from fraudstream.streams.replay.engine import run_replay
+    from fraudstream.streams.replay.ranges import Bound, ReplayConfig, ReplayError
     from fraudstream.streams.replay.report import write_report
 
     if args.models is not None:

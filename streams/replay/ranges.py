@@ -1,0 +1,278 @@
+"""Reading a replay's range: its bounds and configuration, the partitions' watermarks and
+start offsets, and :class:`RangeReader`, which merges the partitions' records by Kafka
+timestamp (each keeping its own order) and pauses a partition that runs ahead;
+:func:`read_labels` reads the labels that reach the features before and during the range.
+What is done with the records is :mod:`fraudstream.streams.replay.engine`'s job."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from confluent_kafka import Consumer, TopicPartition
+
+from fraudstream.streams.pipeline import RawRecord
+from fraudstream.streams.settings import Settings
+
+#: Records buffered per partition before it is paused (while others catch up in time).
+MAX_BUFFERED = 20_000
+#: Reading stops on a partition whose end is unknown after this long without a record.
+IDLE_S = 2.0
+
+
+class ReplayError(Exception):
+    """A replay that cannot start: bad bounds, an unknown version, a forbidden topic."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    kind: str  # "offset" or "time"
+    value: int
+
+    @staticmethod
+    def parse(text: str) -> Bound:
+        text = text.strip()
+        if text.lstrip("-").isdigit():
+            if int(text) < 0:
+                raise ReplayError(f"offset {text} is negative")
+            return Bound("offset", int(text))
+        if text.startswith("@") and text[1:].isdigit():
+            return Bound("time", int(text[1:]))
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ReplayError(f"{text!r} is neither an offset, an ISO 8601 time nor "
+                              "@<epoch ms>") from None
+        if when.tzinfo is None:
+            raise ReplayError(f"time {text!r} has no time zone (add Z or +00:00)")
+        return Bound("time", int(when.timestamp() * 1000))
+
+
+@dataclass
+class ReplayConfig:
+    challenger: str
+    start: Bound
+    end: Bound | None = None
+    champion: str | None = None  # the registry's ACTIVE version
+    partitions: list[int] | None = None  # all
+    warmup: Bound | None = None
+    topic: str | None = None  # the challenger's decisions; decisions.shadow
+    publish: bool = True
+    online: bool = True
+    batch: int = 500
+    replay_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-")
+                           + uuid.uuid4().hex[:6])
+
+
+def _watermarks(consumer: Consumer, topic: str, partitions: list[int]
+                ) -> dict[int, tuple[int, int]]:
+    return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in partitions}
+
+
+def _seek_offsets(consumer: Consumer, topic: str, partitions: list[int], bound: Bound,
+                  marks: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """Where reading starts on each partition for ``bound`` (a time: at or before its
+    first record at or after the time; records before it are skipped as read)."""
+    if bound.kind == "offset":
+        return {p: min(max(bound.value, marks[p][0]), marks[p][1]) for p in partitions}
+    found = consumer.offsets_for_times(
+        [TopicPartition(topic, p, bound.value) for p in partitions], timeout=10)
+    return {tp.partition: tp.offset if tp.offset >= 0 else marks[tp.partition][1]
+            for tp in found}
+
+
+class _PartitionRange:
+    """One partition's records of the range (and of its warm-up), filtered as read."""
+
+    def __init__(self, first: int, start: Bound, end: Bound | None, stop: int | None,
+                 warmup: Bound | None) -> None:
+        self.first = first  # where reading starts
+        self.start, self.end, self.warmup = start, end, warmup
+        self.stop = stop  # offset where the range ends, None: read until idle
+        self.started = start.kind == "offset" and first >= start.value
+        self.warming = warmup is not None and warmup.kind == "offset"
+        self.done = stop is not None and first >= stop
+
+    def classify(self, offset: int, ts: int) -> str | None:
+        """"range", "warmup", or None (outside); sets ``done`` at the range's end."""
+        if self.done:
+            return None
+        if self.stop is not None and offset >= self.stop:
+            self.done = True
+            return None
+        if self.end is not None and self.end.kind == "time" and ts >= self.end.value:
+            self.done = True  # the first record at or after --to ends the range
+            return None
+        if self.stop is not None and offset + 1 >= self.stop:
+            self.done = True  # the range's last record: nothing may follow it for long
+        if not self.started:
+            s = self.start
+            self.started = offset >= s.value if s.kind == "offset" else ts >= s.value
+        if self.started:
+            return "range"
+        if self.warmup is not None and not self.warming:
+            w = self.warmup
+            self.warming = offset >= w.value if w.kind == "offset" else ts >= w.value
+        return "warmup" if self.warming else None
+
+
+class RangeReader:
+    """Batches of the range's ``transactions`` records, with their role (range/warm-up)."""
+
+    def __init__(self, settings: Settings, config: ReplayConfig, group: str) -> None:
+        self.settings = settings
+        self.topic = settings.topics.transactions
+        self.consumer = Consumer({**settings.kafka.consumer_config(group),
+                                  "enable.auto.offset.store": False,
+                                  "queued.max.messages.kbytes": 16384})
+        meta = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise ReplayError(f"topic {self.topic!r} not found")
+        partitions = sorted(meta.partitions)
+        if config.partitions is not None:
+            unknown = set(config.partitions) - set(partitions)
+            if unknown:
+                raise ReplayError(f"{self.topic} has no partition {sorted(unknown)}")
+            partitions = sorted(config.partitions)
+        self.partitions = partitions
+        marks = _watermarks(self.consumer, self.topic, partitions)
+        first = _seek_offsets(self.consumer, self.topic, partitions,
+                              config.warmup or config.start, marks)
+        # On the embedded broker the end offset understates the last batch: the range's
+        # end is then found by reading until the partition stays idle.
+        until_end = self.settings.kafka.embedded
+        stops: dict[int, int | None] = {}
+        for p in partitions:
+            if config.end is not None and config.end.kind == "offset":
+                stops[p] = config.end.value
+            elif config.end is not None and not until_end:
+                stops[p] = _seek_offsets(self.consumer, self.topic, [p], config.end, marks)[p]
+            else:
+                stops[p] = None if until_end else marks[p][1]
+        if config.warmup is not None and config.start.kind == "offset" and \
+                config.warmup.kind == "offset" and config.warmup.value > config.start.value:
+            raise ReplayError("--warmup-from must come before --from")
+        self.ranges = {p: _PartitionRange(first[p], config.start, config.end, stops[p],
+                                          config.warmup) for p in partitions}
+        #: Next offset to read, and the end offset when the replay started.
+        self.position = dict(first)
+        self.ends = {p: marks[p][1] for p in partitions}
+        self.consumer.assign([TopicPartition(self.topic, p, first[p]) for p in partitions])
+        self.batch = config.batch
+
+    def batches(self) -> Iterator[list[tuple[str, RawRecord]]]:
+        """The records in Kafka timestamp order across partitions (each partition's own
+        order kept), as a live worker meets them on live traffic; in batches."""
+        buffers: dict[int, deque[tuple[str, RawRecord]]] = {p: deque() for p in self.partitions}
+        paused: set[int] = set()
+        idle_since = time.monotonic()
+        while True:
+            finished = all(r.done for r in self.ranges.values())
+            if not finished:
+                msgs = self.consumer.consume(self.batch * 4, 0.5)
+                for m in msgs:
+                    if m.error():
+                        continue
+                    p = m.partition()
+                    r = self.ranges[p]
+                    self.position[p] = m.offset() + 1
+                    ts_type, ts = m.timestamp()
+                    ts = ts if ts_type and ts >= 0 else 0
+                    role = r.classify(m.offset(), ts)
+                    if role is not None:
+                        buffers[p].append((role, RawRecord(m.topic(), p, m.offset(), m.key(),
+                                                           m.value(), ts)))
+                if msgs:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > IDLE_S:
+                    for r in self.ranges.values():
+                        r.done = True  # read to the end (or the end offset is gone)
+                self._flow(buffers, paused)
+            out = self._merge(buffers)
+            for i in range(0, len(out), self.batch):
+                yield out[i:i + self.batch]
+            if finished and not any(buffers.values()):
+                return
+
+    def _merge(self, buffers: dict[int, deque[tuple[str, RawRecord]]]
+               ) -> list[tuple[str, RawRecord]]:
+        """Take records, earliest timestamp first, while no partition that may still hold
+        an earlier record has none buffered."""
+        def waiting(p: int) -> bool:
+            return (not buffers[p] and not self.ranges[p].done
+                    and self.position[p] < self.ends[p])
+
+        out: list[tuple[str, RawRecord]] = []
+        while not any(waiting(p) for p in self.partitions):
+            heads = [(buf[0][1].timestamp_ms, p) for p, buf in buffers.items() if buf]
+            if not heads:
+                break
+            _, first = min(heads)
+            buf = buffers[first]
+            ts_next = min((t for t, p in heads if p != first), default=None)
+            # the partition's run of records up to the next head's timestamp, in one go
+            while buf and (ts_next is None or buf[0][1].timestamp_ms <= ts_next):
+                out.append(buf.popleft())
+        return out
+
+    def _flow(self, buffers: dict[int, deque[tuple[str, RawRecord]]], paused: set[int]) -> None:
+        """Pause finished partitions, and ones far ahead of the others (memory bound)."""
+        stop, go = [], []
+        for p, r in self.ranges.items():
+            full = len(buffers[p]) > MAX_BUFFERED
+            if (r.done or full) and p not in paused:
+                paused.add(p)
+                stop.append(TopicPartition(self.topic, p))
+            elif p in paused and not r.done and len(buffers[p]) < MAX_BUFFERED // 4:
+                paused.discard(p)
+                go.append(TopicPartition(self.topic, p))
+        if stop:
+            self.consumer.pause(stop)
+        if go:
+            self.consumer.resume(go)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def read_labels(settings: Settings, partitions: list[int], since_ms: int, group: str,
+                ) -> list[RawRecord]:
+    """``labels`` records of ``partitions`` with a Kafka timestamp from ``since_ms`` to the
+    end of the topic, sorted by (timestamp, partition, offset)."""
+    topic = settings.topics.labels
+    consumer = Consumer(settings.kafka.consumer_config(group))
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return []
+        parts = [p for p in partitions if p in meta.partitions]
+        marks = _watermarks(consumer, topic, parts)
+        first = _seek_offsets(consumer, topic, parts, Bound("time", since_ms), marks)
+        consumer.assign([TopicPartition(topic, p, first[p]) for p in parts])
+        out: list[RawRecord] = []
+        # The end offsets at start, where the broker reports them right; the embedded
+        # broker's understate the last batch, so there the topic is read until idle.
+        left = {p: marks[p][1] for p in parts if first[p] < marks[p][1]}
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < IDLE_S and (left or settings.kafka.embedded):
+            msgs = consumer.consume(1000, 0.5)
+            for m in msgs:
+                if m.error():
+                    continue
+                if m.offset() + 1 >= left.get(m.partition(), 0):
+                    left.pop(m.partition(), None)
+                _, ts = m.timestamp()
+                if ts >= since_ms:
+                    out.append(RawRecord(topic, m.partition(), m.offset(), m.key(), m.value(),
+                                         ts))
+            if msgs:
+                idle_since = time.monotonic()
+    finally:
+        consumer.close()
+    out.sort(key=lambda r: (r.timestamp_ms, r.partition, r.offset))
+    return out
