@@ -1,17 +1,23 @@
 """The model stage of the cascade: the active model (and a shadow) under a deadline.
 
 Rules always run first and their decision stands ready. :meth:`ModelStage.run` then gives
-the model what is left of the batch's budget: the call runs in a worker thread (ONNX
-Runtime releases the GIL) and is abandoned when the deadline passes, so a stalled model
-costs one budget, not a stalled worker. While an abandoned call is still running, the next
-batches fall back at once ("busy") rather than queue behind it.
+the model what is left of the batch's budget, and at least ``floor_s`` (the model
+timeout): the call runs in a worker thread (ONNX Runtime releases the GIL) and is
+abandoned when that time is up, so a stalled model costs one timeout, not a stalled
+worker. While an abandoned call is still running, the next batches fall back at once
+("busy") rather than queue behind it.
 
-Causes of a fallback, named in the decision's reasons as ``fallback:<cause>``: ``deadline``
-(no time left before the model stage), ``timeout``, ``busy``, ``error`` (the model
-raised), ``nan`` (a non-finite score for that event), ``degraded`` (the features could not
-be read), ``model_unavailable`` (the registry's ACTIVE pointer names a version that was
-refused, and no model serves: :attr:`ModelStage.unavailable`). With no ACTIVE pointer at
-all the rules decide by design: no fallback.
+A batch already past its budget when the model stage starts (a backlog, a fetch that
+waited) is still decided by a healthy model: it is late either way, and the rules would
+only make it late and less accurate. The decision says how late (``late_ms``); the
+fallback is kept for a model that fails or stalls.
+
+Causes of a fallback, named in the decision's reasons as ``fallback:<cause>``: ``timeout``,
+``busy``, ``error`` (the model raised), ``nan`` (a non-finite score for that event),
+``degraded`` (the features could not be read), ``model_unavailable`` (the registry's
+ACTIVE pointer names a version that was refused, and no model serves:
+:attr:`ModelStage.unavailable`). With no ACTIVE pointer at all the rules decide by design:
+no fallback.
 """
 
 from __future__ import annotations
@@ -52,12 +58,13 @@ class ModelStage:
             self.drift = DriftMonitor(model.version, model.reference, self.drift_config)
         return self.drift
 
-    def run(self, model: Any, X: np.ndarray, deadline: float
+    def run(self, model: Any, X: np.ndarray, deadline: float, floor_s: float = 0.0
             ) -> tuple[np.ndarray | None, list[list[str]] | None, str | None]:
-        """(scores, reasons, None) or (None, None, cause)."""
-        remaining = deadline - time.perf_counter()
+        """(scores, reasons, None) or (None, None, cause). The call may take what is left
+        before ``deadline`` (``perf_counter`` time), and at least ``floor_s``."""
+        remaining = max(deadline - time.perf_counter(), floor_s)
         if remaining <= 0:
-            return None, None, "deadline"
+            return None, None, "timeout"
         if self._pending is not None and not self._pending.done():
             return None, None, "busy"
         future = self._pool.submit(_predict, model, X)

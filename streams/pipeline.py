@@ -99,6 +99,10 @@ class BatchResult:
     #: New decisions by (deciding stage, outcome), and their records' Kafka timestamps.
     stage_outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     source_timestamps: list[int] = field(default_factory=list)
+    #: Decisions made past their budget (counted from the batch's arrival), and by how
+    #: much at most: stale but decided by the model, when it is healthy.
+    past_budget: int = 0
+    past_budget_max_ms: float = 0.0
     #: Drift events of a window this batch closed, as dicts (schemas/drift_event.avsc).
     drift_events: list[dict[str, Any]] = field(default_factory=list)
     #: The new transactions (record, transaction) and their decision fields, aligned; the
@@ -143,6 +147,7 @@ class Pipeline:
         models: ModelStage | None = None,
         budget_ms: float = 50.0,
         online: OnlineStage | None = None,
+        model_timeout_ms: float = 25.0,
     ) -> None:
         self.codecs = codecs
         self.scorer = scorer
@@ -152,6 +157,9 @@ class Pipeline:
         self.log_features = log_features
         self.models = models
         self.budget_ms = budget_ms
+        #: The least time a model call gets, even for a batch already past its budget;
+        #: a call that takes longer is abandoned (fallback ``timeout``).
+        self.model_timeout_s = model_timeout_ms / 1000.0
         self.online = online
         self.dead_letters = DeadLetters(codecs.dead_letter, limits.dead_letter_max_bytes)
         #: Partition -> newest event_time decided there (valid transactions, duplicates
@@ -169,7 +177,8 @@ class Pipeline:
     def process(self, records: Sequence[RawRecord], lookup: Lookup,
                 labels: Sequence[RawRecord] = (), arrived: float | None = None) -> BatchResult:
         """Decide a batch. ``arrived``: when it reached the worker (``perf_counter``); the
-        model stage gets what is left of the budget from then."""
+        model stage gets what is left of the budget from then, and at least the model
+        timeout. A decision made after the budget ran out carries ``late_ms``."""
         t0 = time.perf_counter()
         out = BatchResult()
         now_ms = int(self.clock() * 1000)
@@ -246,15 +255,22 @@ class Pipeline:
             "model": (t5 - t4) * 1000.0,
         }
         decided_at = int(self.clock() * 1000)
+        # Every decision of the batch carries the batch's stage times (``total``: arrival
+        # to decisions) and how far past the budget it was made.
+        now = time.perf_counter()
+        batch_timings = dict(timings, total=(now - t0) * 1000.0)
+        late_ms = max(0.0, (now - deadline) * 1000.0) if fresh else 0.0
+        if late_ms > 0.0:
+            out.past_budget, out.past_budget_max_ms = len(fresh), late_ms
         encode = self.codecs.decision.encode
         fresh_bytes: list[bytes] = []
         flags = self._flags(out.features, len(fresh))
         for i, ((rec, txn), verdict) in enumerate(zip(fresh, verdicts, strict=True)):
-            timings_ms = dict(timings, total=(time.perf_counter() - t0) * 1000.0)
             common = {
                 "transaction_id": txn["transaction_id"],
                 "card_id": txn["card_id"],
-                "timings_ms": timings_ms,
+                "timings_ms": batch_timings,
+                "late_ms": late_ms,
                 "event_time": txn["event_time"],
                 "source_timestamp": rec.timestamp_ms,
                 "decided_at": decided_at,
@@ -262,8 +278,10 @@ class Pipeline:
                 "currency": txn["currency"],
                 "amount_ref": round(txn["amount_ref"], 4),
             }
-            value = encode({**common, **verdict,
-                            "reasons": [*verdict["reasons"], *flags[i]]})
+            reasons = verdict["reasons"]
+            if flags[i]:
+                reasons = [*reasons, *flags[i]]
+            value = encode({**common, **verdict, "reasons": reasons})
             fresh_bytes.append(value)
             out.new_entries.append((rec.partition, dedupe_key(txn), value))
             out.outcomes[verdict["decision"]] += 1
@@ -330,15 +348,14 @@ class Pipeline:
             out.fallbacks["degraded"] += len(scores)
             return [rules(s, "rules", "degraded") for s in scores], None
         X = np.array([v.row for v in vectors], dtype=np.float32)  # type: ignore[union-attr]
-        p, reasons, cause = models.run(model, X, deadline)
+        p, reasons, cause = models.run(model, X, deadline, self.model_timeout_s)
         monitor = models.drift_monitor(model)
         if p is None or reasons is None:
             assert cause is not None
             out.fallbacks[cause] += len(scores)
-            stage = "rules" if cause == "deadline" else "model"
             if monitor is not None:  # the features drift whoever decided
                 out.drift_events += monitor.observe(X, None, int(self.clock() * 1000))
-            return [rules(s, stage, cause) for s in scores], None
+            return [rules(s, "model", cause) for s in scores], None
         if learners and self.online is not None:
             p = self.online.blend(learners, partitions, X, p, getattr(model, "base_rate", None))
         if monitor is not None:
@@ -347,7 +364,10 @@ class Pipeline:
                                                 int(self.clock() * 1000))
         verdicts = self._verdicts(model, scores, p, reasons, "model", out.fallbacks, "", rules)
         shadow_model = models.shadow
-        if shadow_model is None or time.perf_counter() >= deadline:
+        if shadow_model is None:
+            return verdicts, None
+        if time.perf_counter() >= deadline:  # the shadow never makes a batch later
+            out.fallbacks["shadow_skipped"] += len(scores)
             return verdicts, None
         sp, sreasons, scause = models.run(shadow_model, X, deadline)
         if sp is None or sreasons is None:

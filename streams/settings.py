@@ -127,7 +127,13 @@ class WorkerSettings:
     app_id: str = "fraudstream"
     data_dir: Path = Path("data")
     store: Literal["rocksdb", "memory"] = "rocksdb"
+    #: Most records in one micro-batch. The worker sizes batches below it so that one is
+    #: decided within ``batch_share`` of the scoring budget (streams/worker/sizing.py).
     batch_max: int = 500
+    #: Fewest records a batch is sized down to (a larger fetch is never split finer).
+    batch_min: int = 32
+    #: Share of the scoring budget one batch may take from its arrival to its decisions.
+    batch_share: float = 0.5
     max_future_ms: int = 5 * 60 * 1000
     #: Larger amounts (in the rates table's reference currency) go to the DLQ as absurd.
     max_amount: float = 1_000_000.0
@@ -200,8 +206,12 @@ class ScoringSettings:
     rules_path: Path = Path(__file__).resolve().parent.parent / "scorers" / "rules" / "default.toml"
     #: The model registry (fraudstream train writes there; ACTIVE / SHADOW pointers).
     models_dir: Path = Path("models")
-    #: Time from a batch's arrival at the worker to its decisions; past it, the rules decide.
+    #: Time from a batch's arrival at the worker to its decisions. Batches are sized to
+    #: meet it; a decision made later still comes from the model and carries late_ms.
     budget_ms: float = 50.0
+    #: The least time a model call gets, even for a batch already past its budget; a
+    #: model slower than both is abandoned and the rules decide (fallback timeout).
+    model_timeout_ms: float = 25.0
     #: How often the worker checks the registry's pointers (a promotion needs no restart).
     reload_interval_s: float = 2.0
     #: River online learners taught by labels, blended with the model as labels accrue.
@@ -327,6 +337,8 @@ RANGES: dict[str, Range] = {
     # a dead letter must fit under the producer's default message.max.bytes (1,000,000)
     "FRAUDSTREAM_CODEC_DEAD_LETTER_MAX_BYTES": Range(0, 900_000),
     "FRAUDSTREAM_WORKER_BATCH_MAX": AT_LEAST_ONE,
+    "FRAUDSTREAM_WORKER_BATCH_MIN": AT_LEAST_ONE,
+    "FRAUDSTREAM_WORKER_BATCH_SHARE": Range(0, 1, low_open=True),
     "FRAUDSTREAM_WORKER_MAX_FUTURE_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_MAX_AMOUNT": POSITIVE,
     "FRAUDSTREAM_WORKER_COMMIT_INTERVAL_S": POSITIVE,
@@ -345,6 +357,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_FEATURES_LABEL_DELAY_S": NOT_NEGATIVE,
     "FRAUDSTREAM_FEATURES_EXPIRY_INTERVAL_S": POSITIVE,
     "FRAUDSTREAM_SCORING_BUDGET_MS": POSITIVE,
+    "FRAUDSTREAM_SCORING_MODEL_TIMEOUT_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S": POSITIVE,
     "FRAUDSTREAM_SCORING_ONLINE_MAX_WEIGHT": Range(0, 1),
     "FRAUDSTREAM_SCORING_FEATURE_LOG_DAYS": POSITIVE,

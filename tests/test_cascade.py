@@ -117,13 +117,39 @@ def test_a_stalled_model_leaves_every_event_decided_by_the_budget(models_registr
     assert not any(d["fallback"] for d in out)
 
 
-def test_no_budget_left_means_rules_before_the_model(models_registry, codecs):
+def test_a_batch_past_its_budget_is_still_decided_by_a_healthy_model(models_registry,
+                                                                       codecs):
+    """A backlog: the batch arrived a second ago. The rules would make it no less late,
+    only less accurate: the model decides it, and each decision says how late it is."""
     stage = ModelStage(active=models_registry.load(models_registry.versions()[0]))
     out = pipeline(codecs, stage).process(records(codecs, 4), nothing,
                                           arrived=time.perf_counter() - 1.0)
     ds = decisions(codecs, out)
-    assert all(d["stage"] == "rules" and d["fallback"] for d in ds)
-    assert out.fallbacks == {"deadline": 4}
+    assert all(d["stage"] == "model" and not d["fallback"] for d in ds)
+    assert not out.fallbacks
+    assert all(d["late_ms"] >= 950.0 for d in ds)  # 1 s since arrival, 50 ms budget
+    assert out.past_budget == 4 and out.past_budget_max_ms >= 950.0
+    # within the budget: nothing late
+    out = pipeline(codecs, stage).process(records(codecs, 4, start=4), nothing)
+    assert [d["late_ms"] for d in decisions(codecs, out)] == [0.0] * 4
+    assert out.past_budget == 0
+
+
+def test_a_stalled_model_on_a_late_batch_is_abandoned_at_the_model_timeout(
+        models_registry, codecs):
+    """Past its budget, a batch gives the model the model timeout, not the stall."""
+    model = models_registry.load(models_registry.versions()[0])
+    p = Pipeline(codecs, RulesScorer(RuleSet.default()), LIMITS,
+                 features=FeatureEngine(FeatureConfig(), MemoryStore()),
+                 models=ModelStage(active=Slow(model, sleep_s=0.5)), budget_ms=50.0,
+                 model_timeout_ms=100.0)
+    t0 = time.perf_counter()
+    out = p.process(records(codecs, 3), nothing, arrived=t0 - 1.0)
+    took = time.perf_counter() - t0
+    assert 0.1 <= took < 0.4, took
+    ds = decisions(codecs, out)
+    assert all(d["fallback"] and "fallback:timeout" in d["reasons"] for d in ds)
+    assert out.fallbacks == {"timeout": 3}
 
 
 def test_a_failing_model_and_nan_scores_fall_back_per_event(models_registry, codecs):

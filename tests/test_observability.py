@@ -2,10 +2,11 @@
 
 Prometheus (Debian package) scrapes a worker deciding generated traffic with a trained
 model; every dashboard query must return data, and the alerts must go to firing on what
-the test provokes: a fallback storm (a budget no model can meet), drift (amounts twenty
-times larger than in training), dead letters, and p99 over the budget (the worker stopped
-for 2 s while traffic arrives). The rules are the shipped ones with their windows
-shortened to fit a test (5m -> 30s, for: -> 0s); the expressions are unchanged.
+the test provokes: a fallback storm (a budget and a model timeout no model can meet),
+drift (amounts twenty times larger than in training), dead letters, and p99 over the
+budget (the worker stopped for 2 s while traffic arrives). The rules are the shipped
+ones with their windows shortened to fit a test (5m -> 30s, for: -> 0s); the expressions
+are unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def test_dashboard_queries_return_data_and_alerts_fire(
     metrics_port, prom_port = free_port(), free_port()
     settings = stack_settings.replace(
         worker={"metrics_port": metrics_port},
-        scoring={"models_dir": root, "budget_ms": 0.001, "drift_window": 200})
+        scoring={"models_dir": root, "budget_ms": 0.001, "model_timeout_ms": 0.0,
+                 "drift_window": 200})
     worker = start_worker(settings)
 
     rules = (DEPLOY / "prometheus" / "alerts.yml").read_text()

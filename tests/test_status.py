@@ -24,14 +24,14 @@ def test_status_line_gives_rates_shares_fallbacks_and_the_workers_own_time():
     status = WorkerStatus()
     status.since = 100.0
     status.add(100, 5, result({("ensemble", "approve"): 95, ("online", "review"): 2,
-                               ("rules", "approve"): 3}, {"deadline": 3}, dead=1), 8.0)
+                               ("rules", "approve"): 3}, {"degraded": 3}, dead=1), 8.0)
     status.add(100, 5, result({("ensemble", "approve"): 100}), 30.0)
     status.set_lag("transactions", 0, 7)
     status.set_lag("transactions", 1, 5)
     line = status.line(now=110.0)
     assert "status: 20 tx/s, 1.0 labels/s, lag 12" in line
     # 197 of 200 decided by the model; the 3 rules decisions were all fallbacks.
-    assert "model 98.5% rules 0.0% fallback 1.5% {'deadline': 3}" in line
+    assert "model 98.5% rules 0.0% fallback 1.5% {'degraded': 3}" in line
     assert "dlq 1" in line
     assert "worker p50 30.0 ms p99 30.0 ms (fetch to acknowledged)" in line
 
@@ -39,14 +39,26 @@ def test_status_line_gives_rates_shares_fallbacks_and_the_workers_own_time():
 def test_fallbacks_of_every_stage_and_of_the_shadow_are_counted_once():
     status = WorkerStatus()
     status.since = 0.0
-    # 10 decided: 6 by the model, 2 by the rules past the deadline, 1 by the rules when the
+    # 10 decided: 6 by the model, 2 by the rules on degraded features, 1 by the rules when the
     # model timed out (stage "model"), 1 by the rules alone; the shadow's own fallbacks
     # and the labels the learner could not read are not decisions of the stream.
     status.add(10, 0, result({("ensemble", "approve"): 7, ("rules", "approve"): 3},
-                             {"deadline": 2, "timeout": 1, "shadow_deadline": 5,
+                             {"degraded": 2, "timeout": 1, "shadow_skipped": 5,
                               "online_unavailable": 4}), 5.0)
     line = status.line(now=1.0)
-    assert "model 60.0% rules 10.0% fallback 30.0% {'deadline': 2, 'timeout': 1}" in line
+    assert "model 60.0% rules 10.0% fallback 30.0% {'degraded': 2, 'timeout': 1}" in line
+
+
+def test_decisions_past_the_budget_are_counted_apart_from_fallbacks():
+    status = WorkerStatus()
+    status.since = 0.0
+    late = result({("ensemble", "approve"): 40})
+    late.past_budget, late.past_budget_max_ms = 40, 12.5
+    status.add(40, 0, late, 70.0)
+    status.add(10, 0, result({("ensemble", "approve"): 10}), 5.0)
+    line = status.line(now=1.0)
+    assert "model 100.0% rules 0.0% fallback 0.0%" in line
+    assert "40 decided past the budget (by up to 12 ms)" in line
 
 
 def test_an_idle_worker_still_says_so():

@@ -40,6 +40,7 @@ from fraudstream.streams.worker.feature_store import TableFeatureStore
 from fraudstream.streams.worker.metrics import WorkerMetrics
 from fraudstream.streams.worker.models_watch import ModelWatcher
 from fraudstream.streams.worker.progress import OutOfRangeLog, ProgressWatchdog
+from fraudstream.streams.worker.sizing import BatchSizer
 from fraudstream.streams.worker.startup import group_instance_id, skip_table_manager_sleep
 from fraudstream.streams.worker.status import WorkerStatus
 from fraudstream.streams.worker.table_state import FaustTableState
@@ -217,6 +218,7 @@ def build_worker(settings: Settings) -> Worker:
         log_features=fs.log,
         models=models,
         budget_ms=settings.scoring.budget_ms,
+        model_timeout_ms=settings.scoring.model_timeout_ms,
         online=OnlineStage(feature_store, settings.scoring.online_max_weight)
         if settings.scoring.online else None,
     )
@@ -256,8 +258,10 @@ def build_worker(settings: Settings) -> Worker:
     # the by-card topic, whose partitions hold each card's events and state.
     forward_topic = settings.topics.transactions if w.repartition else None
 
-    async def handle(batch: Sequence[tuple[Any, Sequence[Any]]]) -> None:
-        arrived = time.perf_counter()
+    sizer = BatchSizer(settings.scoring.budget_ms, w.batch_share, w.batch_min, w.batch_max)
+
+    async def handle(batch: Sequence[tuple[Any, Sequence[Any]]], arrived: float) -> None:
+        """Decide a fetched batch (``arrived``: when the fetch returned it) and commit."""
         now_ms = int(time.time() * 1000)  # for records without a Kafka timestamp
         records: list[RawRecord] = []
         label_records: list[RawRecord] = []
@@ -283,8 +287,11 @@ def build_worker(settings: Settings) -> Worker:
             return
         if isinstance(feature_store, TableFeatureStore):
             feature_store.refresh()
+        started = time.perf_counter()
         result = pipeline.process(records, state.lookup, label_records, arrived=arrived)
         t0 = time.perf_counter()
+        sizer.observe(len(records) + len(label_records), t0 - started)
+        metrics.batch_target.set(sizer.size())
         await committer.commit(result)
         done = time.perf_counter()
         own_s = done - arrived
@@ -307,6 +314,7 @@ def build_worker(settings: Settings) -> Worker:
                 lag = max(0, end - recs[-1].offset - 1)
                 metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
                 status.set_lag(tp.topic, tp.partition, lag)
+                sizer.set_lag(tp, lag)
 
     topics = {settings.topics.transactions, labels_topic}
     if w.repartition:
@@ -315,7 +323,7 @@ def build_worker(settings: Settings) -> Worker:
     OutOfRangeLog(watchdog).install()
     renewing_producer.install(sink, settings.kafka.client_config(), w.producer_stuck_s,
                               on_renew=lambda _n: metrics.producer_renewals.inc())
-    batching.install(app, topics, handle, w.batch_max, progress=watchdog)
+    batching.install(app, topics, handle, w.batch_max, progress=watchdog, sizer=sizer)
 
     @app.timer(interval=watchdog.interval_s)
     async def watch_progress() -> None:

@@ -8,16 +8,22 @@ changelogs, and offset commits.
 
 How: :meth:`BatchConsumer.getmany` takes the records Faust's fetcher returns (only for
 active partitions, only while flow is active), passes those of the batch topics to the
-handler in chunks, and once the handler returned (its results acknowledged by the broker,
+handler in chunks, with the time the fetch returned them (a record's budget counts from
+it), and once the handler returned (its results acknowledged by the broker,
 see :mod:`fraudstream.streams.worker.delivery`) marks their offsets acknowledged in Faust's own
 bookkeeping.
 Faust's commit loop then commits them like any acknowledged offsets. Records of other
 topics take Faust's normal path. A handler that raises crashes the worker before any of
 the chunk is acknowledged: at-least-once.
+
+With a :attr:`BatchConsumer.sizer` (:class:`fraudstream.streams.worker.sizing.BatchSizer`)
+each fetch returns at most the records the sizer asks for, so a batch is decided within
+its share of the budget; the rest stays in the consumer's fetch buffer for the next one.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -26,8 +32,9 @@ from faust.types import TP
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-#: [(partition, [aiokafka ConsumerRecord])] -> None, once its results are acknowledged.
-BatchHandler = Callable[[Sequence[tuple[TP, Sequence[Any]]]], Awaitable[None]]
+#: ([(partition, [aiokafka ConsumerRecord])], fetched at (``perf_counter``)) -> None, once
+#: its results are acknowledged.
+BatchHandler = Callable[[Sequence[tuple[TP, Sequence[Any]]], float], Awaitable[None]]
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
@@ -39,9 +46,21 @@ class BatchConsumer(faust_aiokafka.Consumer):
     #: Told of each chunk handed to the handler and of each one handled
     #: (:class:`fraudstream.streams.worker.progress.ProgressWatchdog`).
     progress: Any = None
+    #: Sizes each fetch (:class:`fraudstream.streams.worker.sizing.BatchSizer`); None: whole
+    #: fetches, in chunks of :attr:`batch_max`.
+    sizer: Any = None
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        size = self.batch_max
+        if self.sizer is not None:
+            try:
+                self.sizer.keep(self.assignment())
+            except Exception:  # not started yet: no assignment to compare with
+                pass
+            size = self.sizer.size()
+            self._cap_fetch(size)
         records, active = await self._wait_next_records(timeout)
+        fetched_at = time.perf_counter()
         if records is None or self.should_stop:
             return
         if not self.flow_active:
@@ -54,11 +73,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 continue
             (ours if tp.topic in self.batch_topics else others).append((tp, recs))
         progress = self.progress
-        for chunk in _chunks(ours, self.batch_max):
+        for chunk in _chunks(ours, size):
             assert self.batch_handler is not None
             if progress is not None:
                 progress.started(chunk)
-            await self.batch_handler(chunk)
+            await self.batch_handler(chunk, fetched_at)
             for tp, recs in chunk:
                 self._ack_range(tp, recs[0].offset, recs[-1].offset)
             if progress is not None:
@@ -67,6 +86,14 @@ class BatchConsumer(faust_aiokafka.Consumer):
         for tp, recs in others:
             for record in recs:
                 yield tp, to_message(tp, record)
+
+    def _cap_fetch(self, size: int) -> None:
+        """At most ``size`` records from the next fetch (aiokafka reads its
+        ``_max_poll_records`` at every call); records of other topics count too."""
+        thread = getattr(self, "_thread", None)
+        consumer = getattr(thread, "_consumer", None)
+        if consumer is not None:
+            consumer._max_poll_records = size
 
     def _ack_range(self, tp: TP, first: int, last: int) -> None:
         """Mark offsets first..last acknowledged, as Faust's ``ack()`` does one by one."""
@@ -107,12 +134,12 @@ def _chunks(
 
 
 def install(app: Any, topics: set[str], handler: BatchHandler, batch_max: int,
-            progress: Any = None) -> None:
+            progress: Any = None, sizer: Any = None) -> None:
     """Make ``app`` build a :class:`BatchConsumer` for ``topics`` (call before it starts);
-    ``progress`` is told of every chunk handed out and handled."""
+    ``progress`` is told of every chunk handed out and handled; ``sizer`` sizes fetches."""
     app.transport.Consumer = type(
         "AppBatchConsumer",
         (BatchConsumer,),
         {"batch_topics": frozenset(topics), "batch_handler": staticmethod(handler),
-         "batch_max": batch_max, "progress": progress},
+         "batch_max": batch_max, "progress": progress, "sizer": sizer},
     )

@@ -49,6 +49,15 @@ class WorkerMetrics:
         self.fallbacks = Counter(
             "fraudstream_fallbacks", "Events the rules decided in place of the model, by cause.",
             ["cause"], registry=r)
+        self.past_budget = Counter(
+            "fraudstream_decisions_past_budget",
+            "Decisions made after the scoring budget ran out (counted from the batch's "
+            "arrival at the worker): a backlog, decided by the model all the same.",
+            registry=r)
+        self.batch_target = Gauge(
+            "fraudstream_batch_target",
+            "Records the worker asks of the next fetch: sized so that a batch is decided "
+            "within its share of the budget.", registry=r)
         self.latency = Histogram(
             "fraudstream_decision_latency_seconds",
             "From the transaction record's Kafka timestamp to its decision.",
@@ -131,6 +140,8 @@ class WorkerMetrics:
         if labels:
             self.labels.inc(labels)
         self.duplicates.inc(result.duplicates)
+        if result.past_budget:
+            self.past_budget.inc(result.past_budget)
         for reason, n in result.dlq_reasons.items():
             kind, _, field = reason.partition(":")
             self.dead_letters.labels(kind, field).inc(n)

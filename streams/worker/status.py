@@ -5,8 +5,8 @@
 INFO so that it shows under the worker's default ``warning`` level::
 
     status: 251 tx/s, 3.1 labels/s, lag 14 | model 99.6% rules 0.0% fallback 0.4% \
-{'deadline': 9} | dlq 2 | worker p50 6.1 ms p99 18.4 ms (fetch to acknowledged) | \
-features: 0 late, 0 too late, 0 degraded
+{'timeout': 9} | dlq 2 | worker p50 6.1 ms p99 18.4 ms (fetch to acknowledged), 120 \
+decided past the budget (by up to 31 ms) | features: 0 late, 0 too late, 0 degraded
 
 The line is logged even when nothing arrived (``0 tx/s``), so a stalled worker does not
 fall silent; it ends with ``STALLED: n partition(s)`` while the progress watchdog
@@ -85,6 +85,8 @@ class WorkerStatus:
         self.since = now
         self.events = self.labels = self.dead = self.miskeyed = 0
         self.late = self.too_late = self.degraded = 0
+        self.past_budget = 0
+        self.past_budget_max_ms = 0.0
         self.stages: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
         self.own_ms: list[float] = []
@@ -95,6 +97,8 @@ class WorkerStatus:
         self.labels += labels
         self.dead += len(result.dead_letters)
         self.miskeyed += result.miskeyed
+        self.past_budget += result.past_budget
+        self.past_budget_max_ms = max(self.past_budget_max_ms, result.past_budget_max_ms)
         # Decisions the rules took in place of the model; shadow and label-side causes are
         # not decisions of this stream.
         self.fallbacks.update({c: n for c, n in result.fallbacks.items()
@@ -118,9 +122,9 @@ class WorkerStatus:
         span = max(now - self.since, 1e-9)
         decided = sum(self.stages.values())
         fell_back = sum(self.fallbacks.values())
-        # A deadline, degraded or model_unavailable fallback is decided at stage "rules",
-        # the others (timeout, error, nan) at stage "model": the rules' own share is the rest.
-        rules = self.stages["rules"] - self.fallbacks["deadline"] - self.fallbacks["degraded"] \
+        # A degraded or model_unavailable fallback is decided at stage "rules", the others
+        # (timeout, busy, error, nan) at stage "model": the rules' own share is the rest.
+        rules = self.stages["rules"] - self.fallbacks["degraded"] \
             - self.fallbacks["model_unavailable"]
         model = decided - rules - fell_back
 
@@ -133,6 +137,9 @@ class WorkerStatus:
         own = (f"worker p50 {quantile(self.own_ms, 0.5):.1f} ms p99 "
                f"{quantile(self.own_ms, 0.99):.1f} ms (fetch to acknowledged)"
                if self.own_ms else "worker -")
+        if self.past_budget:
+            own += (f", {self.past_budget} decided past the budget (by up to "
+                    f"{self.past_budget_max_ms:.0f} ms)")
         full, pause = self.gc.take()
         text = (f"status: {self.events / span:.0f} tx/s, {self.labels / span:.1f} labels/s, "
                 f"lag {sum(self.lag.values())} | model {share(model)} rules {share(rules)} "

@@ -1,0 +1,54 @@
+"""Micro-batches sized to the budget (streams/worker/sizing.py)."""
+
+from __future__ import annotations
+
+from fraudstream.streams.worker.sizing import BatchSizer
+
+
+def test_batches_shrink_to_fit_the_share_of_the_budget_when_records_cost_more():
+    sizer = BatchSizer(budget_ms=50.0, share=0.5, minimum=32, maximum=500)
+    assert sizer.size() == 32  # nothing measured yet: start small
+    sizer.observe(32, 32 * 50e-6)  # 50 us a record: 500 fit in 25 ms
+    assert sizer.size() == 500
+    for _ in range(40):  # the cost rises to 250 us a record (a bigger model, say)
+        sizer.observe(sizer.size(), sizer.size() * 250e-6)
+    assert 95 <= sizer.size() <= 105  # 25 ms / 250 us = 100
+    assert sizer.size() * sizer.per_record_s <= 0.025 * 1.05
+
+
+def test_bounds_hold_whatever_the_cost():
+    sizer = BatchSizer(budget_ms=50.0, share=0.5, minimum=32, maximum=500)
+    sizer.observe(100, 10.0)  # 0.1 s a record: a stall
+    assert sizer.size() == 32
+    sizer = BatchSizer(budget_ms=50.0, share=0.5, minimum=32, maximum=500)
+    sizer.observe(100, 0.0)
+    assert sizer.size() == 500
+
+
+def test_small_batches_of_live_traffic_move_the_estimate_little():
+    """Five records a fetch carry a batch's fixed cost on few records: they must not drag
+    the size down as a full batch at that cost would."""
+    sizer = BatchSizer(budget_ms=50.0, share=0.5, minimum=32, maximum=1000)
+    sizer.observe(200, 200 * 50e-6)
+    assert sizer.size() == 500
+    for _ in range(20):
+        sizer.observe(5, 0.002)  # 400 us a record, all of it the batch's fixed part
+    assert sizer.size() >= 200
+    sizer.observe(0, 1.0)  # an empty batch says nothing
+    assert sizer.size() >= 200
+
+
+def test_a_backlog_takes_the_largest_batches_until_it_is_gone():
+    """Records that waited in Kafka are late already: the drain's rate serves them best."""
+    sizer = BatchSizer(budget_ms=50.0, share=0.5, minimum=32, maximum=500)
+    sizer.observe(100, 100 * 250e-6)  # 100 a batch fit the budget
+    assert sizer.size() == 100 and not sizer.backlog
+    sizer.set_lag("transactions-0", 5_000)
+    assert sizer.backlog and sizer.size() == 500
+    sizer.set_lag("transactions-0", 60)  # less than one sized batch waits
+    sizer.set_lag("transactions-1", 30)
+    assert not sizer.backlog and sizer.size() == 100
+    sizer.set_lag("transactions-1", 3_000)
+    assert sizer.size() == 500
+    sizer.keep({"transactions-0"})  # partition 1 was revoked: its lag is not ours
+    assert sizer.size() == 100
