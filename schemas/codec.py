@@ -73,6 +73,12 @@ class AvroCodec:
         self.schema = parsed_schema(name)
         self.schema_id = registry.register_schema(subject, Schema(schema_text(name), "AVRO"))
         self._header = _HEADER.pack(MAGIC, self.schema_id)
+        if name == "decision":  # one per transaction: written by hand when the schema allows
+            from fraudstream.schemas.decision_writer import writer_for
+
+            writer = writer_for(json.loads(schema_text(name)), self._header)
+            if writer is not None:
+                self.encode = writer.encode  # type: ignore[method-assign]
         # writer schema id -> parsed writer schema (None: same as ours, no resolution)
         self._writers: dict[int, Any] = {self.schema_id: None}
         self._unknown: dict[int, float] = {}  # schema id -> when the registry said no

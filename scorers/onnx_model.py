@@ -53,7 +53,7 @@ class ModelScorer:
         self._mean = np.asarray(explain["mean"], dtype=np.float64)
         self._scale = np.asarray(explain["scale"], dtype=np.float64)
         self._coef = np.asarray(explain["coef"], dtype=np.float64)
-        self._names = np.asarray(FEATURE_NAMES)
+        self._name_list = list(FEATURE_NAMES)
         #: The whole artifact's digest (sha256 of its SHA256SUMS); None for a version
         #: written before artifacts were sealed.
         self.digest: str | None = None
@@ -141,8 +141,10 @@ class ModelScorer:
         terms = self._coef * (X.astype(np.float64) - self._mean) / np.where(
             self._scale == 0, 1.0, self._scale)
         top = np.argsort(-terms, axis=1)[:, :REASONS]
-        return [[str(self._names[j]) for j in row if terms[i, j] > 0]
-                for i, row in enumerate(top)]
+        positive = np.take_along_axis(terms, top, axis=1) > 0
+        names = self._name_list
+        return [[names[j] for j, up in zip(row, ups, strict=True) if up]
+                for row, ups in zip(top.tolist(), positive.tolist(), strict=True)]
 
     def score_batch(self, events: Sequence[Event],
                     features: Sequence[Features] | None = None) -> list[Score]:

@@ -224,6 +224,9 @@ class Pipeline:
             out.features = fb
             out.feature_writes = fb.writes
             vectors = fb.vectors
+        # The feature matrix, built once for the learner's log and the model.
+        X = (np.array([v.row for v in vectors], dtype=np.float32)
+             if vectors and (self.online is not None or self.models is not None) else None)
         learners: dict[int, Any] = {}
         if self.online is not None and not (out.features is not None and out.features.degraded):
             try:
@@ -233,16 +236,15 @@ class Pipeline:
                 out.fallbacks["online_unavailable"] += len(label_events)
             out.drift_events += self.online.drift_events
             self.online.drift_events = []
-            if fresh and vectors is not None:
+            if fresh and X is not None:
                 out.feature_writes.extend(self.online.log_entries(
-                    [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh],
-                    np.array([v.row for v in vectors], dtype=np.float32)))
+                    [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh], X))
         t3 = time.perf_counter()
         events = [txn for _, txn in fresh]
         scores = self.scorer.score_batch(events, vectors) if fresh else []
         t4 = time.perf_counter()
         deadline = (arrived if arrived is not None else t0) + self.budget_ms / 1000.0
-        verdicts, shadow = self._cascade(scores, vectors, out, deadline, learners,
+        verdicts, shadow = self._cascade(scores, X, out, deadline, learners,
                                          [r.partition for r, _ in fresh])
         out.fresh, out.verdicts, out.shadow_verdicts = fresh, verdicts, shadow
         t5 = time.perf_counter()
@@ -321,7 +323,7 @@ class Pipeline:
             rates=self.limits.rates,
         )
 
-    def _cascade(self, scores: list[Score], vectors: Sequence[Any] | None, out: BatchResult,
+    def _cascade(self, scores: list[Score], X: np.ndarray | None, out: BatchResult,
                  deadline: float, learners: dict[int, Any], partitions: list[int],
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """Decision fields per event: the model's where it scored in time, else the rules'
@@ -343,11 +345,11 @@ class Pipeline:
                 out.fallbacks[cause] += len(scores)
             return [rules(s, "rules", cause) for s in scores], None
         assert models is not None
-        degraded = vectors is None or (out.features is not None and out.features.degraded)
+        degraded = X is None or (out.features is not None and out.features.degraded)
         if degraded:
             out.fallbacks["degraded"] += len(scores)
             return [rules(s, "rules", "degraded") for s in scores], None
-        X = np.array([v.row for v in vectors], dtype=np.float32)  # type: ignore[union-attr]
+        assert X is not None
         p, reasons, cause = models.run(model, X, deadline, self.model_timeout_s)
         monitor = models.drift_monitor(model)
         if p is None or reasons is None:
