@@ -1,4 +1,4 @@
-"""The hand-written Decision encoder writes exactly fastavro's bytes (schemas/decision_writer.py)."""
+"""The hand-written Decision encoder writes fastavro's bytes (schemas/decision_writer.py)."""
 
 from __future__ import annotations
 
