@@ -58,7 +58,9 @@ def print_summary(result: dict, what: str) -> None:
     if not result.get("models"):
         print("NOTE: no --models: the rules decide every transaction by design; the model "
               "made no decision in any rate below")
-    print(f"worker ({what})  {'':>22}vs bare Faust  vs Kafka loop       vs Quix")
+    # the ratio columns end where the rows' do (2 + 30 + 1 + 11 + 3 + 12, then 2 + 12 each)
+    print(f"{f'worker ({what})':<46}{'vs bare Faust':>13}  {'vs Kafka loop':>12}  "
+          f"{'vs Quix':>12}")
     rows = [("backlog drain", w["rate"], "drain", w.get("decided_by"))]
     if result["steps"]:
         by_budget, lag_only = sat["by_budget"] or {}, sat["lag_only"] or {}
