@@ -216,8 +216,8 @@ class LiveTraffic:
                 fell_back = sum(1 for r in second if r[3])
                 _progress(f"  {label:>18} {shown}  t {now - start:5.1f}s  "
                           f"sent {(sent - last[1]) / dt:>7,.0f}/s  "
-                          f"decided {(recv - last[2]) / dt:>7,.0f}/s (model {model:,}, "
-                          f"fallback {fell_back:,})  p99(1s) {p99}  "
+                          f"decided {(recv - last[2]) / dt:>7,.0f}/s (model {model / dt:,.0f}/s, "
+                          f"fallback {fell_back / dt:,.0f}/s)  p99(1s) {p99}  "
                           f"backlog {sent - recv:>7,}")
                 last = (now, sent, recv)
 
