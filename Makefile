@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DURATION ?= 0
 RATE ?= 250
 
-.PHONY: help venv demo test test-deps test-faketime lint bench clean
+.PHONY: help venv demo test test-deps test-faketime lint bench bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -57,8 +57,20 @@ test-faketime: venv test-deps $(FAKETIME_PRELOAD)  ## the suite at a fake date, 
 	  LD_PRELOAD="$(abspath $(FAKETIME_PRELOAD))" FAKETIME_FORCE_MONOTONIC_FIX=0 \
 	  faketime --exclude-monotonic "$(FAKE)" $(BIN)/pytest $(PYTEST_ARGS)
 
-bench: venv  ## one-worker throughput and latency benchmark (prints numbers, JSON in results/)
-	$(BIN)/python -m fraudstream.loadtest
+# quixstreams pins confluent-kafka below the project's pin: it gets an environment of its
+# own, from the "bench" dependency group of pyproject.toml (pip >= 25.1 reads it)
+QUIX_VENV ?= .venv-quix
+
+$(QUIX_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install --quiet --upgrade pip
+	$(QUIX_VENV)/bin/pip install --quiet --group bench
+	touch $@
+
+bench-deps: $(QUIX_VENV)/.installed  ## the Quix Streams peer of the benchmark, in .venv-quix
+
+bench: venv bench-deps  ## one-worker throughput and latency benchmark, with the Quix Streams peer (prints numbers, JSON in results/)
+	$(BIN)/python -m fraudstream.loadtest --quix-python $(QUIX_VENV)/bin/python
 
 clean:  ## remove the virtual environment and local state
-	rm -rf $(VENV) data results *.egg-info
+	rm -rf $(VENV) $(QUIX_VENV) data results *.egg-info

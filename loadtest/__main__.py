@@ -4,14 +4,24 @@ One registry; the first phase (1-3) on one embedded broker and worker, then each
 run (4-6) on a broker and worker of its own:
 
 1. **Pre-produce** ``--events`` generated transactions (``fraudstream.streams.traffic.generator``).
-2. **Two baselines** on those same records, each a subprocess timed from its first record
+2. **Baselines** on those same records, each a subprocess timed from its first record
    to its last: (a) a bare Faust agent that only consumes (loadtest/bare_faust.py);
    (b) a plain confluent-kafka loop: consume batches of 500, decode the Avro transaction
    with the project's codec, produce one small record each to a scratch topic
-   (loadtest/baseline_kafka.py).
+   (loadtest/baseline_kafka.py); (c) the Quix Streams stateful peer: Avro decode, per-card
+   count and sum of amounts in RocksDB state with a changelog, one output record per
+   transaction (loadtest/quix_peer.py). quixstreams lives in an environment of its own
+   (``make bench-deps``: it pins an older confluent-kafka than the project); without it
+   the peer is skipped, and the run says so and how to install it.
 3. **Backlog drain**: ``fraudstream worker`` (rules, or the full cascade with ``--models``)
    decides the same records; its rate is taken on the decisions topic, first decision to
-   last (group join excluded).
+   last (group join excluded), and given as a ratio to the Quix peer's.
+
+**Who decided**: every worker rate (drain, steps, saturation, latency runs) comes with how
+many of its decisions the model made, how many the rules made by design (no model), and
+how many fell back to the rules, by cause (``deadline``, ``timeout``, ...), read from the
+decisions it was measured on (loadtest/decided_by.py). A rate whose decisions fell back
+measures features plus rules, not the model.
 4. **Step mode** (``--steps``, on by default): the worker under open-loop Poisson
    traffic at increasing rates (``--step-start`` x ``--step-factor`` per step, or
    + ``--step-increment``), ``--step-seconds`` each. Open loop: the send times are drawn
@@ -77,7 +87,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fraudstream.loadtest.baselines import run_baselines
+from fraudstream.loadtest.baselines import run_baselines, run_quix
 from fraudstream.loadtest.drain import backlog_drain
 from fraudstream.loadtest.harness import ROOT, _progress, pre_produce
 from fraudstream.loadtest.live import LAG_BACKLOG_S, LAG_RATE_RATIO, SAMPLE_S, LiveTraffic
@@ -141,6 +151,12 @@ def parse_args() -> argparse.Namespace:
                         type=lambda v: [float(x) for x in v.split(",") if x.strip()],
                         help="extra latency runs at these x the backlog drain rate, "
                              "e.g. 0.1,0.25 (default none)")
+    parser.add_argument("--quix", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the Quix Streams stateful peer (default on; skipped with a "
+                             "note when quixstreams is not installed: make bench-deps)")
+    parser.add_argument("--quix-python", type=Path, default=None,
+                        help="the interpreter that imports quixstreams (default: "
+                             ".venv-quix/bin/python, else this one)")
     parser.add_argument("--shared-broker", action="store_true",
                         help="run every live run on the backlog drain's broker and worker "
                              "(the old method; default: a fresh broker and worker per run)")
@@ -203,6 +219,8 @@ def main() -> int:
             pre_produce(settings, codecs, args.events, args.seed)
 
             run_baselines(settings, workdir, uid, args.events, result)
+            run_quix(settings, workdir, uid, args.events, result, args.quix_python,
+                     enabled=args.quix)
 
             with backlog_drain(settings, codecs, workdir, args.events, samplers,
                                result) as (worker, rss):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fraudstream.loadtest.decided_by import decider, describe, tally
 from fraudstream.loadtest.harness import _progress, _spawn, read_decisions
 from fraudstream.loadtest.rss import RssSampler
 from fraudstream.schemas.codec import Codecs
@@ -21,7 +22,8 @@ def backlog_drain(settings: Settings, codecs: Codecs, workdir: Path, events: int
                   samplers: list[RssSampler], result: dict
                   ) -> Iterator[tuple[subprocess.Popen[bytes], RssSampler]]:
     """Starts the worker, waits for its decisions of the ``events`` pre-produced
-    transactions (``result["worker"]``), then yields the worker and its RSS sampler
+    transactions (``result["worker"]``: its rate, and who decided: the model, the rules,
+    or a fallback by cause), then yields the worker and its RSS sampler
     (``--shared-broker`` runs live traffic on them) and stops the worker."""
     _progress("worker: backlog drain...")
     worker = _spawn(["-m", "fraudstream", "worker", "--loglevel", "info"], settings,
@@ -33,10 +35,13 @@ def backlog_drain(settings: Settings, codecs: Codecs, workdir: Path, events: int
         got = read_decisions(settings, codecs, lambda out: len(out) >= events, 300)
         times = [t for t, _ in got]
         rate = (len(times) - 1) / (times[-1] - times[0])
+        decided = tally(decider(d) for _, d in got)
         result["worker"] = {"events": len(got), "seconds": times[-1] - times[0],
-                            "rate": rate}
+                            "rate": rate, "decided_by": decided}
         rss.marks.append((times[0], "drain"))
-        _progress(f"  {rate:,.0f}/s")
+        quix = result.get("quix", {}).get("rate")
+        vs = f" = {rate / quix:.2f}x the Quix peer" if quix else ""
+        _progress(f"  {rate:,.0f}/s{vs}; {describe(decided)}")
         yield worker, rss
     finally:
         rss.stop()

@@ -23,11 +23,12 @@ from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenera
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _spawn(args: list[str], settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], settings: Settings, log: Path,
+           python: str = sys.executable) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
     env.update(settings.to_env())
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        return subprocess.Popen([python, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=out, start_new_session=True, preexec_fn=die_with_parent)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from confluent_kafka import OFFSET_END, Consumer, Producer
 
+from fraudstream.loadtest.decided_by import MODEL, decider, tally
 from fraudstream.loadtest.harness import _progress
 from fraudstream.loadtest.proc import tree_cpu_s
 from fraudstream.schemas.codec import Codecs
@@ -31,14 +32,15 @@ SAMPLE_S = 0.1  # sent / received counts sampled this often
 class DecisionReader(threading.Thread):
     """Reads ``decisions`` from its current end while traffic runs. Keeps, for each decision
     of a transaction sent at or after ``since`` (wall clock), the tuple (received,
-    source_timestamp, decided_at, fallback, batch_ms, features_ms): times in seconds since
-    the epoch, then the worker's own processing time of the decision's batch until the
-    decision was encoded, and of its feature stage (the decision's ``timings_ms``)."""
+    source_timestamp, decided_at, fallback, batch_ms, features_ms, decider): times in
+    seconds since the epoch, then the worker's own processing time of the decision's batch
+    until the decision was encoded, and of its feature stage (the decision's
+    ``timings_ms``), then who decided (loadtest/decided_by.py)."""
 
     def __init__(self, settings: Settings, codecs: Codecs, since: float) -> None:
         super().__init__(name="decisions-reader", daemon=True)
         self.settings, self.codecs, self.since = settings, codecs, since
-        self.records: list[tuple[float, float, float, bool, float, float]] = []
+        self.records: list[tuple[float, float, float, bool, float, float, str]] = []
         self.ready = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -68,7 +70,8 @@ class DecisionReader(threading.Thread):
                     if src >= since:
                         t = d["timings_ms"]
                         records.append((now, src, d["decided_at"].timestamp(), d["fallback"],
-                                        t.get("total", 0.0), t.get("features", 0.0)))
+                                        t.get("total", 0.0), t.get("features", 0.0),
+                                        decider(d)))
         except BaseException as exc:  # reported by LiveTraffic._watch
             self.error = exc
         finally:
@@ -205,12 +208,16 @@ class LiveTraffic:
             if time.monotonic() >= next_print:
                 next_print += 1.0
                 dt = now - last[0]
-                recent = [(r[0] - r[1]) * 1000.0 for r in records[last[2]:recv]]
+                second = records[last[2]:recv]
+                recent = [(r[0] - r[1]) * 1000.0 for r in second]
                 p99 = f"{percentile(recent, 0.99):7.1f} ms" if recent else "      - ms"
                 shown = f"{rate:>8,.0f}/s" if rate else " " * 10
+                model = sum(1 for r in second if r[6] == MODEL)
+                fell_back = sum(1 for r in second if r[3])
                 _progress(f"  {label:>18} {shown}  t {now - start:5.1f}s  "
                           f"sent {(sent - last[1]) / dt:>7,.0f}/s  "
-                          f"decided {(recv - last[2]) / dt:>7,.0f}/s  p99(1s) {p99}  "
+                          f"decided {(recv - last[2]) / dt:>7,.0f}/s (model {model / dt:,.0f}/s, "
+                          f"fallback {fell_back / dt:,.0f}/s)  p99(1s) {p99}  "
                           f"backlog {sent - recv:>7,}")
                 last = (now, sent, recv)
 
@@ -267,6 +274,7 @@ class LiveTraffic:
             "received_in_window": in_window, "throughput": in_window / seconds,
             "decided": len(recs), "drained": drained, "drain_s": drain_s,
             "fallbacks": sum(1 for r in recs if r[3]),
+            "decided_by": tally(r[6] for r in recs),
             **_latency_stats(lat, decided), **verdict,
             "worker_batch_p50_ms": percentile(batch, 0.50) if batch else None,
             "worker_batch_p99_ms": percentile(batch, 0.99) if batch else None,

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from fraudstream.loadtest import plots
+from fraudstream.loadtest.decided_by import brief, describe
 from fraudstream.loadtest.live import LAG_BACKLOG_S, LAG_RATE_RATIO
 from fraudstream.loadtest.rss import RssSampler, rss_report
 from fraudstream.loadtest.runs import Runs, timeline
@@ -34,6 +35,17 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def quix_line(quix: dict | None) -> str:
+    """The Quix Streams peer's line of the baselines: its rate, or why there is none."""
+    label = "  Quix Streams: Avro decode, per-card state"
+    if not quix or "rate" not in quix:
+        why = (quix or {}).get("skipped", "not run")
+        return f"{label}  skipped: {why}"
+    return (f"{label} {quix['rate']:>9,.0f}/s   (RocksDB with changelog, one output each; "
+            f"to the final commit; {quix['rate_until_processed']:,.0f}/s until the last "
+            f"record was processed; quixstreams {quix['quixstreams']})")
+
+
 def print_summary(result: dict, what: str) -> None:
     b, k = result["bare_faust"], result["kafka_loop"]
     w, sat, budget = result["worker"], result["saturation"], result["budget_ms"]
@@ -42,18 +54,27 @@ def print_summary(result: dict, what: str) -> None:
     print(f"  bare Faust agent, consume only            {b['rate']:>9,.0f}/s")
     print(f"  Kafka loop: consume, decode, produce      {k['rate']:>9,.0f}/s   (to the final "
           f"flush; {k['rate_until_produced']:,.0f}/s until the last produce call)")
-    print(f"worker ({what})  {'':>22}vs bare Faust  vs Kafka loop")
-    rows = [("backlog drain", w["rate"], "drain")]
+    print(quix_line(result.get("quix")))
+    if not result.get("models"):
+        print("NOTE: no --models: the rules decide every transaction by design; the model "
+              "made no decision in any rate below")
+    # the ratio columns end where the rows' do (2 + 30 + 1 + 11 + 3 + 12, then 2 + 12 each)
+    print(f"{f'worker ({what})':<46}{'vs bare Faust':>13}  {'vs Kafka loop':>12}  "
+          f"{'vs Quix':>12}")
+    rows = [("backlog drain", w["rate"], "drain", w.get("decided_by"))]
     if result["steps"]:
-        rows += [(f"saturation, p99 <= {budget:g} ms", (sat["by_budget"] or {}).get("rate"),
-                  "saturation_by_budget"),
-                 ("saturation, lag only", (sat["lag_only"] or {}).get("rate"),
-                  "saturation_lag_only")]
-    for name, rate, key in rows:
+        by_budget, lag_only = sat["by_budget"] or {}, sat["lag_only"] or {}
+        rows += [(f"saturation, p99 <= {budget:g} ms", by_budget.get("rate"),
+                  "saturation_by_budget", by_budget.get("decided_by")),
+                 ("saturation, lag only", lag_only.get("rate"), "saturation_lag_only",
+                  lag_only.get("decided_by"))]
+    for name, rate, key, decided in rows:
         r = result["ratios"][key]
         shown = "none" if rate is None else f"{rate:,.0f}/s"
         print(f"  {name:<30} {shown:>11}   {_x(r['vs_bare_faust']):>12}  "
-              f"{_x(r['vs_kafka_loop']):>12}")
+              f"{_x(r['vs_kafka_loop']):>12}  {_x(r.get('vs_quix')):>12}")
+        if rate is not None:
+            print(f"    {describe(decided)}")
     for note in (sat.get("note"), sat.get("note_lag")):
         if note and result["steps"]:
             print(f"  NOTE: {note}")
@@ -75,7 +96,7 @@ def print_summary(result: dict, what: str) -> None:
               f"{LAG_BACKLOG_S:g}s of traffic at the end)")
         print(f"  {'rate':>8} {'sent':>7} {'decided/s':>9} {'p50':>10} {'p90':>10} "
               f"{'p99':>10} {'decided p50/p99':>20} {'backlog end':>11} {'lag':>5} "
-              f"{'budget':>6} {'send late p99':>13} {'CPU% wkr/brk/gen':>16}")
+              f"{'budget':>6} {'send late p99':>13} {'CPU% wkr/brk/gen':>16}  decided by")
         for s in result["steps"]:
             td = f"{_ms(s['to_decided_p50_ms'])} / {_ms(s['to_decided_p99_ms'])}"
             backlog = "-" if s["backlog_end_s"] is None else f"{s['backlog_end_s']:.2f}s"
@@ -83,7 +104,8 @@ def print_summary(result: dict, what: str) -> None:
                   f"{_ms(s['p50_ms']):>10} {_ms(s['p90_ms']):>10} {_ms(s['p99_ms']):>10} "
                   f"{td:>20} {backlog:>11} {'grew' if s['lag_grew'] else 'ok':>5} "
                   f"{'ok' if s['within_budget'] else 'over':>6} "
-                  f"{_ms(s['sender_late_p99_ms']):>13} {_cpu_short(s):>16}")
+                  f"{_ms(s['sender_late_p99_ms']):>13} {_cpu_short(s):>16}  "
+                  f"{brief(s.get('decided_by'))}")
     lt = result.get("latency_at_70pct")
     if lt:
         print()
@@ -92,7 +114,7 @@ def print_summary(result: dict, what: str) -> None:
               f"p99 {_ms(lt['p99_ms'])} (until decided p50 {_ms(lt['to_decided_p50_ms'])}, "
               f"p99 {_ms(lt['to_decided_p99_ms'])}); lag grew: {lt['lag_grew']}; worker batch "
               f"time p50 {_ms(lt['worker_batch_p50_ms'])}, p99 {_ms(lt['worker_batch_p99_ms'])}; "
-              f"CPU %: {_cpu(lt)}")
+              f"CPU %: {_cpu(lt)}; {describe(lt.get('decided_by'))}")
     elif result["steps"]:
         print()
         print(f"latency at 70% of saturation: not run ({result.get('latency_at_70pct_note')})")
@@ -102,7 +124,8 @@ def print_summary(result: dict, what: str) -> None:
               f"p90 {_ms(lt['p90_ms'])}, p99 {_ms(lt['p99_ms'])} (until decided p50 "
               f"{_ms(lt['to_decided_p50_ms'])}, p99 {_ms(lt['to_decided_p99_ms'])}; worker "
               f"batch time p50 {_ms(lt['worker_batch_p50_ms'])}, "
-              f"p99 {_ms(lt['worker_batch_p99_ms'])}; CPU %: {_cpu(lt)})")
+              f"p99 {_ms(lt['worker_batch_p99_ms'])}; CPU %: {_cpu(lt)}; "
+              f"{describe(lt.get('decided_by'))})")
     rss = result["rss"]
     if rss["peak_mb"] is not None:
         n = len(rss["workers"])
@@ -115,7 +138,8 @@ def print_summary(result: dict, what: str) -> None:
 
 def _ratios(rate: float | None, result: dict) -> dict:
     return {"rate": rate, "vs_bare_faust": _ratio(rate, result["bare_faust"]["rate"]),
-            "vs_kafka_loop": _ratio(rate, result["kafka_loop"]["rate"])}
+            "vs_kafka_loop": _ratio(rate, result["kafka_loop"]["rate"]),
+            "vs_quix": _ratio(rate, (result.get("quix") or {}).get("rate"))}
 
 
 def finish(result: dict, runs: Runs, samplers: list[RssSampler], out_dir: Path, budget: float,
@@ -131,6 +155,7 @@ def finish(result: dict, runs: Runs, samplers: list[RssSampler], out_dir: Path, 
         "saturation_lag_only": _ratios((sat["lag_only"] or {}).get("rate"), result),
     }
     result["worker_over_bare"] = result["ratios"]["drain"]["vs_bare_faust"]
+    result["worker_over_quix"] = result["ratios"]["drain"]["vs_quix"]
     buckets, timed_runs, segments = timeline(runs.segments)
     result["timeline"] = {
         "rebased": runs.fresh, "segments": segments, "buckets": buckets,

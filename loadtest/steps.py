@@ -7,6 +7,7 @@ import argparse
 import itertools
 from collections.abc import Iterator
 
+from fraudstream.loadtest.decided_by import describe
 from fraudstream.loadtest.harness import _progress
 from fraudstream.loadtest.report import _cpu, _ms
 from fraudstream.loadtest.runs import Runs
@@ -32,7 +33,7 @@ def run_steps(live: Runs, args: argparse.Namespace, budget_ms: float) -> list[di
         _progress(f"  -> p99 {_ms(step['p99_ms'])}, lag grew: {step['lag_grew']}, "
                   f"drained in {step['drain_s']:.1f}s; worker batch time p50 "
                   f"{_ms(step['worker_batch_p50_ms'])}, p99 {_ms(step['worker_batch_p99_ms'])}; "
-                  f"CPU %: {_cpu(step)}")
+                  f"CPU %: {_cpu(step)}; {describe(step['decided_by'])}")
         both_failed = both_failed + 1 if step["lag_grew"] and not step["within_budget"] else 0
         lag_grew = lag_grew + 1 if step["lag_grew"] else 0
         if not step["drained"]:
@@ -56,7 +57,7 @@ def saturation(steps: list[dict], budget_ms: float) -> dict:
             return None
         s = max(found, key=lambda s: s["rate"])
         return {"rate": s["rate"], "step": s["label"], "throughput": s["throughput"],
-                "p99_ms": s["p99_ms"]}
+                "p99_ms": s["p99_ms"], "decided_by": s["decided_by"]}
 
     out = {"budget_ms": budget_ms, "by_budget": pick(by_budget), "lag_only": pick(by_lag)}
     if not steps:
