@@ -32,7 +32,7 @@ test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus wit
 lint: venv  ## ruff
 	$(BIN)/ruff check .
 
-test: venv test-deps lint  ## install what the tests need and run them all (e2e included)
+test: venv test-deps bench-deps lint  ## install what the tests need and run them all (e2e included; bench-deps for the Quix peer's test)
 	$(BIN)/pytest
 
 FAKE ?= 2027-02-28 23:59:30
