@@ -22,8 +22,11 @@ different bytes), duplicates (the same decision again) and the share decided by 
 (``--models``: a registry folder with an active version; trained small once, if empty).
 
 ``--root DIR`` runs the worker from another checkout (e.g. a ``git worktree`` of an older
-commit) with this interpreter, to compare before and after; settings that checkout does
-not know are left out of its environment.
+commit) with that checkout's own interpreter (``DIR/.venv/bin/python``: ``make venv``
+there), to compare before and after; settings that checkout does not know are left out of
+its environment. (This interpreter would import this checkout's packages whatever the
+working directory: the editable install maps ``fraudstream.*`` here.) A root whose
+interpreter loads another checkout's code is refused.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _importtime_s(code: str, root: Path) -> float:
     """Sum of the top-level cumulative import times ``-X importtime`` reports, seconds."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=root,
+    out = subprocess.run([python_of(root), "-X", "importtime", "-c", code], cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
                          text=True, check=True)
     total = 0
@@ -75,7 +78,7 @@ def _importtime_s(code: str, root: Path) -> float:
 
 def _wall_s(code: str, root: Path) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=root, check=True,
+    subprocess.run([python_of(root), "-c", code], cwd=root, check=True,
                    env={**os.environ, "PYTHONPATH": str(root)})
     return time.perf_counter() - t0
 
@@ -143,8 +146,23 @@ class Stack:
         self.broker.__exit__(*exc)
 
 
+def python_of(root: Path) -> str:
+    """The interpreter that runs ``root``'s own code: its venv's, or this one for this
+    checkout. Raises SystemExit when it would load another checkout's packages."""
+    own = root / ".venv" / "bin" / "python"
+    python = str(own) if own.exists() else sys.executable
+    out = subprocess.run(
+        [python, "-c", "import fraudstream.streams.pipeline as p; print(p.__file__)"],
+        cwd=root, capture_output=True, text=True)
+    loaded = Path(out.stdout.strip() or "?").resolve()
+    if out.returncode != 0 or not loaded.is_relative_to(root.resolve()):
+        raise SystemExit(f"--root {root}: {python} loads {loaded}, not that checkout's code: "
+                         f"run make venv in {root} first")
+    return python
+
+
 def _known_settings(root: Path) -> set[str]:
-    out = subprocess.run([sys.executable, "-m", "fraudstream", "settings"], cwd=root,
+    out = subprocess.run([python_of(root), "-m", "fraudstream", "settings"], cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
                          text=True, check=True)
     return {line.split("=", 1)[0] for line in out.stdout.splitlines() if "=" in line}
@@ -159,6 +177,7 @@ class Worker:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
         self.env.update({k: v for k, v in settings.to_env().items() if k in known})
         self.env["PYTHONPATH"] = str(root)
+        self.python = python_of(root)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.log_offset = 0
@@ -168,7 +187,7 @@ class Worker:
         with open(self.log, "ab") as out:
             self.started = time.time()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fraudstream", "worker", "--loglevel", "info"],
+                [self.python, "-m", "fraudstream", "worker", "--loglevel", "info"],
                 env=self.env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=die_with_parent)
         return self.started
