@@ -104,6 +104,10 @@ def _card_bytes(store: Any, cards: list[str], partitions: int) -> float:
 
 def cost(args: argparse.Namespace) -> dict[str, Any]:
     txns = _history(args)
+    if args.gc_gen0:  # the collector as the worker tunes it (streams/worker/app.py tune_gc)
+        from fraudstream.streams.worker.app import tune_gc
+
+        tune_gc(args.gc_gen0)
     cards = sorted({t["card_id"] for t in txns})
     print(f"{len(txns)} transactions, {len(cards)} cards, batches of {args.batch}, "
           f"{args.repeat} rounds", file=sys.stderr)
@@ -373,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"])
     c.add_argument("--redis-url", default="")
     c.add_argument("--repeat", type=int, default=3, help="rounds over the backends")
+    c.add_argument("--gc-gen0", type=int, default=0,
+                   help="tune the garbage collector as the worker does with this gen0 "
+                   "threshold (FRAUDSTREAM_WORKER_GC_GEN0_THRESHOLD; 0: Python's defaults)")
     s = sub.add_parser("scale", help="1M cards: bytes per card, RSS, recovery time")
     s.add_argument("--traffic", type=int, default=50_000,
                    help="transactions on random cards after the restart, for the RSS")
