@@ -19,7 +19,7 @@ run (4-6) on a broker and worker of its own:
 
 **Who decided**: every worker rate (drain, steps, saturation, latency runs) comes with how
 many of its decisions the model made, how many the rules made by design (no model), and
-how many fell back to the rules, by cause (``deadline``, ``timeout``, ...), read from the
+how many fell back to the rules, by cause (``timeout``, ``busy``, ...), read from the
 decisions it was measured on (loadtest/decided_by.py). A rate whose decisions fell back
 measures features plus rules, not the model.
 4. **Step mode** (``--steps``, on by default): the worker under open-loop Poisson

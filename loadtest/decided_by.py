@@ -23,8 +23,8 @@ _PREFIX = "fallback:"
 
 def decider(decision: Mapping[str, Any]) -> str:
     """``"model"``, ``"rules"`` (by design: no model to ask) or the fallback's cause
-    (``deadline``, ``timeout``, ``busy``, ``error``, ``nan``, ``degraded``,
-    ``model_unavailable``)."""
+    (``timeout``, ``busy``, ``error``, ``nan``, ``degraded``, ``model_unavailable``;
+    ``deadline`` from a worker of before late batches went to the model)."""
     if decision["fallback"]:
         for reason in decision["reasons"]:
             if reason.startswith(_PREFIX):

@@ -36,8 +36,11 @@ def backlog_drain(settings: Settings, codecs: Codecs, workdir: Path, events: int
         times = [t for t, _ in got]
         rate = (len(times) - 1) / (times[-1] - times[0])
         decided = tally(decider(d) for _, d in got)
+        late = [d.get("late_ms") or 0.0 for _, d in got]  # absent before late_ms existed
         result["worker"] = {"events": len(got), "seconds": times[-1] - times[0],
-                            "rate": rate, "decided_by": decided}
+                            "rate": rate, "decided_by": decided,
+                            "past_budget": sum(1 for x in late if x > 0),
+                            "late_ms_max": max(late, default=0.0)}
         rss.marks.append((times[0], "drain"))
         quix = result.get("quix", {}).get("rate")
         vs = f" = {rate / quix:.2f}x the Quix peer" if quix else ""
