@@ -76,7 +76,8 @@ class AvroCodec:
         if name == "decision":  # one per transaction: written by hand when the schema allows
             from fraudstream.schemas.decision_writer import writer_for
 
-            writer = writer_for(json.loads(schema_text(name)), self._header)
+            writer = writer_for(json.loads(schema_text(name)), self._header,
+                                fallback=self._fastavro_encode)
             if writer is not None:
                 self.encode = writer.encode  # type: ignore[method-assign]
         # writer schema id -> parsed writer schema (None: same as ours, no resolution)
@@ -84,6 +85,9 @@ class AvroCodec:
         self._unknown: dict[int, float] = {}  # schema id -> when the registry said no
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
+        return self._fastavro_encode(record)
+
+    def _fastavro_encode(self, record: Mapping[str, Any]) -> bytes:
         out = io.BytesIO()
         out.write(self._header)
         fastavro.schemaless_writer(out, self.schema, record)

@@ -6,7 +6,8 @@ the same bytes for ``decision.avsc`` with its fields in a fixed order, and reuse
 of the stage-times map that every decision of a micro-batch shares. It serves only the
 schema it was written for: :func:`writer_for` returns None when ``decision.avsc`` has other
 fields or types, and the codec then uses fastavro (tests/test_codec_writer.py compares the
-two on varied records).
+two on varied records). A record it does not write as is (a ``datetime`` for a timestamp,
+a missing field) goes to fastavro, so conversions and errors are fastavro's.
 
 Avro binary: long as zigzag varint; double as 8 bytes little-endian; string as its length
 then UTF-8; enum as its index; boolean as one byte; ``["null", X]`` as the branch index then
@@ -16,7 +17,7 @@ X; arrays and maps as one block (count, items) and a 0 count, or a lone 0 when e
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _DOUBLE = struct.Struct("<d").pack
@@ -52,13 +53,24 @@ def _string(value: str) -> bytes:
 
 
 class DecisionWriter:
-    def __init__(self, header: bytes) -> None:
+    def __init__(self, header: bytes,
+                 fallback: Callable[[Mapping[str, Any]], bytes] | None = None) -> None:
         self.header = header
+        #: Encodes what this writer does not take as is (fastavro, in the codec).
+        self.fallback = fallback
         self._outcome = {name: _long(i) for i, name in enumerate(OUTCOMES)}
         self._map: Mapping[str, float] | None = None
         self._map_bytes = b""
 
     def encode(self, d: Mapping[str, Any]) -> bytes:
+        try:
+            return self._encode(d)
+        except Exception:
+            if self.fallback is None:
+                raise
+            return self.fallback(d)
+
+    def _encode(self, d: Mapping[str, Any]) -> bytes:
         timings = d["timings_ms"]
         if timings is not self._map:  # a batch's decisions share one map
             self._map, self._map_bytes = timings, _double_map(timings)
@@ -109,8 +121,10 @@ def _type_name(t: Any) -> str:
     return str(t)
 
 
-def writer_for(schema: Mapping[str, Any], header: bytes) -> DecisionWriter | None:
+def writer_for(schema: Mapping[str, Any], header: bytes,
+               fallback: Callable[[Mapping[str, Any]], bytes] | None = None
+               ) -> DecisionWriter | None:
     """A writer for ``schema`` (the JSON of decision.avsc), or None when it is not the
-    schema this writer knows."""
+    schema this writer knows; ``fallback`` encodes what it does not take as is."""
     fields = tuple((f["name"], _type_name(f["type"])) for f in schema.get("fields", ()))
-    return DecisionWriter(header) if fields == FIELDS else None
+    return DecisionWriter(header, fallback) if fields == FIELDS else None

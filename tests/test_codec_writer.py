@@ -74,3 +74,25 @@ def test_another_schema_gets_no_hand_written_writer():
     schema = json.loads(schema_text("decision"))
     schema["fields"][3]["type"] = "float"  # score as float: other bytes
     assert writer_for(schema, b"\x00\x00\x00\x00\x01") is None
+
+
+def test_what_the_writer_does_not_take_as_is_goes_to_fastavro():
+    """A datetime for a timestamp (fastavro converts it), and a missing field (fastavro's
+    own error): the codec behaves as fastavro does."""
+    import datetime as dt
+
+    import pytest
+
+    codec = Codecs(make_registry("mock://writer-fallback"), TopicSettings()).decision
+    record = _decisions(1)[0]
+    when = dt.datetime.fromtimestamp(T0_MS / 1000, tz=dt.UTC)
+    as_dates = {**record, "event_time": when, "decided_at": when}
+    assert codec.decode(codec.encode(as_dates))["decided_at"] == when
+    assert codec.encode(as_dates) == codec.encode({**record, "event_time": T0_MS,
+                                                   "decided_at": T0_MS})
+    incomplete = {k: v for k, v in record.items() if k != "card_id"}
+    with pytest.raises(Exception) as mine:
+        codec.encode(incomplete)
+    with pytest.raises(Exception) as theirs:
+        _fastavro(b"", incomplete)
+    assert type(mine.value) is type(theirs.value)

@@ -58,7 +58,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
             except Exception:  # not started yet: no assignment to compare with
                 pass
             size = self.sizer.size()
-            self._cap_fetch(size)
+            # a table's recovery reads its changelog through this consumer: no cap then
+            self._cap_fetch(None if getattr(self.app, "in_recovery", False) else size)
         records, active = await self._wait_next_records(timeout)
         fetched_at = time.perf_counter()
         if records is None or self.should_stop:
@@ -87,9 +88,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
             for record in recs:
                 yield tp, to_message(tp, record)
 
-    def _cap_fetch(self, size: int) -> None:
+    def _cap_fetch(self, size: int | None) -> None:
         """At most ``size`` records from the next fetch (aiokafka reads its
-        ``_max_poll_records`` at every call); records of other topics count too."""
+        ``_max_poll_records`` at every call; None: no cap); records of other topics count
+        too."""
         thread = getattr(self, "_thread", None)
         consumer = getattr(thread, "_consumer", None)
         if consumer is not None:
