@@ -12,7 +12,7 @@ import ipaddress
 import math
 import re
 import unicodedata
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fraudstream.schemas.fx import Rates
@@ -229,12 +229,25 @@ def _number(rec: dict[str, Any], name: str, required: bool = True) -> float | No
     return value
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _millis(value: datetime) -> int:
+    """Epoch milliseconds, exactly: ``int(value.timestamp() * 1000)`` goes through a float
+    and lands 1 ms short for some times before 2004 and after 2038. A naive datetime is
+    taken as UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MS
+
+
 def _event_time(rec: dict[str, Any], name: str = "event_time") -> int:
     value = rec.get(name)
     if value is None:
         raise ValidationError(name, "missing")
     if isinstance(value, datetime):  # fastavro decodes timestamp-millis to datetime
-        return int(value.timestamp() * 1000)
+        return _millis(value)
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -242,7 +255,7 @@ def _event_time(rec: dict[str, Any], name: str = "event_time") -> int:
             raise ValidationError(name, f"not an ISO-8601 time: {value!r}") from exc
         if parsed.tzinfo is None:
             raise ValidationError(name, "ISO-8601 time without a time zone")
-        return int(parsed.timestamp() * 1000)
+        return _millis(parsed)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(name, f"expected epoch millis, got {type(value).__name__}")
     return value

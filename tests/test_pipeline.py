@@ -186,3 +186,21 @@ def test_the_event_time_high_water_mark_is_the_newest_decided_per_partition(unit
                      nothing_seen)
     pipeline.process(raw([encode(txn(4, event_time=T0_MS - 7_000))], 0), nothing_seen)
     assert pipeline.event_time_hwm == {0: T0_MS - 5_000, 2: T0_MS - 40 * 86_400_000}
+
+
+@pytest.mark.parametrize("ms", [2_193_528_273_693, 1_079_919_129_416])  # 2039, 2004
+def test_avro_event_times_are_read_to_the_millisecond_whatever_the_year(unit_codecs, ms):
+    """fastavro hands timestamp-millis over as a datetime; converting it through a float
+    lost a millisecond for some times (these two among them)."""
+    from datetime import UTC, datetime, timedelta
+
+    from fraudstream.schemas.fx import Rates
+    from fraudstream.schemas.validate import validate_transaction
+
+    when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    assert int(when.timestamp() * 1000) == ms - 1  # the float way is 1 ms short here
+    record = unit_codecs.transaction.decode(unit_codecs.transaction.encode(txn(0, event_time=ms)))
+    assert isinstance(record["event_time"], datetime)
+    valid = validate_transaction(record, now_ms=ms, max_future_ms=0, max_amount=1e9,
+                                 rates=Rates.load())
+    assert valid["event_time"] == ms
