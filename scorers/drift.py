@@ -51,6 +51,7 @@ class DriftMonitor:
         self.edges = [np.asarray(r["edges"], dtype=np.float64) for r in refs]
         self.expected = [np.asarray(r["proportions"], dtype=np.float64) for r in refs]
         self.counts = [np.zeros(len(e) - 1) for e in self.edges]
+        self._binner = Binner(self.edges)
         self.n = 0
         self.window_start: int | None = None
         self.page_hinkley = drift.PageHinkley()
@@ -65,14 +66,11 @@ class DriftMonitor:
             return []
         if self.window_start is None:
             self.window_start = now_ms
-        columns = [X[:, i].astype(np.float64) for i in range(X.shape[1])]
+        values = X.astype(np.float64)
         if scores is not None:
-            columns.append(scores)
-        for k, values in enumerate(columns):
-            edges = self.edges[k]
-            bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0,
-                           len(edges) - 2)
-            self.counts[k] += np.bincount(bins, minlength=len(edges) - 1)
+            values = np.column_stack([values, scores])
+        for k, counts in enumerate(self._binner.counts(values)):
+            self.counts[k] += counts
         self.n += len(X)
         events = []
         if scores is not None:
@@ -104,6 +102,44 @@ class DriftMonitor:
         return drift_event(feature, stat, value, threshold, self.window_start or now_ms,
                            now_ms, self.n, self.version,
                            "critical" if value > 2 * threshold else "warning")
+
+
+class Binner:
+    """Histogram counts of every column of a batch at once, against each column's own
+    edges: what ``np.searchsorted(edges, column, side="right") - 1``, clipped to the
+    column's bins, then ``np.bincount`` give column by column, with one bincount for the
+    whole batch instead of one per column (a batch of 32 events paid ~15 us an event for
+    the 63 columns)."""
+
+    #: Up to this many rows, one comparison of every value with every edge; above it,
+    #: a searchsorted per column (measured: 2.3 against 15 us an event at 32 rows, 1.3
+    #: against 2.0 at 500).
+    BROADCAST_ROWS = 128
+
+    def __init__(self, edges: list[np.ndarray]) -> None:
+        self.sorted_edges = edges
+        width = max(len(e) for e in edges)
+        #: Edges padded with +inf: no value is at or past a padding edge.
+        self.edges = np.full((len(edges), width), np.inf)
+        for k, e in enumerate(edges):
+            self.edges[k, :len(e)] = e
+        self.last_bin = np.array([len(e) - 2 for e in edges])
+        self.offsets = np.concatenate([[0], np.cumsum([len(e) - 1 for e in edges])])
+
+    def counts(self, values: np.ndarray) -> list[np.ndarray]:
+        """Per column (the columns of ``values``, in the order of the edges), its counts."""
+        # edges at or below each value (searchsorted side="right"); NaN sorts last there
+        if len(values) <= self.BROADCAST_ROWS:
+            at_or_below = np.count_nonzero(values[:, :, None] >= self.edges[None, :, :],
+                                           axis=2)
+            at_or_below = np.where(np.isnan(values), self.edges.shape[1], at_or_below)
+        else:
+            at_or_below = np.empty(values.shape, dtype=np.int64)
+            for k, e in enumerate(self.sorted_edges):
+                at_or_below[:, k] = np.searchsorted(e, values[:, k], side="right")
+        bins = np.clip(at_or_below - 1, 0, self.last_bin) + self.offsets[:-1]
+        flat = np.bincount(bins.ravel(), minlength=int(self.offsets[-1])).astype(np.float64)
+        return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
 
 
 def drift_event(feature: str, statistic: str, value: float, threshold: float,
