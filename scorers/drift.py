@@ -127,19 +127,21 @@ class Binner:
         self.offsets = np.concatenate([[0], np.cumsum([len(e) - 1 for e in edges])])
 
     def counts(self, values: np.ndarray) -> list[np.ndarray]:
-        """Per column (the columns of ``values``, in the order of the edges), its counts."""
+        """Per column of ``values``, its counts. ``values`` has the first columns of the
+        edges' (the features without the score when the model did not score)."""
+        m = values.shape[1]
+        edges, last_bin, offsets = self.edges[:m], self.last_bin[:m], self.offsets[:m + 1]
         # edges at or below each value (searchsorted side="right"); NaN sorts last there
         if len(values) <= self.BROADCAST_ROWS:
-            at_or_below = np.count_nonzero(values[:, :, None] >= self.edges[None, :, :],
-                                           axis=2)
-            at_or_below = np.where(np.isnan(values), self.edges.shape[1], at_or_below)
+            at_or_below = np.count_nonzero(values[:, :, None] >= edges[None, :, :], axis=2)
+            at_or_below = np.where(np.isnan(values), edges.shape[1], at_or_below)
         else:
             at_or_below = np.empty(values.shape, dtype=np.int64)
-            for k, e in enumerate(self.sorted_edges):
+            for k, e in enumerate(self.sorted_edges[:m]):
                 at_or_below[:, k] = np.searchsorted(e, values[:, k], side="right")
-        bins = np.clip(at_or_below - 1, 0, self.last_bin) + self.offsets[:-1]
-        flat = np.bincount(bins.ravel(), minlength=int(self.offsets[-1])).astype(np.float64)
-        return [flat[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+        bins = np.clip(at_or_below - 1, 0, last_bin) + offsets[:-1]
+        flat = np.bincount(bins.ravel(), minlength=int(offsets[-1])).astype(np.float64)
+        return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def drift_event(feature: str, statistic: str, value: float, threshold: float,

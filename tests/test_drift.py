@@ -69,3 +69,22 @@ def test_batch_binning_counts_what_searchsorted_counts_column_by_column():
             bins = np.clip(np.searchsorted(e, values[:, k], side="right") - 1, 0, len(e) - 2)
             want = np.bincount(bins, minlength=len(e) - 1)
             assert got[k].tolist() == want.tolist(), (batch, k)
+        # without the last column (the score, when the model did not score)
+        fewer = binner.counts(values[:, :-1])
+        assert len(fewer) == len(edges) - 1
+        assert [c.tolist() for c in fewer] == [c.tolist() for c in got[:-1]]
+
+
+def test_a_batch_the_model_did_not_score_still_counts_its_features(models_registry):
+    """A fallback (timeout, error) leaves no scores: the features' drift is counted all
+    the same, and the score's histogram is left alone."""
+    model = models_registry.load(models_registry.versions()[0])
+    monitor = DriftMonitor(model.version, model.reference, DriftConfig(10_000, 0.2, 0.1))
+    X = np.random.default_rng(3).normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
+    for rows in (X[:5], X):  # both ways of binning: few rows, many
+        assert monitor.observe(rows, None, 0) == []
+    assert monitor.n == 205
+    assert all(c.sum() == 205 for c in monitor.counts[:-1])
+    assert monitor.counts[-1].sum() == 0
+    monitor.observe(X[:40], np.full(40, 0.5), 0)
+    assert monitor.counts[-1].sum() == 40
