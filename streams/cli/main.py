@@ -6,7 +6,9 @@ it is read in a terminal.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from typing import Any
 
 from fraudstream.streams.settings import Settings, SettingsError, describe
 
@@ -147,66 +149,32 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="warning")
     p.set_defaults(func=_cmd_worker)
 
-    p = sub.add_parser("produce", help="send generated or CSV traffic")
-    if wanted("produce"):
-        from fraudstream.streams.traffic.produce import add_arguments
+    def with_module(command: str, help: str, module: str, func: Any, **kwargs: Any) -> None:
+        """A subcommand whose options live in ``module`` (its ``add_arguments``, and its
+        ``DESCRIPTION`` if it has one), imported only when that command runs."""
+        p = sub.add_parser(command, help=help, **kwargs)
+        if wanted(command):
+            options = importlib.import_module(f"fraudstream.streams.{module}")
+            p.description = getattr(options, "DESCRIPTION", None)
+            options.add_arguments(p)
+        p.set_defaults(func=func)
 
-        add_arguments(p)
-    p.set_defaults(func=_cmd_produce)
-
-    p = sub.add_parser("tail", help="print decoded records of a topic, or export a time "
-                                    "range of them (JSON lines or CSV)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    if wanted("tail"):
-        from fraudstream.streams.cli.tail import DESCRIPTION as TAIL_DESCRIPTION
-        from fraudstream.streams.cli.tail import add_arguments as tail_arguments
-
-        p.description = TAIL_DESCRIPTION
-        tail_arguments(p)
-    p.set_defaults(func=_cmd_tail)
-
-    p = sub.add_parser("demo", help="run everything on embedded defaults with a live summary")
-    if wanted("demo"):
-        from fraudstream.streams.demo.run import add_arguments as demo_arguments
-
-        demo_arguments(p)
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("generate", help="write a simulated history (CSV, labels included)")
-    if wanted("generate"):
-        from fraudstream.streams.traffic.history import add_arguments as history_arguments
-
-        history_arguments(p)
-    p.set_defaults(func=_cmd_generate)
-
-    p = sub.add_parser("features", help="compute the feature vectors of a CSV/Parquet history")
-    if wanted("features"):
-        from fraudstream.streams.cli.features import add_arguments as features_arguments
-
-        features_arguments(p)
-    p.set_defaults(func=_cmd_features)
-
-    p = sub.add_parser("train", help="train a model artifact from a labelled history")
-    if wanted("train"):
-        from fraudstream.streams.cli.train import add_arguments as train_arguments
-
-        train_arguments(p)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("model", help="the model registry: list, promote, rollback, shadow, seal")
-    if wanted("model"):
-        from fraudstream.streams.cli.model import add_arguments as model_arguments
-
-        model_arguments(p)
-    p.set_defaults(func=_cmd_model)
-
-    p = sub.add_parser("replay", help="replay a range of transactions through a champion and "
-                                      "a challenger, with a diff report")
-    if wanted("replay"):
-        from fraudstream.streams.cli.replay import add_arguments as replay_arguments
-
-        replay_arguments(p)
-    p.set_defaults(func=_cmd_replay)
+    with_module("produce", "send generated or CSV traffic", "traffic.produce", _cmd_produce)
+    with_module("tail", "print decoded records of a topic, or export a time range of them "
+                "(JSON lines or CSV)", "cli.tail", _cmd_tail,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_module("demo", "run everything on embedded defaults with a live summary", "demo.run",
+                _cmd_demo)
+    with_module("generate", "write a simulated history (CSV, labels included)",
+                "traffic.history", _cmd_generate)
+    with_module("features", "compute the feature vectors of a CSV/Parquet history",
+                "cli.features", _cmd_features)
+    with_module("train", "train a model artifact from a labelled history", "cli.train",
+                _cmd_train)
+    with_module("model", "the model registry: list, promote, rollback, shadow, seal",
+                "cli.model", _cmd_model)
+    with_module("replay", "replay a range of transactions through a champion and a "
+                "challenger, with a diff report", "cli.replay", _cmd_replay)
 
     p = sub.add_parser("settings", help="list every setting and its default")
     p.set_defaults(func=_cmd_settings)
