@@ -224,9 +224,11 @@ class Pipeline:
             out.features = fb
             out.feature_writes = fb.writes
             vectors = fb.vectors
-        # The feature matrix, built once for the learner's log and the model.
-        X = (np.array([v.row for v in vectors], dtype=np.float32)
-             if vectors and (self.online is not None or self.models is not None) else None)
+        # The feature matrix, built once for the learner's log and the model (none when
+        # neither will read it: no learner, no active model).
+        wanted = self.online is not None or (self.models is not None
+                                             and self.models.active is not None)
+        X = np.array([v.row for v in vectors], dtype=np.float32) if vectors and wanted else None
         learners: dict[int, Any] = {}
         if self.online is not None and not (out.features is not None and out.features.degraded):
             try:
