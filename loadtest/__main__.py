@@ -202,9 +202,7 @@ def main() -> int:
     with EmbeddedRegistry() as reg:
         with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
             uid = uuid.uuid4().hex[:6]
-            settings = Settings(topics=TopicSettings(
-                **{k: f"{v}-{uid}" for k, v in vars(TopicSettings()).items()}
-            )).replace(
+            settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
                 kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
                        "partitions": args.partitions, "embedded": True},
                 codec={"registry_url": reg.url},

@@ -40,8 +40,7 @@ def drain(label: str, overrides: dict[str, Any], events: int, models: Path | Non
     workdir = Path(tempfile.mkdtemp(prefix="fraudstream-batching-"))
     with EmbeddedRegistry() as reg, EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         uid = uuid.uuid4().hex[:6]
-        settings = Settings(topics=TopicSettings(
-            **{k: f"{v}-{uid}" for k, v in vars(TopicSettings()).items()})).replace(
+        settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
             kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
                    "partitions": 4, "embedded": True},
             codec={"registry_url": reg.url},

@@ -227,7 +227,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with EmbeddedBroker(log_path=work / "tansu.log") as broker, EmbeddedRegistry() as reg:
             uid = uuid.uuid4().hex[:8]
-            topics = TopicSettings(**{n: f"{v}-{uid}" for n, v in vars(TopicSettings()).items()})
+            topics = TopicSettings.suffixed(uid)
             settings = Settings(topics=topics).replace(
                 kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
                        "partitions": args.partitions, "embedded": True},

@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     result |= {"champion": champion, "challenger": challenger}
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker, EmbeddedRegistry() as reg:
         uid = uuid.uuid4().hex[:6]
-        settings = Settings(topics=TopicSettings(
-            **{k: f"{v}-{uid}" for k, v in vars(TopicSettings()).items()}
-        )).replace(
+        settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
             kafka={"bootstrap": broker.bootstrap, "partitions": args.partitions,
                    "embedded": True},
             codec={"registry_url": reg.url},

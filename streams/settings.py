@@ -103,6 +103,12 @@ class TopicSettings:
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
 
+    @classmethod
+    def suffixed(cls, suffix: str) -> TopicSettings:
+        """The default names with ``-<suffix>``: topics of their own on a shared broker
+        (a benchmark run, a test)."""
+        return cls(**{f.name: f"{f.default}-{suffix}" for f in fields(cls)})
+
 
 @dataclass(frozen=True)
 class CodecSettings:

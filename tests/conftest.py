@@ -59,9 +59,7 @@ def registry() -> Iterator[EmbeddedRegistry]:
 def stack_settings(broker: EmbeddedBroker, registry: EmbeddedRegistry, tmp_path: Path) -> Settings:
     """Settings for one test: its own topics and consumer group on the shared broker."""
     uid = uuid.uuid4().hex[:8]
-    topics = TopicSettings(**{
-        name: f"{value}-{uid}" for name, value in vars(TopicSettings()).items()
-    })
+    topics = TopicSettings.suffixed(uid)
     settings = Settings(topics=topics).replace(
         kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "partitions": 3,
                "embedded": True},

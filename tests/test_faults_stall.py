@@ -255,8 +255,7 @@ def test_broker_lost_and_restarted_empty_every_new_transaction_is_decided(regist
     port, metrics_port = free_port(), free_port()
     uid = uuid.uuid4().hex[:8]
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu-1.log").start()
-    settings = Settings(topics=TopicSettings(**{
-        name: f"{value}-{uid}" for name, value in vars(TopicSettings()).items()})).replace(
+    settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
         kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000, "partitions": 3,
                "embedded": True},
         codec={"registry_url": registry.url},

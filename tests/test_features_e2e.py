@@ -29,7 +29,7 @@ def fresh_stack(settings: Settings, partitions: int, features: dict[str, Any]) -
     """The same stack with fresh topics of ``partitions`` partitions. One partition keeps
     the arrival order of the whole stream, which the offline builder reproduces exactly."""
     uid = uuid.uuid4().hex[:8]
-    topics = TopicSettings(**{n: f"{v}-{uid}" for n, v in vars(TopicSettings()).items()})
+    topics = TopicSettings.suffixed(uid)
     out = Settings(topics=topics, kafka=settings.kafka, codec=settings.codec,
                    worker=settings.worker, features=settings.features).replace(
         kafka={"partitions": partitions}, worker={"app_id": f"features-{uid}"},

@@ -40,7 +40,7 @@ def test_bounds_read_offsets_and_times():
 
 def fresh_topics(settings: Settings, partitions: int, **changes) -> Settings:
     uid = uuid.uuid4().hex[:8]
-    topics = TopicSettings(**{n: f"{v}-{uid}" for n, v in vars(TopicSettings()).items()})
+    topics = TopicSettings.suffixed(uid)
     out = Settings(topics=topics, kafka=settings.kafka, codec=settings.codec,
                    worker=settings.worker, features=settings.features,
                    scoring=settings.scoring).replace(
