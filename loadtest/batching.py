@@ -17,13 +17,12 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from fraudstream.loadtest.drain import backlog_drain
-from fraudstream.loadtest.harness import pre_produce
+from fraudstream.loadtest.harness import pre_produce, write_result
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
@@ -87,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         for line in r["status"]:
             print(f"{'':>14}{line[:200]}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"batching-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps([{k: v for k, v in r.items() if k != "status"} for r in results],
-                     default=str))
-    print(f"written to {path}", file=sys.stderr)
+    write_result(args.out, "batching", results,
+                 printed=[{k: v for k, v in r.items() if k != "status"} for r in results])
     return 0
 
 

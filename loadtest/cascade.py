@@ -15,7 +15,6 @@ batches, wall time):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fraudstream.loadtest.harness import write_result
 from fraudstream.scorers import train as T
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import OnlineLearner, OnlineStage
@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['reasons']:5.1f}  online {r['online']:6.1f}  model stage (thread) "
               f"{r['stage']:6.1f}  cascade {r['cascade']:6.1f} "
               "µs/event (wall)", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cascade-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    print(f"written to {path}", file=sys.stderr)
+    write_result(args.out, "cascade", result)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -40,6 +39,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from fraudstream.loadtest.harness import write_result
 from fraudstream.loadtest.proc import rss_kb
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_history_transaction
@@ -393,11 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
     result = cost(args) if args.mode == "cost" else scale(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"features-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps(result, default=str))
-    print(f"written to {path}", file=sys.stderr)
+    write_result(args.out, f"features-{args.mode}", result)
     return 0
 
 

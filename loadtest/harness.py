@@ -4,6 +4,7 @@ the decisions topic from its start."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 
@@ -30,6 +32,17 @@ def _spawn(args: list[str], settings: Settings, log: Path,
     with open(log, "ab") as out:
         return subprocess.Popen([python, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=out, start_new_session=True, preexec_fn=die_with_parent)
+
+
+def write_result(out: Path, name: str, result: Any, printed: Any = None) -> Path:
+    """``<out>/<name>-<time>.json`` with ``result``; prints ``printed`` (default: the
+    result) as one JSON line on stdout and the file's path on stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result if printed is None else printed, default=str))
+    print(f"written to {path}", file=sys.stderr)
+    return path
 
 
 def _progress(line: str) -> None:

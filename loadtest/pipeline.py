@@ -18,7 +18,6 @@ drain of ``python -m fraudstream.loadtest`` to see what the broker and Faust add
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+from fraudstream.loadtest.harness import write_result
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.registry import Registry
@@ -99,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     print("  " + "  ".join(f"{s} {v:.1f}" for s, v in r["stages_us"].items())
           + "  (us per event, medians over batches)", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(r, indent=2))
-    print(json.dumps(r))
-    print(f"written to {path}", file=sys.stderr)
+    write_result(args.out, "pipeline", r)
     return 0
 
 
