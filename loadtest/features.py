@@ -202,7 +202,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     from confluent_kafka import Producer
 
     from fraudstream.schemas.codec import Codecs, make_registry
-    from fraudstream.state.features import CardState
+    from fraudstream.state.records import sections
     from fraudstream.streams.embedded.broker import EmbeddedBroker
     from fraudstream.streams.embedded.registry import EmbeddedRegistry
     from fraudstream.streams.settings import Settings, TopicSettings
@@ -218,7 +218,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         store.write(out.writes)
     templates = [v for (_p, k), v in store.data.items() if k.startswith(b"c|")]
     card_bytes = statistics.mean(len(t) for t in templates)
-    CardState.decode(templates[0])  # they are readable records
+    sections(templates[0])  # they are readable records
     print(f"{len(templates)} template card records, mean {card_bytes:.0f} bytes",
           file=sys.stderr)
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fraudstream.state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
 from fraudstream.state.features import FeatureConfig, Vector
 
@@ -36,6 +38,18 @@ def offline_features(
     stats: OfflineStats | None = None,
 ) -> Iterator[tuple[Mapping[str, Any], Vector]]:
     """(transaction, features) for every new transaction of ``events``, in order."""
+    for txns, X in offline_batches(events, config, batch_size, stats):
+        yield from zip(txns, (Vector(row) for row in X.tolist()), strict=True)
+
+
+def offline_batches(
+    events: Iterable[tuple[str, Mapping[str, Any]]],
+    config: FeatureConfig,
+    batch_size: int = 500,
+    stats: OfflineStats | None = None,
+) -> Iterator[tuple[list[Mapping[str, Any]], np.ndarray]]:
+    """As :func:`offline_features`, a micro-batch at a time: (transactions, their feature
+    matrix, transactions x :data:`~fraudstream.state.features.FEATURE_NAMES`)."""
     stats = stats if stats is not None else OfflineStats()
     store = MemoryStore(partitions=1)
     engine = FeatureEngine(config, store)
@@ -43,15 +57,16 @@ def offline_features(
     txns: list[TxnEvent] = []
     labels: list[LabelEvent] = []
 
-    def run() -> Iterator[tuple[Mapping[str, Any], Vector]]:
+    def run() -> tuple[list[Mapping[str, Any]], np.ndarray]:
         batch = engine.process(txns, labels)
         store.write(batch.writes)
         stats.late += batch.late
         stats.too_late += batch.too_late
         stats.entities = len(store.data)
-        yield from zip((e.txn for e in txns), batch.vectors, strict=True)
+        out = ([e.txn for e in txns], batch.matrix)
         txns.clear()
         labels.clear()
+        return out
 
     for kind, record in events:
         if kind == "label":
@@ -65,6 +80,6 @@ def offline_features(
             txns.append(TxnEvent(0, stats.transactions, record))
             stats.transactions += 1
             if len(txns) >= batch_size:
-                yield from run()
+                yield run()
     if txns or labels:
-        yield from run()
+        yield run()

@@ -228,7 +228,11 @@ class Pipeline:
         # neither will read it: no learner, no active model).
         wanted = self.online is not None or (self.models is not None
                                              and self.models.active is not None)
-        X = np.array([v.row for v in vectors], dtype=np.float32) if vectors and wanted else None
+        X = None
+        if vectors and wanted:
+            matrix = out.features.matrix if out.features is not None else None
+            X = (matrix.astype(np.float32) if matrix is not None
+                 else np.array([v.row for v in vectors], dtype=np.float32))
         learners: dict[int, Any] = {}
         if self.online is not None and not (out.features is not None and out.features.degraded):
             try:

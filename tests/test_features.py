@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from typing import Any
 
+import orjson
 import pytest
 
 from fraudstream.state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
@@ -13,11 +16,11 @@ from fraudstream.state.features import (
     FEATURE_NAMES,
     HOUR_MS,
     MINUTE_MS,
-    CardState,
     FeatureConfig,
     Vector,
 )
 from fraudstream.state.offline import offline_features
+from fraudstream.state.records import CARD_CODE, record_max_ts, sections
 from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
 
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % DAY_MS + 12 * HOUR_MS  # a Monday noon UTC
@@ -177,14 +180,45 @@ def test_a_corrupt_record_starts_afresh_and_is_counted() -> None:
     assert out.corrupt == 1 and out.vectors[0]["card_count_1h"] == 1
 
 
-def test_records_round_trip_and_stay_small() -> None:
+def test_a_record_whose_counts_do_not_match_its_length_starts_afresh() -> None:
+    run = Run()
+    for i in range(3):
+        run.one(txn(i, T0 + i * MINUTE_MS))
+    data = bytearray(run.store.data[(0, b"c|card_1")])
+    data[6 * 8:7 * 8] = struct.pack("<d", 1e6)  # claims a million recent events
+    run.store.data[(0, b"c|card_1")] = bytes(data)
+    out = run.engine.process([TxnEvent(0, 10, txn(10, T0 + 5 * MINUTE_MS))])
+    assert out.corrupt == 1 and out.vectors[0]["card_count_1h"] == 1
+
+
+def test_records_are_compact_and_readable() -> None:
     run = Run()
     for i in range(30):
         run.one(txn(i, T0 + i * 7 * MINUTE_MS, amount=5.0 + i, lat=1.0, lon=2.0))
     data = run.store.data[(0, b"c|card_1")]
-    config = FeatureConfig()
-    assert CardState.decode(data).encode(config) == data
+    head, (recent, hours, days, *_seen) = sections(data)
+    assert head[0] == CARD_CODE and record_max_ts(data) == T0 + 29 * 7 * MINUTE_MS
+    # The last hour's events (and the lateness allowed after it), the hours and the day.
+    assert recent[-1].tolist() == [T0 + 29 * 7 * MINUTE_MS, 34.0, 1.0, 2.0]
+    assert hours[:, 1].sum() == 30 and days.tolist()[0][:3] == [T0 // DAY_MS, 30.0, 585.0]
     assert len(data) < 4096
+
+
+def test_a_record_of_the_earlier_json_layout_is_read_and_rewritten() -> None:
+    """A store written by the release before keeps its history across the upgrade."""
+    run = Run()
+    t1, t2 = T0 - 20 * MINUTE_MS, T0 - 10 * MINUTE_MS
+    run.store.data[(0, b"c|card_1")] = orjson.dumps([
+        1, 7, t2, [t2, 48.8, 2.3], [[t1, 10.0, None, None], [t2, 30.0, 48.8, 2.3]],
+        [[t1 // HOUR_MS, 2, 40.0, 30.0]], [[t1 // DAY_MS, 2, 40.0, 30.0, 1000.0]],
+        {f"{zlib.crc32(b'm1'):08x}": t2}, {f"{zlib.crc32(b'FR'):08x}": t2}, {}])
+    run.offset = 8
+    v = run.one(txn(8, T0, amount=20.0))
+    assert v["card_count_1h"] == 3 and v["card_sum_1h"] == 60.0
+    assert v["card_secs_since_prev"] == 600.0 and v["card_first_merchant"] == 0.0
+    assert v["card_distinct_merchants_24h"] == 1.0
+    head, _ = sections(run.store.data[(0, b"c|card_1")])
+    assert head[0] == CARD_CODE and head[1] == 8
 
 
 def test_offline_features_do_not_depend_on_batch_size() -> None:

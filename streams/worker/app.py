@@ -30,7 +30,7 @@ from fraudstream.scorers.drift import DriftConfig
 from fraudstream.scorers.online import OnlineStage
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.rules import RuleSet, RulesScorer
-from fraudstream.state.engine import FeatureEngine, StateStore
+from fraudstream.state.engine import FeatureEngine, StateStore, warm_up
 from fraudstream.state.features import FeatureConfig
 from fraudstream.streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import KafkaSettings, Settings
@@ -196,6 +196,7 @@ def build_worker(settings: Settings) -> Worker:
                       label_delay_ms=int(fs.label_delay_s * 1000)),
         feature_store,
     )
+    log.warning("feature kernel ready in %.1f s", warm_up(engine.config))
     metrics = WorkerMetrics()
     from fraudstream.streams.worker.preflight import serve_metrics
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
-from fraudstream.state.features import DAY_MS, record_max_ts
+from fraudstream.state.features import DAY_MS
+from fraudstream.state.records import record_max_ts
 from fraudstream.streams.worker.table_state import FaustTableState, _as_event
 
 
