@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import (
     ValidationError,
@@ -23,8 +25,8 @@ from fraudstream.schemas.validate import (
     validate_history_transaction,
     validate_label,
 )
-from fraudstream.state.features import FEATURE_NAMES, FeatureConfig, Vector
-from fraudstream.state.offline import OfflineStats, offline_features
+from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
+from fraudstream.state.offline import OfflineStats, offline_batches
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.csv_source import ColumnMapping, CsvMappingError, read_csv_events
 
@@ -70,8 +72,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     errors: list[str] = []
     stats = OfflineStats()
     t0 = time.perf_counter()
-    rows = offline_features(checked_events(events, settings, errors), config, args.batch, stats)
-    written = _write(args.out, rows)
+    batches = offline_batches(checked_events(events, settings, errors), config, args.batch,
+                              stats)
+    written = _write(args.out, batches)
     took = time.perf_counter() - t0
     for line in errors[:20]:
         print(f"  skipped: {line}", file=sys.stderr)
@@ -109,7 +112,7 @@ def _masked(text: str) -> str:
     return (mask_pans(text.encode()) or b"").decode(errors="replace")
 
 
-def _write(out: Path, rows: Iterator[tuple[Mapping[str, Any], Vector]]) -> int:
+def _write(out: Path, batches: Iterator[tuple[list[Mapping[str, Any]], np.ndarray]]) -> int:
     header = [*ID_COLUMNS, *FEATURE_NAMES]
     n = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,22 +124,18 @@ def _write(out: Path, rows: Iterator[tuple[Mapping[str, Any], Vector]]) -> int:
                             ("card_id", pa.string()), ("merchant_id", pa.string()),
                             *((name, pa.float64()) for name in FEATURE_NAMES)])
         with pq.ParquetWriter(out, schema) as writer:
-            chunk: list[list[Any]] = []
-            for txn, v in rows:
-                chunk.append([*(txn[c] for c in ID_COLUMNS), *v.row])
-                n += 1
-                if len(chunk) >= 10_000:
-                    writer.write_table(pa.Table.from_pylist(
-                        [dict(zip(header, r, strict=True)) for r in chunk], schema))
-                    chunk.clear()
-            if chunk:
-                writer.write_table(pa.Table.from_pylist(
-                    [dict(zip(header, r, strict=True)) for r in chunk], schema))
+            for txns, X in batches:
+                ids = [pa.array([t[c] for t in txns], type=schema.field(c).type)
+                       for c in ID_COLUMNS]
+                writer.write_table(pa.Table.from_arrays(
+                    [*ids, *(pa.array(X[:, j]) for j in range(X.shape[1]))], schema=schema))
+                n += len(txns)
         return n
     with out.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
-        for txn, v in rows:
-            w.writerow([*(txn[c] for c in ID_COLUMNS), *(repr(x) for x in v.row)])
-            n += 1
+        for txns, X in batches:
+            for txn, row in zip(txns, X.tolist(), strict=True):
+                w.writerow([*(txn[c] for c in ID_COLUMNS), *(repr(x) for x in row)])
+            n += len(txns)
     return n
