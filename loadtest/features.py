@@ -45,6 +45,7 @@ from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_history_transaction
 from fraudstream.state.engine import FeatureEngine, MemoryStore, TxnEvent
 from fraudstream.state.features import FeatureConfig
+from fraudstream.streams.settings import FeatureSettings
 from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, generate_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,8 +134,9 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{backend:8s} features {r['compute_us_per_event']:7.1f} µs/event CPU "
               f"({r['compute_wall_us_per_event']:.1f} wall), "
               f"flush {r['flush_us_per_event']:6.1f} µs/event, "
-              f"{r['card_bytes']:.0f} bytes/card record  (medians of "
-              f"{each})",
+              f"{r['card_bytes']:.0f} bytes/card record"
+              + (f", cache hits {r['cache_hit_rate']:.0%}" if "cache_hit_rate" in r else "")
+              + f"  (medians of {each})",
               file=sys.stderr)
     return results
 
@@ -161,8 +163,11 @@ def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.N
             fut.result(15)
         sink = KafkaSink({"bootstrap.servers": broker.bootstrap})
         state = FaustTableState(table, f"transactions-{uid}", sink, end_marker=True)
-        store = TableFeatureStore(state, owned=lambda: range(args.partitions))
+        store = TableFeatureStore(state, owned=lambda: range(args.partitions),
+                                  cache_mb=args.cache_mb)
         out = _run(store, txns, args.batch, args.partitions)
+        reads = store.cache_hits + store.cache_misses
+        out["cache_hit_rate"] = store.cache_hits / reads if reads else 0.0
         out["card_bytes"] = _card_bytes(store, cards, args.partitions)
         for db in table.data._dbs.values():
             db.close()
@@ -377,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"])
     c.add_argument("--redis-url", default="")
     c.add_argument("--repeat", type=int, default=3, help="rounds over the backends")
+    c.add_argument("--cache-mb", type=float, default=FeatureSettings().cache_mb,
+                   help="the RocksDB backend's record cache (FRAUDSTREAM_FEATURES_CACHE_MB)")
     c.add_argument("--gc-gen0", type=int, default=0,
                    help="tune the garbage collector as the worker does with this gen0 "
                    "threshold (FRAUDSTREAM_WORKER_GC_GEN0_THRESHOLD; 0: Python's defaults)")

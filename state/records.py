@@ -133,5 +133,9 @@ def record_max_ts(record: bytes) -> float:
     if is_legacy(record):
         r = orjson.loads(record)
         return float(r[2] if len(r) == 10 else r[3])
+    if len(record) < 8 * ENTITY_HEAD or len(record) % 8:
+        raise ValueError("not a feature record")
     code, = struct.unpack_from("<d", record, 0)
+    if code not in (CARD_CODE, ENTITY_CODE):
+        raise ValueError("not a feature record")
     return struct.unpack_from("<d", record, 16 if code == CARD_CODE else 24)[0]

@@ -203,6 +203,9 @@ class FeatureSettings:
     log: bool = False
     #: How often idle entities (no event for 31 days) are deleted.
     expiry_interval_s: float = 600.0
+    #: RocksDB backend: feature records kept in memory between batches (and the keys known
+    #: to have none), up to about this many MB; emptied at every rebalance. 0: off.
+    cache_mb: float = 64.0
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from fraudstream.streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import KafkaSettings, Settings
 from fraudstream.streams.worker import batching, renewing_producer, restore
 from fraudstream.streams.worker.delivery import BatchCommitter, KafkaSink
-from fraudstream.streams.worker.feature_store import TableFeatureStore
+from fraudstream.streams.worker.feature_store import TableFeatureStore, forget_on_rebalance
 from fraudstream.streams.worker.metrics import WorkerMetrics
 from fraudstream.streams.worker.models_watch import ModelWatcher
 from fraudstream.streams.worker.progress import OutOfRangeLog, ProgressWatchdog
@@ -190,7 +190,9 @@ def build_worker(settings: Settings) -> Worker:
 
         feature_store = RedisStore.from_settings(fs, partitions)
     else:
-        feature_store = TableFeatureStore(state, owned=lambda: _owned(app, settings))
+        feature_store = TableFeatureStore(state, owned=lambda: _owned(app, settings),
+                                          cache_mb=fs.cache_mb)
+        forget_on_rebalance(app, feature_store)
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                       label_delay_ms=int(fs.label_delay_s * 1000)),

@@ -18,38 +18,93 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from fraudstream.state.features import DAY_MS
 from fraudstream.state.records import record_max_ts
 from fraudstream.streams.worker.table_state import FaustTableState, _as_event
 
+_MISS = object()
+#: What a cached entry costs besides its key and value (dict slot, tuple, bytes headers).
+_ENTRY_BYTES = 150
+
 
 class TableFeatureStore:
-    def __init__(self, state: FaustTableState, owned: Callable[[], Sequence[int]]) -> None:
+    """Feature records in the worker's Faust table, with a write-through cache.
+
+    The cache: this worker is the only writer of the records of the partitions it owns
+    (and reads no others), so between two rebalances a record it read or wrote stays what
+    it last saw, and so does a key it found empty. It keeps them in two generations of
+    about ``cache_mb / 2`` each (a hit moves an entry to the young one; when the young one
+    is full it becomes the old one and the old one is dropped), and empties both at every
+    rebalance (:meth:`forget`) and after idle expiry."""
+
+    def __init__(self, state: FaustTableState, owned: Callable[[], Sequence[int]],
+                 cache_mb: float = 0.0) -> None:
         self.state = state
         self._owned_fn = owned
         self._owned: tuple[int, ...] = ()
+        self._half = int(cache_mb * (1 << 20) / 2)
+        self._young: dict[tuple[int, bytes], bytes | None] = {}
+        self._old: dict[tuple[int, bytes], bytes | None] = {}
+        self._young_bytes = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def refresh(self) -> None:
         """Re-read which partitions this worker owns (call once per batch)."""
-        self._owned = tuple(sorted(self._owned_fn()))
+        owned = tuple(sorted(self._owned_fn()))
+        if owned != self._owned:
+            self.forget()
+        self._owned = owned
+
+    def forget(self) -> None:
+        """Empty the cache (partitions were assigned or revoked: a store may change)."""
+        self._young, self._old, self._young_bytes = {}, {}, 0
 
     def readable(self, partition: int) -> Sequence[int]:
         return self._owned if partition in self._owned else (partition, *self._owned)
 
     def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
-        by_partition: dict[int, list[int]] = {}
-        for i, (p, _k) in enumerate(keys):
-            by_partition.setdefault(p, []).append(i)
         out: list[bytes | None] = [None] * len(keys)
+        by_partition: dict[int, list[int]] = {}
+        young, old, miss = self._young, self._old, _MISS
+        if self._half:
+            for i, k in enumerate(keys):
+                value = young.get(k, miss)
+                if value is miss:
+                    value = old.get(k, miss)
+                    if value is miss:
+                        by_partition.setdefault(k[0], []).append(i)
+                        continue
+                    self._keep(k, value)
+                out[i] = value
+        else:
+            for i, (p, _k) in enumerate(keys):
+                by_partition.setdefault(p, []).append(i)
+        fetched = 0
         for p, idx in by_partition.items():
+            fetched += len(idx)
             for i, value in zip(idx, self.state.lookup(p, [keys[i][1] for i in idx]),
                                 strict=True):
                 out[i] = value
+                if self._half:
+                    self._keep(keys[i], value)
+        self.cache_misses += fetched
+        self.cache_hits += len(keys) - fetched
         return out
+
+    def _keep(self, key: tuple[int, bytes], value: bytes | None) -> None:
+        self._young[key] = value
+        self._young_bytes += len(key[1]) + (len(value) if value else 0) + _ENTRY_BYTES
+        if self._young_bytes > self._half:
+            self._old, self._young, self._young_bytes = self._young, {}, 0
 
     def write(self, items: Sequence[tuple[int, bytes, bytes]]) -> None:
         self.state.record(items)
+        if self._half:
+            for p, k, v in items:
+                self._keep((p, k), v)
 
     async def flush(self) -> None:
         await self.state.flush()
@@ -89,6 +144,7 @@ class TableFeatureStore:
                     await asyncio.sleep(0)
         if not expired:
             return 0
+        self.forget()
         store = self.state.table.data
         for partition, key in expired:
             with _as_event(self.state._event(partition)):
@@ -102,3 +158,16 @@ def _idle(record: bytes, before: float) -> bool:
         return record_max_ts(record) < before
     except (ValueError, IndexError, TypeError):
         return False  # not a feature record: leave it alone
+
+
+def forget_on_rebalance(app: Any, store: TableFeatureStore) -> None:
+    """Empty ``store``'s cache at every rebalance, before Faust recovers the partitions
+    assigned (their records may have been written by another worker meanwhile)."""
+    recovery = app.tables.recovery
+    original = recovery.on_rebalance
+
+    async def on_rebalance(*args: Any, **kwargs: Any) -> None:
+        store.forget()
+        await original(*args, **kwargs)
+
+    recovery.on_rebalance = on_rebalance
