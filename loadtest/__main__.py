@@ -98,7 +98,8 @@ from fraudstream.loadtest.steps import live_runs
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 #: defaults, and those of --quick (a smoke run of 1-2 minutes)
 DEFAULTS = {"events": 50_000, "step_seconds": 15.0, "max_steps": 12, "latency_seconds": 30.0,

@@ -45,7 +45,8 @@ from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_history_transaction
 from fraudstream.state.engine import FeatureEngine, MemoryStore, TxnEvent
 from fraudstream.state.features import FeatureConfig
-from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, generate_history
+from fraudstream.streams.traffic.generator import DAY_MS, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,8 @@ from fraudstream.schemas.codec import Codecs
 from fraudstream.streams.embedded.broker import EmbeddedBroker
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import DAY_MS, TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,8 @@ from fraudstream.state.features import (
     Vector,
 )
 from fraudstream.state.offline import offline_features
-from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
+from fraudstream.streams.traffic.generator import arrival_events, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % DAY_MS + 12 * HOUR_MS  # a Monday noon UTC
 
