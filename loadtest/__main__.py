@@ -89,18 +89,17 @@ from typing import Any
 
 from fraudstream.loadtest.baselines import run_baselines, run_quix
 from fraudstream.loadtest.drain import backlog_drain
-from fraudstream.loadtest.harness import ROOT, _progress, pre_produce
+from fraudstream.loadtest.harness import ROOT, _progress, fresh_stack, pre_produce
 from fraudstream.loadtest.live import LAG_BACKLOG_S, LAG_RATE_RATIO, SAMPLE_S, LiveTraffic
 from fraudstream.loadtest.report import finish
 from fraudstream.loadtest.rss import RssSampler
 from fraudstream.loadtest.runs import WARMUP, FreshRuns, Runs, SharedRuns
 from fraudstream.loadtest.steps import live_runs
-from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
-from fraudstream.streams.settings import Settings, TopicSettings
-from fraudstream.streams.topics import ensure_topics
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 #: defaults, and those of --quick (a smoke run of 1-2 minutes)
 DEFAULTS = {"events": 50_000, "step_seconds": 15.0, "max_steps": 12, "latency_seconds": 30.0,
@@ -201,18 +200,12 @@ def main() -> int:
     runs: Runs | None = None
     with EmbeddedRegistry() as reg:
         with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-            uid = uuid.uuid4().hex[:6]
-            settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
-                kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
-                       "partitions": args.partitions, "embedded": True},
-                codec={"registry_url": reg.url},
-                worker={"app_id": f"bench-{uid}", "data_dir": workdir / "state",
-                        "batch_max": args.batch_max, "metrics_port": free_port()},
+            stack = fresh_stack(
+                broker, reg, workdir, "bench", args.partitions,
+                worker={"batch_max": args.batch_max, "metrics_port": free_port()},
                 scoring={"models_dir": args.models or workdir / "no-models",
-                         "budget_ms": budget},
-            )
-            ensure_topics(settings)
-            codecs = Codecs(make_registry(reg.url), settings.topics)
+                         "budget_ms": budget})
+            uid, settings, codecs = stack.uid, stack.settings, stack.codecs
             _progress(f"producing {args.events:,} generated transactions...")
             pre_produce(settings, codecs, args.events, args.seed)
 

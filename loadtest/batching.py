@@ -17,17 +17,13 @@ import argparse
 import json
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 from fraudstream.loadtest.drain import backlog_drain
-from fraudstream.loadtest.harness import pre_produce, write_result
-from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.loadtest.harness import fresh_stack, pre_produce, write_result
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
-from fraudstream.streams.settings import Settings, TopicSettings
-from fraudstream.streams.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VARIANTS = ("default:{}", 'always500:{"worker":{"batch_min":500}}',
@@ -38,19 +34,14 @@ def drain(label: str, overrides: dict[str, Any], events: int, models: Path | Non
           seed: int) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fraudstream-batching-"))
     with EmbeddedRegistry() as reg, EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        uid = uuid.uuid4().hex[:6]
-        settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
-            kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
-                   "partitions": 4, "embedded": True},
-            codec={"registry_url": reg.url},
-            worker={"app_id": f"batching-{uid}", "data_dir": workdir / "state",
-                    "metrics_port": free_port(), "status_interval_s": 2.0,
+        stack = fresh_stack(
+            broker, reg, workdir, "batching",
+            worker={"metrics_port": free_port(), "status_interval_s": 2.0,
                     **overrides.get("worker", {})},
             scoring={"models_dir": models or workdir / "no-models",
                      **overrides.get("scoring", {})},
             features=overrides.get("features", {}))
-        ensure_topics(settings)
-        codecs = Codecs(make_registry(reg.url), settings.topics)
+        settings, codecs = stack.settings, stack.codecs
         pre_produce(settings, codecs, events, seed)
         result: dict[str, Any] = {}
         with backlog_drain(settings, codecs, workdir, events, [], result):

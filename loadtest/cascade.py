@@ -31,12 +31,8 @@ from fraudstream.scorers.onnx_model import ModelScorer
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.engine import MemoryStore
 from fraudstream.state.features import FeatureConfig
-from fraudstream.streams.traffic.generator import (
-    DAY_MS,
-    GeneratorConfig,
-    arrival_events,
-    generate_history,
-)
+from fraudstream.streams.traffic.generator import DAY_MS, arrival_events, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

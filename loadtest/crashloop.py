@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fraudstream.loadtest.restart import Decisions, Stack, Traffic, Worker, _done, _wait, _workdir
-from fraudstream.streams.traffic.generator import GeneratorConfig
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 
 def ensure_models(models: Path) -> None:

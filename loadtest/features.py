@@ -39,14 +39,15 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from fraudstream.loadtest.harness import write_result
+from fraudstream.loadtest.harness import fresh_stack, write_result
 from fraudstream.loadtest.proc import rss_kb
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_history_transaction
 from fraudstream.state.engine import FeatureEngine, MemoryStore, TxnEvent
 from fraudstream.state.features import FeatureConfig
 from fraudstream.streams.settings import FeatureSettings
-from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, generate_history
+from fraudstream.streams.traffic.generator import DAY_MS, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,12 +207,9 @@ def _redis_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Nam
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     from confluent_kafka import Producer
 
-    from fraudstream.schemas.codec import Codecs, make_registry
     from fraudstream.state.records import sections
     from fraudstream.streams.embedded.broker import EmbeddedBroker
     from fraudstream.streams.embedded.registry import EmbeddedRegistry
-    from fraudstream.streams.settings import Settings, TopicSettings
-    from fraudstream.streams.topics import ensure_topics
 
     # Realistic card records: those of a generated history, reused across card ids.
     small = argparse.Namespace(**{**vars(args), "cards": 2000})
@@ -231,16 +229,8 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"cards": args.cards, "record_bytes": card_bytes}
     try:
         with EmbeddedBroker(log_path=work / "tansu.log") as broker, EmbeddedRegistry() as reg:
-            uid = uuid.uuid4().hex[:8]
-            topics = TopicSettings.suffixed(uid)
-            settings = Settings(topics=topics).replace(
-                kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
-                       "partitions": args.partitions, "embedded": True},
-                codec={"registry_url": reg.url},
-                worker={"app_id": f"scale-{uid}", "data_dir": work / "state"},
-            )
-            ensure_topics(settings)
-            codecs = Codecs(make_registry(reg.url), settings.topics)
+            stack = fresh_stack(broker, reg, work, "scale", args.partitions)
+            uid, settings, codecs = stack.uid, stack.settings, stack.codecs
             # Baseline: a worker with empty state, to its first decision.
             base = _time_to_first_decision(settings.replace(
                 worker={"app_id": f"scale-empty-{uid}", "data_dir": work / "empty"}),

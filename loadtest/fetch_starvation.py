@@ -32,7 +32,8 @@ from fraudstream.streams.embedded.broker import EmbeddedBroker
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all, ensure_topics
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 #: Event times of the generated transactions (a fixed instant in the past, as in tests).
 T0_MS = 1_767_571_200_000

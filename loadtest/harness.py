@@ -1,6 +1,6 @@
-"""What every part of ``python -m fraudstream.loadtest`` shares: starting a project process with the
-run's settings, progress lines on stderr, producing generated transactions, and reading
-the decisions topic from its start."""
+"""What every part of ``python -m fraudstream.loadtest`` shares: the settings of a run on a fresh
+embedded stack, starting a project process with them, progress lines on stderr, producing
+generated transactions, and reading the decisions topic from its start."""
 
 from __future__ import annotations
 
@@ -10,19 +10,53 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 
-from fraudstream.schemas.codec import Codecs
+from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.streams.embedded.broker import EmbeddedBroker
+from fraudstream.streams.embedded.registry import EmbeddedRegistry
 from fraudstream.streams.processes import die_with_parent
-from fraudstream.streams.settings import Settings
-from fraudstream.streams.topics import assign_all
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.settings import Settings, TopicSettings
+from fraudstream.streams.topics import assign_all, ensure_topics
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A run's settings on a fresh embedded stack; ``uid`` is the suffix of its topic names
+    and of its worker's app id."""
+
+    uid: str
+    settings: Settings
+    codecs: Codecs
+
+
+def fresh_stack(broker: EmbeddedBroker, registry: EmbeddedRegistry, workdir: Path, app: str,
+                partitions: int = 4, **sections: Mapping[str, Any]) -> Stack:
+    """Settings for a run on a new embedded broker and registry: topics of its own
+    (``TopicSettings.suffixed``), a worker app id ``<app>-<uid>`` with its state under
+    ``workdir/state``, a 6 s group session timeout, and ``sections`` (a
+    :meth:`Settings.replace` mapping) over those. Creates the topics; the codecs use the
+    registry."""
+    uid = uuid.uuid4().hex[:6]
+    extra = dict(sections)
+    settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
+        kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
+               "partitions": partitions, "embedded": True, **extra.pop("kafka", {})},
+        codec={"registry_url": registry.url, **extra.pop("codec", {})},
+        worker={"app_id": f"{app}-{uid}", "data_dir": workdir / "state",
+                **extra.pop("worker", {})},
+        **extra)
+    ensure_topics(settings)
+    return Stack(uid, settings, Codecs(make_registry(registry.url), settings.topics))
 
 
 def _spawn(args: list[str], settings: Settings, log: Path,

@@ -34,7 +34,8 @@ from fraudstream.state.engine import FeatureEngine, MemoryStore
 from fraudstream.state.features import FeatureConfig
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import TopicSettings
-from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, generate_history
+from fraudstream.streams.traffic.generator import DAY_MS, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A fixed start: the same history on every run, whatever the date.

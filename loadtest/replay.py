@@ -24,12 +24,13 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.loadtest.harness import fresh_stack
+from fraudstream.schemas.codec import Codecs
 from fraudstream.streams.embedded.broker import EmbeddedBroker
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
-from fraudstream.streams.settings import Settings, TopicSettings
-from fraudstream.streams.topics import ensure_topics
-from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, TrafficGenerator
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.traffic.generator import DAY_MS, TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,15 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--models needs an ACTIVE version and --challenger")
     result |= {"champion": champion, "challenger": challenger}
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker, EmbeddedRegistry() as reg:
-        uid = uuid.uuid4().hex[:6]
-        settings = Settings(topics=TopicSettings.suffixed(uid)).replace(
-            kafka={"bootstrap": broker.bootstrap, "partitions": args.partitions,
-                   "embedded": True},
-            codec={"registry_url": reg.url},
-            scoring={"models_dir": args.models},
-        )
-        ensure_topics(settings)
-        codecs = Codecs(make_registry(reg.url), settings.topics)
+        stack = fresh_stack(broker, reg, workdir, "replay-bench", args.partitions,
+                            scoring={"models_dir": args.models})
+        settings, codecs = stack.settings, stack.codecs
         print(f"producing {args.events:,} transactions over {args.days} days...", flush=True)
         t0 = time.monotonic()
         result["labels"] = produce_history(settings, codecs, args.events, args.days,

@@ -56,7 +56,8 @@ from fraudstream.streams.embedded.registry import EmbeddedRegistry
 from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all, ensure_topics
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

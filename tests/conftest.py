@@ -257,11 +257,8 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 def _events(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
-    from fraudstream.streams.traffic.generator import (
-        GeneratorConfig,
-        arrival_events,
-        generate_history,
-    )
+    from fraudstream.streams.traffic.generator import arrival_events, generate_history
+    from fraudstream.streams.traffic.world import GeneratorConfig
 
     txns, labels = generate_history(
         GeneratorConfig(seed=seed, n_cards=400, label_delay_days=0.5,

@@ -11,8 +11,9 @@ import pytest
 from fraudstream.schemas.codec import Codecs
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
 from fraudstream.streams.traffic.malformed import MalformedFactory
+from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.conftest import T0_MS, consume_all, expired_in_log, produce
 
 pytestmark = pytest.mark.e2e

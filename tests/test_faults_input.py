@@ -24,7 +24,8 @@ from fraudstream.streams.embedded.broker import free_port
 from fraudstream.streams.pipeline import BatchResult, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import assign_all
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 from fraudstream.streams.worker.delivery import BatchCommitter, KafkaSink
 from tests.conftest import T0_MS, consume_all, produce
 

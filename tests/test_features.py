@@ -21,7 +21,8 @@ from fraudstream.state.features import (
 )
 from fraudstream.state.offline import offline_features
 from fraudstream.state.records import CARD_CODE, record_max_ts, sections
-from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
+from fraudstream.streams.traffic.generator import arrival_events, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 T0 = 1_790_000_000_000 - 1_790_000_000_000 % DAY_MS + 12 * HOUR_MS  # a Monday noon UTC
 

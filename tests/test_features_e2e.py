@@ -18,8 +18,9 @@ from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.state.features import DAY_MS, FEATURE_NAMES
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics
-from fraudstream.streams.traffic.generator import GeneratorConfig, generate_history
+from fraudstream.streams.traffic.generator import generate_history
 from fraudstream.streams.traffic.history import write_csv
+from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.conftest import ROOT, T0_MS, consume_all, expired_in_log, produce
 
 pytestmark = pytest.mark.e2e

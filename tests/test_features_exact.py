@@ -22,7 +22,8 @@ import pytest
 from fraudstream.state.engine import FeatureBatch, FeatureEngine, LabelEvent, MemoryStore, TxnEvent
 from fraudstream.state.features import HOUR_MS, FeatureConfig
 from fraudstream.state.offline import offline_features
-from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
+from fraudstream.streams.traffic.generator import arrival_events, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.conftest import DAY_MS, T0_MS
 
 PARTITIONS = 4

@@ -16,14 +16,13 @@ from fastavro.validation import validate
 
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_transaction
-from fraudstream.streams.traffic.generator import (
+from fraudstream.state.geo import haversine_km
+from fraudstream.streams.traffic.generator import DAY_MS, TrafficGenerator
+from fraudstream.streams.traffic.world import (
     COUNTRY_CURRENCY,
-    DAY_MS,
     FRAUD_TYPES,
     UNITS_PER_EUR,
     GeneratorConfig,
-    TrafficGenerator,
-    haversine_km,
 )
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"

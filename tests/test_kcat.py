@@ -16,7 +16,8 @@ import pytest
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.topics import ensure_topics
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.apiversions_proxy import ApiVersionsProxy
 from tests.conftest import T0_MS, WorkerProcess, consume_all, produce
 

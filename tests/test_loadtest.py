@@ -19,7 +19,8 @@ from fraudstream.loadtest.decided_by import brief, decider, describe, tally
 from fraudstream.loadtest.report import _ratios, print_summary, quix_line
 from fraudstream.schemas.codec import Codecs
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.conftest import ROOT, T0_MS, consume_all, produce
 
 

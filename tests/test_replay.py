@@ -21,7 +21,8 @@ from fraudstream.streams.replay.ranges import Bound, ReplayConfig, ReplayError
 from fraudstream.streams.replay.report import write_report
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics
-from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
+from fraudstream.streams.traffic.generator import arrival_events, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.conftest import ROOT, T0_MS, consume_all
 from tests.test_features_e2e import committed
 

@@ -11,7 +11,8 @@ import pytest
 
 from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.base import Outcome, Score, Scorer
-from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RulesError, RuleSet, RulesScorer
+from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RuleSet, RulesScorer
+from fraudstream.scorers.rules_file import RulesError
 
 RATES = Rates.load()
 

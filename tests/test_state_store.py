@@ -47,7 +47,8 @@ from fraudstream.state.engine import (
 )
 from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
 from fraudstream.streams.settings import FeatureSettings
-from fraudstream.streams.traffic.generator import GeneratorConfig, TrafficGenerator
+from fraudstream.streams.traffic.generator import TrafficGenerator
+from fraudstream.streams.traffic.world import GeneratorConfig
 from fraudstream.streams.worker.delivery import KafkaSink
 from fraudstream.streams.worker.feature_store import TableFeatureStore
 from fraudstream.streams.worker.redis_store import RedisStore

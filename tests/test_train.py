@@ -14,8 +14,9 @@ import pytest
 from fraudstream.scorers import train as T
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
-from fraudstream.streams.traffic.generator import GeneratorConfig, arrival_events, generate_history
+from fraudstream.streams.traffic.generator import arrival_events, generate_history
 from fraudstream.streams.traffic.history import write_csv
+from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.conftest import ROOT
 
 START = 1_790_000_000_000

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         return _fail(str(exc), CONFIG_EXIT)
     from fraudstream.schemas.fx import RatesError
-    from fraudstream.scorers.rules import RulesError
+    from fraudstream.scorers.rules_file import RulesError
 
     try:
         return int(args.func(args, settings) or 0)

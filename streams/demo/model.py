@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fraudstream.schemas.fx import Rates
 from fraudstream.state.features import FEATURE_VERSION
-from fraudstream.streams.traffic.generator import GeneratorConfig
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 #: The history's first event: fixed, so that the same world gives the same model.
 HISTORY_START_MS = 1_767_571_200_000  # 2026-01-05T00:00:00Z, a Monday

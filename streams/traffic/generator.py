@@ -1,6 +1,8 @@
 """Synthetic card traffic for demos, tests and load: genuine spending plus fraud campaigns.
 
 Pure Python (stdlib ``random``); nothing here touches Kafka. The producer owns the clock.
+The cards, merchants and devices the traffic plays over, and :class:`GeneratorConfig`, are
+in :mod:`fraudstream.streams.traffic.world`.
 
 Contract
 --------
@@ -38,128 +40,43 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from dataclasses import dataclass
 from typing import Any
 
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_history_transaction
 from fraudstream.state.geo import haversine_km
+from fraudstream.streams.traffic.world import (
+    FRAUD_TYPES,
+    Card,
+    City,
+    GeneratorConfig,
+    Merchant,
+    build_world,
+    city_centre,
+    random_ip,
+)
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
-FRAUD_TYPES = (
-    "card_testing", "account_takeover", "compromised_merchant", "velocity_burst",
-    "impossible_travel",
-)
-_CT, _ATO, _CM, _VB, _IT = range(5)
+_CT, _ATO, _CM, _VB, _IT = range(5)  # indices into FRAUD_TYPES
 _SOURCES = ("chargeback", "confirmed_fraud", "confirmed_genuine")
 CARD_PRESENT = frozenset({"pos", "contactless", "atm"})
 
-# code: (currency, units per EUR, first IP octet, city centres (lat, lon))
-_COUNTRIES: dict[str, tuple[str, float, int, tuple[tuple[float, float], ...]]] = {
-    "FR": ("EUR", 1.0, 90, ((48.857, 2.352), (45.764, 4.836), (43.297, 5.370), (43.605, 1.444))),
-    "DE": ("EUR", 1.0, 91, ((52.520, 13.405), (48.137, 11.575), (53.551, 9.994))),
-    "ES": ("EUR", 1.0, 83, ((40.417, -3.704), (41.385, 2.173), (39.470, -0.376))),
-    "IT": ("EUR", 1.0, 79, ((41.903, 12.496), (45.464, 9.190), (40.852, 14.268))),
-    "NL": ("EUR", 1.0, 145, ((52.368, 4.904), (51.924, 4.478))),
-    "BE": ("EUR", 1.0, 81, ((50.850, 4.352), (51.219, 4.402))),
-    "GB": ("GBP", 0.85, 86, ((51.507, -0.128), (53.481, -2.243), (55.953, -3.188))),
-    "US": ("USD", 1.08, 73, ((40.713, -74.006), (34.052, -118.244), (41.878, -87.630))),
-    "CA": ("CAD", 1.47, 99, ((43.653, -79.383),)),
-    "BR": ("BRL", 5.4, 177, ((-23.551, -46.633), (-22.907, -43.173))),
-    "MA": ("MAD", 10.9, 105, ((33.573, -7.590),)),
-    "NG": ("NGN", 1600.0, 102, ((6.524, 3.379),)),
-    "IN": ("INR", 90.0, 117, ((19.076, 72.878),)),
-    "TH": ("THB", 39.0, 110, ((13.756, 100.502),)),
-    "JP": ("JPY", 162.0, 126, ((35.690, 139.692), (34.694, 135.502))),
-    "AU": ("AUD", 1.65, 101, ((-33.869, 151.209),)),
-}
-#: Country -> ISO 4217 currency used for transactions there.
-COUNTRY_CURRENCY = {c: v[0] for c, v in _COUNTRIES.items()}
-#: Currency -> units per EUR (rough, fixed): amounts are drawn in EUR and converted.
-UNITS_PER_EUR = {v[0]: v[1] for v in _COUNTRIES.values()}
-
-# mcc, weight, amount factor, card-present, ecom, moto
-_MCCS = (
-    ("5411", 16, 0.9, 1, 0, 0), ("5812", 12, 1.1, 1, 0, 0), ("5814", 8, 0.4, 1, 0, 0),
-    ("5541", 7, 1.3, 1, 0, 0), ("5912", 5, 0.8, 1, 0, 0), ("5311", 5, 2.0, 1, 1, 0),
-    ("5691", 6, 1.8, 1, 1, 0), ("5732", 4, 4.0, 1, 1, 0), ("5944", 2, 6.0, 1, 0, 0),
-    ("4121", 4, 0.7, 1, 1, 0), ("5816", 5, 0.3, 0, 1, 0), ("5967", 4, 0.9, 0, 1, 1),
-    ("4814", 3, 1.2, 0, 1, 1), ("4511", 3, 8.0, 0, 1, 1), ("7011", 3, 5.0, 1, 1, 1),
-    ("6011", 6, 1.0, 0, 0, 0),
-)
 _ATM_EUR = (20, 40, 50, 60, 80, 100, 150, 200)
 _HAZARD = 0.1  # chance per check of starting a campaign of a type below its fraud budget
 _CM_FRAUD_SHARE = 0.35  # share of a compromised terminal's steered traffic that is fraud
 _SKIM_P = 0.5  # chance a genuine card used at a compromised terminal is later cashed out
 
 
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """Everything that shapes the synthetic world; rates are per transaction."""
-
-    seed: int = 42
-    n_cards: int = 2000
-    n_merchants: int = 300
-    devices_per_customer: float = 1.5  # mean, between 1 and 2
-    second_card_rate: float = 0.15  # chance a customer owns a second card
-    fraud_rate: float = 0.015
-    #: share of fraudulent transactions by type (normalized)
-    campaign_mix: tuple[tuple[str, float], ...] = tuple((t, 0.2) for t in FRAUD_TYPES)
-    label_delay_days: float = 3.0
-    label_delay_spread_days: float = 1.5
-    genuine_label_rate: float = 0.03
-    time_compression: float = 1.0
-    #: divides minute-scale campaign timings (bursts, gaps): > 1 plays campaigns out faster,
-    #: for short demos and load tests (signatures keep their shape, only quicker)
-    campaign_time_scale: float = 1.0
-    home_countries: tuple[str, ...] = ("FR", "DE", "ES", "IT", "NL", "BE", "GB")
-    foreign_countries: tuple[str, ...] = ("US", "CA", "BR", "MA", "NG", "IN", "TH", "JP", "AU")
-    travel_rate: float = 0.002  # a card starts a trip abroad (3-12 transactions)
-    big_purchase_rate: float = 0.004  # 4-12x the card's usual amount
-    new_device_rate: float = 0.003  # a genuine ecom purchase from a new phone/laptop
-    id_prefix: str = ""  # transaction_id prefix; "" -> "t<seed>" (set per run to avoid reuse)
-    #: the traffic's own seed (default: ``seed``): the same world (cards, merchants, devices)
-    #: with other traffic, e.g. a live demo after training on a history of that world
-    traffic_seed: int | None = None
-    max_pending_labels: int = 1_000_000  # beyond it, no new genuine samples (fraud always)
-
-    def __post_init__(self) -> None:
-        unknown = [c for c in self.home_countries + self.foreign_countries if c not in _COUNTRIES]
-        if unknown or not self.home_countries or not self.foreign_countries:
-            raise ValueError(f"countries must be non-empty, among {sorted(_COUNTRIES)}: {unknown}")
-        mix = dict(self.campaign_mix)
-        if set(mix) - set(FRAUD_TYPES) or sum(mix.values()) <= 0:
-            raise ValueError(f"campaign_mix: types among {FRAUD_TYPES}, some weight > 0")
-        if not 0.0 <= self.fraud_rate < 0.5 or min(self.time_compression,
-                                                    self.campaign_time_scale) <= 0 or min(
-                self.label_delay_days, self.label_delay_spread_days) < 0:
-            raise ValueError("need fraud_rate in [0, 0.5), time_compression > 0, delays >= 0")
-        n_cities = sum(len(_COUNTRIES[c][3]) for c in self.home_countries + self.foreign_countries)
-        if self.n_merchants < 3 * n_cities or self.n_cards < 10:
-            raise ValueError(f"need n_merchants >= {3 * n_cities} (3 per city) and n_cards >= 10")
-
-
-class _Merchant:
-    __slots__ = ("mid", "mcc", "country", "currency", "fx", "city", "lat", "lon", "terminals",
-                 "factor", "cp", "ecom", "moto")
-
-
-class _Card:
-    __slots__ = ("card_id", "customer_id", "country", "city", "mu", "sigma", "p_cp", "p_ecom",
-                 "p_atm", "p_cl", "cp", "ecom", "atm", "moto", "devices", "ips", "trip",
-                 "last_lat", "last_lon", "last_t")
-
-
 class _Campaign:
     __slots__ = ("ftype", "card", "merchants", "terminal", "device", "ip", "city", "remaining")
 
-    def __init__(self, ftype: int, card: _Card | None, merchants: list[_Merchant]) -> None:
+    def __init__(self, ftype: int, card: Card | None, merchants: list[Merchant]) -> None:
         self.ftype, self.card, self.merchants, self.remaining = ftype, card, merchants, 0
         self.terminal: str | None = None
         self.device: str | None = None
         self.ip: str | None = None
-        self.city: tuple[str, int] | None = None
+        self.city: City | None = None
 
 
 class TrafficGenerator:
@@ -171,7 +88,11 @@ class TrafficGenerator:
         self._rng = random.Random(f"fraudstream-traffic-{traffic}")
         self._r = self._rng.random
         self._prefix = cfg.id_prefix or f"t{cfg.seed}"
-        self._build_world(random.Random(f"fraudstream-world-{cfg.seed}"))
+        w = build_world(cfg, random.Random(f"fraudstream-world-{cfg.seed}"))
+        self._cities, self._merchants, self._cards = w.cities, w.merchants, w.cards
+        self._cp_city, self._atm_city, self._ecom_country = w.cp_city, w.atm_city, w.ecom_country
+        self._ct_merchants, self._cards_by_country = w.ct_merchants, w.cards_by_country
+        self._by_hour, self._next_device = w.by_hour, w.n_devices
         self._day_ms = DAY_MS / cfg.time_compression
         self._k = 1.0 / cfg.campaign_time_scale
         mix = dict(cfg.campaign_mix)
@@ -188,93 +109,6 @@ class TrafficGenerator:
         self._stats.update({f"fraud_{t}": 0 for t in FRAUD_TYPES})
         self._stats.update({f"campaigns_{t}": 0 for t in FRAUD_TYPES})
 
-    # ---------------------------------------------------------------- world
-    def _build_world(self, rng: random.Random) -> None:
-        cfg = self.config
-        countries = cfg.home_countries + cfg.foreign_countries
-        self._cities = [(c, i) for c in countries for i in range(len(_COUNTRIES[c][3]))]
-        home_cities = [k for k in self._cities if k[0] in cfg.home_countries]
-        foreign_cities = [k for k in self._cities if k[0] not in cfg.home_countries]
-        ms: list[_Merchant] = []
-
-        def add(city: tuple[str, int], row: tuple[str, int, float, int, int, int]) -> None:
-            m = _Merchant()
-            m.mid = f"merch_{len(ms):05d}"
-            m.mcc, _, m.factor, m.cp, m.ecom, m.moto = row
-            m.country, m.city = city[0], city
-            m.currency, m.fx = _COUNTRIES[city[0]][:2]
-            clat, clon = _COUNTRIES[city[0]][3][city[1]]
-            m.lat, m.lon = round(clat + rng.gauss(0, 0.04), 5), round(clon + rng.gauss(0, 0.05), 5)
-            n_term = rng.randint(1, 5) if m.cp or m.mcc == "6011" else 1
-            m.terminals = [f"term_{len(ms):05d}_{k}" for k in range(n_term)]
-            ms.append(m)
-
-        by_mcc = {row[0]: row for row in _MCCS}
-        for city in self._cities:  # every city has an ATM, a grocery and an electronics shop
-            for mcc in ("6011", "5411", "5732"):
-                add(city, by_mcc[mcc])
-        weights = [row[1] for row in _MCCS]
-        for _ in range(cfg.n_merchants - len(ms)):
-            city = rng.choice(home_cities if rng.random() < 0.85 else foreign_cities)
-            add(city, rng.choices(_MCCS, weights)[0])
-        self._merchants = ms
-        self._cp_city: dict[tuple[str, int], list[_Merchant]] = {k: [] for k in self._cities}
-        self._atm_city: dict[tuple[str, int], list[_Merchant]] = {k: [] for k in self._cities}
-        for m in ms:
-            if m.mcc == "6011":
-                self._atm_city[m.city].append(m)
-            elif m.cp:
-                self._cp_city[m.city].append(m)
-        self._ecom_country = {c: [m for m in ms if m.ecom and m.country == c] for c in countries}
-        ecom_all = [m for m in ms if m.ecom]
-        moto_all = [m for m in ms if m.moto]
-        self._ct_merchants = [m for m in ecom_all if m.currency in ("EUR", "GBP", "USD")]
-        self._ct_merchants = self._ct_merchants or ecom_all
-
-        cards: list[_Card] = []
-        self._by_hour: list[list[_Card]] = [[] for _ in range(24)]
-        n_dev = 0
-        cust = None
-        for i in range(cfg.n_cards):
-            c = _Card()
-            if cust is not None and cust[4] == 1 and rng.random() < cfg.second_card_rate:
-                cust[4] = 2
-            else:
-                city = rng.choice(home_cities)
-                n = 1 + (rng.random() < cfg.devices_per_customer - 1)
-                devs = [f"dev_{n_dev + k:07d}" for k in range(n)]
-                n_dev += n
-                ips = [self._ip(rng, city[0]) for _ in devs]
-                cust = [f"cust_{i:06d}", city, devs, ips, 1]
-            c.card_id, c.customer_id = f"card_{i:06d}", cust[0]
-            c.city, c.devices, c.ips = cust[1], cust[2], cust[3]
-            c.country = c.city[0]
-            c.mu, c.sigma = rng.gauss(math.log(30), 0.4), rng.uniform(0.55, 0.95)
-            w = (rng.uniform(0.5, 0.8), rng.uniform(0.12, 0.35), rng.uniform(0.02, 0.07), 0.01)
-            c.p_cp, c.p_ecom, c.p_atm = (sum(w[: k + 1]) / sum(w) for k in range(3))
-            c.p_cl = rng.uniform(0.2, 0.8)
-            local = self._cp_city[c.city]
-            c.cp = rng.sample(local, min(len(local), rng.randint(6, 15)))
-            dom = self._ecom_country[c.country] or ecom_all
-            c.ecom = [rng.choice(dom if rng.random() < 0.8 else ecom_all)
-                      for _ in range(rng.randint(3, 8))]
-            c.atm = self._atm_city[c.city]
-            c.moto = [rng.choice(moto_all) for _ in range(2)] if moto_all else c.ecom
-            c.trip = None
-            c.last_lat, c.last_lon = _COUNTRIES[c.country][3][c.city[1]]
-            c.last_t = None
-            centre = rng.choice((10, 13, 18, 20)) + rng.gauss(0, 1.5)
-            for h in range(int(centre) - 5, int(centre) + 6):
-                self._by_hour[h % 24].append(c)
-            cards.append(c)
-        self._cards = cards
-        self._cards_by_country = {c: [x for x in cards if x.country == c] for c in countries}
-        self._by_hour = [b or cards for b in self._by_hour]
-        self._next_device = n_dev
-
-    def _ip(self, rng: random.Random, country: str) -> str:
-        r = rng.random
-        return f"{_COUNTRIES[country][2]}.{int(r() * 256)}.{int(r() * 256)}.{1 + int(r() * 254)}"
 
     def _new_device(self) -> str:
         self._next_device += 1
@@ -315,7 +149,7 @@ class TrafficGenerator:
                 "events_scheduled": len(self._events)}
 
     # ---------------------------------------------------------------- building blocks
-    def _txn(self, now_ms: int, card: _Card, m: _Merchant, term: str, amount: float,
+    def _txn(self, now_ms: int, card: Card, m: Merchant, term: str, amount: float,
              channel: str, device: str | None, ip: str | None) -> dict[str, Any]:
         cp = channel in CARD_PRESENT
         return {
@@ -327,7 +161,7 @@ class TrafficGenerator:
             "lon": m.lon if cp else None, "device_id": device, "ip": ip, "channel": channel,
         }
 
-    def _push_label(self, card: _Card, m: _Merchant, ftype: int, now_ms: int) -> None:
+    def _push_label(self, card: Card, m: Merchant, ftype: int, now_ms: int) -> None:
         cfg = self.config
         mean, sd = cfg.label_delay_days, cfg.label_delay_spread_days
         days = self._rng.gammavariate((mean / sd) ** 2, sd * sd / mean) if sd * mean else mean
@@ -341,15 +175,15 @@ class TrafficGenerator:
         camp.remaining += 1
         self._committed[camp.ftype] += fraud
 
-    def _amount_eur(self, card: _Card) -> float:
+    def _amount_eur(self, card: Card) -> float:
         return self._rng.lognormvariate(card.mu, card.sigma)
 
-    def _atm_amount(self, m: _Merchant, scale: float = 1.0) -> float:
+    def _atm_amount(self, m: Merchant, scale: float = 1.0) -> float:
         step = 10.0 ** max(0, math.floor(math.log10(m.fx)) + 1)
         eur = _ATM_EUR[int(self._r() * len(_ATM_EUR))] * scale
         return float(max(step, round(eur * m.fx / step) * step))
 
-    def _free_card(self) -> _Card:
+    def _free_card(self) -> Card:
         cards, r = self._cards, self._r
         for _ in range(20):
             card = cards[int(r() * len(cards))]
@@ -397,15 +231,15 @@ class TrafficGenerator:
             k = int(r() * len(card.devices))
             device, ip = card.devices[k], card.ips[k]
             if odd > 1.0 - self.config.new_device_rate:
-                device, ip = self._new_device(), self._ip(self._rng, card.country)
+                device, ip = self._new_device(), random_ip(self._rng, card.country)
                 card.devices.append(device)
                 card.ips.append(ip)
             elif r() < 0.1:
-                ip = self._ip(self._rng, card.country)
+                ip = random_ip(self._rng, card.country)
         term = m.terminals[int(r() * len(m.terminals))]
         return self._genuine_done(card, m, term, round(amount, 2), channel, device, ip, now_ms)
 
-    def _genuine_done(self, card: _Card, m: _Merchant, term: str, amount: float, channel: str,
+    def _genuine_done(self, card: Card, m: Merchant, term: str, amount: float, channel: str,
                       device: str | None, ip: str | None, now_ms: int) -> dict[str, Any]:
         if channel in CARD_PRESENT:
             card.last_lat, card.last_lon, card.last_t = m.lat, m.lon, now_ms
@@ -419,7 +253,7 @@ class TrafficGenerator:
             self._push_label(card, m, -1, now_ms)
         return self._txn(now_ms, card, m, term, amount, channel, device, ip)
 
-    def _trip_txn(self, card: _Card, now_ms: int) -> dict[str, Any]:
+    def _trip_txn(self, card: Card, now_ms: int) -> dict[str, Any]:
         r = self._r
         city, left = card.trip
         card.trip = [city, left - 1] if left > 1 else None
@@ -443,7 +277,7 @@ class TrafficGenerator:
             card = self._free_card()
             pool = self._ct_merchants
             camp = _Campaign(_CT, card, rng.sample(pool, 1 if r() < 0.7 else min(3, len(pool))))
-            camp.device, camp.ip = self._new_device(), self._ip(rng, camp.merchants[0].country)
+            camp.device, camp.ip = self._new_device(), random_ip(rng, camp.merchants[0].country)
             for _ in range(rng.randint(15, 50)):
                 self._schedule(t, _CT, camp)
                 t += int((1000 + rng.expovariate(1 / 4000)) * k)
@@ -452,7 +286,7 @@ class TrafficGenerator:
             countries = [c for c, ms in self._ecom_country.items() if ms and c != card.country]
             country = rng.choice(countries)
             camp = _Campaign(_ATO, card, self._ecom_country[country])
-            camp.device, camp.ip = self._new_device(), self._ip(rng, country)
+            camp.device, camp.ip = self._new_device(), random_ip(rng, country)
             for _ in range(rng.randint(2, 6)):
                 self._schedule(t, _ATO, camp)
                 t += int(rng.randint(MINUTE_MS, 15 * MINUTE_MS) * k)
@@ -474,7 +308,7 @@ class TrafficGenerator:
             online = rng.sample(online, min(n - len(shops) + n // 4, len(online)))
             camp = _Campaign(_VB, card, (shops[: n - len(online)] + online)[:n])
             rng.shuffle(camp.merchants)
-            camp.device, camp.ip = self._new_device(), self._ip(rng, card.country)
+            camp.device, camp.ip = self._new_device(), random_ip(rng, card.country)
             for _ in camp.merchants:
                 self._schedule(t, _VB, camp)
                 t += int(rng.randint(10_000, 60_000) * k)
@@ -487,7 +321,7 @@ class TrafficGenerator:
                 self._schedule(t, _IT, camp)
                 t += int(rng.randint(2 * MINUTE_MS, 15 * MINUTE_MS) * k)
 
-    def _start_cashout(self, card: _Card, now_ms: int) -> None:
+    def _start_cashout(self, card: Card, now_ms: int) -> None:
         camp = _Campaign(_CM, card, [])
         t = now_ms + int(self._rng.uniform(0.5, 3.0) * self._day_ms)
         for _ in range(self._rng.randint(1, 3)):
@@ -552,14 +386,14 @@ class TrafficGenerator:
         self._push_label(card, m, kind, now_ms)
         return self._txn(now_ms, card, m, term, amount, channel, device, ip)
 
-    def _far_merchant(self, camp: _Campaign, now_ms: int) -> _Merchant:
+    def _far_merchant(self, camp: _Campaign, now_ms: int) -> Merchant:
         """A shop in a city that would need > 1200 km/h (and >= 2500 km) to reach in time."""
         card = camp.card
         hours = (now_ms - card.last_t) / 3_600_000 if card.last_t is not None else 0.0
         need = max(2500.0, 1200.0 * hours)
 
-        def dist(city: tuple[str, int]) -> float:
-            return haversine_km(card.last_lat, card.last_lon, *_COUNTRIES[city[0]][3][city[1]])
+        def dist(city: City) -> float:
+            return haversine_km(card.last_lat, card.last_lon, *city_centre(city))
 
         if camp.city is None or dist(camp.city) < need:
             far = [k for k in self._cities if dist(k) >= need]

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fraudstream.streams.traffic.generator import DAY_MS, GeneratorConfig, generate_history
+from fraudstream.streams.traffic.generator import DAY_MS, generate_history
+from fraudstream.streams.traffic.world import GeneratorConfig
 
 COLUMNS = ("transaction_id", "event_time", "card_id", "customer_id", "merchant_id",
            "terminal_id", "amount", "currency", "mcc", "country", "card_country", "lat", "lon",

@@ -170,7 +170,7 @@ def _generated(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
 
 def generator_config(args: argparse.Namespace) -> Any:
     """The generated world of ``--seed``, ``--cards``, label delay and time compression."""
-    from fraudstream.streams.traffic.generator import GeneratorConfig
+    from fraudstream.streams.traffic.world import GeneratorConfig
 
     return GeneratorConfig(
         seed=args.seed,

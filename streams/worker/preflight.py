@@ -55,7 +55,8 @@ def check_services(settings: Settings) -> None:
 
 
 def check_rules(path: Path) -> None:
-    from fraudstream.scorers.rules import RulesError, RuleSet
+    from fraudstream.scorers.rules import RuleSet
+    from fraudstream.scorers.rules_file import RulesError
 
     try:
         RuleSet.load(path)
