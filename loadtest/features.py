@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fraudstream.loadtest.harness import fresh_stack, write_result
-from fraudstream.loadtest.proc import rss_kb
+from fraudstream.loadtest.proc import rss_file_kb, rss_kb
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import validate_history_transaction
 from fraudstream.state.engine import FeatureEngine, MemoryStore, TxnEvent
@@ -241,15 +241,19 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             fresh = _time_to_first_decision(settings, codecs, work / "fresh.log")
             disk = _du(work / "state")
             print(f"{args.cards} cards, fresh data dir: first decision after "
-                  f"{fresh['seconds']:.1f} s, RSS {fresh['rss_mb']:.0f} MB, RocksDB "
+                  f"{fresh['seconds']:.1f} s, RSS {fresh['rss_mb']:.0f} MB "
+                  f"({fresh['rss_file_mb']:.0f} MB of it mapped files), RocksDB "
                   f"{disk / args.cards:.0f} bytes/card", file=sys.stderr)
             kept = _time_to_first_decision(settings, codecs, work / "restart.log",
                                            traffic=args.traffic, cards=args.cards)
             print(f"restart with the data dir kept: first decision after "
-                  f"{kept['seconds']:.1f} s, RSS {kept['rss_mb']:.0f} MB; after "
+                  f"{kept['seconds']:.1f} s, RSS {kept['rss_mb']:.0f} MB "
+                  f"({kept['rss_file_mb']:.0f} MB mapped files); after "
                   f"{kept.get('traffic', 0)} transactions on random cards "
                   f"({kept.get('traffic_rate', 0):.0f}/s) RSS "
-                  f"{kept.get('rss_after_traffic_mb', 0):.0f} MB", file=sys.stderr)
+                  f"{kept.get('rss_after_traffic_mb', 0):.0f} MB "
+                  f"({kept.get('rss_file_after_traffic_mb', 0):.0f} MB mapped files)",
+                  file=sys.stderr)
             result.update({
                 "empty_state": base, "fresh_recovery": fresh, "restart": kept,
                 "recovery_s_fresh": fresh["seconds"] - base["seconds"],
@@ -331,7 +335,8 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int 
         if seconds is None:
             raise RuntimeError(f"no decision from the worker; see {log}")
         time.sleep(2.0)
-        result = {"seconds": seconds, "rss_mb": rss_kb(proc.pid) / 1024.0}
+        result = {"seconds": seconds, "rss_mb": rss_kb(proc.pid) / 1024.0,
+                  "rss_file_mb": rss_file_kb(proc.pid) / 1024.0}
         if traffic:
             rng = random.Random(7)
             t1 = time.monotonic()
@@ -354,6 +359,7 @@ def _time_to_first_decision(settings: Any, codecs: Any, log: Path, traffic: int 
             result["traffic"] = seen
             result["traffic_rate"] = seen / (time.monotonic() - t1)
             result["rss_after_traffic_mb"] = rss_kb(proc.pid) / 1024.0
+            result["rss_file_after_traffic_mb"] = rss_file_kb(proc.pid) / 1024.0
     finally:
         stop_process(proc, 30.0)
         consumer.close()

@@ -14,6 +14,16 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def rss_file_kb(pid: int) -> int:
+    """RssFile of ``pid`` in kB: the part of its RSS that is mapped files (shared library
+    code such as LLVM's, shared with every process that maps them, and reclaimable)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    return 0
+
+
 def _rss_or_0(pid: int) -> int:
     try:
         return rss_kb(pid)

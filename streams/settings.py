@@ -205,7 +205,7 @@ class FeatureSettings:
     expiry_interval_s: float = 600.0
     #: RocksDB backend: feature records kept in memory between batches (and the keys known
     #: to have none), up to about this many MB; emptied at every rebalance. 0: off.
-    cache_mb: float = 64.0
+    cache_mb: float = 32.0
 
 
 @dataclass(frozen=True)
@@ -365,6 +365,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_FEATURES_ALLOWED_LATENESS_S": NOT_NEGATIVE,
     "FRAUDSTREAM_FEATURES_LABEL_DELAY_S": NOT_NEGATIVE,
     "FRAUDSTREAM_FEATURES_EXPIRY_INTERVAL_S": POSITIVE,
+    "FRAUDSTREAM_FEATURES_CACHE_MB": NOT_NEGATIVE,
     "FRAUDSTREAM_SCORING_BUDGET_MS": POSITIVE,
     "FRAUDSTREAM_SCORING_MODEL_TIMEOUT_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S": POSITIVE,

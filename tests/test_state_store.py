@@ -77,7 +77,8 @@ def kafka_sink(broker) -> Iterator[KafkaSink]:
     sink.producer.flush(5)
 
 
-def _rocksdb_store(request: pytest.FixtureRequest, tmp_path: Path
+def _rocksdb_store(request: pytest.FixtureRequest, tmp_path: Path, cache_mb: float = 0.0,
+                   owned: Callable[[], Any] = lambda: range(PARTITIONS),
                    ) -> Iterator[TableFeatureStore]:
     broker = request.getfixturevalue("broker")
     sink = request.getfixturevalue("kafka_sink")
@@ -93,7 +94,7 @@ def _rocksdb_store(request: pytest.FixtureRequest, tmp_path: Path
     for fut in futures.values():
         fut.result(15)
     state = FaustTableState(table, f"transactions-{uid}", sink, end_marker=True)
-    store = TableFeatureStore(state, owned=lambda: range(PARTITIONS))
+    store = TableFeatureStore(state, owned=owned, cache_mb=cache_mb)
     store.refresh()
     yield store
     for db in table.data._dbs.values():
@@ -104,8 +105,15 @@ def _memory_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Me
     yield MemoryStore(PARTITIONS)
 
 
+def _rocksdb_cached_store(request: pytest.FixtureRequest, tmp_path: Path
+                          ) -> Iterator[TableFeatureStore]:
+    """RocksDB with a record cache so small that the contract's records overflow it."""
+    yield from _rocksdb_store(request, tmp_path, cache_mb=0.002)
+
+
 BACKENDS: dict[str, Callable[..., Iterator[Any]]] = {
     "memory": _memory_store, "redis": _redis_store, "rocksdb": _rocksdb_store,
+    "rocksdb-cached": _rocksdb_cached_store,
 }
 
 
@@ -521,3 +529,25 @@ def run_engine(store: Any, batches: list[tuple[list[TxnEvent], list[LabelEvent]]
 
     return asyncio.run(run())
 
+
+def test_the_record_cache_reads_the_table_again_after_a_rebalance(request, tmp_path):
+    """Between rebalances the worker is the only writer of its partitions' records; after
+    one, a record another worker wrote meanwhile is what the next batch reads."""
+    owned = {0, 1, 2, 3}
+    stores = _rocksdb_store(request, tmp_path, cache_mb=1.0, owned=lambda: owned)
+    store = next(stores)
+    key = (2, b"m|shop")
+    assert store.read([key]) == [None]
+    store.write([(2, b"m|shop", record(1.0))])
+    flush(store)
+    hits = store.cache_hits
+    assert store.read([key]) == [record(1.0)] and store.cache_hits == hits + 1
+    # Partition 2 went to another worker, which wrote the record; then it came back.
+    store.state.record([(2, b"m|shop", record(2.0))])
+    store.forget()  # what the rebalance hook does (forget_on_rebalance)
+    assert store.read([key]) == [record(2.0)]
+    store.state.record([(2, b"m|shop", record(3.0))])
+    owned.discard(3)  # the assignment changed between two batches
+    store.refresh()
+    assert store.read([key]) == [record(3.0)]
+    stores.close()
