@@ -4,7 +4,8 @@ fastavro's ``schemaless_reader`` walks the schema for every record: about 9-10 u
 transaction here. :func:`read_transaction` reads ``transaction.avsc`` field after field in
 straight-line code and builds the dict fastavro builds: the same keys in the same order,
 ``str`` and ``float`` values, ``None`` for a null branch, and the ``timestamp-millis``
-event time as fastavro's timezone-aware ``datetime`` (same expression).
+event time as the timezone-aware ``datetime`` fastavro gives (the same value, computed
+exactly in integers).
 
 It serves only the schema it was written for: :func:`reader_for` returns None when
 ``transaction.avsc`` has other fields or types, and the codec uses it only for records
