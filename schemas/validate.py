@@ -18,7 +18,6 @@ from typing import Any
 from fraudstream.schemas.fx import Rates
 
 CHANNELS = frozenset({"pos", "ecom", "atm", "moto", "contactless"})
-OPTIONAL_STRINGS = ("customer_id", "terminal_id", "device_id")
 #: Every string field that names something (a transaction, card, merchant, customer,
 #: terminal, device, address): none may hold a card number. Every string field of a
 #: transaction or label, identifiers or not, is refused when it holds a control character.
@@ -31,6 +30,10 @@ _NO_FUTURE_CHECK = 2**62
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _MCC = re.compile(r"[0-9]{4}")
+#: A dotted-quad IPv4 address as ``ipaddress`` takes it (octets 0-255 in ASCII digits, no
+#: leading zero): what matches needs no ``ip_address`` call; the rest goes to it.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _PAN_TEXT = re.compile(r"^[0-9][0-9 -]{11,22}[0-9]$")
 #: Maximal runs of digits joined by single spaces or dashes (what masking looks at), and
 #: by single spaces only (what a card number inside a longer identifier looks like: a
@@ -202,16 +205,19 @@ def _string(rec: dict[str, Any], name: str, required: bool = True) -> str | None
         raise ValidationError(name, "empty")
     if len(value) > MAX_ID_LEN:
         raise ValidationError(name, f"longer than {MAX_ID_LEN} characters")
-    bad = control_character(value)
-    if bad is not None:
-        raise ValidationError(name, f"contains a control character {bad}")
+    if not (value.isascii() and value.isprintable()):  # control_character's own shortcut
+        bad = control_character(value)
+        if bad is not None:
+            raise ValidationError(name, f"contains a control character {bad}")
     return value
 
 
 def _no_pans(out: dict[str, Any], names: tuple[str, ...]) -> None:
     for name in names:
         value = out.get(name)
-        if value is not None and contains_pan(value):
+        # an ASCII value without 13 digits in a row: contains_pan's own shortcut
+        if value is not None and (not value.isascii() or _THIRTEEN.search(value)) \
+                and contains_pan(value):
             raise ValidationError(name, PAN_REASON)
 
 
@@ -221,9 +227,10 @@ def _number(rec: dict[str, Any], name: str, required: bool = True) -> float | No
         if required:
             raise ValidationError(name, "missing")
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(name, f"expected a number, got {type(value).__name__}")
-    value = float(value)
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError(name, f"expected a number, got {type(value).__name__}")
+        value = float(value)
     if not math.isfinite(value):
         raise ValidationError(name, f"not a finite number ({value})")
     return value
@@ -324,11 +331,13 @@ def validate_transaction(
 
     ip = _string(rec, "ip", required=False)
     if ip is not None:
-        _no_pans({"ip": ip}, ("ip",))
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError as exc:
-            raise ValidationError("ip", f"not an IP address: {ip!r}") from exc
+        if contains_pan(ip):
+            raise ValidationError("ip", PAN_REASON)
+        if _IPV4.fullmatch(ip) is None:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError as exc:
+                raise ValidationError("ip", f"not an IP address: {ip!r}") from exc
 
     out = {
         "transaction_id": txn_id,
@@ -345,9 +354,10 @@ def validate_transaction(
         "lon": lon,
         "ip": ip,
         "channel": channel,
+        "customer_id": _string(rec, "customer_id", required=False),
+        "terminal_id": _string(rec, "terminal_id", required=False),
+        "device_id": _string(rec, "device_id", required=False),
     }
-    for name in OPTIONAL_STRINGS:
-        out[name] = _string(rec, name, required=False)
     _no_pans(out, TRANSACTION_IDS)
     return out
 
