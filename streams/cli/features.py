@@ -123,12 +123,25 @@ def _write(out: Path, batches: Iterator[tuple[list[Mapping[str, Any]], np.ndarra
         schema = pa.schema([("transaction_id", pa.string()), ("event_time", pa.int64()),
                             ("card_id", pa.string()), ("merchant_id", pa.string()),
                             *((name, pa.float64()) for name in FEATURE_NAMES)])
+        def write(txns: list[Mapping[str, Any]], X: np.ndarray) -> None:
+            ids = [pa.array([t[c] for t in txns], type=schema.field(c).type)
+                   for c in ID_COLUMNS]
+            writer.write_table(pa.Table.from_arrays(
+                [*ids, *(pa.array(X[:, j]) for j in range(X.shape[1]))], schema=schema))
+
+        # Row groups of ~50,000 rows, not one per micro-batch.
         with pq.ParquetWriter(out, schema) as writer:
-            for txns, X in batches:
-                ids = [pa.array([t[c] for t in txns], type=schema.field(c).type)
-                       for c in ID_COLUMNS]
-                writer.write_table(pa.Table.from_arrays(
-                    [*ids, *(pa.array(X[:, j]) for j in range(X.shape[1]))], schema=schema))
+            txns: list[Mapping[str, Any]] = []
+            mats: list[np.ndarray] = []
+            for chunk, X in batches:
+                txns.extend(chunk)
+                mats.append(X)
+                if len(txns) >= 50_000:
+                    write(txns, np.concatenate(mats))
+                    n += len(txns)
+                    txns, mats = [], []
+            if txns:
+                write(txns, np.concatenate(mats))
                 n += len(txns)
         return n
     with out.open("w", newline="") as fh:
