@@ -97,7 +97,7 @@ from fraudstream.loadtest.runs import WARMUP, FreshRuns, Runs, SharedRuns
 from fraudstream.loadtest.steps import live_runs
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
-from fraudstream.streams.settings import Settings
+from fraudstream.streams.settings import Settings, WorkerSettings
 from fraudstream.streams.traffic.generator import TrafficGenerator
 from fraudstream.streams.traffic.world import GeneratorConfig
 
@@ -121,6 +121,11 @@ def parse_args() -> argparse.Namespace:
                         help="a bench-YYYYmmdd-HHMMSS/ folder is made in it")
     parser.add_argument("--batch-max", type=int, default=500,
                         help="FRAUDSTREAM_WORKER_BATCH_MAX of the worker")
+    parser.add_argument("--batch-share", type=float, default=WorkerSettings().batch_share,
+                        help="FRAUDSTREAM_WORKER_BATCH_SHARE of the worker")
+    parser.add_argument("--backlog-batches", type=float,
+                        default=WorkerSettings().backlog_batches,
+                        help="FRAUDSTREAM_WORKER_BACKLOG_BATCHES of the worker")
     parser.add_argument("--models", type=Path, default=None,
                         help="a model registry with an ACTIVE version (the full cascade); "
                              "default: the rules alone")
@@ -202,7 +207,9 @@ def main() -> int:
         with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
             stack = fresh_stack(
                 broker, reg, workdir, "bench", args.partitions,
-                worker={"batch_max": args.batch_max, "metrics_port": free_port()},
+                worker={"batch_max": args.batch_max, "batch_share": args.batch_share,
+                        "backlog_batches": args.backlog_batches,
+                        "metrics_port": free_port()},
                 scoring={"models_dir": args.models or workdir / "no-models",
                          "budget_ms": budget})
             uid, settings, codecs = stack.uid, stack.settings, stack.codecs

@@ -52,3 +52,15 @@ def test_a_backlog_takes_the_largest_batches_until_it_is_gone():
     assert sizer.size() == 500
     sizer.keep({"transactions-0"})  # partition 1 was revoked: its lag is not ours
     assert sizer.size() == 100
+
+
+def test_a_burst_shorter_than_the_backlog_threshold_keeps_batches_to_their_size():
+    """With FRAUDSTREAM_WORKER_BACKLOG_BATCHES above 1, a few batches' worth waiting (a
+    fetch wait, a commit) is not a backlog: batches keep to their size."""
+    sizer = BatchSizer(budget_ms=50.0, share=0.5, minimum=32, maximum=500,
+                       backlog_batches=4.0)
+    sizer.observe(100, 100 * 250e-6)
+    sizer.set_lag("transactions-0", 350)  # three and a half sized batches
+    assert not sizer.backlog and sizer.size() == 100
+    sizer.set_lag("transactions-0", 450)
+    assert sizer.backlog and sizer.size() == 500

@@ -261,7 +261,8 @@ def build_worker(settings: Settings) -> Worker:
     # the by-card topic, whose partitions hold each card's events and state.
     forward_topic = settings.topics.transactions if w.repartition else None
 
-    sizer = BatchSizer(settings.scoring.budget_ms, w.batch_share, w.batch_min, w.batch_max)
+    sizer = BatchSizer(settings.scoring.budget_ms, w.batch_share, w.batch_min, w.batch_max,
+                       backlog_batches=w.backlog_batches)
 
     async def handle(batch: Sequence[tuple[Any, Sequence[Any]]], arrived: float) -> None:
         """Decide a fetched batch (``arrived``: when the fetch returned it) and commit."""

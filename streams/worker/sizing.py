@@ -13,8 +13,9 @@ a record counts from when the batch loop takes it. With a cost of 150 us per rec
 the default 50 ms budget and 0.5 share, batches hold about 166 records; at 20 us, 1,250
 records are allowed and ``maximum`` caps it.
 
-A backlog is the exception: while the input partitions hold more records than one sized
-batch (:meth:`BatchSizer.set_lag`), batches take ``maximum`` records. Those records are
+A backlog is the exception: while the input partitions hold more records than
+``backlog_batches`` sized batches (:meth:`BatchSizer.set_lag`), batches take ``maximum``
+records. Those records are
 late already, by their wait in Kafka, and a batch has a fixed cost (two acknowledgements
 from the broker) that small batches pay more often: measured on a 40,000-record backlog,
 budget-sized batches drained 3,448/s and batches of 500 5,367/s, the model deciding all
@@ -26,11 +27,12 @@ from __future__ import annotations
 
 class BatchSizer:
     def __init__(self, budget_ms: float, share: float, minimum: int, maximum: int,
-                 alpha: float = 0.2) -> None:
+                 alpha: float = 0.2, backlog_batches: float = 1.0) -> None:
         self.target_s = budget_ms * share / 1000.0
         self.minimum = max(1, min(minimum, maximum))
         self.maximum = maximum
         self.alpha = alpha
+        self.backlog_batches = backlog_batches
         #: Seconds per record, learned; None until a first batch was measured.
         self.per_record_s: float | None = None
         self._size = self.minimum
@@ -42,8 +44,9 @@ class BatchSizer:
 
     @property
     def backlog(self) -> bool:
-        """More records wait in the input than one budget-sized batch takes."""
-        return sum(self._lag.values()) > self._size
+        """More records wait in the input than ``backlog_batches`` budget-sized batches
+        take."""
+        return sum(self._lag.values()) > self.backlog_batches * self._size
 
     def set_lag(self, partition: object, lag: int) -> None:
         """Records behind the end of ``partition``, as of the batch just handled."""
