@@ -202,10 +202,16 @@ def entity_expire(W, OFF, NN, SC, s, lateness, ceil_h, ceil_d):  # noqa: ANN001,
 
 @njit(cache=True)
 def haversine_km(lat1, lon1, lat2, lon2):  # noqa: ANN001, ANN202
+    """As :func:`fraudstream.state.geo.haversine_km`, to the bit. Python's ``x ** 2`` calls
+    the C library's ``pow``, which rounds differently from ``x * x`` now and then (1 ulp),
+    and LLVM turns a ``pow`` by a constant 2 into ``x * x``; the exponent here is 2 but not
+    a constant to LLVM (``0.0 * lat1`` cannot be folded: lat1 might be infinite)."""
+    two = 2.0 + 0.0 * lat1
     rad = math.pi / 180.0
     p1, p2 = lat1 * rad, lat2 * rad
     dp, dl = p2 - p1, (lon2 - lon1) * rad
-    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    h = math.pow(math.sin(dp / 2), two) + math.cos(p1) * math.cos(p2) * math.pow(
+        math.sin(dl / 2), two)
     return 12_742.0 * math.asin(min(1.0, math.sqrt(h)))
 
 

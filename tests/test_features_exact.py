@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from fraudstream.state.engine import FeatureBatch, FeatureEngine, LabelEvent, MemoryStore, TxnEvent
-from fraudstream.state.features import HOUR_MS, FeatureConfig
+from fraudstream.state.features import HOUR_MS, MAX_RECENT, MAX_SEEN, FeatureConfig
 from fraudstream.state.offline import offline_features
+from fraudstream.state.records import sections
 from fraudstream.streams.traffic.generator import arrival_events, generate_history
 from fraudstream.streams.traffic.world import GeneratorConfig
 from tests.conftest import DAY_MS, T0_MS
@@ -128,3 +129,80 @@ def test_vectors_counters_and_writes_are_unchanged(engine_args: dict[str, Any]) 
 
 def test_offline_vectors_are_unchanged() -> None:
     assert offline_digest() == EXPECTED_OFFLINE
+
+
+# ----------------------------------------------------------------------------- edge paths
+
+#: Digests of the edge-path history below; computed with the Python engine of release
+#: 5f06d45 (JSON records) and with the compiled kernel, which agree bit for bit.
+EXPECTED_EDGE = "cf52f55f5289365db50111e07199ffa9aac7591ebd249c26e9aa35f89c663c87"
+
+
+def edge_history(seed: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """Paths the generated history does not reach: seen-sets past their size (400
+    merchants and 300 countries for 40 cards), card-testing bursts past MAX_RECENT within
+    the hour, three devices and two IPs shared by every card, locations anywhere on Earth,
+    events up to 3 h late, labels with and without a merchant."""
+    rng = random.Random(seed)
+    out: list[tuple[str, dict[str, Any]]] = []
+    t = T0_MS - 20 * DAY_MS
+    for i in range(12_000):
+        if 3000 <= i < 3700 or 9000 <= i < 9600:  # card testing: 700 and 600 in minutes
+            card = "burst"
+            t += rng.randrange(0, 3000)
+        else:
+            card = f"c{rng.randrange(40)}"
+            t += rng.randrange(0, 600_000)
+        ts = t - (rng.randrange(0, 3 * HOUR_MS) if rng.random() < 0.05 else 0)
+        merchant = f"m{rng.randrange(400)}"
+        lat = rng.uniform(-60, 60) if rng.random() < 0.6 else None
+        lon = rng.uniform(-170, 170) if lat is not None or rng.random() < 0.5 else None
+        out.append(("transaction", {
+            "transaction_id": f"e{i}", "event_time": ts, "card_id": card,
+            "merchant_id": merchant, "amount_ref": round(rng.uniform(0.5, 900), 2),
+            "country": f"C{rng.randrange(300)}",
+            "device_id": f"d{rng.randrange(3)}" if rng.random() < 0.8 else None,
+            "ip": f"10.0.0.{rng.randrange(2)}" if rng.random() < 0.7 else "",
+            "lat": lat, "lon": lon}))
+        if rng.random() < 0.05:
+            out.append(("label", {"merchant_id": merchant if rng.random() < 0.9 else None,
+                                  "is_fraud": rng.random() < 0.5,
+                                  "label_time": ts + rng.randrange(0, DAY_MS)}))
+    return out
+
+
+def test_edge_paths_are_unchanged() -> None:
+    rng = random.Random(1)
+    store = MemoryStore(3)
+    engine = FeatureEngine(CONFIG, store)
+    offsets = [0, 0, 0]
+    results: list[FeatureBatch] = []
+    txns: list[TxnEvent] = []
+    labels: list[LabelEvent] = []
+    widest = {"recent": 0, "merchants": 0}
+    for kind, record in edge_history():
+        p = len(record.get("card_id") or "x") % 3
+        offset = offsets[p]
+        offsets[p] += 1
+        if kind == "label":
+            labels.append(LabelEvent(p, offset, record))
+        else:
+            txns.append(TxnEvent(p, offset, record))
+            if rng.random() < 0.03:
+                txns.append(txns[-1])
+        if len(txns) >= 64:
+            b = engine.process(txns, labels)
+            store.write(b.writes)
+            results.append(b)
+            txns, labels = [], []
+            for (_p, key), data in store.data.items():
+                if key.startswith(b"c|"):
+                    _head, (recent, _h, _d, merchants, *_rest) = sections(data)
+                    widest["recent"] = max(widest["recent"], len(recent))
+                    widest["merchants"] = max(widest["merchants"], len(merchants))
+    results.append(engine.process(txns, labels))
+    assert widest == {"recent": MAX_RECENT, "merchants": MAX_SEEN}  # both limits reached
+    h = hashlib.sha256()
+    for part in digests(results):
+        h.update(part.encode())
+    assert h.hexdigest() == EXPECTED_EDGE
