@@ -39,7 +39,14 @@ def _cache_dir() -> str:
     digest = hashlib.sha256()
     for name in ("features.py", "records.py", "kernel_rows.py", "kernel.py"):
         digest.update((here / name).read_bytes())
-    base = os.environ.get("NUMBA_CACHE_DIR") or str(here / "__pycache__")
+    base = os.environ.get("NUMBA_CACHE_DIR")
+    if not base:
+        pycache = here / "__pycache__"
+        writable = os.access(pycache if pycache.exists() else here, os.W_OK)
+        # an install the worker cannot write to (a container's site-packages): the user's
+        # cache directory, never numba's fallbacks, whose key is one file's timestamp
+        base = str(pycache) if writable else os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fraudstream")
     return os.path.join(base, f"kernel-{digest.hexdigest()[:16]}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -249,3 +250,18 @@ def test_feature_rules_read_the_vector() -> None:
     scores = scorer.score_batch(events, vectors)
     assert "R501_CARD_VELOCITY_1M" not in scores[4].reasons
     assert "R501_CARD_VELOCITY_1M" in scores[7].reasons
+
+
+def test_the_kernel_cache_goes_to_the_user_cache_when_the_install_is_read_only(
+        monkeypatch, tmp_path) -> None:
+    """A worker that cannot write next to its code (a container's site-packages) keeps the
+    compiled kernel in its own cache directory, still named by the sources' digest."""
+    from fraudstream.state import kernel_rows
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel_rows.os, "access", lambda *_a: False)
+    path = Path(kernel_rows._cache_dir())
+    assert path.parent == tmp_path / "fraudstream" and path.name.startswith("kernel-")
+    monkeypatch.setattr(kernel_rows.os, "access", lambda *_a: True)
+    assert Path(kernel_rows._cache_dir()).name == path.name  # same sources, same digest
