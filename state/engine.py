@@ -196,7 +196,10 @@ class _Columns:
                         members.append(m)
                     ptr.append(len(members))
                 grp[i, j] = g
-                own[i, j] = slots[(p, key)]
+                o = slots.setdefault((p, key), len(slots))  # its own, readable or not
+                if o == len(cards):
+                    cards.append(False)
+                own[i, j] = o
                 if j == 0:
                     mkey[i] = merchants.setdefault(key, len(merchants))
         self.is_card = np.array(cards, dtype=np.bool_)
