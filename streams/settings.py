@@ -176,6 +176,9 @@ class WorkerSettings:
     #: RocksDB memory per table partition: block cache, and write buffer (two of them).
     rocksdb_block_cache_mb: int = 32
     rocksdb_write_buffer_mb: int = 16
+    #: RocksDB's write-ahead log for the state table. Off: the changelog topic is what
+    #: the table is recovered from; a crash replays it from the last flushed offset.
+    rocksdb_wal: bool = False
     #: An input partition with records waiting and nothing handled for this long is
     #: stalled: an error line, fraudstream_stalled_partitions, an alert.
     stall_s: float = 60.0

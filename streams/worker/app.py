@@ -182,7 +182,8 @@ def build_worker(settings: Settings) -> Worker:
         restore.install(app, table, decided,
                         settings.kafka.consumer_config(f"{w.app_id}-restore"))
     sink = KafkaSink(settings.kafka.client_config())
-    state = FaustTableState(table, decided, sink, end_marker=settings.kafka.embedded)
+    state = FaustTableState(table, decided, sink, end_marker=settings.kafka.embedded,
+                            wal=w.rocksdb_wal)
     fs = settings.features
     feature_store: StateStore
     if fs.backend == "redis":
