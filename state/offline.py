@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from fraudstream.state.engine import FeatureEngine, LabelEvent, MemoryStore, TxnEvent
+from fraudstream.state.engine import (
+    FeatureBatch,
+    FeatureEngine,
+    LabelEvent,
+    MemoryStore,
+    TxnEvent,
+)
 from fraudstream.state.features import FeatureConfig, Vector
 
 
@@ -38,8 +44,8 @@ def offline_features(
     stats: OfflineStats | None = None,
 ) -> Iterator[tuple[Mapping[str, Any], Vector]]:
     """(transaction, features) for every new transaction of ``events``, in order."""
-    for txns, X in offline_batches(events, config, batch_size, stats):
-        yield from zip(txns, (Vector(row) for row in X.tolist()), strict=True)
+    for txns, batch in _batches(events, config, batch_size, stats):
+        yield from zip(txns, batch.vectors, strict=True)
 
 
 def offline_batches(
@@ -50,6 +56,16 @@ def offline_batches(
 ) -> Iterator[tuple[list[Mapping[str, Any]], np.ndarray]]:
     """As :func:`offline_features`, a micro-batch at a time: (transactions, their feature
     matrix, transactions x :data:`~fraudstream.state.features.FEATURE_NAMES`)."""
+    for txns, batch in _batches(events, config, batch_size, stats):
+        yield txns, batch.matrix
+
+
+def _batches(
+    events: Iterable[tuple[str, Mapping[str, Any]]],
+    config: FeatureConfig,
+    batch_size: int,
+    stats: OfflineStats | None,
+) -> Iterator[tuple[list[Mapping[str, Any]], FeatureBatch]]:
     stats = stats if stats is not None else OfflineStats()
     store = MemoryStore(partitions=1)
     engine = FeatureEngine(config, store)
@@ -57,13 +73,13 @@ def offline_batches(
     txns: list[TxnEvent] = []
     labels: list[LabelEvent] = []
 
-    def run() -> tuple[list[Mapping[str, Any]], np.ndarray]:
+    def run() -> tuple[list[Mapping[str, Any]], FeatureBatch]:
         batch = engine.process(txns, labels)
         store.write(batch.writes)
         stats.late += batch.late
         stats.too_late += batch.too_late
         stats.entities = len(store.data)
-        out = ([e.txn for e in txns], batch.matrix)
+        out = ([e.txn for e in txns], batch)
         txns.clear()
         labels.clear()
         return out
