@@ -7,19 +7,19 @@ import os
 
 def rss_kb(pid: int) -> int:
     """VmRSS of ``pid`` in kB (OSError once the process is gone)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return _status_kb(pid, "VmRSS:")
 
 
 def rss_file_kb(pid: int) -> int:
     """RssFile of ``pid`` in kB: the part of its RSS that is mapped files (shared library
     code such as LLVM's, shared with every process that maps them, and reclaimable)."""
+    return _status_kb(pid, "RssFile:")
+
+
+def _status_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("RssFile:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
