@@ -79,12 +79,20 @@ def open_row(W, off, n, w, pos):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True)
+def after(W, off, n, w, key):  # noqa: ANN001, ANN202
+    """The first row of a sorted section whose key is above ``key`` (searched from the end:
+    new rows mostly go last)."""
+    i = n
+    while i and W[off + (i - 1) * w] > key:
+        i -= 1
+    return i
+
+
+@njit(cache=True)
 def bucket(W, OFF, NN, s, sec, w, idx):  # noqa: ANN001, ANN202
     """Where the bucket ``idx`` starts in ``W`` (created empty if needed, kept sorted)."""
     off, n = OFF[s, sec], NN[s, sec]
-    i = n
-    while i and W[off + (i - 1) * w] > idx:
-        i -= 1
+    i = after(W, off, n, w, idx)
     if i and W[off + (i - 1) * w] == idx:
         return off + (i - 1) * w
     open_row(W, off, n, w, i)
@@ -100,9 +108,7 @@ def bucket(W, OFF, NN, s, sec, w, idx):  # noqa: ANN001, ANN202
 def insert_sorted(W, OFF, NN, s, sec, w, t):  # noqa: ANN001, ANN202
     """Where a new row of time ``t`` goes (after the rows at or before ``t``)."""
     off, n = OFF[s, sec], NN[s, sec]
-    i = n
-    while i and W[off + (i - 1) * w] > t:
-        i -= 1
+    i = after(W, off, n, w, t)
     open_row(W, off, n, w, i)
     NN[s, sec] = n + 1
     return off + i * w
