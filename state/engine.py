@@ -72,9 +72,10 @@ class LabelEvent:
 
 @dataclass(slots=True)
 class FeatureBatch:
-    vectors: list[Vector] = field(default_factory=list)
-    #: The same features as a (transactions x features) float64 matrix (None: degraded).
+    #: The features as a (transactions x features) float64 matrix (None: degraded).
     matrix: np.ndarray | None = None
+    #: Degraded vectors, or those built from ``matrix`` on first read (see :attr:`vectors`).
+    _vectors: list[Vector] | None = None
     #: (partition, key, record) for :meth:`StateStore.write`.
     writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)
     degraded: bool = False
@@ -87,6 +88,15 @@ class FeatureBatch:
     corrupt: int = 0
     #: Labels that cannot be attributed to a merchant (no merchant_id).
     labels_unattributed: int = 0
+
+    @property
+    def vectors(self) -> list[Vector]:
+        """One :class:`Vector` per transaction, readable by feature name. Built from the
+        matrix when first asked for: the offline builder only needs the matrix."""
+        if self._vectors is None:
+            self._vectors = ([] if self.matrix is None
+                             else [Vector(row) for row in self.matrix.tolist()])
+        return self._vectors
 
 
 class FeatureEngine:
@@ -104,14 +114,13 @@ class FeatureEngine:
             raw = self.store.read(keys) if keys else []
         except StateUnavailable:
             out.degraded = True
-            out.vectors = [degraded_vector(e.txn) for e in txns]
+            out._vectors = [degraded_vector(e.txn) for e in txns]
             return out
         inbuf, start, length = _concat(raw, cols.is_card)
         X, dirty, buf, out_start, out_len, counters = run_batch(
             inbuf, start, length, cols.is_card, *cols.label_columns(), *cols.event_columns(),
             self.config.allowed_lateness_ms)
         out.matrix = X
-        out.vectors = [Vector(row) for row in X.tolist()]
         (out.replayed, out.late, out.too_late, out.labels_counted,
          out.corrupt) = (int(c) for c in counters)
         data = buf.tobytes()
@@ -148,23 +157,25 @@ class _Columns:
                         (label["label_time"] + delay) // DAY_MS))
         self._labels = lab
         n = len(txns)
-        own = np.full((n, 3), -1, dtype=np.int64)
-        grp = np.zeros((n, 3), dtype=np.int64)
-        card = np.empty(n, dtype=np.int64)
-        mkey = np.zeros(n, dtype=np.int64)
-        tokens = np.zeros((n, 4), dtype=np.float64)
+        # Plain lists, made arrays once: a numpy item assignment costs more than an append.
+        own: list[int] = []  # 3 per event: its own partial of merchant, device, IP (-1: none)
+        grp: list[int] = []  # 3 per event: the group of partials it reads (0 when none)
+        card: list[int] = []
+        mkey: list[int] = []
+        tokens: list[float] = []  # 4 per event: merchant, country, device, card
         groups: dict[tuple[int, bytes], int] = {}
         members: list[int] = []
         ptr = [0]
         merchants: dict[bytes, int] = {}
         t_ms, amount, lat, lon, offset = [], [], [], [], []
-        for i, ev in enumerate(txns):
+        nan = math.nan
+        for ev in txns:
             txn, p = ev.txn, ev.partition
             cid = txn["card_id"]
             s = slots.setdefault((p, b"c|" + cid.encode()), len(slots))
             if s == len(cards):
                 cards.append(True)
-            card[i] = s
+            card.append(s)
             t_ms.append(txn["event_time"])
             amount.append(float(txn["amount_ref"]))
             la, lo = txn.get("lat"), txn.get("lon")
@@ -172,18 +183,18 @@ class _Columns:
                 lat.append(float(la))
                 lon.append(float(lo))
             else:
-                lat.append(math.nan)
-                lon.append(math.nan)
+                lat.append(nan)
+                lon.append(nan)
             offset.append(ev.offset)
             device = txn.get("device_id")
-            row = tokens[i]
-            row[0] = token_id(txn["merchant_id"])
-            row[1] = token_id(txn["country"])
-            row[2] = token_id(device) if device else 0.0
-            row[3] = token_id(cid)
-            for j, (prefix, fkey) in enumerate(_ENTITIES):
+            tokens += (token_id(txn["merchant_id"]), token_id(txn["country"]),
+                       token_id(device) if device else 0.0, token_id(cid))
+            m_key = 0
+            for prefix, fkey in _ENTITIES:
                 value = txn.get(fkey)
                 if not value:
+                    own.append(-1)
+                    grp.append(0)
                     continue
                 key = prefix + value.encode()
                 g = groups.get((p, key))
@@ -195,17 +206,22 @@ class _Columns:
                             cards.append(False)
                         members.append(m)
                     ptr.append(len(members))
-                grp[i, j] = g
+                grp.append(g)
                 o = slots.setdefault((p, key), len(slots))  # its own, readable or not
                 if o == len(cards):
                     cards.append(False)
-                own[i, j] = o
-                if j == 0:
-                    mkey[i] = merchants.setdefault(key, len(merchants))
+                own.append(o)
+                if prefix == b"m|":
+                    m_key = merchants.setdefault(key, len(merchants))
+            mkey.append(m_key)
         self.is_card = np.array(cards, dtype=np.bool_)
         self._events = (np.array(t_ms, dtype=np.int64), np.array(amount, dtype=np.float64),
                         np.array(lat, dtype=np.float64), np.array(lon, dtype=np.float64),
-                        np.array(offset, dtype=np.int64), card, tokens, own, grp, mkey,
+                        np.array(offset, dtype=np.int64), np.array(card, dtype=np.int64),
+                        np.array(tokens, dtype=np.float64).reshape(n, 4),
+                        np.array(own, dtype=np.int64).reshape(n, 3),
+                        np.array(grp, dtype=np.int64).reshape(n, 3),
+                        np.array(mkey, dtype=np.int64),
                         len(merchants), np.array(ptr, dtype=np.int64),
                         np.array(members, dtype=np.int64))
 
