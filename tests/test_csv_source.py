@@ -152,14 +152,19 @@ bad_channel,1546300805,c1,m1,10.0,EUR,5411,teleport,0
 bad_label,1546300806,c1,m1,10.0,EUR,5411,pos,maybe
 short_row,1546300807,c1
 ok2,1546300808,c2,m2,5,eur,742,online,1
+bad_lat,1546300809,c1,m1,10.0,EUR,5411,pos,0,north,2.35
 """
+    text = text.replace("kind,fraud\n", "kind,fraud,y,x\n").replace(",0\n", ",0,,\n")
+    text = text.replace(",1\n", ",1,,\n").replace(",maybe\n", ",maybe,,\n")
     mapping = ColumnMapping.from_flags(
         ["transaction_id=id", "event_time=ts", "card_id=card", "merchant_id=shop",
-         "amount=value", "currency=cur", "mcc=cat", "channel=kind", "label=fraud"],
+         "amount=value", "currency=cur", "mcc=cat", "channel=kind", "label=fraud",
+         "lat=y", "lon=x"],
         ["country=FR"])
     events = list(read_csv_events(_write(tmp_path, text), mapping))
     errors = {e["line"]: e for e in _of(events, "error")}
-    expected = {3: "value", 4: "value", 5: "card", 6: "ts", 7: "cat", 8: "kind", 9: "fraud"}
+    expected = {3: "value", 4: "value", 5: "card", 6: "ts", 7: "cat", 8: "kind", 9: "fraud",
+                12: "y"}
     assert set(errors) == set(expected) | {10}
     for line, column in expected.items():
         assert errors[line]["column"] == column and f"'{column}'" in errors[line]["reason"]

@@ -27,19 +27,25 @@ Contract of :func:`read_csv_events`:
 from __future__ import annotations
 
 import csv
-import hashlib
 import heapq
-import hmac
-import ipaddress
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+from fraudstream.streams.traffic.csv_cells import (
+    PARSE,
+    looks_like_card_number,
+    parse_event_time,
+    text,
+    tokenize_card,
+)
+
+__all__ = ["ColumnMapping", "CsvMappingError", "looks_like_card_number", "parse_event_time",
+           "read_csv_events", "tokenize_card"]
 
 REQUIRED = ("transaction_id", "event_time", "card_id", "merchant_id", "amount")
 OPTIONAL = ("customer_id", "terminal_id", "currency", "mcc", "country", "card_country", "lat",
@@ -49,16 +55,6 @@ NEEDED = ("currency", "country", "channel")
 _NO_DEFAULT = frozenset({"transaction_id", "event_time", "card_id", "amount", "label",
                          "label_time"})
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01, as the worker checks: older is a unit mistake
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
-_PAN = re.compile(r"^[0-9][0-9 -]*[0-9](\.0+)?$")  # "4111 1111 ...", "4111...1111.0"
-_PAN_SCI = re.compile(r"^[0-9](\.[0-9]+)?[eE]\+?(1[2-8])$")  # spreadsheet: 4.111111111111111e+15
-_CHANNELS = {"pos": "pos", "ecom": "ecom", "atm": "atm", "moto": "moto",
-             "contactless": "contactless", "online": "ecom", "internet": "ecom", "web": "ecom",
-             "cnp": "ecom", "card_present": "pos", "nfc": "contactless"}
-_TRUE = frozenset({"1", "1.0", "true", "t", "yes", "y", "fraud"})
-_FALSE = frozenset({"0", "0.0", "false", "f", "no", "n", "genuine", "legit"})
-
 
 class CsvMappingError(ValueError):
     """The file and the mapping do not fit (missing column, unknown field, key needed)."""
@@ -104,6 +100,12 @@ class ColumnMapping:
         if bad:
             raise CsvMappingError(f"no default allowed for {bad}")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mappingproxy does not pickle; the history reader process needs the mapping.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["defaults"] = dict(self.defaults)
+        return _mapping_from_fields, (values,)
 
     @classmethod
     def from_flags(cls, maps: Iterable[str] = (), defaults: Iterable[str] = (),
@@ -153,62 +155,8 @@ class ColumnMapping:
         return out
 
 
-def _card_digits(value: str) -> str | None:
-    v = value.strip()
-    if _PAN_SCI.match(v):
-        digits = str(int(Decimal(v)))
-    elif _PAN.match(v):
-        digits = "".join(c for c in v.partition(".")[0] if c.isdigit())
-    else:
-        return None
-    return digits if 13 <= len(digits) <= 19 else None
-
-
-def looks_like_card_number(value: str) -> bool:
-    """13-19 digits, spaces or dashes allowed, also as a spreadsheet would write them
-    (``...1111.0``, ``4.111111111111111e+15``). No Luhn check: we err on the safe side."""
-    return _card_digits(value) is not None
-
-
-def tokenize_card(value: str, key: bytes | str) -> str:
-    """Keyed, stable token for a card number: ``tok_`` + 16 hex of HMAC-SHA256(key, digits).
-
-    Formatting (spaces, dashes, ``.0``) does not change the token; without the key it cannot
-    be reversed by enumerating card numbers.
-    """
-    digits = _card_digits(value) or "".join(c for c in value if c.isdigit())
-    k = key.encode() if isinstance(key, str) else key
-    return "tok_" + hmac.new(k, digits.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-def parse_event_time(value: str, time_format: str = "auto") -> int:
-    """Epoch millis (UTC) from a cell; raises ValueError saying what was expected."""
-    v = value.strip()
-    if time_format in ("auto", "epoch_s", "epoch_ms"):
-        try:
-            num = float(v)
-        except ValueError:
-            if time_format != "auto":
-                raise ValueError(f"expected an epoch number, got {v!r}") from None
-        else:
-            if not math.isfinite(num):
-                raise ValueError(f"not a finite time: {v!r}")
-            if time_format == "epoch_ms":
-                return round(num)
-            if time_format == "auto" and abs(num) >= 1e11:  # 1e11 s is year 5138: millis
-                return round(num / 1000) if abs(num) >= 1e14 else round(num)
-            return round(num * 1000)
-    try:
-        if time_format in ("auto", "iso"):
-            dt = datetime.fromisoformat(v)
-        else:
-            dt = datetime.strptime(v, time_format)
-    except ValueError:
-        want = "an ISO-8601 time or epoch number" if time_format == "auto" else time_format
-        raise ValueError(f"expected {want}, got {v!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - _EPOCH) // _MS
+def _mapping_from_fields(values: dict[str, Any]) -> ColumnMapping:
+    return ColumnMapping(**values)
 
 
 def read_csv_events(path: str | Path, mapping: ColumnMapping | None = None, *,
@@ -225,9 +173,7 @@ def read_csv_events(path: str | Path, mapping: ColumnMapping | None = None, *,
     mapping = mapping or ColumnMapping()
     cls = _ParquetRows if path.suffix.lower() in (".parquet", ".pq") else _Rows
     rows = cls(path, mapping, label_delay_days, token_key, delimiter, encoding)
-    rows.check()
-    if keep_order:
-        rows.sorted = True
+    rows.check(need_order=not keep_order)
     return rows.events()
 
 
@@ -251,23 +197,29 @@ class _Rows:
                 if row:
                     yield reader.line_num, row
 
-    def check(self) -> None:
-        """Pass 1: header vs mapping, default values, sortedness, card numbers vs key."""
+    def check(self, need_order: bool = True) -> None:
+        """Pass 1: header vs mapping, default values, card numbers vs key, and whether the
+        rows are in time order (unless the caller keeps file order anyway)."""
         rows = self._reader()
         first = next(rows, None)
         self.cols = self.mapping.resolve(self.header)
         for name, value in self.mapping.defaults.items():
             try:
-                _PARSE.get(name, _text)(value)
+                PARSE.get(name, text)(value)
             except ValueError as exc:
                 raise CsvMappingError(f"default {name}={value!r}: {exc}") from None
         t_col, c_col = self.cols["event_time"], self.cols["card_id"]
         last = -math.inf
+        if not need_order and self.key is not None:
+            rows.close()  # nothing to look for in the rows
+            return
         for _, row in _chain(first, rows):
             if c_col < len(row) and self.key is None and looks_like_card_number(row[c_col]):
                 raise CsvMappingError(
                     f"column {self.header[c_col]!r} (card_id) holds card numbers: pass a "
                     "tokenization key so they are replaced by tokens")
+            if not need_order:
+                continue
             try:
                 t = parse_event_time(row[t_col], self.mapping.time_format)
             except (ValueError, IndexError):
@@ -303,31 +255,47 @@ class _Rows:
                 heapq.heappush(labels, (label["label_time"], line, label))
         yield from _due(labels, math.inf)
 
+    def _plan(self) -> list[tuple[str, int | None, str, Any, bool]]:
+        """Per field: (name, column index or None, default, parser, required), worked out
+        once per file."""
+        plan = getattr(self, "_plan_cache", None)
+        if plan is None:
+            m = self.mapping
+
+            def event_time(cell: str) -> int:
+                t = parse_event_time(cell, m.time_format)
+                if t < MIN_EVENT_TIME_MS:
+                    raise ValueError(f"{cell!r} is before 2000 (wrong unit?)")
+                return t
+
+            plan = self._plan_cache = [
+                (name, self.cols.get(name), m.defaults.get(name, ""),
+                 event_time if name in ("event_time", "label_time") else PARSE.get(name, text),
+                 name in REQUIRED and not (name == "transaction_id" and not m.transaction_id))
+                for name in REQUIRED + OPTIONAL]
+        return plan
+
     def _map(self, line: int, row: list[str]) -> tuple[
             dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
         """One row -> (transaction or None, label or None, error or None)."""
         if len(row) != len(self.header):
             reason = f"has {len(row)} fields, the header has {len(self.header)}"
             return None, None, {"line": line, "column": None, "field": None, "reason": reason}
-        m, cols, problems = self.mapping, self.cols, []
+        problems: list[tuple[str, str]] = []
         rec: dict[str, Any] = {}
-        for name in REQUIRED + OPTIONAL:
-            cell = row[cols[name]].strip() if name in cols else ""
+        for name, col, default, parse, required in self._plan():
+            cell = row[col].strip() if col is not None else ""
             if cell == "":
-                cell = m.defaults.get(name, "")
+                cell = default
             if cell == "":
-                if name in REQUIRED and not (name == "transaction_id" and not m.transaction_id):
+                if required:
                     problems.append((name, "missing value"))
                 rec[name] = None
                 continue
             try:
-                if name in ("event_time", "label_time"):
-                    rec[name] = parse_event_time(cell, m.time_format)
-                    if rec[name] < MIN_EVENT_TIME_MS:
-                        raise ValueError(f"{cell!r} is before 2000 (wrong unit?)")
-                else:
-                    rec[name] = _PARSE.get(name, _text)(cell)
+                rec[name] = parse(cell)
             except ValueError as exc:
+                rec[name] = None
                 problems.append((name, str(exc)))
         if (rec["lat"] is None) != (rec["lon"] is None) and not any(
                 p[0] in ("lat", "lon") for p in problems):
@@ -408,80 +376,3 @@ def _due(labels: list[tuple[int, int, dict[str, Any]]],
          until: float) -> Iterator[tuple[str, dict[str, Any]]]:
     while labels and labels[0][0] <= until:
         yield "label", heapq.heappop(labels)[2]
-
-
-def _text(v: str) -> str:
-    return v
-
-
-def _number(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise ValueError(f"cannot read {v!r} as a number") from None
-    if not math.isfinite(x):
-        raise ValueError(f"not a finite number: {v!r}")
-    return x
-
-
-def _amount(v: str) -> float:
-    x = _number(v)
-    if x <= 0:
-        raise ValueError(f"must be positive, got {v!r}")
-    return x
-
-
-def _ranged(limit: float) -> Any:
-    def parse(v: str) -> float:
-        x = _number(v)
-        if not -limit <= x <= limit:
-            raise ValueError(f"{v!r} out of [-{limit:g}, {limit:g}]")
-        return x
-    return parse
-
-
-def _code(n: int, what: str) -> Any:
-    pattern = re.compile(rf"^[A-Z]{{{n}}}$")
-
-    def parse(v: str) -> str:
-        if not pattern.match(v.upper()):
-            raise ValueError(f"expected {what}, got {v!r}")
-        return v.upper()
-    return parse
-
-
-def _mcc(v: str) -> str:
-    m = re.fullmatch(r"([0-9]{1,4})(\.0*)?", v)
-    if not m:
-        raise ValueError(f"expected a 4-digit merchant category code, got {v!r}")
-    return m.group(1).zfill(4)
-
-
-def _channel(v: str) -> str:
-    if v.lower() not in _CHANNELS:
-        raise ValueError(f"expected one of pos, ecom, atm, moto, contactless, got {v!r}")
-    return _CHANNELS[v.lower()]
-
-
-def _ip(v: str) -> str:
-    try:
-        return str(ipaddress.ip_address(v))
-    except ValueError:
-        raise ValueError(f"not an IP address: {v!r}") from None
-
-
-def _label(v: str) -> bool:
-    if v.lower() in _TRUE:
-        return True
-    if v.lower() in _FALSE:
-        return False
-    raise ValueError(f"expected 1/0, true/false or yes/no, got {v!r}")
-
-
-_PARSE = {
-    "amount": _amount, "lat": _ranged(90.0), "lon": _ranged(180.0),
-    "currency": _code(3, "an ISO 4217 code like EUR"),
-    "country": _code(2, "an ISO 3166 alpha-2 code like FR"),
-    "card_country": _code(2, "an ISO 3166 alpha-2 code like FR"),
-    "mcc": _mcc, "channel": _channel, "ip": _ip, "label": _label,
-}
