@@ -16,9 +16,13 @@ from pathlib import Path
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.scorers.train import TrainConfig, TrainingError, data_sha256, train
 from fraudstream.state.features import FeatureConfig
-from fraudstream.streams.cli.features import add_history_arguments, checked_events
+from fraudstream.streams.cli.history_input import (
+    HistorySource,
+    add_history_arguments,
+    history_events,
+)
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.traffic.csv_source import ColumnMapping, CsvMappingError, read_csv_events
+from fraudstream.streams.traffic.csv_source import CsvMappingError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,11 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
+    errors: list[str] = []
     try:
-        events = read_csv_events(
-            args.input, ColumnMapping.from_flags(args.map, args.default),
-            label_delay_days=args.label_delay_days, token_key=args.token_key,
-            keep_order=args.keep_order)
+        events = history_events(HistorySource.from_args(args, settings), errors, args.reader)
     except (CsvMappingError, OSError) as exc:
         print(f"fraudstream train: {exc}", file=sys.stderr)
         return 2
@@ -56,10 +58,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         features=FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                                label_delay_ms=int(fs.label_delay_s * 1000)),
     )
-    errors: list[str] = []
     with tqdm(desc="features", unit=" txn", disable=args.quiet, file=sys.stderr) as bar:
         try:
-            meta = train(checked_events(events, settings, errors), args.out, config,
+            meta = train(events, args.out, config,
                          data_sha256([args.input]),
                          RulesScorer(RuleSet.load(settings.scoring.rules_path)), progress=bar)
         except TrainingError as exc:
