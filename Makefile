@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DURATION ?= 0
 RATE ?= 250
 
-.PHONY: help venv demo test test-deps test-faketime lint bench bench-deps clean
+.PHONY: help venv kernel demo test test-deps test-faketime lint bench bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -18,12 +18,15 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed  ## create .venv and install the project
 
+kernel: venv  ## compile the feature kernel ahead of time (C compiler; once per source version)
+	$(BIN)/python -m fraudstream.state.kernel_aot
+
 demo: venv  ## run broker, registry, worker and generator with a live summary (DURATION=60 to stop by itself)
 	$(BIN)/fraudstream demo --duration $(DURATION) --rate $(RATE)
 
-TEST_DEBS := kcat redis-server prometheus
+TEST_DEBS := kcat redis-server prometheus gcc
 
-test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus with promtool)
+test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus with promtool, gcc)
 	@missing=""; for p in $(TEST_DEBS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -32,7 +35,7 @@ test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus wit
 lint: venv  ## ruff
 	$(BIN)/ruff check .
 
-test: venv test-deps bench-deps lint  ## install what the tests need and run them all (e2e included; bench-deps for the Quix peer's test)
+test: venv test-deps bench-deps lint kernel  ## install what the tests need and run them all (e2e included; bench-deps for the Quix peer's test)
 	$(BIN)/pytest
 
 FAKE ?= 2027-02-28 23:59:30

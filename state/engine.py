@@ -2,7 +2,8 @@
 
 :class:`FeatureEngine` is what the worker and the offline builder share. It reads every
 record the batch needs in one :meth:`StateStore.read` call, turns the batch into columns
-and runs the compiled kernel (:mod:`fraudstream.state.kernel`) over it once, event by event
+and runs the compiled kernel (:mod:`fraudstream.state.kernel`, loaded as
+:mod:`fraudstream.state.kernel_cache` chooses) over it once, event by event
 in the order given (the order the worker received them). It hands back the feature matrix,
 one :class:`~fraudstream.state.features.Vector` per transaction, and the changed records
 for :meth:`StateStore.write`, each encoded once.
@@ -34,7 +35,7 @@ from fraudstream.state.features import (
     degraded_vector,
     token_id,
 )
-from fraudstream.state.kernel import run_batch
+from fraudstream.state.kernel_cache import kernel
 from fraudstream.state.records import from_legacy, is_legacy
 
 
@@ -117,6 +118,7 @@ class FeatureEngine:
             out._vectors = [degraded_vector(e.txn) for e in txns]
             return out
         inbuf, start, length = _concat(raw, cols.is_card)
+        run_batch, _ = kernel()
         X, dirty, buf, out_start, out_len, counters = run_batch(
             inbuf, start, length, cols.is_card, *cols.label_columns(), *cols.event_columns(),
             self.config.allowed_lateness_ms)
@@ -288,8 +290,9 @@ class MemoryStore:
 
 
 def warm_up(config: FeatureConfig | None = None) -> float:
-    """Compile (or load from the cache) the feature kernel with one made-up event, so a
-    worker's first live batch does not pay for it; returns the seconds it took."""
+    """Load the feature kernel (or compile it, see :mod:`fraudstream.state.kernel_cache`)
+    and run it on one made-up event, so a worker's first live batch does not pay for it;
+    returns the seconds it took."""
     import time
 
     t0 = time.perf_counter()

@@ -7,23 +7,19 @@ scalars ``SC[s]``; the layout of each section is that of :mod:`fraudstream.state
 Sections have room for every row the batch can add, so nothing here allocates.
 
 The compiled code is cached on disk under a directory named by a digest of the sources it
-is built from (these modules, the feature names, the record layout): Numba's own cache
-checks only the file a function is defined in, and would otherwise reuse machine code
-built from an earlier version of another one.
+is built from (:func:`fraudstream.state.kernel_cache.cache_dir`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-from pathlib import Path
 
 import numba
 import numpy as np
 from numba import njit
 
 from fraudstream.state.features import DAY_MS, HOUR_MS, MAX_RECENT, MAX_SEEN
+from fraudstream.state.kernel_cache import cache_dir
 from fraudstream.state.records import (
     CARD_CODE,
     CARD_HEAD,
@@ -33,24 +29,7 @@ from fraudstream.state.records import (
     ENTITY_WIDTHS,
 )
 
-
-def _cache_dir() -> str:
-    here = Path(__file__).parent
-    digest = hashlib.sha256()
-    for name in ("features.py", "records.py", "kernel_rows.py", "kernel.py"):
-        digest.update((here / name).read_bytes())
-    base = os.environ.get("NUMBA_CACHE_DIR")
-    if not base:
-        pycache = here / "__pycache__"
-        writable = os.access(pycache if pycache.exists() else here, os.W_OK)
-        # an install the worker cannot write to (a container's site-packages): the user's
-        # cache directory, never numba's fallbacks, whose key is one file's timestamp
-        base = str(pycache) if writable else os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fraudstream")
-    return os.path.join(base, f"kernel-{digest.hexdigest()[:16]}")
-
-
-numba.config.CACHE_DIR = _cache_dir()
+numba.config.CACHE_DIR = cache_dir()
 
 CW = np.array(CARD_WIDTHS, dtype=np.int64)
 EW = np.array(ENTITY_WIDTHS + (0,), dtype=np.int64)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -256,12 +259,46 @@ def test_the_kernel_cache_goes_to_the_user_cache_when_the_install_is_read_only(
         monkeypatch, tmp_path) -> None:
     """A worker that cannot write next to its code (a container's site-packages) keeps the
     compiled kernel in its own cache directory, still named by the sources' digest."""
-    from fraudstream.state import kernel_rows
+    from fraudstream.state import kernel_cache
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(kernel_rows.os, "access", lambda *_a: False)
-    path = Path(kernel_rows._cache_dir())
+    monkeypatch.setattr(kernel_cache.os, "access", lambda *_a: False)
+    path = Path(kernel_cache.cache_dir())
     assert path.parent == tmp_path / "fraudstream" and path.name.startswith("kernel-")
-    monkeypatch.setattr(kernel_rows.os, "access", lambda *_a: True)
-    assert Path(kernel_rows._cache_dir()).name == path.name  # same sources, same digest
+    assert kernel_cache.aot_path().parent == path
+    monkeypatch.setattr(kernel_cache.os, "access", lambda *_a: True)
+    assert Path(kernel_cache.cache_dir()).name == path.name  # same sources, same digest
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env}, check=False)
+
+
+def test_a_process_with_the_ahead_of_time_kernel_never_loads_numba() -> None:
+    """Workers load the ahead-of-time build: no numba, no LLVM mapped (~130 MB of RSS)."""
+    from fraudstream.state.kernel_aot import ensure
+
+    path, how = ensure()
+    assert path is not None, how
+    run = _run("import sys\n"
+               "from fraudstream.state.engine import warm_up\n"
+               "from fraudstream.state.kernel_cache import kernel\n"
+               "warm_up()\n"
+               "maps = open('/proc/self/maps').read()\n"
+               "print(kernel()[1], 'numba' in sys.modules, 'llvm' in maps.lower())\n",
+               FRAUDSTREAM_KERNEL="aot")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["aot", "False", "False"]
+
+
+def test_kernel_choice_is_explicit(tmp_path) -> None:
+    """FRAUDSTREAM_KERNEL=aot with no build is an error naming the fix; a bad value is
+    refused (the JIT without a build is what tests/test_features_exact.py runs)."""
+    empty = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    code = "from fraudstream.state.engine import warm_up; warm_up(); print('ok')"
+    run = _run(code, FRAUDSTREAM_KERNEL="aot", **empty)
+    assert run.returncode != 0 and "python -m fraudstream.state.kernel_aot" in run.stderr
+    run = _run(code, FRAUDSTREAM_KERNEL="fast", **empty)
+    assert run.returncode != 0 and "expected one of auto, aot, jit" in run.stderr

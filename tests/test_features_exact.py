@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from fraudstream.state import engine as engine_module
 from fraudstream.state.engine import FeatureBatch, FeatureEngine, LabelEvent, MemoryStore, TxnEvent
 from fraudstream.state.features import HOUR_MS, MAX_RECENT, MAX_SEEN, FeatureConfig
 from fraudstream.state.offline import offline_features
@@ -37,6 +38,23 @@ EXPECTED_WRITTEN_KEYS = "740bc39cd7740e45ce9354694548bf06438a7537e680c6855d91507
 EXPECTED_OFFLINE = "0cff57f2725d61b753814ed430a6a15f1a6eca4950560af046f8449961275b1e"
 
 _EVENTS: list[tuple[str, dict[str, Any]]] = []
+
+
+@pytest.fixture(params=["aot", "jit"])
+def kernel_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both builds of the kernel (see :mod:`fraudstream.state.kernel_cache`) give the
+    pinned bits: the ahead-of-time one workers load, and the JIT they fall back to."""
+    if request.param == "aot":
+        from fraudstream.state.kernel_aot import ensure
+        from fraudstream.state.kernel_cache import load_aot
+
+        path, how = ensure()
+        assert path is not None, f"the ahead-of-time kernel could not be built: {how}"
+        run_batch = load_aot()
+    else:
+        from fraudstream.state.kernel import run_batch
+    monkeypatch.setattr(engine_module, "kernel", lambda: (run_batch, request.param))
+    return str(request.param)
 
 
 def history() -> list[tuple[str, dict[str, Any]]]:
@@ -122,12 +140,13 @@ def test_the_history_exercises_every_path() -> None:
 
 
 @pytest.mark.parametrize("engine_args", [{}], ids=["default"])
-def test_vectors_counters_and_writes_are_unchanged(engine_args: dict[str, Any]) -> None:
+def test_vectors_counters_and_writes_are_unchanged(engine_args: dict[str, Any],
+                                                   kernel_build: str) -> None:
     got = run_digest(MemoryStore(PARTITIONS), **engine_args)
     assert got == (EXPECTED_VECTORS, EXPECTED_COUNTERS, EXPECTED_WRITTEN_KEYS)
 
 
-def test_offline_vectors_are_unchanged() -> None:
+def test_offline_vectors_are_unchanged(kernel_build: str) -> None:
     assert offline_digest() == EXPECTED_OFFLINE
 
 
@@ -171,7 +190,7 @@ def edge_history(seed: int = 0) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def test_edge_paths_are_unchanged() -> None:
+def test_edge_paths_are_unchanged(kernel_build: str) -> None:
     rng = random.Random(1)
     store = MemoryStore(3)
     engine = FeatureEngine(CONFIG, store)
