@@ -9,8 +9,10 @@ The kernel (:mod:`fraudstream.state.kernel`) exists in two builds of the same so
 * **just in time**: numba compiles the kernel in the process on first use (~17 s) and
   caches the machine code. Needs no compiler; the fallback.
 
-``FRAUDSTREAM_KERNEL`` chooses: ``auto`` (default) the ahead-of-time build when there is
-one, else the JIT; ``aot`` the ahead-of-time build or an error; ``jit`` always the JIT.
+``FRAUDSTREAM_FEATURES_KERNEL`` (the worker's setting of that name, read here from the
+environment, or :func:`configure`) chooses: ``auto`` (default) the ahead-of-time build
+when there is one, else the JIT; ``aot`` the ahead-of-time build or an error; ``jit``
+always the JIT.
 
 Both are kept under one directory named by a digest of the sources they are built from
 (these modules, the feature names, the record layout) and of the numba and numpy versions:
@@ -35,7 +37,7 @@ MODES = ("auto", "aot", "jit")
 
 
 class KernelUnavailable(RuntimeError):
-    """``FRAUDSTREAM_KERNEL=aot`` and no ahead-of-time build could be loaded."""
+    """``FRAUDSTREAM_FEATURES_KERNEL=aot`` and no ahead-of-time build could be loaded."""
 
 
 @cache
@@ -73,10 +75,25 @@ def aot_path() -> Path:
     return Path(cache_dir()) / f"{aot_module_name()}{suffix}"
 
 
-def mode() -> str:
-    value = os.environ.get("FRAUDSTREAM_KERNEL", "auto").strip().lower() or "auto"
+ENV = "FRAUDSTREAM_FEATURES_KERNEL"
+_configured: str | None = None
+
+
+def configure(value: str) -> None:
+    """Choose the build for this process (before its first batch), as the setting does."""
+    global _configured
     if value not in MODES:
-        raise ValueError(f"FRAUDSTREAM_KERNEL={value!r}: expected one of {', '.join(MODES)}")
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
+    _configured = value
+    kernel.cache_clear()
+
+
+def mode() -> str:
+    if _configured is not None:
+        return _configured
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
     return value
 
 
@@ -90,7 +107,7 @@ def kernel() -> tuple[Callable[..., Any], str]:
             return run_batch, "aot"
         if chosen == "aot":
             raise KernelUnavailable(
-                f"FRAUDSTREAM_KERNEL=aot: no ahead-of-time build at {aot_path()}; build it "
+                f"{ENV}=aot: no ahead-of-time build at {aot_path()}; build it "
                 "with `python -m fraudstream.state.kernel_aot`")
     from fraudstream.state.kernel import run_batch
 

@@ -212,6 +212,10 @@ class FeatureSettings:
     #: RocksDB backend: feature records kept in memory between batches (and the keys known
     #: to have none), up to about this many MB; emptied at every rebalance. 0: off.
     cache_mb: float = 32.0
+    #: Which build of the feature kernel runs: auto (the ahead-of-time build, compiled in a
+    #: child process at start when missing; the JIT when that fails), aot (that build or
+    #: stop), jit (numba in the worker: ~130 MB more RSS, no C compiler needed).
+    kernel: Literal["auto", "aot", "jit"] = "auto"
 
 
 @dataclass(frozen=True)

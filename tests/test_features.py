@@ -288,17 +288,17 @@ def test_a_process_with_the_ahead_of_time_kernel_never_loads_numba() -> None:
                "warm_up()\n"
                "maps = open('/proc/self/maps').read()\n"
                "print(kernel()[1], 'numba' in sys.modules, 'llvm' in maps.lower())\n",
-               FRAUDSTREAM_KERNEL="aot")
+               FRAUDSTREAM_FEATURES_KERNEL="aot")
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["aot", "False", "False"]
 
 
 def test_kernel_choice_is_explicit(tmp_path) -> None:
-    """FRAUDSTREAM_KERNEL=aot with no build is an error naming the fix; a bad value is
+    """FRAUDSTREAM_FEATURES_KERNEL=aot with no build is an error naming the fix; a bad value is
     refused (the JIT without a build is what tests/test_features_exact.py runs)."""
     empty = {"NUMBA_CACHE_DIR": str(tmp_path)}
     code = "from fraudstream.state.engine import warm_up; warm_up(); print('ok')"
-    run = _run(code, FRAUDSTREAM_KERNEL="aot", **empty)
+    run = _run(code, FRAUDSTREAM_FEATURES_KERNEL="aot", **empty)
     assert run.returncode != 0 and "python -m fraudstream.state.kernel_aot" in run.stderr
-    run = _run(code, FRAUDSTREAM_KERNEL="fast", **empty)
+    run = _run(code, FRAUDSTREAM_FEATURES_KERNEL="fast", **empty)
     assert run.returncode != 0 and "expected one of auto, aot, jit" in run.stderr

@@ -33,8 +33,9 @@ from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.engine import FeatureEngine, StateStore, warm_up
 from fraudstream.state.features import FeatureConfig
 from fraudstream.state.kernel_aot import ensure as ensure_aot_kernel
+from fraudstream.state.kernel_cache import configure as configure_kernel
 from fraudstream.state.kernel_cache import kernel
-from fraudstream.state.kernel_cache import mode as kernel_mode
+from fraudstream.streams.errors import StartError
 from fraudstream.streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import KafkaSettings, Settings
 from fraudstream.streams.worker import batching, renewing_producer, restore
@@ -202,12 +203,15 @@ def build_worker(settings: Settings) -> Worker:
                       label_delay_ms=int(fs.label_delay_s * 1000)),
         feature_store,
     )
-    if kernel_mode() != "jit":
+    configure_kernel(fs.kernel)
+    if fs.kernel != "jit":
         # Built in a child process, so this one never maps numba's LLVM (~130 MB).
         built, how = ensure_aot_kernel()
+        if built is None and fs.kernel == "aot":
+            raise StartError(f"FRAUDSTREAM_FEATURES_KERNEL=aot: no ahead-of-time build ({how})")
         if built is None:
             log.warning("feature kernel: no ahead-of-time build (%s); compiling it in the "
-                        "worker instead (FRAUDSTREAM_KERNEL=jit skips this attempt)", how)
+                        "worker instead", how)
     took = warm_up(engine.config)
     log.warning("feature kernel (%s) ready in %.1f s", kernel()[1], took)
     metrics = WorkerMetrics()
