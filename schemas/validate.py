@@ -292,8 +292,9 @@ def validate_transaction(
 
     amount = _number(rec, "amount")
     assert amount is not None
-    if amount <= 0:
-        raise ValidationError("amount", f"must be positive, got {amount}")
+    if amount < 0:  # zero: a card verification (and a card tester's favourite), decided
+        raise ValidationError("amount", f"must not be negative, got {amount}")
+    amount += 0.0  # -0.0 is 0.0
     currency = _string(rec, "currency")
     if not _CURRENCY.fullmatch(currency or ""):
         raise ValidationError("currency", f"expected an ISO 4217 code, got {currency!r}")

@@ -120,6 +120,29 @@ def test_the_absurd_amount_bound_follows_the_currency(unit_codecs):
     assert result.dlq_reasons == {"validation:amount": 1}
 
 
+@pytest.mark.parametrize("fmt", ["avro", "json"])
+def test_a_zero_amount_is_decided_and_a_negative_one_refused(unit_codecs, fmt):
+    """A zero amount is a card verification (and a card tester's first move): decided,
+    with its features. A negative amount is still a dead letter naming the field."""
+    from fraudstream.state.engine import FeatureEngine, MemoryStore
+    from fraudstream.state.features import FeatureConfig
+
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS, input_format=fmt,
+                        features=FeatureEngine(FeatureConfig(), MemoryStore()))
+    encode = unit_codecs.transaction.encode if fmt == "avro" else orjson.dumps
+    values = [encode(txn(1, amount=0.0)), encode(txn(2, amount=-0.01)),
+              encode(txn(3, amount=0.0, card_id="card_1"))]
+    result = pipeline.process(raw(values), nothing_seen)
+    decided = {k: unit_codecs.decision.decode(v) for k, v in result.decisions}
+    assert set(decided) == {b"t1", b"t3"}
+    assert decided[b"t1"]["amount"] == 0.0 and decided[b"t1"]["amount_ref"] == 0.0
+    assert result.features is not None
+    assert result.features.vectors[1]["card_count_1h"] == 2  # both verifications counted
+    assert result.dlq_reasons == {"validation:amount": 1}
+    [(_key, value)] = result.dead_letters
+    assert "must not be negative" in unit_codecs.dead_letter.decode(value)["reason"]
+
+
 def test_card_numbers_are_recognised_and_masked():
     assert looks_like_pan("4111111111111111") and looks_like_pan("4111 1111 1111 1111")
     assert not looks_like_pan("card_000123") and not looks_like_pan("4111111111111112")

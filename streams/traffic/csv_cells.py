@@ -98,8 +98,8 @@ def _number(v: str) -> float:
 
 def _amount(v: str) -> float:
     x = _number(v)
-    if x <= 0:
-        raise ValueError(f"must be positive, got {v!r}")
+    if x < 0:
+        raise ValueError(f"must not be negative, got {v!r}")
     return x
 
 
