@@ -38,6 +38,8 @@ import numpy as np
 
 from fraudstream.scorers.artifact import ArtifactError, check_probe, choose_probe, write_sums
 from fraudstream.scorers.metrics import summary
+from fraudstream.scorers.train_report import write_report
+from fraudstream.scorers.windows import Windows
 from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION, FeatureConfig
 from fraudstream.state.offline import OfflineStats, offline_features
 
@@ -61,6 +63,8 @@ class TrainConfig:
     trees: int = 300
     seed: int = 7
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    #: Explicit event-time windows (:mod:`fraudstream.scorers.windows`); None: fractions.
+    windows: Windows | None = None
 
 
 @dataclass
@@ -74,35 +78,64 @@ class Dataset:
     stats: OfflineStats
     #: (label_time, transaction_id, is_fraud) of every label, as they arrived.
     labels: list[tuple[int, str, bool]] = field(default_factory=list)
+    #: card -> when a fraud label first made it known compromised (label_time).
+    compromised: dict[str, int] = field(default_factory=dict)
+    #: Median time from a transaction to its label, over the history's labels.
+    label_delay_ms: int = 0
 
 
 def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: FeatureConfig,
-                  progress: Any = None) -> Dataset:
-    """Features for every transaction; its target is the label the history ends with."""
+                  progress: Any = None, windows: Windows | None = None) -> Dataset:
+    """Features for every transaction; its target is the label the history ends with.
+    With ``windows``, events before the warm-up are not read, and only transactions of
+    the three windows are kept (the others feed the features only)."""
     final: dict[str, bool] = {}
     arrived: list[tuple[int, str, bool]] = []
+    compromised: dict[str, int] = {}
+    delays: list[int] = []
 
     def watch() -> Iterable[tuple[str, Mapping[str, Any]]]:
         for kind, record in events:
+            if windows is not None and not windows.reads(int(record["event_time"])):
+                continue
             if kind == "label":
-                final[record["transaction_id"]] = bool(record["is_fraud"])
-                arrived.append((int(record["label_time"]), record["transaction_id"],
-                                bool(record["is_fraud"])))
+                fraud = bool(record["is_fraud"])
+                final[record["transaction_id"]] = fraud
+                arrived.append((int(record["label_time"]), record["transaction_id"], fraud))
+                delays.append(int(record["label_time"]) - int(record["event_time"]))
+                card = record.get("card_id")
+                if fraud and card is not None:
+                    known = compromised.get(card)
+                    if known is None or record["label_time"] < known:
+                        compromised[card] = int(record["label_time"])
             yield kind, record
 
     stats = OfflineStats()
     txns, vectors = [], []
     for txn, vector in offline_features(watch(), config, stats=stats):
-        txns.append(txn)
-        vectors.append(vector)
         if progress is not None:
             progress.update(1)
+        if windows is not None and not windows.keeps(int(txn["event_time"])):
+            continue
+        txns.append(txn)
+        vectors.append(vector)
     if not txns:
         raise TrainingError("no transactions in the history")
     X = np.array([v.row for v in vectors], dtype=np.float32)
     y = np.array([final.get(t["transaction_id"], False) for t in txns], dtype=np.int8)
     times = np.array([t["event_time"] for t in txns], dtype=np.int64)
-    return Dataset(X, y, times, [t["card_id"] for t in txns], txns, vectors, stats, arrived)
+    return Dataset(X, y, times, [t["card_id"] for t in txns], txns, vectors, stats, arrived,
+                   compromised, int(np.median(delays)) if delays else 0)
+
+
+def known_targets(ds: Dataset, before_ms: int) -> np.ndarray:
+    """The targets as known at ``before_ms``: a transaction is fraud only if a fraud label
+    for it had arrived by then (the last label before then counts)."""
+    known: dict[str, bool] = {}
+    for t, txn_id, fraud in ds.labels:
+        if t < before_ms:
+            known[txn_id] = fraud
+    return np.array([known.get(t["transaction_id"], False) for t in ds.txns], dtype=np.int8)
 
 
 def split_by_time(times: np.ndarray, valid_frac: float, test_frac: float
@@ -240,12 +273,20 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
           data_hash: str, rules_scorer: Any, progress: Any = None) -> dict[str, Any]:
     """Train, check and write an artifact under ``out_dir/<version>``; returns its metadata."""
     t0 = time.monotonic()
-    ds = build_dataset(events, config.features, progress)
-    split = split_by_time(ds.times, config.valid_frac, config.test_frac)
+    windows = config.windows
+    ds = build_dataset(events, config.features, progress, windows)
+    if windows is None:
+        split = split_by_time(ds.times, config.valid_frac, config.test_frac)
+        y_fit = ds.y
+    else:
+        split = windows.split(ds.times)
+        y_fit = known_targets(ds, windows.test_from)
     for name, idx in split.items():
-        if len(idx) == 0 or ds.y[idx].sum() == 0:
+        if len(idx) == 0 or (y_fit if name != "test" else ds.y)[idx].sum() == 0:
+            how = ("other --valid-frac / --test-frac" if windows is None else
+                   "other windows (fraud labels known before --test-from for train and valid)")
             raise TrainingError(f"the {name} window has no fraud labels: a longer history, "
-                                "or other --valid-frac / --test-frac, is needed")
+                                f"or {how}, is needed")
     tr, va, te = split["train"], split["valid"], split["test"]
 
     models: dict[str, Any] = {}
@@ -253,7 +294,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     valid_scores: dict[str, np.ndarray] = {}
     test_scores: dict[str, np.ndarray] = {}
     for name in MODELS:
-        models[name] = _fit(name, ds.X[tr], ds.y[tr], config)
+        models[name] = _fit(name, ds.X[tr], y_fit[tr], config)
         onnx_models[name] = to_onnx(name, models[name], ds.X.shape[1])
         native = models[name].predict_proba(ds.X[te])[:, 1]
         test_scores[name] = onnx_scores(onnx_models[name], ds.X[te])
@@ -267,7 +308,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     from sklearn.metrics import average_precision_score
 
     grid = np.linspace(0.0, 1.0, 21)
-    aps = [average_precision_score(ds.y[va], w * valid_scores["lightgbm"]
+    aps = [average_precision_score(y_fit[va], w * valid_scores["lightgbm"]
                                    + (1 - w) * valid_scores["logistic"]) for w in grid]
     w = float(grid[int(np.argmax(aps))])
     weights = {"lightgbm": w, "logistic": 1.0 - w}
@@ -275,7 +316,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     def ensemble(scores: dict[str, np.ndarray]) -> np.ndarray:
         return sum(weights[n] * scores[n] for n in MODELS)
 
-    thresholds = _thresholds(ensemble(valid_scores), ds.y[va].astype(bool), config)
+    thresholds = _thresholds(ensemble(valid_scores), y_fit[va].astype(bool), config)
     probe = choose_probe(ds.X[te], ensemble(test_scores), config.seed)
     rows = np.asarray(probe["rows"], dtype=np.float32)
     probe["scores"] = ensemble({n: onnx_scores(onnx_models[n], rows) for n in MODELS}).tolist()
@@ -286,13 +327,17 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     rules = np.array([s.score for s in rules_scorer.score_batch(
         [ds.txns[i] for i in te], [ds.vectors[i] for i in te])])
     cards = [ds.cards[i] for i in te]
+
+    def measure(score: np.ndarray) -> dict[str, float]:
+        return summary(cards, ds.times[te], ds.y[te], score, known=ds.compromised)
+
     metrics = {
-        "rules": summary(cards, ds.times[te], ds.y[te], rules),
-        **{n: summary(cards, ds.times[te], ds.y[te], test_scores[n]) for n in MODELS},
-        "ensemble": summary(cards, ds.times[te], ds.y[te], ensemble(test_scores)),
+        "rules": measure(rules),
+        **{n: measure(test_scores[n]) for n in MODELS},
+        "ensemble": measure(ensemble(test_scores)),
     }
     with_online = _with_online(ds, te, ensemble(test_scores), config)
-    metrics["ensemble+online"] = summary(cards, ds.times[te], ds.y[te], with_online)
+    metrics["ensemble+online"] = measure(with_online)
 
     created = datetime.now(tz=UTC)
     version = f"v{created:%Y%m%d-%H%M%S}-{data_hash[:8]}"
@@ -317,8 +362,17 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         },
         "windows": {name: {"from": _iso(int(ds.times[idx].min())),
                            "to": _iso(int(ds.times[idx].max())), "transactions": len(idx),
-                           "fraud": int(ds.y[idx].sum())}
+                           "fraud": int(ds.y[idx].sum()),
+                           "fraud_learned": int(y_fit[idx].sum()) if name != "test" else None}
                     for name, idx in split.items()},
+        "protocol": {
+            "windows": "explicit" if windows is not None else "fractions",
+            "labels_learned_before": None if windows is None else _iso(windows.test_from),
+            "label_delay_median_days": ds.label_delay_ms / 86_400_000,
+            "card_precision": "per day, cards known compromised before the day removed",
+            "warnings": [] if windows is None or not (
+                gap := windows.gap_warning(ds.label_delay_ms)) else [gap],
+        },
         "data": {"sha256": data_hash, "transactions": len(ds.txns),
                  "labels": ds.stats.labels, "fraud_rate": float(ds.y.mean())},
         "config": {k: v for k, v in asdict(config).items() if k != "features"}
@@ -335,7 +389,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         "training_seconds": round(time.monotonic() - t0, 1),
     }
     (target / "metadata.json").write_text(json.dumps(meta, indent=2))
-    _report(target, meta, ds.y[te], {"rules": rules, **test_scores,
+    write_report(target, meta, ds.y[te], {"rules": rules, **test_scores,
                                      "ensemble": ensemble(test_scores),
                                      "ensemble+online": with_online})
     write_sums(target)
@@ -373,77 +427,6 @@ def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainC
                 learner.predict_for(ds.X[i][None, :], base_rate)[0])
         logged[ds.txns[i]["transaction_id"]] = int(i)
     return out
-
-
-def _report(target: Path, meta: dict[str, Any], y: np.ndarray,
-            scores: dict[str, np.ndarray]) -> None:
-    """report.md with the test-window metrics, a PR curve and a score histogram."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, s in scores.items():
-        p, r, _ = precision_recall_curve(y, s)
-        ax.plot(r, p, label=name)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("Precision-recall, test window")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(target / "pr_curve.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    s = scores["ensemble"]
-    bins = np.linspace(0, 1, 41)
-    ax.hist(s[y == 0], bins=bins, alpha=0.6, label="genuine", density=True)
-    ax.hist(s[y == 1], bins=bins, alpha=0.6, label="fraud", density=True)
-    for name, t in meta["thresholds"].items():
-        ax.axvline(t, linestyle="--", color="k")
-        ax.text(t, ax.get_ylim()[1] * 0.9, f" {name}", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("ensemble score")
-    ax.set_title("Score distribution, test window")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(target / "score_hist.png", dpi=100)
-    plt.close(fig)
-
-    rows = [f"| {name} | {m['auc_roc']:.4f} | {m['average_precision']:.4f} | "
-            f"{m['card_precision_at_100']:.4f} |" for name, m in meta["metrics"]["test"].items()]
-    w = meta["windows"]
-    text = "\n".join([
-        f"# Model {meta['version']}",
-        "",
-        f"Features {meta['feature_version']} ({len(meta['feature_names'])}); data sha256 "
-        f"{meta['data']['sha256'][:16]}..., {meta['data']['transactions']} transactions, "
-        f"fraud rate {meta['data']['fraud_rate']:.3%}.",
-        "",
-        "| window | from | to | transactions | fraud |",
-        "|---|---|---|---|---|",
-        *(f"| {n} | {v['from']} | {v['to']} | {v['transactions']} | {v['fraud']} |"
-          for n, v in w.items()),
-        "",
-        "## Test window",
-        "",
-        "| scorer | AUC ROC | average precision | card precision @100/day |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "Ensemble weights: " + ", ".join(
-            f"{m['name']} {m['weight']:.2f}" for m in meta["models"]) + ".",
-        f"Thresholds: review at {meta['thresholds']['review']:.4f}, decline at "
-        f"{meta['thresholds']['decline']:.4f}.",
-        "",
-        "![precision-recall](pr_curve.png)",
-        "",
-        "![score histogram](score_hist.png)",
-        "",
-    ])
-    (target / "report.md").write_text(text)
 
 
 def data_sha256(paths: Sequence[Path]) -> str:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fraudstream.scorers import train as T
+from fraudstream.scorers import windows as W
+from fraudstream.scorers.metrics import card_precision_at_k
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
 from fraudstream.streams.traffic.generator import arrival_events, generate_history
@@ -97,3 +100,78 @@ def test_the_command_trains_from_a_csv(history, tmp_path):
          "--map", "card_id=no_such_column"], cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert bad.returncode == 2 and "no_such_column" in bad.stderr
+    partial = subprocess.run(
+        [sys.executable, "-m", "fraudstream", "train", str(tmp_path / "h.csv"),
+         "--train-to", "2026-09-25", "--test-from", "2026-09-27"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert partial.returncode == 2 and "need --valid-from, --valid-to too" in partial.stderr
+
+
+DAY = 86_400_000
+
+
+def test_explicit_windows_are_the_protocol(history, tmp_path):
+    """Warm-up read for features only, train / valid / test where asked, the models fit on
+    labels known before the test window, the protocol and its warning in the artifact."""
+    windows = W.Windows(train_from=START + DAY, train_to=START + 4 * DAY,
+                        valid_from=START + 4 * DAY, valid_to=START + 5 * DAY,
+                        test_from=START + 6 * DAY, warmup_from=START + DAY // 2)
+    meta = T.train(history, tmp_path, T.TrainConfig(trees=30, windows=windows), "ef" * 32,
+                   RulesScorer(RuleSet.default()))
+    w = meta["windows"]
+
+    def ms(iso: str) -> int:
+        return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+    assert START + DAY <= ms(w["train"]["from"]) and ms(w["train"]["to"]) < START + 4 * DAY
+    assert START + 4 * DAY <= ms(w["valid"]["from"]) and ms(w["valid"]["to"]) < START + 5 * DAY
+    assert START + 6 * DAY <= ms(w["test"]["from"])
+    in_windows = sum(v["transactions"] for v in w.values())
+    read = sum(1 for k, r in history if k == "transaction" and r["event_time"] >= START + DAY // 2)
+    between = sum(1 for k, r in history if k == "transaction"
+                  and (START + DAY // 2 <= r["event_time"] < START + DAY
+                       or START + 5 * DAY <= r["event_time"] < START + 6 * DAY))
+    assert in_windows == meta["data"]["transactions"] == read - between
+    # labels of the valid window's last hours arrive after the test starts: not learned
+    assert w["valid"]["fraud_learned"] <= w["valid"]["fraud"]
+    assert w["train"]["fraud_learned"] == w["train"]["fraud"]  # all known by then
+    p = meta["protocol"]
+    assert p["windows"] == "explicit" and p["warnings"] == []
+    assert ms(p["labels_learned_before"]) == START + 6 * DAY
+    assert 0.2 < p["label_delay_median_days"] < 0.8  # the generator's 0.5 +- 0.2 days
+    assert "learned only from labels known before" in (
+        tmp_path / meta["version"] / "report.md").read_text()
+
+
+def test_a_test_window_inside_the_label_delay_is_flagged(history, tmp_path):
+    windows = W.Windows(train_to=START + 4 * DAY, valid_from=START + 4 * DAY,
+                        valid_to=START + 6 * DAY, test_from=START + 6 * DAY)
+    meta = T.train(history, tmp_path, T.TrainConfig(trees=20, windows=windows), "ef" * 32,
+                   RulesScorer(RuleSet.default()))
+    [warning] = meta["protocol"]["warnings"]
+    assert "less than the label delay" in warning
+    assert "**Warning:**" in (tmp_path / meta["version"] / "report.md").read_text()
+
+
+def test_windows_out_of_order_or_incomplete_are_refused():
+    with pytest.raises(W.WindowError, match="--valid-from must come after --train-to"):
+        W.Windows(train_to=2 * DAY, valid_from=DAY, valid_to=3 * DAY, test_from=4 * DAY)
+    with pytest.raises(W.WindowError, match="--test-to must come after --test-from"):
+        W.Windows(train_to=DAY, valid_from=DAY, valid_to=2 * DAY, test_from=3 * DAY,
+                  test_to=3 * DAY)
+    with pytest.raises(W.WindowError, match="--valid-to, --test-from"):
+        W.from_flags(None, None, DAY, DAY, None, None, None)
+    assert W.from_flags(None, None, None, None, None, None, None) is None
+
+
+def test_card_precision_leaves_out_cards_already_known_compromised():
+    """Day 1: the top card is a fraud already known since day 0, a second one is new. An
+    analyst only gains from the new one."""
+    cards = ["known", "new", "other"]
+    times = np.array([DAY + 10, DAY + 20, DAY + 30])
+    y = np.array([1, 1, 0])
+    score = np.array([0.99, 0.9, 0.1])
+    assert card_precision_at_k(cards, times, y, score, k=2) == 1.0
+    assert card_precision_at_k(cards, times, y, score, k=2, known={"known": DAY - 1}) == 0.5
+    # known only later that day: still counted that day
+    assert card_precision_at_k(cards, times, y, score, k=2, known={"known": DAY + 5}) == 1.0

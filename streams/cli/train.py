@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.scorers.train import TrainConfig, TrainingError, data_sha256, train
+from fraudstream.scorers.windows import WindowError, from_flags
 from fraudstream.state.features import FeatureConfig
 from fraudstream.streams.cli.history_input import (
     HistorySource,
@@ -22,6 +23,7 @@ from fraudstream.streams.cli.history_input import (
     history_events,
 )
 from fraudstream.streams.settings import Settings
+from fraudstream.streams.traffic.csv_cells import parse_event_time
 from fraudstream.streams.traffic.csv_source import CsvMappingError
 
 
@@ -37,13 +39,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of transactions sent to review or decline (on validation)")
     p.add_argument("--decline-precision", type=float, default=0.9,
                    help="decline only where validation precision reaches this")
+    windows = p.add_argument_group(
+        "explicit windows", "event times as ISO-8601 (a date is midnight UTC) or epoch "
+        "numbers; each window is [from, to). Given, they replace the fractions: events before "
+        "--warmup-from are not read, the others outside the windows feed the features only, "
+        "and the models learn only from labels that arrived before --test-from")
+    for flag, what in (("--warmup-from", "first event read (features only until --train-from)"),
+                       ("--train-from", "default: the first transaction read"),
+                       ("--train-to", ""), ("--valid-from", ""), ("--valid-to", ""),
+                       ("--test-from", "start it a label delay after --valid-to"),
+                       ("--test-to", "default: the end of the history")):
+        windows.add_argument(flag, type=_event_time, default=None, metavar="TIME",
+                             help=what or None)
     p.add_argument("--trees", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _event_time(value: str) -> int:
+    try:
+        return parse_event_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
+
+    try:
+        windows = from_flags(args.warmup_from, args.train_from, args.train_to, args.valid_from,
+                             args.valid_to, args.test_from, args.test_to)
+    except WindowError as exc:
+        print(f"fraudstream train: {exc}", file=sys.stderr)
+        return 2
 
     errors: list[str] = []
     try:
@@ -55,6 +83,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     config = TrainConfig(
         valid_frac=args.valid_frac, test_frac=args.test_frac, review_rate=args.review_rate,
         decline_precision=args.decline_precision, trees=args.trees, seed=args.seed,
+        windows=windows,
         features=FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                                label_delay_ms=int(fs.label_delay_s * 1000)),
     )
