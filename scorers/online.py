@@ -3,11 +3,19 @@ labels as they arrive, one learner per source partition (its state follows the p
 
 Prediction for a micro-batch is one numpy expression over River's own scaler statistics
 and weights (exactly River's ``predict_proba_one``, about 30 µs an event cheaper); learning
-goes through River, one label at a time (labels are few). The learner enters the ensemble
-with a weight that grows with the labels it has seen: ``w = max_weight * n / (n + half)``.
+goes through River, one label at a time (labels are few).
 
 Before learning a label, the learner predicts it: the log loss and ROC AUC over those
 predictions (prequential) say how good it is on what arrived.
+
+**The learner earns its weight.** The feature log keeps, next to each decided
+transaction's features, the ensemble's score for it. When its label arrives, the learner's
+prediction for it (made before learning it, corrected to the ensemble's base rate) and
+the ensemble's score are kept with the label: the last :data:`EVIDENCE` of them. The blend
+weight is the share of ``max_weight`` in :data:`GRID` whose blend has the best average
+precision on that evidence, and only if it beats the ensemble alone by :data:`MARGIN`
+there, with at least :data:`MIN_EVIDENCE` labels and :data:`MIN_FRAUD` frauds; otherwise
+0: a learner that does not help does not vote.
 
 River is imported with this module, not on the first label: importing it takes a second
 or more from a cold disk, which inside a micro-batch would blow the deadline.
@@ -30,6 +38,26 @@ from fraudstream.state.features import FEATURE_NAMES
 
 _NAMES = list(FEATURE_NAMES)
 _AUC_BINS = 20
+#: Labels kept as evidence for the blend weight (the latest), per learner.
+EVIDENCE = 1000
+#: Candidate weights, as shares of ``max_weight``.
+GRID = (0.0, 1 / 6, 1 / 3, 1 / 2, 2 / 3, 1.0)
+#: Average precision the blend must gain over the ensemble alone, on the evidence.
+MARGIN = 0.005
+MIN_EVIDENCE = 200
+MIN_FRAUD = 10
+
+
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """Average precision (the mean of the precision at each fraud, by descending score;
+    tied scores count together), as scikit-learn computes it, in numpy."""
+    order = np.argsort(-score, kind="stable")
+    s, yy = score[order], y[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the end of each run of ties
+    tp = np.cumsum(yy)[last]
+    precision = tp / (last + 1)
+    recall_step = np.diff(np.r_[0.0, tp]) / max(tp[-1], 1.0)
+    return float(np.sum(precision * recall_step))
 
 
 class OnlineLearner:
@@ -43,6 +71,11 @@ class OnlineLearner:
         #: Prequential predictions counted in score bins, [genuine, fraud] per bin: the
         #: ROC AUC comes from them (and they store as plain numbers).
         self.auc_bins = [[0] * _AUC_BINS, [0] * _AUC_BINS]
+        #: Evidence for the blend weight: the ensemble's score, the learner's prediction
+        #: before learning, and the label, of the latest :data:`EVIDENCE` labels.
+        self.evidence = np.zeros((0, 3), dtype=np.float64)
+        #: The share of ``max_weight`` the evidence chose (0: the ensemble alone).
+        self.share = 0.0
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         scaler = self.model["StandardScaler"]
@@ -87,8 +120,29 @@ class OnlineLearner:
             self.labels += 1
         return errors
 
-    def weight(self, max_weight: float = 0.3, half: int = 500) -> float:
-        return max_weight * self.labels / (self.labels + half)
+    def weigh(self, ensemble: np.ndarray, prior: np.ndarray, y: Sequence[bool]) -> float:
+        """Add evidence (the ensemble's scores of labelled transactions, the learner's
+        predictions for them before learning them, their labels; rows with no ensemble
+        score are left out) and choose the weight's share again; returns it."""
+        rows = np.column_stack([ensemble, prior, np.asarray(y, dtype=np.float64)])
+        rows = rows[np.isfinite(rows[:, 0])]
+        self.evidence = np.vstack([self.evidence, rows])[-EVIDENCE:]
+        e, p, yy = self.evidence[:, 0], self.evidence[:, 1], self.evidence[:, 2]
+        self.share = 0.0
+        if len(yy) < MIN_EVIDENCE or yy.sum() < MIN_FRAUD or yy.sum() == len(yy):
+            return self.share
+        alone = average_precision(yy, e)
+        best, best_ap = 0.0, alone + MARGIN
+        for share in GRID[1:]:
+            ap = average_precision(yy, (1 - share) * e + share * p)
+            if ap > best_ap:
+                best, best_ap = share, ap
+        self.share = best
+        return self.share
+
+    def weight(self, max_weight: float = 0.3) -> float:
+        """The blend weight: the evidence's choice (:meth:`weigh`), up to ``max_weight``."""
+        return max_weight * self.share
 
     def quality(self) -> dict[str, float]:
         return {"labels": float(self.labels),
@@ -118,6 +172,7 @@ class OnlineLearner:
             "counts": dict(scaler.counts), "means": dict(scaler.means),
             "vars": dict(scaler.vars), "weights": dict(lr._weights),
             "intercept": lr.intercept, "iterations": lr.optimizer.n_iterations,
+            "evidence": self.evidence.astype(np.float32).tobytes().hex(), "share": self.share,
         })
 
     @staticmethod
@@ -139,6 +194,11 @@ class OnlineLearner:
             lr._weights[k] = float(v)
         lr.intercept = float(r["intercept"])
         lr.optimizer.n_iterations = int(r["iterations"])
+        # Records from before the evidence: none yet, weight 0 until it is gathered.
+        evidence = bytes.fromhex(r.get("evidence", ""))
+        learner.evidence = np.frombuffer(evidence, dtype=np.float32).astype(
+            np.float64).reshape(-1, 3)
+        learner.share = float(r.get("share", 0.0))
         return learner
 
 
@@ -159,11 +219,10 @@ class OnlineStage:
     learners) go out with the batch's other state records.
     """
 
-    def __init__(self, store: StateStore, max_weight: float = 0.3, half: int = 500,
+    def __init__(self, store: StateStore, max_weight: float = 0.3,
                  adwin_delta: float = 0.002) -> None:
         self.store = store
         self.max_weight = max_weight
-        self.half = half
         self.adwin_delta = adwin_delta
         self.learned = 0
         self.unjoined = 0
@@ -176,9 +235,12 @@ class OnlineStage:
         self.drift_events: list[dict[str, Any]] = []
 
     def learn(self, labels: Sequence[LabelEvent], partitions: set[int],
-              writes: list[tuple[int, bytes, bytes]]) -> dict[int, OnlineLearner]:
+              writes: list[tuple[int, bytes, bytes]], base_rate: float | None = None,
+              ) -> dict[int, OnlineLearner]:
         """Learners of ``partitions`` (and of the labels'), taught the labels whose
-        features were logged; changed learners are appended to ``writes``."""
+        features were logged, and weighed against the ensemble's logged scores
+        (predictions corrected to ``base_rate``, as the blend does); changed learners are
+        appended to ``writes``."""
         parts = sorted(partitions | {lab.partition for lab in labels})
         label_keys = [(lab.partition, log_key(lab.label["event_time"], lab.label["transaction_id"]))
                       for lab in labels]
@@ -189,7 +251,7 @@ class OnlineStage:
                 learners[p] = OnlineLearner.loads(data)
             except (ValueError, KeyError, TypeError, AttributeError):  # unreadable: afresh
                 learners[p] = OnlineLearner()
-        taught: dict[int, tuple[list[np.ndarray], list[bool]]] = {}
+        taught: dict[int, tuple[list[np.ndarray], list[bool], list[float]]] = {}
         last: dict[int, int] = {}
         for lab, logged in zip(labels, raw[len(parts):], strict=True):
             if lab.offset <= learners[lab.partition].last_offset:
@@ -198,17 +260,23 @@ class OnlineStage:
             if logged is None:
                 self.unjoined += 1
                 continue
-            xs, ys = taught.setdefault(lab.partition, ([], []))
-            xs.append(np.frombuffer(logged, dtype=np.float32))
+            xs, ys, es = taught.setdefault(lab.partition, ([], [], []))
+            row = np.frombuffer(logged, dtype=np.float32)
+            xs.append(row[:len(_NAMES)])
+            # the ensemble's score follows the features (entries of older releases: none)
+            es.append(float(row[len(_NAMES)]) if len(row) > len(_NAMES) else math.nan)
             ys.append(bool(lab.label["is_fraud"]))
         for p, offset in last.items():
             if p in taught:
-                xs, ys = taught[p]
-                errors = learners[p].learn(np.vstack(xs), ys)
+                xs, ys, es = taught[p]
+                X = np.vstack(xs)
+                learners[p].weigh(np.asarray(es), learners[p].predict_for(X, base_rate), ys)
+                errors = learners[p].learn(X, ys)
                 self.learned += len(ys)
                 self._watch_error(p, errors)
                 self.quality[p] = learners[p].quality() | {
-                    "error_mean": self.adwin[p].estimation}
+                    "error_mean": self.adwin[p].estimation,
+                    "weight": learners[p].weight(self.max_weight)}
             learners[p].last_offset = offset
             writes.append((p, LEARNER_KEY, learners[p].dumps()))
         return learners
@@ -238,7 +306,7 @@ class OnlineStage:
         out = scores.copy()
         parts = np.asarray(partitions)
         for p, learner in learners.items():
-            w = learner.weight(self.max_weight, self.half)
+            w = learner.weight(self.max_weight)
             rows = np.flatnonzero(parts == p)
             if w <= 0 or not len(rows):
                 continue
@@ -246,9 +314,11 @@ class OnlineStage:
         return out
 
     @staticmethod
-    def log_entries(items: Sequence[tuple[int, int, str]], X: np.ndarray
-                    ) -> list[tuple[int, bytes, bytes]]:
-        """(partition, event_time, transaction_id) + their features -> feature-log writes."""
-        X32 = X.astype(np.float32)
+    def log_entries(items: Sequence[tuple[int, int, str]], X: np.ndarray,
+                    ensemble: np.ndarray | None = None) -> list[tuple[int, bytes, bytes]]:
+        """(partition, event_time, transaction_id) + their features and the ensemble's
+        score (NaN: none, the rules decided) -> feature-log writes."""
+        scores = np.full(len(X), np.nan) if ensemble is None else ensemble
+        X32 = np.column_stack([X, scores]).astype(np.float32)
         return [(p, log_key(t, txn_id), X32[i].tobytes())
                 for i, (p, t, txn_id) in enumerate(items)]

@@ -397,11 +397,12 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
 
 
 def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainConfig,
-                 max_weight: float = 0.3, half: int = 500) -> np.ndarray:
+                 max_weight: float = 0.3) -> np.ndarray:
     """The test window as the worker would live it with an online learner deployed at its
     start: each transaction is scored by the ensemble blended with the learner as it is
-    then; each label teaches the learner once available (label_time + delay), if its
-    transaction was decided since the deployment (the feature log starts there)."""
+    then, at the weight its evidence earned; each label teaches the learner once available
+    (label_time + delay), if its transaction was decided since the deployment (the
+    feature log starts there), after weighing it against the ensemble's logged score."""
     from fraudstream.scorers.online import OnlineLearner
 
     learner = OnlineLearner()
@@ -419,8 +420,11 @@ def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainC
             _avail, txn_id, fraud = pending[j]
             j += 1
             if txn_id in logged:
-                learner.learn(ds.X[logged[txn_id]][None, :], [fraud])
-        w = learner.weight(max_weight, half)
+                x = ds.X[logged[txn_id]][None, :]
+                learner.weigh(np.array([scores[position[logged[txn_id]]]]),
+                              learner.predict_for(x, base_rate), [fraud])
+                learner.learn(x, [fraud])
+        w = learner.weight(max_weight)
         k = position[int(i)]
         if w > 0:
             out[k] = (1 - w) * scores[k] + w * float(

@@ -110,6 +110,9 @@ class BatchResult:
     fresh: list[tuple[RawRecord, dict[str, Any]]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     shadow_verdicts: list[dict[str, Any]] | None = None
+    #: The active model's scores of ``fresh`` before any online blend (None: it did not
+    #: score); the feature log keeps them, as evidence for the learner's weight.
+    model_scores: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -235,16 +238,15 @@ class Pipeline:
                  else np.array([v.row for v in vectors], dtype=np.float32))
         learners: dict[int, Any] = {}
         if self.online is not None and not (out.features is not None and out.features.degraded):
+            active = self.models.active if self.models is not None else None
             try:
                 learners = self.online.learn(label_events, {r.partition for r, _ in fresh},
-                                             out.feature_writes)
+                                             out.feature_writes,
+                                             getattr(active, "base_rate", None))
             except StateUnavailable:
                 out.fallbacks["online_unavailable"] += len(label_events)
             out.drift_events += self.online.drift_events
             self.online.drift_events = []
-            if fresh and X is not None:
-                out.feature_writes.extend(self.online.log_entries(
-                    [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh], X))
         t3 = time.perf_counter()
         events = [txn for _, txn in fresh]
         scores = self.scorer.score_batch(events, vectors) if fresh else []
@@ -252,6 +254,11 @@ class Pipeline:
         deadline = (arrived if arrived is not None else t0) + self.budget_ms / 1000.0
         verdicts, shadow = self._cascade(scores, X, out, deadline, learners,
                                          [r.partition for r, _ in fresh])
+        if (self.online is not None and fresh and X is not None
+                and not (out.features is not None and out.features.degraded)):
+            out.feature_writes.extend(self.online.log_entries(
+                [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh], X,
+                out.model_scores))
         out.fresh, out.verdicts, out.shadow_verdicts = fresh, verdicts, shadow
         t5 = time.perf_counter()
 
@@ -364,6 +371,7 @@ class Pipeline:
             if monitor is not None:  # the features drift whoever decided
                 out.drift_events += monitor.observe(X, None, int(self.clock() * 1000))
             return [rules(s, "model", cause) for s in scores], None
+        out.model_scores = p
         if learners and self.online is not None:
             p = self.online.blend(learners, partitions, X, p, getattr(model, "base_rate", None))
         if monitor is not None:

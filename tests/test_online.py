@@ -7,7 +7,13 @@ import numpy as np
 
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.scorers.cascade import ModelStage
-from fraudstream.scorers.online import LEARNER_KEY, OnlineLearner, OnlineStage
+from fraudstream.scorers.online import (
+    LEARNER_KEY,
+    OnlineLearner,
+    OnlineStage,
+    average_precision,
+    log_key,
+)
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.engine import FeatureEngine, MemoryStore
 from fraudstream.state.features import FEATURE_NAMES, FeatureConfig
@@ -31,7 +37,7 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
     codecs = Codecs(make_registry("mock://online"), TopicSettings())
     store = MemoryStore()
     stage = ModelStage(active=models_registry.load(models_registry.versions()[0]))
-    online = OnlineStage(store, max_weight=0.3, half=50)
+    online = OnlineStage(store, max_weight=0.3)
     pipeline = Pipeline(codecs, RulesScorer(RuleSet.default()), LIMITS,
                         features=FeatureEngine(FeatureConfig(), store), models=stage,
                         budget_ms=5000.0, online=online)
@@ -52,6 +58,11 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
     decided = run([txn(i, float(a)) for i, a in enumerate(amounts)])
     assert len(decided.decisions) == 200
     assert (0, LEARNER_KEY) not in store.data  # nothing learned yet
+    # the feature log keeps each decision's features and the ensemble's score for it
+    first = codecs.decision.decode(decided.decisions[0][1])
+    entry = np.frombuffer(store.data[(0, log_key(NOW - 3_600_000, "o0"))], dtype=np.float32)
+    assert len(entry) == len(FEATURE_NAMES) + 1
+    assert np.isclose(entry[-1], first["score"], rtol=1e-6)
 
     labels = [{"transaction_id": f"o{i}", "card_id": f"card_o{i}", "merchant_id": "m1",
                "is_fraud": bool(a > 100), "fraud_type": None, "source": "chargeback",
@@ -69,11 +80,17 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
     p = learner.predict(X)
     fraud = amounts > 100
     assert p[fraud].mean() > 0.8 and p[~fraud].mean() < 0.2  # the way the labels point
-    assert learner.labels == 200 and learner.weight(0.3, 50) == 0.3 * 200 / 250
+    # Its weight is earned on evidence: its predictions for these labels before learning
+    # them were a coin's, so the blend could not beat the ensemble there: weight 0.
+    assert learner.labels == 200 and learner.share == 0.0 and learner.weight(0.3) == 0.0
+    assert len(learner.evidence) == 200
     quality = learner.quality()
     assert quality["labels"] == 200 and quality["log_loss"] < 0.693  # better than a coin
 
-    # The blend now moves scores: the same kind of transaction, with and without it.
+    # With a weight (as if earned), the blend moves scores: the same kind of transaction,
+    # with and without it.
+    learner.share = 1.0
+    store.data[(0, LEARNER_KEY)] = learner.dumps()
     after = run([txn(500, 850.0), txn(501, 10.0)])
     blended = [codecs.decision.decode(v)["score"] for _k, v in after.decisions]
     Xa = np.array([v.row for v in after.features.vectors], dtype=np.float32)
@@ -81,8 +98,8 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
     # Half of these labels were fraud, the model's history about 1%: the learner's
     # probabilities enter the blend corrected to the model's base rate.
     q = learner.predict_for(Xa, stage.active.base_rate)
-    w = learner.weight(0.3, 50)
-    assert np.allclose(blended, (1 - w) * model_only + w * q)
+    w = learner.weight(0.3)
+    assert w == 0.3 and np.allclose(blended, (1 - w) * model_only + w * q)
     assert raw[0] > 0.8 > 0.2 > raw[1]
     assert q[0] > q[1] and q[0] < raw[0] and q[1] < raw[1]
     assert stage.active.base_rate is not None and 0 < stage.active.base_rate < 0.1
@@ -122,3 +139,45 @@ def test_adwin_on_the_learners_error_reports_a_change_in_what_labels_say():
     assert (e["feature"], e["statistic"], e["model_version"]) == ("online_error", "adwin",
                                                                   "online-p0")
     assert e["value"] > e["threshold"] and e["window_count"] > 0
+
+
+def test_average_precision_is_scikit_learns():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(4)
+    for n in (50, 1000):
+        y = rng.random(n) < 0.2
+        score = np.round(rng.random(n) + y * 0.3, 1)  # many ties
+        assert np.isclose(average_precision(y, score), average_precision_score(y, score))
+
+
+def test_the_learner_earns_its_weight_on_evidence_or_gets_none():
+    """Labelled transactions with the ensemble's score and the learner's prediction made
+    before learning each: the blend weight goes to the learner only where it improves the
+    ensemble's average precision on them."""
+    rng = np.random.default_rng(7)
+    n = 600
+    y = rng.random(n) < 0.1
+    good = np.clip(0.6 * y + rng.normal(0.2, 0.15, n), 0, 1)  # separates the classes
+    noise = rng.random(n)                                      # knows nothing
+
+    helpful = OnlineLearner()
+    helpful.weigh(noise, good, y.tolist())  # the ensemble is blind, the learner is not
+    assert helpful.share > 0 and helpful.weight(0.3) == 0.3 * helpful.share
+
+    useless = OnlineLearner()
+    useless.weigh(good, noise, y.tolist())  # the ensemble is good, the learner guesses
+    assert useless.share == 0.0 and useless.weight(0.3) == 0.0
+
+    few = OnlineLearner()
+    few.weigh(noise[:100], good[:100], y[:100].tolist())  # too little evidence yet
+    assert few.share == 0.0
+
+    # no ensemble score (the rules decided): not evidence
+    unscored = OnlineLearner()
+    unscored.weigh(np.full(n, np.nan), good, y.tolist())
+    assert len(unscored.evidence) == 0 and unscored.share == 0.0
+
+    again = OnlineLearner.loads(helpful.dumps())  # the evidence is kept with the learner
+    assert again.share == helpful.share
+    assert np.allclose(again.evidence, helpful.evidence.astype(np.float32))

@@ -45,6 +45,7 @@ def test_the_blend_uses_the_corrected_probability():
     taught = y | (rng.random(len(y)) < 0.03)
     learner = OnlineLearner()
     learner.learn(X[taught], y[taught].tolist())
+    learner.share = 1.0  # as if its evidence had earned it the full weight
     stage = OnlineStage(MemoryStore(1))
     ensemble = np.full(1000, 0.01)
     parts = [0] * 1000

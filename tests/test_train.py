@@ -67,6 +67,9 @@ def test_the_artifact_describes_itself_and_beats_the_rules(history, tmp_path):
     assert set(test) == {"rules", "lightgbm", "logistic", "ensemble", "ensemble+online"}
     assert test["ensemble"]["average_precision"] > test["rules"]["average_precision"]
     assert test["ensemble"]["auc_roc"] > 0.9
+    # a stationary stream: the online learner must not cost the ensemble's precision
+    assert (test["ensemble+online"]["average_precision"]
+            >= test["ensemble"]["average_precision"] - 0.005)
     assert "| ensemble |" in (target / "report.md").read_text()
 
 
