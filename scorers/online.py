@@ -313,6 +313,16 @@ class OnlineStage:
             out[rows] = (1 - w) * scores[rows] + w * learner.predict_for(X[rows], base_rate)
         return out
 
+    def blended(self, learners: dict[int, OnlineLearner], partitions: Sequence[int]
+                ) -> np.ndarray:
+        """Which events :meth:`blend` mixes with a learner (its weight above 0)."""
+        parts = np.asarray(partitions)
+        out = np.zeros(len(parts), dtype=bool)
+        for p, learner in learners.items():
+            if learner.weight(self.max_weight) > 0:
+                out |= parts == p
+        return out
+
     @staticmethod
     def log_entries(items: Sequence[tuple[int, int, str]], X: np.ndarray,
                     ensemble: np.ndarray | None = None) -> list[tuple[int, bytes, bytes]]:

@@ -372,13 +372,18 @@ class Pipeline:
                 out.drift_events += monitor.observe(X, None, int(self.clock() * 1000))
             return [rules(s, "model", cause) for s in scores], None
         out.model_scores = p
+        online: list[bool] = []
         if learners and self.online is not None:
             p = self.online.blend(learners, partitions, X, p, getattr(model, "base_rate", None))
+            online = self.online.blended(learners, partitions).tolist()
         if monitor is not None:
             finite = np.isfinite(p)
             out.drift_events += monitor.observe(X[finite], p[finite],
                                                 int(self.clock() * 1000))
         verdicts = self._verdicts(model, scores, p, reasons, "model", out.fallbacks, "", rules)
+        for verdict, blended in zip(verdicts, online, strict=False):
+            if blended and not verdict["fallback"]:
+                verdict["stage"] = "online"  # the learner had a say in this score
         shadow_model = models.shadow
         if shadow_model is None:
             return verdicts, None

@@ -100,6 +100,9 @@ def test_labels_after_decisions_teach_the_learner(models_registry):
     q = learner.predict_for(Xa, stage.active.base_rate)
     w = learner.weight(0.3)
     assert w == 0.3 and np.allclose(blended, (1 - w) * model_only + w * q)
+    # the decision says the learner had a say; those before (weight 0) said the model
+    assert {codecs.decision.decode(v)["stage"] for _k, v in after.decisions} == {"online"}
+    assert first["stage"] == "model"
     assert raw[0] > 0.8 > 0.2 > raw[1]
     assert q[0] > q[1] and q[0] < raw[0] and q[1] < raw[1]
     assert stage.active.base_rate is not None and 0 < stage.active.base_rate < 0.1
