@@ -57,6 +57,9 @@ class ModelScorer:
         #: The whole artifact's digest (sha256 of its SHA256SUMS); None for a version
         #: written before artifacts were sealed.
         self.digest: str | None = None
+        #: The feature settings its training history was computed with (ms), as far as
+        #: its metadata says: {"label_delay_ms", "allowed_lateness_ms"}.
+        self.trained_features: dict[str, int] = {}
 
     @classmethod
     def load(cls, path: Path) -> ModelScorer:
@@ -127,7 +130,24 @@ class ModelScorer:
             raise ArtifactError(f"{version}: the probe batch failed: {_one_line(exc)}") from None
         check_probe(version, scores, expected)
         scorer.digest = digest
+        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        scorer.trained_features = {k: int(config[k]) for k in (
+            "label_delay_ms", "allowed_lateness_ms") if isinstance(config.get(k), int | float)}
         return scorer
+
+    def feature_mismatch(self, label_delay_ms: int, allowed_lateness_ms: int) -> str | None:
+        """A sentence when this worker computes features with other settings than the
+        training history was (the model is then served numbers it did not learn from)."""
+        serving = {"label_delay_ms": label_delay_ms, "allowed_lateness_ms": allowed_lateness_ms}
+        names = {"label_delay_ms": "FRAUDSTREAM_FEATURES_LABEL_DELAY_S",
+                 "allowed_lateness_ms": "FRAUDSTREAM_FEATURES_ALLOWED_LATENESS_S"}
+        diffs = [f"{names[k]}={serving[k] / 1000:g} here, {v / 1000:g} in training"
+                 for k, v in self.trained_features.items() if v != serving[k]]
+        if not diffs:
+            return None
+        return (f"{self.version} was trained on features computed with other settings "
+                f"({'; '.join(diffs)}): it is served numbers it did not learn from; "
+                "retrain it, or set them as in training")
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """The ensemble's fraud probability per row (NaN rows are the caller's to handle)."""

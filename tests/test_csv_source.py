@@ -47,6 +47,7 @@ def _write(tmp_path: Path, text: str, name: str = "history.csv") -> Path:
 
 def _kaggle(tmp_path: Path, **kwargs: Any) -> list[tuple[str, dict[str, Any]]]:
     mapping = ColumnMapping.from_flags(KAGGLE_FLAGS, KAGGLE_DEFAULTS)
+    kwargs.setdefault("label_delay_days", 3.0)  # the file has labels, no label_time
     return list(read_csv_events(_write(tmp_path, KAGGLE), mapping, token_key=KEY, **kwargs))
 
 
@@ -136,7 +137,7 @@ def test_values_that_are_not_card_numbers_are_left_alone(tmp_path: Path, value: 
 def test_card_numbers_without_a_key_are_refused_up_front(tmp_path: Path) -> None:
     mapping = ColumnMapping.from_flags(KAGGLE_FLAGS, KAGGLE_DEFAULTS)
     with pytest.raises(CsvMappingError, match="cc_num"):
-        read_csv_events(_write(tmp_path, KAGGLE), mapping)
+        read_csv_events(_write(tmp_path, KAGGLE), mapping, label_delay_days=3.0)
 
 
 def test_bad_rows_become_errors_naming_the_column(tmp_path: Path) -> None:
@@ -161,7 +162,7 @@ bad_lat,1546300809,c1,m1,10.0,EUR,5411,pos,0,north,2.35
          "amount=value", "currency=cur", "mcc=cat", "channel=kind", "label=fraud",
          "lat=y", "lon=x"],
         ["country=FR"])
-    events = list(read_csv_events(_write(tmp_path, text), mapping))
+    events = list(read_csv_events(_write(tmp_path, text), mapping, label_delay_days=1.0))
     errors = {e["line"]: e for e in _of(events, "error")}
     expected = {3: "value", 4: "value", 5: "card", 6: "ts", 7: "cat", 8: "kind", 9: "fraud",
                 12: "y"}
@@ -216,12 +217,18 @@ def test_mapping_mistakes_are_refused_before_streaming(tmp_path: Path) -> None:
     with pytest.raises(CsvMappingError, match="cc_num|trans_num|columns not found"):
         read_csv_events(path, ColumnMapping(), token_key=KEY)
     with pytest.raises(CsvMappingError, match="currency"):  # no column and no default
-        read_csv_events(path, ColumnMapping.from_flags(KAGGLE_FLAGS), token_key=KEY)
+        read_csv_events(path, ColumnMapping.from_flags(KAGGLE_FLAGS), token_key=KEY,
+                        label_delay_days=3.0)
+    # labels without a label_time column: when they became known must be said, not guessed
+    with pytest.raises(CsvMappingError, match="is_fraud.*--label-delay-days"):
+        read_csv_events(path, ColumnMapping.from_flags(KAGGLE_FLAGS, KAGGLE_DEFAULTS),
+                        token_key=KEY)
     with pytest.raises(CsvMappingError, match="expected FIELD=VALUE"):
         ColumnMapping.from_flags(["cardnumber=cc_num"])
     with pytest.raises(CsvMappingError, match="default currency"):
         read_csv_events(path, ColumnMapping.from_flags(
-            KAGGLE_FLAGS, ["currency=euro", "country=US", "channel=pos"]), token_key=KEY)
+            KAGGLE_FLAGS, ["currency=euro", "country=US", "channel=pos"]), token_key=KEY,
+            label_delay_days=3.0)
     with pytest.raises(CsvMappingError, match="not a readable Parquet file"):
         read_csv_events(_write(tmp_path, "not parquet", "history.parquet"))
 
@@ -234,7 +241,8 @@ def test_a_parquet_file_reads_like_the_same_csv(tmp_path: Path) -> None:
             "t1,2024-03-01T10:00:00+00:00,c1,m1,12.5,1\n"
             "t2,2024-03-01T10:05:00+00:00,c2,m1,7,\n")
     mapping = ColumnMapping(defaults={"currency": "EUR", "country": "FR", "channel": "pos"})
-    from_csv = list(read_csv_events(_write(tmp_path, text, "h.csv"), mapping))
+    from_csv = list(read_csv_events(_write(tmp_path, text, "h.csv"), mapping,
+                                    label_delay_days=1.0))
     table = pa.table({
         "transaction_id": ["t1", "t2"],
         "event_time": pa.array([1709287200000, 1709287500000], pa.timestamp("ms", tz="UTC")),
@@ -242,7 +250,7 @@ def test_a_parquet_file_reads_like_the_same_csv(tmp_path: Path) -> None:
         "label": pa.array([1, None], pa.int64()),
     })
     pq.write_table(table, tmp_path / "h.parquet")
-    from_parquet = list(read_csv_events(tmp_path / "h.parquet", mapping))
+    from_parquet = list(read_csv_events(tmp_path / "h.parquet", mapping, label_delay_days=1.0))
     assert from_parquet == from_csv
     assert [k for k, _ in from_parquet] == ["transaction", "transaction", "label"]
 
@@ -255,3 +263,16 @@ def test_a_sorted_file_streams_lazily(tmp_path: Path) -> None:
     kind, first = next(stream)
     assert (kind, first["transaction_id"]) == ("transaction", "t0")
     assert sum(1 for _ in stream) == 4999
+
+
+def test_a_label_without_its_time_and_no_delay_is_an_error_not_a_guess(tmp_path: Path) -> None:
+    text = ("transaction_id,event_time,card_id,merchant_id,amount,label,label_time\n"
+            "t1,1546300800,c1,m1,10.0,1,1546400800\n"
+            "t2,1546300801,c2,m1,10.0,1,\n")
+    mapping = ColumnMapping(defaults={"currency": "EUR", "country": "FR", "channel": "pos"})
+    events = list(read_csv_events(_write(tmp_path, text), mapping))
+    assert [lb["transaction_id"] for lb in _of(events, "label")] == ["t1"]
+    [error] = _of(events, "error")
+    assert error["line"] == 3 and "label delay" in error["reason"]
+    assert "transaction kept" in error["reason"]
+    assert {t["transaction_id"] for t in _of(events, "transaction")} == {"t1", "t2"}

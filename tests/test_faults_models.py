@@ -368,3 +368,23 @@ tests:
     out = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_model_trained_with_other_feature_settings_is_flagged_at_load(
+        models_registry, tmp_path, caplog):
+    """Served features must be computed as the training history's were: a worker whose
+    label delay or allowed lateness differs says so when it loads the version."""
+    root = tmp_path / "models"
+    version = copy_version(models_registry, root)
+    reg = Registry(root)
+    reg.promote(version)
+    trained = json.loads((root / version / "metadata.json").read_text())["config"]
+    same = (trained["label_delay_ms"], trained["allowed_lateness_ms"])
+    with caplog.at_level(logging.WARNING):
+        ModelWatcher(reg, ModelStage(), features=same).check()
+    assert "trained on features computed with other settings" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ModelWatcher(reg, ModelStage(), features=(7 * 86_400_000, same[1])).check()
+    assert f"{version} was trained on features computed with other settings" in caplog.text
+    assert "FRAUDSTREAM_FEATURES_LABEL_DELAY_S=604800 here" in caplog.text

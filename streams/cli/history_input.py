@@ -48,8 +48,9 @@ def add_history_arguments(p: argparse.ArgumentParser) -> None:
                    help="value for a field the file lacks, e.g. --default currency=USD")
     p.add_argument("--token-key", default=None,
                    help="key for tokenizing card numbers found in the card column")
-    p.add_argument("--label-delay-days", type=float, default=3.0,
-                   help="when a label becomes known, if the file has no label_time column")
+    p.add_argument("--label-delay-days", type=float, default=None,
+                   help="when a label became known after its transaction, for a file with "
+                        "labels and no label_time column (required then)")
     p.add_argument("--keep-order", action="store_true",
                    help="rows are in arrival order (late events stay late); "
                         "default: sort by event time")
@@ -65,7 +66,7 @@ class HistorySource:
 
     path: Path
     mapping: ColumnMapping
-    label_delay_days: float
+    label_delay_days: float | None
     token_key: str | None
     keep_order: bool
     settings: Settings

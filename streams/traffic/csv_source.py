@@ -6,7 +6,9 @@ Contract of :func:`read_csv_events`:
   ``("label", dict)`` (``schemas/label.avsc``) and ``("error", dict)``.
 * Transactions and labels come in non-decreasing time order (a transaction's
   ``event_time``, a label's ``label_time``); ties keep file order. A label comes after its
-  transaction, at its ``label_time`` column or else ``event_time + label_delay_days``, and
+  transaction, at its ``label_time`` column or else ``event_time + label_delay_days``
+  (which has no default: a file with labels and no ``label_time`` column is refused up
+  front without it, since when labels became known decides what a model may learn), and
   only for rows whose label cell is filled (both classes: ``confirmed_fraud`` /
   ``confirmed_genuine``). With ``keep_order`` transactions come in file order instead (the
   order they arrived in, late events included) and a label once the latest event time
@@ -160,7 +162,7 @@ def _mapping_from_fields(values: dict[str, Any]) -> ColumnMapping:
 
 
 def read_csv_events(path: str | Path, mapping: ColumnMapping | None = None, *,
-                    label_delay_days: float = 3.0, token_key: bytes | str | None = None,
+                    label_delay_days: float | None = None, token_key: bytes | str | None = None,
                     delimiter: str = ",", encoding: str = "utf-8-sig",
                     keep_order: bool = False,
                     ) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -178,12 +180,13 @@ def read_csv_events(path: str | Path, mapping: ColumnMapping | None = None, *,
 
 
 class _Rows:
-    def __init__(self, path: Path, mapping: ColumnMapping, label_delay_days: float,
+    def __init__(self, path: Path, mapping: ColumnMapping, label_delay_days: float | None,
                  token_key: bytes | str | None, delimiter: str, encoding: str) -> None:
-        if label_delay_days < 0:
+        if label_delay_days is not None and label_delay_days < 0:
             raise CsvMappingError("label_delay_days must be >= 0")
         self.path, self.mapping, self.key = path, mapping, token_key
-        self.delay_ms = round(label_delay_days * 86_400_000)
+        self.delay_ms = (None if label_delay_days is None
+                         else round(label_delay_days * 86_400_000))
         self.delimiter, self.encoding = delimiter, encoding
         self.sorted = True
 
@@ -203,6 +206,11 @@ class _Rows:
         rows = self._reader()
         first = next(rows, None)
         self.cols = self.mapping.resolve(self.header)
+        if "label" in self.cols and "label_time" not in self.cols and self.delay_ms is None:
+            raise CsvMappingError(
+                f"column {self.header[self.cols['label']]!r} holds labels but there is no "
+                "label_time column: say when labels became known after their transaction "
+                "(--label-delay-days), or map one (--map label_time=COLUMN)")
         for name, value in self.mapping.defaults.items():
             try:
                 PARSE.get(name, text)(value)
@@ -311,6 +319,10 @@ class _Rows:
         is_fraud, fraud_type = rec.pop("label", None), rec.pop("fraud_type")
         label_time = rec.pop("label_time")
         label = None
+        if is_fraud is not None and label_time is None and self.delay_ms is None:
+            label_problem = label_problem or ("label_time", "missing value, and no label "
+                                              "delay given (--label-delay-days)")
+            is_fraud = None
         if is_fraud is not None:
             label = {"transaction_id": rec["transaction_id"], "card_id": rec["card_id"],
                      "merchant_id": rec["merchant_id"],
@@ -318,7 +330,7 @@ class _Rows:
                      "source": "confirmed_fraud" if is_fraud else "confirmed_genuine",
                      "event_time": rec["event_time"],
                      "label_time": label_time if label_time is not None
-                     else rec["event_time"] + self.delay_ms}
+                     else rec["event_time"] + (self.delay_ms or 0)}
         error = self._error(line, [label_problem]) if label_problem else None
         if error:
             error["reason"] += " (transaction kept, no label)"

@@ -37,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: FRAUDSTREAM_CODEC_INPUT_FORMAT")
     p.add_argument("--bad-ratio", type=float, default=0.0,
                    help="share of malformed transaction records (demo of the DLQ)")
-    p.add_argument("--label-delay-days", type=float, default=3.0,
-                   help="mean delay before a label is known")
+    p.add_argument("--label-delay-days", type=float, default=None,
+                   help="generated traffic: mean delay before a label is known (default 3); "
+                        "--csv: when labels became known after their transaction, for a "
+                        "file with labels and no label_time column (required then)")
     p.add_argument("--time-compression", type=float, default=1.0,
                    help="label delays are divided by this (86400: a day becomes a second)")
     p.add_argument("--no-labels", action="store_true", help="send transactions only")
@@ -176,8 +178,9 @@ def generator_config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         traffic_seed=getattr(args, "traffic_seed", None),
         n_cards=args.cards,
-        label_delay_days=args.label_delay_days,
-        label_delay_spread_days=args.label_delay_days / 2,
+        label_delay_days=3.0 if args.label_delay_days is None else args.label_delay_days,
+        label_delay_spread_days=(3.0 if args.label_delay_days is None
+                                 else args.label_delay_days) / 2,
         time_compression=args.time_compression,
         # compressed demos: fraud campaigns play out in minutes, not hours
         campaign_time_scale=20.0 if args.time_compression > 1 else 1.0,

@@ -35,10 +35,14 @@ UNAVAILABLE = "model_unavailable"
 
 class ModelWatcher:
     def __init__(self, registry: Registry, stage: ModelStage,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None,
+                 features: tuple[int, int] | None = None) -> None:
         self.registry = registry
         self.stage = stage
         self.metrics = metrics
+        #: This worker's (label delay, allowed lateness) in ms, checked against what each
+        #: loaded version was trained with.
+        self.features = features
         #: Per pointer: what was last acted on (target and its files' fingerprint).
         self._seen: dict[str, Any] = {ACTIVE: None, SHADOW: None}
         #: Per pointer: the version it names that was refused, if any.
@@ -90,5 +94,9 @@ class ModelWatcher:
             # (the same files again, touched or restored: the one in memory stays)
             setattr(self.stage, attr, model)
             log.warning("models: %s is now %s", pointer, version)
+            mismatch = (model.feature_mismatch(*self.features)
+                        if self.features is not None else None)
+            if mismatch:
+                log.warning("models: %s", mismatch)
         if pointer == ACTIVE:  # after the swap: no batch sees neither model nor cause
             self.stage.unavailable = None
