@@ -235,7 +235,8 @@ class ScoringSettings:
     reload_interval_s: float = 2.0
     #: River online learners taught by labels, blended with the model as labels accrue.
     online: bool = True
-    #: The online learners' weight in the blend once many labels arrived.
+    #: The most an online learner's blend weight can be; each earns a share of it on
+    #: evidence (its blend against the ensemble on the labels), 0 when it does not help.
     online_max_weight: float = 0.3
     #: How long decided transactions' features are kept for their labels (feature log).
     feature_log_days: float = 30.0
