@@ -126,6 +126,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backlog-batches", type=float,
                         default=WorkerSettings().backlog_batches,
                         help="FRAUDSTREAM_WORKER_BACKLOG_BATCHES of the worker")
+    parser.add_argument("--align-wait-ms", type=float,
+                        default=WorkerSettings().align_wait_ms,
+                        help="FRAUDSTREAM_WORKER_ALIGN_WAIT_MS of the worker (0: no "
+                             "event-time alignment)")
     parser.add_argument("--models", type=Path, default=None,
                         help="a model registry with an ACTIVE version (the full cascade); "
                              "default: the rules alone")
@@ -209,6 +213,7 @@ def main() -> int:
                 broker, reg, workdir, "bench", args.partitions,
                 worker={"batch_max": args.batch_max, "batch_share": args.batch_share,
                         "backlog_batches": args.backlog_batches,
+                        "align_wait_ms": args.align_wait_ms,
                         "metrics_port": free_port()},
                 scoring={"models_dir": args.models or workdir / "no-models",
                          "budget_ms": budget})

@@ -88,10 +88,12 @@ class AvroCodec:
                 self.encode = writer.encode  # type: ignore[method-assign]
         # one per record on the input topic: read by hand when the writer schema is ours
         self._read: Reader | None = None
+        self._peek: Any = None
         if name == "transaction":
-            from fraudstream.schemas.transaction_reader import reader_for
+            from fraudstream.schemas.transaction_reader import peek_event_time, reader_for
 
             self._read = reader_for(json.loads(schema_text(name)))
+            self._peek = peek_event_time
         # writer schema id -> parsed writer schema (None: same as ours, no resolution)
         self._writers: dict[int, Any] = {self.schema_id: None}
         self._unknown: dict[int, float] = {}  # schema id -> when the registry said no
@@ -116,6 +118,16 @@ class AvroCodec:
                 if end == len(data):
                     return record
         return self._fastavro_decode(data)
+
+    def event_time(self, data: bytes) -> int | None:
+        """A transaction's ``event_time`` read without decoding the rest, for a record in
+        our own schema (None otherwise: decode it to know)."""
+        if self._read is None or data[:5] != self._header:
+            return None
+        try:
+            return self._peek(data, 5)  # type: ignore[no-any-return]
+        except (ValueError, IndexError):
+            return None
 
     def _writer_of(self, data: bytes) -> Any:
         """The parsed writer schema of a record (None: ours); DecodeError when there is

@@ -73,6 +73,17 @@ def _size(data: bytes, p: int) -> tuple[int, int]:
     return n, p
 
 
+def peek_event_time(data: bytes, p: int) -> int:
+    """The ``event_time`` of a transaction in our schema at ``p`` (its first fields:
+    ``transaction_id``, ``event_time``), without reading the rest; raises on bytes that
+    do not hold them."""
+    n, p = _size(data, p)
+    t, end = _long(data, p + n)
+    if end > len(data):
+        raise Unusual("truncated")
+    return t
+
+
 def read_transaction(data: bytes, p: int) -> tuple[dict[str, Any], int]:
     """The Transaction at ``data[p:]`` and where it ends; raises on anything unusual (see
     the module). A length byte with the high or the low bit set (a length over 63, or a

@@ -143,6 +143,10 @@ class WorkerSettings:
     #: Batches take batch_max records while the input holds more than this many
     #: budget-sized batches (a backlog); below it they keep to their size.
     backlog_batches: float = 1.0
+    #: Event-time alignment: hand the partitions of transactions (and labels) on merged in
+    #: event time, waiting at most this long for a partition that may hold earlier
+    #: records (0: off, records go on as fetched).
+    align_wait_ms: float = 2000.0
     max_future_ms: int = 5 * 60 * 1000
     #: Larger amounts (in the rates table's reference currency) go to the DLQ as absurd.
     max_amount: float = 1_000_000.0
@@ -360,6 +364,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_WORKER_BATCH_MIN": AT_LEAST_ONE,
     "FRAUDSTREAM_WORKER_BATCH_SHARE": Range(0, 1, low_open=True),
     "FRAUDSTREAM_WORKER_BACKLOG_BATCHES": NOT_NEGATIVE,
+    "FRAUDSTREAM_WORKER_ALIGN_WAIT_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_MAX_FUTURE_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_MAX_AMOUNT": POSITIVE,
     "FRAUDSTREAM_WORKER_COMMIT_INTERVAL_S": POSITIVE,

@@ -24,7 +24,7 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.schemas.codec import Codecs, decode_json, make_registry
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.drift import DriftConfig
 from fraudstream.scorers.online import OnlineStage
@@ -39,6 +39,7 @@ from fraudstream.streams.errors import StartError
 from fraudstream.streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import KafkaSettings, Settings
 from fraudstream.streams.worker import batching, renewing_producer, restore
+from fraudstream.streams.worker.align import Aligner, record_times
 from fraudstream.streams.worker.delivery import BatchCommitter, KafkaSink
 from fraudstream.streams.worker.feature_store import TableFeatureStore, forget_on_rebalance
 from fraudstream.streams.worker.metrics import WorkerMetrics
@@ -343,7 +344,18 @@ def build_worker(settings: Settings) -> Worker:
     OutOfRangeLog(watchdog).install()
     renewing_producer.install(sink, settings.kafka.client_config(), w.producer_stuck_s,
                               on_renew=lambda _n: metrics.producer_renewals.inc())
-    batching.install(app, topics, handle, w.batch_max, progress=watchdog, sizer=sizer)
+    aligner = None
+    if w.align_wait_ms > 0 and not w.repartition:
+        avro = settings.codec.input_format == "avro"
+        aligner = Aligner(settings.topics.transactions, labels_topic, record_times(
+            codecs.transaction.decode if avro else decode_json,
+            codecs.label.decode if avro else decode_json, settings.topics.transactions,
+            engine.config.label_delay_ms, codecs.transaction.event_time if avro else None),
+            max_wait_s=w.align_wait_ms / 1000.0)
+        log.warning("event-time alignment: on (waits at most %.0f ms for a partition)",
+                    w.align_wait_ms)
+    batching.install(app, topics, handle, w.batch_max, progress=watchdog, sizer=sizer,
+                     aligner=aligner)
 
     @app.timer(interval=watchdog.interval_s)
     async def watch_progress() -> None:

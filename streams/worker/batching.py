@@ -19,6 +19,10 @@ the chunk is acknowledged: at-least-once.
 With a :attr:`BatchConsumer.sizer` (:class:`fraudstream.streams.worker.sizing.BatchSizer`)
 each fetch returns at most the records the sizer asks for, so a batch is decided within
 its share of the budget; the rest stays in the consumer's fetch buffer for the next one.
+
+With a :attr:`BatchConsumer.aligner` (:class:`fraudstream.streams.worker.align.Aligner`)
+the fetched records are held and handed on merged in event time across partitions and
+topics; a partition holding too many stops being fetched (Faust's ``on_buffer_full``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
     #: Sizes each fetch (:class:`fraudstream.streams.worker.sizing.BatchSizer`); None: whole
     #: fetches, in chunks of :attr:`batch_max`.
     sizer: Any = None
+    #: Merges the batch topics in event time (:class:`fraudstream.streams.worker.align.Aligner`);
+    #: None: records go on in the order fetched.
+    aligner: Any = None
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
         size = self.batch_max
@@ -65,6 +72,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if records is None or self.should_stop:
             return
         if not self.flow_active:
+            if self.aligner is not None:
+                self.aligner.forget()  # they will be read again from there
+                self._align_next.clear()
             await self.perform_seek()  # as Faust does: back to the committed offsets
             return
         ours: list[tuple[TP, Sequence[Any]]] = []
@@ -73,6 +83,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if active is not None and tp not in active and tp not in self._buffered_partitions:
                 continue
             (ours if tp.topic in self.batch_topics else others).append((tp, recs))
+        if self.aligner is not None:
+            ours = self._align(ours, active)
         progress = self.progress
         for chunk in _chunks(ours, size):
             assert self.batch_handler is not None
@@ -87,6 +99,59 @@ class BatchConsumer(faust_aiokafka.Consumer):
         for tp, recs in others:
             for record in recs:
                 yield tp, to_message(tp, record)
+
+    def _align(self, fetched: list[tuple[TP, Sequence[Any]]], active: Any
+               ) -> list[tuple[TP, Sequence[Any]]]:
+        """Hold the fetched records, release what the aligner can merge, and stop fetching
+        partitions that hold too many (again once half of them went)."""
+        aligner = self.aligner
+        assigned = {tp for tp in self.assignment() if tp.topic in self.batch_topics}
+        aligner.forget(assigned)  # revoked partitions: their new owner reads them again
+        for tp, recs in fetched:
+            if tp in assigned:
+                aligner.add(tp, recs)
+                self._align_next[tp] = recs[-1].offset + 1
+        pending = {tp for tp in assigned if self._may_have_more(tp, active)}
+        timeouts = aligner.timeouts
+        released = aligner.release(pending)
+        if aligner.timeouts != timeouts:
+            self.log.info("event-time alignment: waited %.1f s for %s; released what was "
+                          "held", aligner.max_wait_s,
+                          sorted(f"{tp.topic}-{tp.partition}" for tp in pending
+                                 if not aligner.count(tp)))
+        for tp in assigned:
+            held = aligner.count(tp)
+            if held >= aligner.max_held:
+                self.on_buffer_full(tp)
+            elif tp in self._buffered_partitions and held < aligner.max_held // 2:
+                self.on_buffer_drop(tp)
+        return released
+
+    @property
+    def _align_next(self) -> dict[TP, int]:
+        """The next offset to fetch per partition, as the fetched records tell."""
+        table = self.__dict__.get("_align_next_table")
+        if table is None:
+            table = self.__dict__["_align_next_table"] = {}
+        return table
+
+    def _may_have_more(self, tp: TP, active: Any) -> bool:
+        """Whether ``tp`` may hold records not fetched yet: not known to be read to its
+        end. A partition Faust paused (a table's recovery) counts: it holds the others
+        back until it is fetched again, or the aligner's wait runs out."""
+        try:
+            end = self.highwater(tp)
+        except Exception:  # not assigned any more, or no fetch yet
+            return True
+        if end is None:
+            return True
+        if end <= 0:
+            return False
+        nxt = self._align_next.get(tp)
+        if nxt is None:
+            committed = self._committed_offset.get(tp)
+            return committed is None or committed < end
+        return nxt < end
 
     def _cap_fetch(self, size: int | None) -> None:
         """At most ``size`` records from the next fetch (aiokafka reads its
@@ -136,12 +201,13 @@ def _chunks(
 
 
 def install(app: Any, topics: set[str], handler: BatchHandler, batch_max: int,
-            progress: Any = None, sizer: Any = None) -> None:
+            progress: Any = None, sizer: Any = None, aligner: Any = None) -> None:
     """Make ``app`` build a :class:`BatchConsumer` for ``topics`` (call before it starts);
-    ``progress`` is told of every chunk handed out and handled; ``sizer`` sizes fetches."""
+    ``progress`` is told of every chunk handed out and handled; ``sizer`` sizes fetches;
+    ``aligner`` merges the topics in event time."""
     app.transport.Consumer = type(
         "AppBatchConsumer",
         (BatchConsumer,),
         {"batch_topics": frozenset(topics), "batch_handler": staticmethod(handler),
-         "batch_max": batch_max, "progress": progress, "sizer": sizer},
+         "batch_max": batch_max, "progress": progress, "sizer": sizer, "aligner": aligner},
     )
