@@ -254,8 +254,9 @@ class OnlineStage:
         taught: dict[int, tuple[list[np.ndarray], list[bool], list[float]]] = {}
         last: dict[int, int] = {}
         for lab, logged in zip(labels, raw[len(parts):], strict=True):
-            if lab.offset <= learners[lab.partition].last_offset:
-                continue  # delivered again after a restart: learned already
+            if lab.offset <= max(learners[lab.partition].last_offset,
+                                 last.get(lab.partition, -1)):
+                continue  # delivered again (after a restart, or twice in one batch)
             last[lab.partition] = max(last.get(lab.partition, -1), lab.offset)
             if logged is None:
                 self.unjoined += 1

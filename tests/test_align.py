@@ -3,6 +3,7 @@ due for, waits for a partition that may hold earlier records, but never for long
 
 from __future__ import annotations
 
+import itertools
 from collections import namedtuple
 
 from fraudstream.streams.worker.align import Aligner
@@ -29,8 +30,13 @@ def aligner(clock: Clock | None = None) -> Aligner:
                    clock=clock or Clock())
 
 
-def recs(*times: int | str) -> list[Rec]:
-    return [Rec(str(t).encode(), i) for i, t in enumerate(times)]
+_OFFSETS = itertools.count()
+
+
+def recs(*times: int | str, first: int | None = None) -> list[Rec]:
+    """Records with these times, at the next offsets (or from ``first``)."""
+    offsets = itertools.count(first) if first is not None else _OFFSETS
+    return [Rec(str(t).encode(), next(offsets)) for t in times]
 
 
 def flat(out: list) -> list[tuple[int, int]]:
@@ -140,3 +146,16 @@ def test_an_avro_transactions_time_is_read_without_decoding_it_all():
         assert codecs.transaction.event_time(data) == t["event_time"]
     assert codecs.transaction.event_time(b"\x00\x00\x00\x00\x07" + data[5:]) is None  # other id
     assert codecs.transaction.event_time(data[:7]) is None  # truncated
+
+
+def test_a_record_fetched_again_is_not_handed_on_twice():
+    """After a seek back (a rebalance keeping the partition), the records already taken
+    come again: they are neither held nor released a second time."""
+    a = aligner()
+    a.add(T0, recs(10, 20, first=0))
+    assert flat(a.release(pending=())) == [(0, 10), (0, 20)]
+    a.add(T0, recs(10, 20, 30, first=0))  # offsets 0, 1 again, then 2
+    assert flat(a.release(pending=())) == [(0, 30)]
+    a.forget()  # a seek Faust announces: everything is read again from there
+    a.add(T0, recs(10, first=0))
+    assert flat(a.release(pending=())) == [(0, 10)]

@@ -184,3 +184,18 @@ def test_the_learner_earns_its_weight_on_evidence_or_gets_none():
     again = OnlineLearner.loads(helpful.dumps())  # the evidence is kept with the learner
     assert again.share == helpful.share
     assert np.allclose(again.evidence, helpful.evidence.astype(np.float32))
+
+
+def test_a_label_delivered_twice_in_one_batch_is_learned_once():
+    from fraudstream.state.engine import LabelEvent
+
+    store = MemoryStore()
+    stage = OnlineStage(store)
+    X = np.random.default_rng(2).normal(size=(3, len(FEATURE_NAMES))).astype(np.float32)
+    store.write(OnlineStage.log_entries([(0, NOW, f"d{i}") for i in range(3)], X))
+    labels = [LabelEvent(0, i, {"transaction_id": f"d{i}", "event_time": NOW,
+                                "is_fraud": i == 0}) for i in range(3)]
+    writes: list = []
+    stage.learn([*labels, labels[1], labels[2]], {0}, writes)  # a seek back, mid-batch
+    assert stage.learned == 3
+    assert OnlineLearner.loads(writes[-1][2]).labels == 3

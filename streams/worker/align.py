@@ -48,6 +48,9 @@ class Aligner:
         self.clock = clock
         #: Partition -> held (event time, record), in offset order.
         self.held: dict[Any, deque[tuple[int | None, Any]]] = {}
+        #: Partition -> the highest offset taken: a record fetched again (a seek back after
+        #: a rebalance) is not held, nor handed on, twice.
+        self.taken: dict[Any, int] = {}
         #: Since when a silent partition holds the others back (None: it does not).
         self.waiting_since: float | None = None
         #: Times the wait ran out and records were released regardless.
@@ -55,8 +58,13 @@ class Aligner:
 
     def add(self, tp: Any, records: Collection[Any]) -> None:
         buf = self.held.setdefault(tp, deque())
+        last = self.taken.get(tp, -1)
         for r in records:
+            if r.offset <= last:
+                continue
             buf.append((self.time_of(tp.topic, r.value), r))
+            last = r.offset
+        self.taken[tp] = last
 
     def forget(self, keep: Collection[Any] | None = None) -> None:
         """Drop what is held for partitions not in ``keep`` (all: None), after a
@@ -64,6 +72,7 @@ class Aligner:
         for tp in list(self.held):
             if keep is None or tp not in keep:
                 del self.held[tp]
+                self.taken.pop(tp, None)
 
     def count(self, tp: Any) -> int:
         buf = self.held.get(tp)
