@@ -148,14 +148,12 @@ def test_an_avro_transactions_time_is_read_without_decoding_it_all():
     assert codecs.transaction.event_time(data[:7]) is None  # truncated
 
 
-def test_a_record_fetched_again_is_not_handed_on_twice():
-    """After a seek back (a rebalance keeping the partition), the records already taken
-    come again: they are neither held nor released a second time."""
+def test_records_read_again_from_a_lower_offset_are_handed_on_again():
+    """After an offset reset (a broker that lost its log) new records come with offsets
+    already seen: they must be decided, not taken for copies. Copies after a seek back
+    are answered downstream (the dedupe, the learner's offsets)."""
     a = aligner()
     a.add(T0, recs(10, 20, first=0))
     assert flat(a.release(pending=())) == [(0, 10), (0, 20)]
-    a.add(T0, recs(10, 20, 30, first=0))  # offsets 0, 1 again, then 2
-    assert flat(a.release(pending=())) == [(0, 30)]
-    a.forget()  # a seek Faust announces: everything is read again from there
-    a.add(T0, recs(10, first=0))
-    assert flat(a.release(pending=())) == [(0, 10)]
+    a.add(T0, recs(30, 40, first=0))
+    assert flat(a.release(pending=())) == [(0, 30), (0, 40)]

@@ -48,23 +48,18 @@ class Aligner:
         self.clock = clock
         #: Partition -> held (event time, record), in offset order.
         self.held: dict[Any, deque[tuple[int | None, Any]]] = {}
-        #: Partition -> the highest offset taken: a record fetched again (a seek back after
-        #: a rebalance) is not held, nor handed on, twice.
-        self.taken: dict[Any, int] = {}
         #: Since when a silent partition holds the others back (None: it does not).
         self.waiting_since: float | None = None
         #: Times the wait ran out and records were released regardless.
         self.timeouts = 0
 
     def add(self, tp: Any, records: Collection[Any]) -> None:
+        # A record fetched again (a seek back) is held again: the pipeline's dedupe and
+        # the learner answer it. Offsets are not a filter here: after an offset reset (a
+        # broker that lost its log) new records come with offsets already seen.
         buf = self.held.setdefault(tp, deque())
-        last = self.taken.get(tp, -1)
         for r in records:
-            if r.offset <= last:
-                continue
             buf.append((self.time_of(tp.topic, r.value), r))
-            last = r.offset
-        self.taken[tp] = last
 
     def forget(self, keep: Collection[Any] | None = None) -> None:
         """Drop what is held for partitions not in ``keep`` (all: None), after a
@@ -72,7 +67,6 @@ class Aligner:
         for tp in list(self.held):
             if keep is None or tp not in keep:
                 del self.held[tp]
-                self.taken.pop(tp, None)
 
     def count(self, tp: Any) -> int:
         buf = self.held.get(tp)
