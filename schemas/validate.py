@@ -249,7 +249,9 @@ def _millis(value: datetime) -> int:
     return (value - _EPOCH) // _MS
 
 
-def _event_time(rec: dict[str, Any], name: str = "event_time") -> int:
+def time_ms(rec: dict[str, Any], name: str = "event_time") -> int:
+    """A decoded record's time field in epoch ms (Avro datetime, ISO text with a zone, or
+    millis); raises :class:`ValidationError` naming the field."""
     value = rec.get(name)
     if value is None:
         raise ValidationError(name, "missing")
@@ -283,7 +285,7 @@ def validate_transaction(
     assert card_id is not None
     merchant_id = _string(rec, "merchant_id")
 
-    event_time = _event_time(rec)
+    event_time = time_ms(rec)
     if event_time < MIN_EVENT_TIME_MS:
         raise ValidationError("event_time", f"{event_time} is before 2000 (seconds, not millis?)")
     if event_time > now_ms + max_future_ms:
@@ -379,8 +381,8 @@ def validate_label(rec: dict[str, Any]) -> dict[str, Any]:
     is_fraud = rec.get("is_fraud")
     if not isinstance(is_fraud, bool):
         raise ValidationError("is_fraud", f"expected a boolean, got {type(is_fraud).__name__}")
-    event_time = _event_time(rec)
-    label_time = _event_time(rec, "label_time")
+    event_time = time_ms(rec)
+    label_time = time_ms(rec, "label_time")
     if label_time < MIN_EVENT_TIME_MS:
         raise ValidationError("label_time", f"{label_time} is before 2000 (seconds, not millis?)")
     out = {

@@ -29,8 +29,9 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Collection
-from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from fraudstream.schemas.validate import time_ms
 
 #: (topic, value bytes) -> event time in ms (a label's: when it becomes available), or
 #: None when it cannot be read.
@@ -148,30 +149,9 @@ def record_times(decode_transaction: Callable[[bytes], dict[str, Any]],
                 t = peek(value) if peek is not None else None
                 if t is not None:
                     return t
-                return _millis(decode_transaction(value).get("event_time"))
-            t = _millis(decode_label(value).get("label_time"))
-        except Exception:  # undecodable: released at once, the pipeline dead-letters it
+                return time_ms(decode_transaction(value))
+            return time_ms(decode_label(value), "label_time") + label_delay_ms
+        except Exception:  # unreadable: released at once, the pipeline dead-letters it
             return None
-        return None if t is None else t + label_delay_ms
 
     return time_of
-
-
-def _millis(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, datetime):
-        when = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-        return (when - _EPOCH) // _MS
-    if isinstance(value, str):
-        try:
-            return _millis(datetime.fromisoformat(value.replace("Z", "+00:00")))
-        except ValueError:
-            return None
-    return None
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)

@@ -84,7 +84,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 continue
             (ours if tp.topic in self.batch_topics else others).append((tp, recs))
         if self.aligner is not None:
-            ours = self._align(ours, active)
+            ours = self._align(ours)
         progress = self.progress
         for chunk in _chunks(ours, size):
             assert self.batch_handler is not None
@@ -100,7 +100,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             for record in recs:
                 yield tp, to_message(tp, record)
 
-    def _align(self, fetched: list[tuple[TP, Sequence[Any]]], active: Any
+    def _align(self, fetched: list[tuple[TP, Sequence[Any]]]
                ) -> list[tuple[TP, Sequence[Any]]]:
         """Hold the fetched records, release what the aligner can merge, and stop fetching
         partitions that hold too many (again once half of them went)."""
@@ -111,7 +111,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if tp in assigned:
                 aligner.add(tp, recs)
                 self._align_next[tp] = recs[-1].offset + 1
-        pending = {tp for tp in assigned if self._may_have_more(tp, active)}
+        pending = {tp for tp in assigned if self._may_have_more(tp)}
         timeouts = aligner.timeouts
         released = aligner.release(pending)
         if aligner.timeouts != timeouts:
@@ -135,7 +135,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             table = self.__dict__["_align_next_table"] = {}
         return table
 
-    def _may_have_more(self, tp: TP, active: Any) -> bool:
+    def _may_have_more(self, tp: TP) -> bool:
         """Whether ``tp`` may hold records not fetched yet: not known to be read to its
         end. A partition Faust paused (a table's recovery) counts: it holds the others
         back until it is fetched again, or the aligner's wait runs out."""
