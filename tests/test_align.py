@@ -68,6 +68,37 @@ def test_a_partition_that_may_hold_earlier_records_holds_the_others_back_for_a_w
     assert a.timeouts == 1 and a.waiting_since is None
 
 
+def test_a_merge_that_moves_on_is_not_waiting_however_often_it_stops():
+    # A backlog: partitions come one fetch at a time, so the merge stops on an empty one
+    # at almost every call while it keeps releasing. Records must not go out of order
+    # after max_wait_s of that.
+    clock = Clock()
+    a = aligner(clock)
+    a.add(T0, recs(*range(0, 100, 2)))
+    released = []
+    for step in range(10):
+        a.add(T1, recs(*range(step * 10 + 1, step * 10 + 10, 2)))
+        released += flat(a.release(pending={T0, T1}))
+        clock.now += 1.0  # well past max_wait_s in all
+    assert a.timeouts == 0
+    times = [t for _p, t in released]
+    assert times == sorted(times) and len(times) > 90
+
+
+def test_the_time_spent_deciding_what_was_released_is_not_waiting():
+    clock = Clock()
+    a = aligner(clock)
+    a.add(T0, recs(10, 20, 30))
+    a.add(T1, recs(15))
+    assert flat(a.release(pending={T1})) == [(0, 10), (1, 15)]
+    clock.now = 5.0  # the worker decided those for 5 s
+    assert flat(a.release(pending={T1})) == []  # the wait for partition 1 starts now
+    clock.now = 6.5
+    assert flat(a.release(pending={T1})) == [] and a.timeouts == 0
+    clock.now = 7.5
+    assert flat(a.release(pending={T1})) == [(0, 20), (0, 30)] and a.timeouts == 1
+
+
 def test_labels_go_before_the_first_transaction_they_are_due_for():
     a = aligner()
     a.add(L0, recs(12, 35, 90))  # availability times

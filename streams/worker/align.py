@@ -13,7 +13,7 @@ partition), each partition keeping its own order (a late event stays where it ar
 and before it every label whose availability (``label_time`` + the features' label delay)
 is not after it. It stops where it could be wrong: when a partition that may still hold
 earlier records (assigned, fetching, not known to be at its end) has nothing held. After
-``max_wait_s`` of such waiting it releases anyway, so a partition that stays silent
+``max_wait_s`` with nothing released it releases anyway, so a partition that stays silent
 delays the others by at most that much, never stalls them. A record whose time cannot be
 read is released at once (the pipeline sends it to the dead letters).
 
@@ -82,10 +82,15 @@ class Aligner:
             self.timeouts += 1
         out: list[tuple[Any, list[Any]]] = []
         blocked = self._merge(out, set(pending))
-        if blocked and any(self.held.values()):
-            self.waiting_since = self.waiting_since if self.waiting_since is not None else now
-        else:
+        if out or not blocked or not any(self.held.values()):
+            # A merge that moves on is not waiting, however often it stops on a partition
+            # that ran empty; the wait starts at the first call that releases nothing, so
+            # the time spent deciding what was released does not count. (Counting from
+            # the first stop released everything held, out of order, after 2 s of steady
+            # progress in a backlog.)
             self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
         return out
 
     def _merge(self, out: list[tuple[Any, list[Any]]], pending: set[Any]) -> bool:
