@@ -239,7 +239,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             changelog = f"{settings.worker.app_id}-state-changelog"
             _fill_changelog(settings, changelog, templates, args.cards, Producer)
             fresh = _time_to_first_decision(settings, codecs, work / "fresh.log")
-            disk = _du(work / "state")
+            disk = _du(settings.worker.data_dir)
             print(f"{args.cards} cards, fresh data dir: first decision after "
                   f"{fresh['seconds']:.1f} s, RSS {fresh['rss_mb']:.0f} MB "
                   f"({fresh['rss_file_mb']:.0f} MB of it mapped files), RocksDB "

@@ -43,7 +43,7 @@ def fresh_stack(broker: EmbeddedBroker, registry: EmbeddedRegistry, workdir: Pat
                 partitions: int = 4, **sections: Mapping[str, Any]) -> Stack:
     """Settings for a run on a new embedded broker and registry: topics of its own
     (``TopicSettings.suffixed``), a worker app id ``<app>-<uid>`` with its state under
-    ``workdir/state``, a 6 s group session timeout, and ``sections`` (a
+    ``workdir/state-<uid>``, a 6 s group session timeout, and ``sections`` (a
     :meth:`Settings.replace` mapping) over those. Creates the topics; the codecs use the
     registry."""
     uid = uuid.uuid4().hex[:6]
@@ -52,7 +52,7 @@ def fresh_stack(broker: EmbeddedBroker, registry: EmbeddedRegistry, workdir: Pat
         kafka={"bootstrap": broker.bootstrap, "session_timeout_ms": 6000,
                "partitions": partitions, "embedded": True, **extra.pop("kafka", {})},
         codec={"registry_url": registry.url, **extra.pop("codec", {})},
-        worker={"app_id": f"{app}-{uid}", "data_dir": workdir / "state",
+        worker={"app_id": f"{app}-{uid}", "data_dir": workdir / f"state-{uid}",
                 **extra.pop("worker", {})},
         **extra)
     ensure_topics(settings)

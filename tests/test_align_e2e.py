@@ -45,8 +45,7 @@ def drain(stack_settings: Any, start_worker: Any, txns: list, labels: list) -> t
         dict[str, list[float]], dict[int, list[dict[str, Any]]], dict[str, tuple]]:
     settings = fresh_stack(stack_settings, PARTITIONS, {"backend": "rocksdb",
                                                         "label_delay_s": LABEL_DELAY_S})
-    data_dir = settings.worker.data_dir.parent / f"state-{settings.worker.app_id}"
-    settings = settings.replace(worker={"align_wait_ms": 5000.0, "data_dir": data_dir})
+    settings = settings.replace(worker={"align_wait_ms": 5000.0})
     codecs = Codecs(make_registry(settings.codec.registry_url), settings.topics)
     # The whole history is there before the worker starts, labels included: a backlog.
     produce(settings, settings.topics.labels,

@@ -24,6 +24,7 @@ import pytest
 from fraudstream.streams.embedded.broker import broker_binary, free_port
 from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings
+from fraudstream.streams.worker.preflight import APP_ID_FILE, claim_data_dir
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +128,27 @@ def test_a_data_dir_that_cannot_be_used_is_one_line(quiet_settings, tmp_path):
     out = run_worker(worker_env(quiet_settings, FRAUDSTREAM_WORKER_DATA_DIR="/sys"))
     assert one_line(out, 2) == ("fraudstream: FRAUDSTREAM_WORKER_DATA_DIR=/sys: not "
                                 "writable: Permission denied")
+
+
+def test_a_data_dir_holding_another_apps_state_is_refused(quiet_settings, tmp_path):
+    # A worker of app "payments-blue" ran here; "payments-green" would read its cards'
+    # and merchants' state as its own.
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    claim_data_dir(folder, "payments-blue")
+    claim_data_dir(folder, "payments-blue")  # its own app: taken again
+    out = run_worker(worker_env(quiet_settings, FRAUDSTREAM_WORKER_DATA_DIR=str(folder),
+                                FRAUDSTREAM_WORKER_APP_ID="payments-green"))
+    assert one_line(out, 2) == (
+        f"fraudstream: FRAUDSTREAM_WORKER_DATA_DIR={folder}: holds the state of app "
+        "'payments-blue', not of FRAUDSTREAM_WORKER_APP_ID='payments-green'; give each app "
+        "id its own data dir (or remove the folder: this app's state is then rebuilt from "
+        "its changelog)")
+    # a folder from before the app id was written down is taken by the first app
+    old = tmp_path / "old"
+    old.mkdir()
+    claim_data_dir(old, "payments-green")
+    assert (old / APP_ID_FILE).read_text() == "payments-green\n"
 
 
 def test_an_unreachable_broker_and_registry_are_named_within_the_timeout(quiet_settings,

@@ -33,7 +33,9 @@ def fresh_stack(settings: Settings, partitions: int, features: dict[str, Any]) -
     topics = TopicSettings.suffixed(uid)
     out = Settings(topics=topics, kafka=settings.kafka, codec=settings.codec,
                    worker=settings.worker, features=settings.features).replace(
-        kafka={"partitions": partitions}, worker={"app_id": f"features-{uid}"},
+        kafka={"partitions": partitions},
+        worker={"app_id": f"features-{uid}",
+                "data_dir": settings.worker.data_dir.parent / f"state-{uid}"},
         features={"log": True, **features})
     ensure_topics(out)
     return out

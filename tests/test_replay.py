@@ -45,7 +45,9 @@ def fresh_topics(settings: Settings, partitions: int, **changes) -> Settings:
     out = Settings(topics=topics, kafka=settings.kafka, codec=settings.codec,
                    worker=settings.worker, features=settings.features,
                    scoring=settings.scoring).replace(
-        kafka={"partitions": partitions}, worker={"app_id": f"replay-{uid}"}, **changes)
+        kafka={"partitions": partitions},
+        worker={"app_id": f"replay-{uid}",
+                "data_dir": settings.worker.data_dir.parent / f"state-{uid}"}, **changes)
     ensure_topics(out)
     return out
 

@@ -38,6 +38,7 @@ def check_worker(settings: Settings) -> None:
     check_data_dir(settings.worker.data_dir)
     if settings.worker.store == "rocksdb":
         lock_data_dir(settings.worker.data_dir)
+        claim_data_dir(settings.worker.data_dir, settings.worker.app_id)
     check_models_dir(settings.scoring.models_dir)
     w = settings.worker
     if w.metrics_port and w.metrics_port_busy == "fail":
@@ -111,6 +112,37 @@ def lock_data_dir(path: Path) -> None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _held[path] = handle
+
+
+#: The app id whose state a data dir holds, written there at the first start.
+APP_ID_FILE = ".fraudstream-app-id"
+
+
+def claim_data_dir(path: Path, app_id: str) -> None:
+    """A data dir holds one app's RocksDB state. Faust keeps its tables under the folder
+    without the app id in their path, so a worker of another app id (a new consumer group,
+    a second deployment on the same volume) would read that state as its own: every card
+    and merchant would start from the other app's history, and no error would say so.
+    The first start writes the app id in the folder; a worker of another app id is
+    refused. A folder from before the file existed is taken as this app's."""
+    marker = path / APP_ID_FILE
+    try:
+        owner = marker.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        owner = ""
+    except OSError as exc:
+        raise StartError(f"FRAUDSTREAM_WORKER_DATA_DIR={path}: cannot read {marker.name}: "
+                         f"{exc.strerror or exc}") from exc
+    if owner == app_id:
+        return
+    if owner:
+        raise StartError(f"FRAUDSTREAM_WORKER_DATA_DIR={path}: holds the state of app "
+                         f"{owner!r}, not of FRAUDSTREAM_WORKER_APP_ID={app_id!r}; give "
+                         "each app id its own data dir (or remove the folder: this "
+                         "app's state is then rebuilt from its changelog)")
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+    tmp.write_text(f"{app_id}\n", encoding="utf-8")
+    tmp.replace(marker)
 
 
 def check_models_dir(path: Path) -> None:
