@@ -39,6 +39,20 @@ def test_bounds_read_offsets_and_times():
             Bound.parse(bad)
 
 
+def test_an_event_time_range_keeps_late_records_and_ends_past_the_lateness():
+    from fraudstream.streams.replay.ranges import _PartitionRange
+
+    r = _PartitionRange(0, Bound("event", 100), Bound("event", 200), None, None,
+                        lateness_ms=50)
+    roles = [r.classify(offset, 0, et) for offset, et in enumerate(
+        (90, 120, 80, 210, 150, None, 260, 170))]
+    # 90: before the range, no warm-up; 80 (late, before it) and 210 (after it, within the
+    # lateness) feed the state; 150 is late but in it; an unreadable record is in it (the
+    # pipeline dead-letters it); 260 ends the partition.
+    assert roles == [None, "range", "warmup", "warmup", "range", "range", None, None]
+    assert r.done
+
+
 def fresh_topics(settings: Settings, partitions: int, **changes) -> Settings:
     uid = uuid.uuid4().hex[:8]
     topics = TopicSettings.suffixed(uid)
@@ -241,3 +255,42 @@ def test_an_end_offset_ends_the_range_even_when_nothing_follows_it(
             publish=False))
         assert (result.read, len(result.decided)) == (end - 20, end - 20)
         assert result.decided.transaction_ids[0] == events[20][1]["transaction_id"]
+
+
+def test_event_time_bounds_pick_the_days_of_a_history_loaded_in_one_go(
+        models_registry, stack_settings, codecs, tmp_path):
+    # Two days loaded at once: every Kafka timestamp is the load's, the event times are
+    # the history's. A fraud team names its windows in event time.
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = fresh_topics(stack_settings, 2, scoring={"models_dir": root, "online": False})
+    events = history(31, 2.0, 1500)
+    produce_arrivals(settings, codecs, events)
+    txns = [rec for kind, rec in events if kind == "transaction"]
+    lo = txns[0]["event_time"] + DAY_MS // 2
+    hi = lo + DAY_MS // 2
+    want = [t["transaction_id"] for t in txns if lo <= t["event_time"] < hi]
+    assert 300 < len(want) < len(txns) // 2
+
+    def replay(start: str, end: str, warmup: str | None, event_time: bool):
+        return run_replay(settings, ReplayConfig(
+            challenger=second, champion=first, start=Bound.parse(start, event_time),
+            end=Bound.parse(end, event_time),
+            warmup=Bound.parse(warmup, event_time) if warmup else None, publish=False,
+            online=False))
+
+    window = replay(f"@{lo}", f"@{hi}", f"@{txns[0]['event_time']}", True)
+    assert sorted(window.decided.transaction_ids) == sorted(want)
+    assert window.read == len(want) and window.warmup > 0
+    # With the history before it as warm-up, the window's decisions are those of a replay
+    # of everything: the same state, met in the same order.
+    everything = replay("0", str(len(txns)), None, False)
+    full = dict(zip(everything.decided.transaction_ids, everything.decided.champion_score,
+                    strict=True))
+    for tid, score in zip(window.decided.transaction_ids, window.decided.champion_score,
+                          strict=True):
+        assert math.isclose(score, full[tid], rel_tol=1e-9, abs_tol=1e-12), tid
+    # The same times read as Kafka timestamps: every record was written after both.
+    assert len(replay(f"@{lo}", f"@{hi}", None, False).decided) == 0
+    with pytest.raises(ReplayError, match="all Kafka times or all event times"):
+        run_replay(settings, ReplayConfig(challenger=second, start=Bound("event", lo),
+                                          end=Bound("time", hi), publish=False))

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(ISO 8601 with a zone, or @<epoch ms>), included")
     p.add_argument("--to", dest="end", default=None,
                    help="end offset or time, excluded (default: the end of each partition)")
+    p.add_argument("--event-time", action="store_true",
+                   help="times in --from, --to and --warmup-from are transactions' event "
+                        "times (default: Kafka record timestamps)")
     p.add_argument("--challenger", required=True, help="model version to try")
     p.add_argument("--champion", default=None, help="default: the registry's ACTIVE version")
     p.add_argument("--partitions", default=None,
@@ -48,9 +51,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         config = ReplayConfig(
             challenger=args.challenger, champion=args.champion,
-            start=Bound.parse(args.start),
-            end=Bound.parse(args.end) if args.end else None,
-            warmup=Bound.parse(args.warmup_from) if args.warmup_from else None,
+            start=Bound.parse(args.start, args.event_time),
+            end=Bound.parse(args.end, args.event_time) if args.end else None,
+            warmup=Bound.parse(args.warmup_from, args.event_time) if args.warmup_from
+            else None,
             partitions=[int(x) for x in args.partitions.split(",")] if args.partitions
             else None,
             topic=args.topic, publish=not args.no_publish, online=args.online == "learn",

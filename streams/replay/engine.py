@@ -9,10 +9,13 @@ cascade (thresholds, guardrails, online blend). It writes the challenger's decis
 ``decisions.shadow`` (or ``--topic``), each with a ``fraudstream-replay-id`` header; it
 never writes to ``decisions``, the dead-letter topic or the live state.
 
-Order: the partitions' records are merged by Kafka timestamp (each partition keeping its
-own order), which is how a worker meets them on live traffic. Merchant, device and IP
-features add up events across partitions, so this order is what makes them match live
-ones; reading partition chunk by chunk, as a worker does on a backlog, would not.
+Order: the partitions' records are merged as the live worker decides them. Merchant,
+device and IP features add up events across partitions, so this order is what makes them
+match live ones. With event-time alignment on (``FRAUDSTREAM_WORKER_ALIGN_WAIT_MS`` above
+0, the default) that is event time: the earliest transaction next, ties to the lower
+partition, each partition keeping its own order, as
+:class:`fraudstream.streams.worker.align.Aligner` merges them. With alignment off it is
+Kafka timestamp order, how a worker without it meets live traffic.
 
 Range bounds (``--from``, ``--to``, ``--warmup-from``): an integer is an offset, used on
 every chosen partition; anything else is a time (ISO 8601, or ``@<epoch ms>``). Times
@@ -20,13 +23,21 @@ follow Kafka's ``offsets_for_times`` meaning (a partition's range starts at its 
 record whose Kafka timestamp is at or after the time), resolved on the records read: the
 embedded broker answers that lookup only to the record batch. ``--from`` is included and
 ``--to`` is not; without ``--to`` the range ends at the end of each partition when the
-replay starts.
+replay starts. With ``--event-time`` the times are transactions' event times: a history
+loaded in one go has Kafka timestamps of the load, and a fraud team names its windows in
+event time. Event times are not indexed, so each partition is read from its start; the
+range is the transactions with an event time in ``[from, to)``; a partition ends at its
+first record past ``to`` by more than ``FRAUDSTREAM_FEATURES_ALLOWED_LATENESS_S``, and
+records met after the range began that are outside it feed the state (a worker would have
+met them), not the report.
 
 Labels: the ``labels`` records (co-partitioned with ``transactions``) reach the features
-and the online learners in Kafka timestamp order, each before the first transaction batch
-past its timestamp, from 31 days before the first record read (the merchant fraud
-features count the labels of the last 30 days, which a replay starting from empty state
-would otherwise miss) to the end of the range. The
+and the online learners, read from 31 days (by Kafka timestamp) before the first record
+read (the merchant fraud features count the labels of the last 30 days, which a replay
+starting from empty state would otherwise miss) to the end of the range; in event-time
+order each goes before the first transaction batch past ``label_time`` +
+``FRAUDSTREAM_FEATURES_LABEL_DELAY_S``, as the aligner places it, and in Kafka order
+before the first batch past its timestamp. The
 quality measures use every label of the range's transactions, up to the end of the topic;
 a transaction without a label counts as genuine (labels are chargebacks and a sample of
 confirmations).
@@ -53,7 +64,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from fraudstream.schemas.codec import Codecs, DecodeError, make_registry
+from fraudstream.schemas.codec import Codecs, DecodeError, decode_json, make_registry
 from fraudstream.schemas.validate import ValidationError
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import OnlineStage
@@ -62,12 +73,14 @@ from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.engine import FeatureConfig, FeatureEngine, MemoryStore
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
 from fraudstream.streams.replay.ranges import (
+    EventTimeOf,
     RangeReader,
     ReplayConfig,
     ReplayError,
     read_labels,
 )
 from fraudstream.streams.settings import Settings
+from fraudstream.streams.worker.align import record_times
 
 REPLAY_HEADER = "fraudstream-replay-id"
 OUTCOMES = ("approve", "review", "decline", "none")
@@ -179,7 +192,12 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     codecs = Codecs(make_registry(settings.codec.registry_url, settings.codec.registry_username,
                                   settings.codec.registry_password), settings.topics)
     group = f"fraudstream-replay-{config.replay_id}"
-    reader = RangeReader(settings, config, group)
+    w = settings.worker
+    # An aligned worker decides in event time: so does the replay (see the module doc).
+    by_event_time = w.align_wait_ms > 0 and not w.repartition
+    reader = RangeReader(settings, config, group, _event_time_of(settings, codecs),
+                         by_event_time)
+    label_delay_ms = int(settings.features.label_delay_s * 1000)
     pipeline, store = build_pipeline(settings, codecs, champion, challenger,
                               max(reader.partitions) + 1, config.online)
     result = ReplayResult(config, champion.version, challenger.version)
@@ -204,24 +222,30 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
         for batch in reader.batches():
             if labels is None:
                 labels = read_labels(settings, reader.partitions,
-                                     min(rec.timestamp_ms for _, rec in batch)
+                                     min(rec.timestamp_ms for _, rec, _t in batch)
                                      - LABEL_LOOKBACK_MS, group)
-                label_times = [lab.timestamp_ms for lab in labels]
-                for lab in labels:  # every label of the range's transactions, for the measures
+                due_at: dict[int, float] = {}
+                for k, lab in enumerate(labels):
+                    # every label of the range's transactions, for the measures
                     try:
                         rec = pipeline.read_label(lab)
                     except (DecodeError, ValidationError):
-                        continue  # counted as a bad label when it is fed
+                        due_at[k] = float("-inf")  # counted as a bad label when it is fed
+                        continue
                     tid = rec["transaction_id"]
                     result.labels[tid] = result.labels.get(tid, False) or bool(rec["is_fraud"])
+                    due_at[k] = rec["label_time"] + label_delay_ms
                 labelled = {tid.encode() for tid in result.labels}
-            until = bisect.bisect_right(label_times, max(rec.timestamp_ms for _, rec in batch))
+                if by_event_time:  # as the aligner: when they start to count
+                    order = sorted(range(len(labels)), key=lambda k: (due_at[k], k))
+                    labels = [labels[k] for k in order]
+                    label_times = [due_at[k] for k in order]
+                else:
+                    label_times = [lab.timestamp_ms for lab in labels]
+            until = bisect.bisect_right(label_times, max(t for _, _r, t in batch))
             due, fed = labels[fed:until], max(fed, until)
             result.labels_fed += len(due)
-            # Warm-up records first (they come first in each partition), then the range.
-            warm = [rec for role, rec in batch if role == "warmup"]
-            rng = [rec for role, rec in batch if role == "range"]
-            for role, records in (("warmup", warm), ("range", rng)):
+            for role, records in _runs(batch):
                 if not records and not due:
                     continue
                 res = pipeline.process(records, lookup, due)
@@ -258,6 +282,29 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
             raise ReplayError("challenger decisions not all delivered")
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _runs(batch: list[tuple[str, RawRecord, float]]) -> list[tuple[str, list[RawRecord]]]:
+    """The batch as runs of one role, in order (warm-up records come first in each
+    partition; with event-time bounds, records outside the range that feed the state can
+    come between the range's)."""
+    runs: list[tuple[str, list[RawRecord]]] = []
+    for role, rec, _t in batch:
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(rec)
+        else:
+            runs.append((role, [rec]))
+    return runs or [("range", [])]
+
+
+def _event_time_of(settings: Settings, codecs: Codecs) -> EventTimeOf:
+    """A transaction record's event time, as the worker's aligner reads it."""
+    avro = settings.codec.input_format == "avro"
+    decode = codecs.transaction.decode if avro else decode_json
+    of = record_times(decode, decode, settings.topics.transactions, 0,
+                      codecs.transaction.event_time if avro else None)
+    topic = settings.topics.transactions
+    return lambda value: of(topic, value)
 
 
 def _count_rejects(result: ReplayResult, res: Any, codecs: Codecs, labels_topic: str) -> None:

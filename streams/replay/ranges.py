@@ -1,15 +1,17 @@
 """Reading a replay's range: its bounds and configuration, the partitions' watermarks and
-start offsets, and :class:`RangeReader`, which merges the partitions' records by Kafka
-timestamp (each keeping its own order) and pauses a partition that runs ahead;
-:func:`read_labels` reads the labels that reach the features before and during the range.
-What is done with the records is :mod:`fraudstream.streams.replay.engine`'s job."""
+start offsets, and :class:`RangeReader`, which merges the partitions' records in event
+time as an aligned worker does (or by Kafka timestamp, as a worker without alignment
+meets live traffic), each partition keeping its own order, and pauses a partition that
+runs ahead; :func:`read_labels` reads the labels that reach the features before and
+during the range. What is done with the records is
+:mod:`fraudstream.streams.replay.engine`'s job."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -28,13 +30,24 @@ class ReplayError(Exception):
     """A replay that cannot start: bad bounds, an unknown version, a forbidden topic."""
 
 
+#: (value bytes) -> a transaction's event time in ms, None when it cannot be read.
+EventTimeOf = Callable[[bytes | None], int | None]
+
+
 @dataclass(frozen=True)
 class Bound:
-    kind: str  # "offset" or "time"
+    kind: str  # "offset", "time" (Kafka timestamp) or "event" (the transaction's event time)
     value: int
 
     @staticmethod
-    def parse(text: str) -> Bound:
+    def parse(text: str, event_time: bool = False) -> Bound:
+        """An offset, or a time: a Kafka timestamp, or with ``event_time`` the
+        transaction's own ``event_time``."""
+        bound = Bound._parse(text)
+        return Bound("event", bound.value) if event_time and bound.kind == "time" else bound
+
+    @staticmethod
+    def _parse(text: str) -> Bound:
         text = text.strip()
         if text.lstrip("-").isdigit():
             if int(text) < 0:
@@ -77,9 +90,12 @@ def _watermarks(consumer: Consumer, topic: str, partitions: list[int]
 def _seek_offsets(consumer: Consumer, topic: str, partitions: list[int], bound: Bound,
                   marks: dict[int, tuple[int, int]]) -> dict[int, int]:
     """Where reading starts on each partition for ``bound`` (a time: at or before its
-    first record at or after the time; records before it are skipped as read)."""
+    first record at or after the time; records before it are skipped as read; an event
+    time: at the partition's start, as event times are not indexed)."""
     if bound.kind == "offset":
         return {p: min(max(bound.value, marks[p][0]), marks[p][1]) for p in partitions}
+    if bound.kind == "event":
+        return {p: marks[p][0] for p in partitions}
     found = consumer.offsets_for_times(
         [TopicPartition(topic, p, bound.value) for p in partitions], timeout=10)
     return {tp.partition: tp.offset if tp.offset >= 0 else marks[tp.partition][1]
@@ -87,44 +103,89 @@ def _seek_offsets(consumer: Consumer, topic: str, partitions: list[int], bound: 
 
 
 class _PartitionRange:
-    """One partition's records of the range (and of its warm-up), filtered as read."""
+    """One partition's records of the range (and of its warm-up), filtered as read.
+
+    With event-time bounds a record is in the range when its event time is in
+    ``[from, to)``. The partition ends at its first record past ``to`` by more than the
+    allowed lateness (``lateness_ms``): a later one could only be too late. Records read
+    after the range began that are outside it (late ones from before ``from``, early ones
+    from after ``to``) reach the state, not the report: a worker would have met them."""
 
     def __init__(self, first: int, start: Bound, end: Bound | None, stop: int | None,
-                 warmup: Bound | None) -> None:
+                 warmup: Bound | None, lateness_ms: int = 0) -> None:
         self.first = first  # where reading starts
         self.start, self.end, self.warmup = start, end, warmup
         self.stop = stop  # offset where the range ends, None: read until idle
+        self.lateness_ms = lateness_ms
         self.started = start.kind == "offset" and first >= start.value
         self.warming = warmup is not None and warmup.kind == "offset"
         self.done = stop is not None and first >= stop
 
-    def classify(self, offset: int, ts: int) -> str | None:
-        """"range", "warmup", or None (outside); sets ``done`` at the range's end."""
+    @staticmethod
+    def _reached(bound: Bound, offset: int, ts: int, et: int | None) -> bool:
+        if bound.kind == "offset":
+            return offset >= bound.value
+        if bound.kind == "time":
+            return ts >= bound.value
+        return et is not None and et >= bound.value
+
+    def classify(self, offset: int, ts: int, et: int | None = None) -> str | None:
+        """"range", "warmup" (the state only), or None (outside); sets ``done`` at the
+        range's end. ``et``: the record's event time (needed for event-time bounds)."""
         if self.done:
             return None
         if self.stop is not None and offset >= self.stop:
             self.done = True
             return None
-        if self.end is not None and self.end.kind == "time" and ts >= self.end.value:
+        end = self.end
+        if end is not None and end.kind == "time" and ts >= end.value:
             self.done = True  # the first record at or after --to ends the range
+            return None
+        if end is not None and end.kind == "event" and et is not None \
+                and et >= end.value + self.lateness_ms:
+            self.done = True  # past --to by more than the lateness: nothing more is in it
             return None
         if self.stop is not None and offset + 1 >= self.stop:
             self.done = True  # the range's last record: nothing may follow it for long
-        if not self.started:
-            s = self.start
-            self.started = offset >= s.value if s.kind == "offset" else ts >= s.value
-        if self.started:
-            return "range"
+        after = end is not None and end.kind == "event" and et is not None \
+            and et >= end.value
+        s = self.start
+        if s.kind == "event":
+            inside = not after and (self._reached(s, offset, ts, et)
+                                    or (et is None and self.started))
+            if inside:
+                self.started = True
+                return "range"
+        else:
+            if not self.started:
+                self.started = self._reached(s, offset, ts, et)
+            if self.started and not after:
+                return "range"
         if self.warmup is not None and not self.warming:
-            w = self.warmup
-            self.warming = offset >= w.value if w.kind == "offset" else ts >= w.value
-        return "warmup" if self.warming else None
+            self.warming = self._reached(self.warmup, offset, ts, et)
+        return "warmup" if self.warming or self.started else None
 
 
 class RangeReader:
-    """Batches of the range's ``transactions`` records, with their role (range/warm-up)."""
+    """Batches of the range's ``transactions`` records, with their role (range/warm-up)
+    and the time they were merged by.
 
-    def __init__(self, settings: Settings, config: ReplayConfig, group: str) -> None:
+    ``event_time_of`` reads a record's event time; with ``by_event_time`` the partitions
+    are merged by it (an unreadable one goes at once), else by Kafka timestamp."""
+
+    def __init__(self, settings: Settings, config: ReplayConfig, group: str,
+                 event_time_of: EventTimeOf | None = None, by_event_time: bool = False
+                 ) -> None:
+        bounds = [b for b in (config.start, config.end, config.warmup) if b is not None]
+        if event_time_of is None and (by_event_time or any(b.kind == "event" for b in bounds)):
+            raise ValueError("event times are needed: pass event_time_of")
+        times = [b for b in bounds if b.kind != "offset"]
+        if times and len({b.kind for b in times}) > 1:
+            raise ReplayError("--from, --to and --warmup-from are all Kafka times or all "
+                              "event times")
+        self.event_time_of = event_time_of
+        self.by_event_time = by_event_time
+        self.need_event_time = by_event_time or any(b.kind == "event" for b in bounds)
         self.settings = settings
         self.topic = settings.topics.transactions
         self.consumer = Consumer({**settings.kafka.consumer_config(group),
@@ -145,30 +206,39 @@ class RangeReader:
                               config.warmup or config.start, marks)
         # On the embedded broker the end offset understates the last batch: the range's
         # end is then found by reading until the partition stays idle.
-        until_end = self.settings.kafka.embedded
+        until_end = self.until_end = self.settings.kafka.embedded
         stops: dict[int, int | None] = {}
         for p in partitions:
             if config.end is not None and config.end.kind == "offset":
                 stops[p] = config.end.value
+            elif config.end is not None and config.end.kind == "event":
+                stops[p] = None if until_end else marks[p][1]  # ends past --to (lateness)
             elif config.end is not None and not until_end:
                 stops[p] = _seek_offsets(self.consumer, self.topic, [p], config.end, marks)[p]
             else:
                 stops[p] = None if until_end else marks[p][1]
-        if config.warmup is not None and config.start.kind == "offset" and \
-                config.warmup.kind == "offset" and config.warmup.value > config.start.value:
+        if config.warmup is not None and config.start.kind == config.warmup.kind and \
+                config.warmup.value > config.start.value:
             raise ReplayError("--warmup-from must come before --from")
+        if config.end is not None and config.start.kind == config.end.kind and \
+                config.end.value <= config.start.value:
+            raise ReplayError("--to must come after --from")
+        lateness = int(settings.features.allowed_lateness_s * 1000)
         self.ranges = {p: _PartitionRange(first[p], config.start, config.end, stops[p],
-                                          config.warmup) for p in partitions}
+                                          config.warmup, lateness) for p in partitions}
         #: Next offset to read, and the end offset when the replay started.
         self.position = dict(first)
         self.ends = {p: marks[p][1] for p in partitions}
         self.consumer.assign([TopicPartition(self.topic, p, first[p]) for p in partitions])
         self.batch = config.batch
 
-    def batches(self) -> Iterator[list[tuple[str, RawRecord]]]:
-        """The records in Kafka timestamp order across partitions (each partition's own
-        order kept), as a live worker meets them on live traffic; in batches."""
-        buffers: dict[int, deque[tuple[str, RawRecord]]] = {p: deque() for p in self.partitions}
+    def batches(self) -> Iterator[list[tuple[str, RawRecord, float]]]:
+        """(role, record, merge time): the records in event-time order across partitions
+        (or Kafka timestamp order), each partition's own order kept, as a worker meets
+        them; in batches."""
+        buffers: dict[int, deque[tuple[str, RawRecord, float]]] = {
+            p: deque() for p in self.partitions}
+        event_time_of = self.event_time_of
         paused: set[int] = set()
         idle_since = time.monotonic()
         while True:
@@ -183,10 +253,13 @@ class RangeReader:
                     self.position[p] = m.offset() + 1
                     ts_type, ts = m.timestamp()
                     ts = ts if ts_type and ts >= 0 else 0
-                    role = r.classify(m.offset(), ts)
+                    et = event_time_of(m.value()) if self.need_event_time else None
+                    role = r.classify(m.offset(), ts, et)
                     if role is not None:
+                        key = (float("-inf") if et is None else float(et)) \
+                            if self.by_event_time else float(ts)
                         buffers[p].append((role, RawRecord(m.topic(), p, m.offset(), m.key(),
-                                                           m.value(), ts)))
+                                                           m.value(), ts), key))
                 if msgs:
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since > IDLE_S:
@@ -199,28 +272,31 @@ class RangeReader:
             if finished and not any(buffers.values()):
                 return
 
-    def _merge(self, buffers: dict[int, deque[tuple[str, RawRecord]]]
-               ) -> list[tuple[str, RawRecord]]:
-        """Take records, earliest timestamp first, while no partition that may still hold
-        an earlier record has none buffered."""
+    def _merge(self, buffers: dict[int, deque[tuple[str, RawRecord, float]]]
+               ) -> list[tuple[str, RawRecord, float]]:
+        """Take records, earliest time first (ties: the lower partition), while no
+        partition that may still hold an earlier record has none buffered."""
         def waiting(p: int) -> bool:
+            # the embedded broker's end offset understates the last batch: there a
+            # partition may hold more until it is found idle
             return (not buffers[p] and not self.ranges[p].done
-                    and self.position[p] < self.ends[p])
+                    and (self.until_end or self.position[p] < self.ends[p]))
 
-        out: list[tuple[str, RawRecord]] = []
+        out: list[tuple[str, RawRecord, float]] = []
         while not any(waiting(p) for p in self.partitions):
-            heads = [(buf[0][1].timestamp_ms, p) for p, buf in buffers.items() if buf]
+            heads = [(buf[0][2], p) for p, buf in buffers.items() if buf]
             if not heads:
                 break
             _, first = min(heads)
             buf = buffers[first]
-            ts_next = min((t for t, p in heads if p != first), default=None)
-            # the partition's run of records up to the next head's timestamp, in one go
-            while buf and (ts_next is None or buf[0][1].timestamp_ms <= ts_next):
+            following = min(((t, p) for t, p in heads if p != first), default=None)
+            # the partition's run of records up to the next head, in one go
+            while buf and (following is None or (buf[0][2], first) < following):
                 out.append(buf.popleft())
         return out
 
-    def _flow(self, buffers: dict[int, deque[tuple[str, RawRecord]]], paused: set[int]) -> None:
+    def _flow(self, buffers: dict[int, deque[tuple[str, RawRecord, float]]],
+              paused: set[int]) -> None:
         """Pause finished partitions, and ones far ahead of the others (memory bound)."""
         stop, go = [], []
         for p, r in self.ranges.items():
