@@ -28,7 +28,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -270,10 +270,14 @@ def _iso(ms: int) -> str:
 
 
 def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config: TrainConfig,
-          data_hash: str, rules_scorer: Any, progress: Any = None) -> dict[str, Any]:
-    """Train, check and write an artifact under ``out_dir/<version>``; returns its metadata."""
+          data_hash: str, rules_scorer: Any, progress: Any = None,
+          phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train, check and write an artifact under ``out_dir/<version>``; returns its metadata.
+    ``progress.update(1)`` per transaction whose features are built; ``phase(name)`` as
+    each later phase starts."""
     t0 = time.monotonic()
     windows = config.windows
+    step = phase or (lambda _name: None)
     ds = build_dataset(events, config.features, progress, windows)
     if windows is None:
         split = split_by_time(ds.times, config.valid_frac, config.test_frac)
@@ -294,6 +298,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     valid_scores: dict[str, np.ndarray] = {}
     test_scores: dict[str, np.ndarray] = {}
     for name in MODELS:
+        step(f"fit {name} on {len(tr):,} transactions, check its ONNX export")
         models[name] = _fit(name, ds.X[tr], y_fit[tr], config)
         onnx_models[name] = to_onnx(name, models[name], ds.X.shape[1])
         native = models[name].predict_proba(ds.X[te])[:, 1]
@@ -307,6 +312,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     # Ensemble: w * trees + (1 - w) * linear, w with the best validation average precision.
     from sklearn.metrics import average_precision_score
 
+    step(f"ensemble weight and thresholds on {len(va):,} validation transactions")
     grid = np.linspace(0.0, 1.0, 21)
     aps = [average_precision_score(y_fit[va], w * valid_scores["lightgbm"]
                                    + (1 - w) * valid_scores["logistic"]) for w in grid]
@@ -324,6 +330,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         check_probe("the new model", np.asarray(probe["scores"]), None)
     except ArtifactError as exc:
         raise TrainingError(f"{exc}; artifact not written") from None
+    step(f"test metrics on {len(te):,} transactions")
     rules = np.array([s.score for s in rules_scorer.score_batch(
         [ds.txns[i] for i in te], [ds.vectors[i] for i in te])])
     cards = [ds.cards[i] for i in te]
@@ -336,6 +343,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         **{n: measure(test_scores[n]) for n in MODELS},
         "ensemble": measure(ensemble(test_scores)),
     }
+    step("online learner over the test window")
     with_online = _with_online(ds, te, ensemble(test_scores), config)
     metrics["ensemble+online"] = measure(with_online)
 
@@ -389,6 +397,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         "training_seconds": round(time.monotonic() - t0, 1),
     }
     (target / "metadata.json").write_text(json.dumps(meta, indent=2))
+    step("report and plots")
     write_report(target, meta, ds.y[te], {"rules": rules, **test_scores,
                                      "ensemble": ensemble(test_scores),
                                      "ensemble+online": with_online})

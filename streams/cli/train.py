@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from fraudstream.scorers.rules import RuleSet, RulesScorer
@@ -87,14 +88,24 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         features=FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                                label_delay_ms=int(fs.label_delay_s * 1000)),
     )
+    started = time.monotonic()
+
+    def phase(name: str) -> None:
+        bar.close()  # the features are built
+        if not args.quiet:
+            print(f"{time.monotonic() - started:7.1f} s  {name}", file=sys.stderr, flush=True)
+
     with tqdm(desc="features", unit=" txn", disable=args.quiet, file=sys.stderr) as bar:
         try:
             meta = train(events, args.out, config,
                          data_sha256([args.input]),
-                         RulesScorer(RuleSet.load(settings.scoring.rules_path)), progress=bar)
+                         RulesScorer(RuleSet.load(settings.scoring.rules_path)), progress=bar,
+                         phase=phase)
         except TrainingError as exc:
             print(f"fraudstream train: {exc}", file=sys.stderr)
             return 1
+    if not args.quiet:
+        print(f"{time.monotonic() - started:7.1f} s  done", file=sys.stderr)
     for line in errors[:20]:
         print(f"  skipped: {line}", file=sys.stderr)
     target = args.out / meta["version"]
