@@ -51,7 +51,14 @@ from pathlib import Path
 from typing import Any
 
 from fraudstream.scorers.base import Event, Features, Outcome, Score, Thresholds
-from fraudstream.scorers.rules_file import CHANNELS, Predicate, Rule, compile_rules, read_toml
+from fraudstream.scorers.rules_file import (
+    CHANNELS,
+    Predicate,
+    Rule,
+    check_portable,
+    compile_rules,
+    read_toml,
+)
 
 __all__ = [
     "DEFAULT_RULES_PATH",
@@ -82,6 +89,14 @@ class RuleSet:
         :class:`~fraudstream.scorers.rules_file.RulesError`."""
         path = Path(path)
         return cls.from_dict(read_toml(path), base_dir=path.parent, source=str(path))
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any], source: str) -> RuleSet:
+        """A published rules document (:func:`~fraudstream.scorers.rules_file.
+        inline_document`): blocklists inline, no raw card number, then validated like a
+        file. Raises :class:`~fraudstream.scorers.rules_file.RulesError`."""
+        check_portable(doc, source)
+        return cls.from_dict(doc, source=source)
 
     @classmethod
     def default(cls) -> RuleSet:

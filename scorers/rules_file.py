@@ -9,6 +9,7 @@ and constants, so that the scorer's work per event is a call per applicable rule
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import socket
 import tomllib
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fraudstream.schemas.validate import looks_like_pan
 from fraudstream.scorers.base import Event, Features, Outcome, ScorerError, Thresholds
 from fraudstream.state.features import INDEX
 
@@ -283,14 +285,52 @@ class _RuleReader:
                 self.fail("file", "must be a path string")
             path = self.base_dir / rel
             try:
-                text = path.read_text(encoding="utf-8")
+                out += [(v, "file") for v in read_blocklist_file(path)]
             except (OSError, UnicodeDecodeError) as exc:
                 self.fail("file", f"cannot read blocklist file {str(path)!r}: {exc}")
-            for line in text.splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    out.append((line, "file"))
         return out
+
+
+def read_blocklist_file(path: Path) -> list[str]:
+    """A blocklist file's values: one per line, blank lines and ``#`` comments skipped."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def inline_document(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A rules document that stands alone, as ``fraudstream rules publish`` sends it: each
+    blocklist's ``file`` read into its ``values`` (a worker elsewhere has no such file),
+    and plain JSON types only (TOML dates as ISO text). Validate the document first."""
+    doc: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    for raw in doc.get("rules", []):
+        if isinstance(raw, dict) and raw.get("kind") == "blocklist" and "file" in raw:
+            raw["values"] = [*raw.get("values", []),
+                             *read_blocklist_file(base_dir / raw.pop("file"))]
+    return doc
+
+
+def check_portable(doc: Mapping[str, Any], source: str) -> None:
+    """What a published rules document must also be: blocklists inline, and no value
+    that looks like a raw card number (the control topic is read by every worker and
+    kept). Raises :class:`RulesError`."""
+    for raw in doc.get("rules", []) if isinstance(doc.get("rules"), list) else []:
+        if not isinstance(raw, dict) or raw.get("kind") != "blocklist":
+            continue
+        rule_id = str(raw.get("id", "?"))
+        if "file" in raw:
+            raise RulesError("a published document holds its blocklists inline ('values'); "
+                             "fraudstream rules publish reads the files into them",
+                             source=source, rule_id=rule_id, key="file")
+        values = raw.get("values", [])
+        if isinstance(values, list) and any(isinstance(v, str) and looks_like_pan(v)
+                                            for v in values):
+            raise RulesError("a value looks like a raw card number; blocklist the card's "
+                             "token (card_id) instead", source=source, rule_id=rule_id,
+                             key="values")
 
 
 # --------------------------------------------------------------------------- compilers

@@ -280,6 +280,7 @@ class Pipeline:
         encode = self.codecs.decision.encode
         fresh_bytes: list[bytes] = []
         flags = self._flags(out.features, len(fresh))
+        rules_version = getattr(getattr(self.scorer, "ruleset", None), "version", None)
         for i, ((rec, txn), verdict) in enumerate(zip(fresh, verdicts, strict=True)):
             common = {
                 "transaction_id": txn["transaction_id"],
@@ -292,6 +293,7 @@ class Pipeline:
                 "amount": txn["amount"],
                 "currency": txn["currency"],
                 "amount_ref": round(txn["amount_ref"], 4),
+                "rules_version": rules_version,
             }
             reasons = verdict["reasons"]
             if flags[i]:

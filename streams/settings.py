@@ -99,6 +99,9 @@ class TopicSettings:
     features: str = "features"
     #: Transactions re-keyed by card_id, when FRAUDSTREAM_WORKER_REPARTITION is true.
     by_card: str = "transactions.by-card"
+    #: The control plane: rules and blocklists in force, with their audit trail (one
+    #: partition, compacted).
+    control: str = "fraudstream.control"
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]

@@ -86,12 +86,16 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0,
     names = settings.topics.all() if names is None else names
     wanted = [t for t in names if t not in existing]
     if wanted:
+        control = settings.topics.control
         futures = admin.create_topics(
             [
                 NewTopic(
                     t,
-                    num_partitions=settings.kafka.partitions,
+                    # the control topic: one partition (one order of changes), compacted
+                    # (the latest state and every audit record stay)
+                    num_partitions=1 if t == control else settings.kafka.partitions,
                     replication_factor=settings.kafka.replication_factor,
+                    config={"cleanup.policy": "compact"} if t == control else {},
                 )
                 for t in wanted
             ],

@@ -46,6 +46,7 @@ def _decisions(n: int) -> list[dict]:
             "amount": rng.choice([None, 0.01, 12, 999_999.99]),
             "currency": rng.choice([None, "EUR", "JPY"]),
             "amount_ref": rng.choice([None, 10.5, 0.0]),
+            "rules_version": rng.choice([None, "2026.12.1", "v-é"]),
         })
     return out
 

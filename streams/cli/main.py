@@ -105,6 +105,15 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
+    from fraudstream.streams.worker.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
+    from fraudstream.streams.cli.rules import run
+
+    return run(args, settings)
+
+
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, default, _doc in describe():
         print(f"{name}={default}")
@@ -175,6 +184,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 "cli.model", _cmd_model)
     with_module("replay", "replay a range of transactions through a champion and a "
                 "challenger, with a diff report", "cli.replay", _cmd_replay)
+
+    with_module("rules", "publish rules and blocklists to every worker, or list what was "
+                "published", "cli.rules", _cmd_rules)
 
     p = sub.add_parser("settings", help="list every setting and its default")
     p.set_defaults(func=_cmd_settings)

@@ -29,12 +29,13 @@ from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.drift import DriftConfig
 from fraudstream.scorers.online import OnlineStage
 from fraudstream.scorers.registry import Registry
-from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.scorers.rules import RuleSet
 from fraudstream.state.engine import FeatureEngine, StateStore, warm_up
 from fraudstream.state.features import FeatureConfig
 from fraudstream.state.kernel_aot import ensure as ensure_aot_kernel
 from fraudstream.state.kernel_cache import configure as configure_kernel
 from fraudstream.state.kernel_cache import kernel
+from fraudstream.streams.control.follow import RulesFollower
 from fraudstream.streams.errors import StartError
 from fraudstream.streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import KafkaSettings, Settings
@@ -166,7 +167,10 @@ def build_worker(settings: Settings) -> Worker:
         settings.codec.registry_password,
     )
     codecs = Codecs(registry, settings.topics)
-    scorer = RulesScorer(RuleSet.load(settings.scoring.rules_path))
+    # The rules in force: the latest published on the control topic, else the file's;
+    # later publications are swapped in between two batches (streams/control/follow.py).
+    follower = RulesFollower(settings)
+    scorer = follower.initial(RuleSet.load(settings.scoring.rules_path))
     table = app.Table(
         "state",
         default=None,
@@ -308,6 +312,9 @@ def build_worker(settings: Settings) -> Worker:
             return
         if isinstance(feature_store, TableFeatureStore):
             feature_store.refresh()
+        rules = follower.take()
+        if rules is not None:
+            pipeline.scorer = rules
         started = time.perf_counter()
         result = pipeline.process(records, state.lookup, label_records, arrived=arrived)
         t0 = time.perf_counter()
@@ -434,6 +441,7 @@ def build_worker(settings: Settings) -> Worker:
         async for _event in stream:  # pragma: no cover - records never arrive here
             log.error("a labels record bypassed the batch consumer")
 
+    follower.start()
     return Worker(app=app, pipeline=pipeline, committer=committer, state=state, sink=sink,
                   features=feature_store)
 

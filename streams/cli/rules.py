@@ -1,0 +1,97 @@
+"""``fraudstream rules publish FILE --reason TEXT | history``: rules and blocklists for every
+worker, through the control topic (``FRAUDSTREAM_TOPICS_CONTROL``).
+
+``publish`` validates the file as a worker would (every key, every rule), reads each
+blocklist ``file`` into the rule's values (a worker on another machine has no such file),
+refuses a value that looks like a raw card number, then writes the document with who
+published it, when and why. Running workers apply it between two batches; a worker that
+starts later starts with it. Nothing is written when any check fails (one line on stderr,
+exit code 2). ``history`` lists every publication, the one in force last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import socket
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fraudstream.schemas.control import ControlError, ControlRecord, decode, is_audit
+from fraudstream.scorers.rules import RuleSet
+from fraudstream.scorers.rules_file import inline_document, read_toml
+from fraudstream.streams.settings import Settings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    q = sub.add_parser("publish", help="validate a rules file and put it in force on every "
+                                       "worker")
+    q.add_argument("file", type=Path, help="a rules file (TOML), as FRAUDSTREAM_SCORING_"
+                                           "RULES_PATH takes")
+    q.add_argument("--reason", required=True, help="why: kept in the audit trail")
+    q.add_argument("--by", default=None, help="who (default: user@host)")
+    sub.add_parser("history", help="every publication: when, by whom, which version, why")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "publish":
+        return _publish(args, settings)
+    return _history(settings)
+
+
+def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    from fraudstream.streams.control.topic import publish
+
+    path: Path = args.file
+    ruleset = RuleSet.load(path)  # a RulesError is one line (fraudstream.streams.cli.main)
+    document = inline_document(read_toml(path), path.parent)
+    ruleset = RuleSet.from_document(document, source=str(path))
+    if not args.reason.strip():
+        print("fraudstream rules: --reason must say why", file=sys.stderr)
+        return 2
+    record = ControlRecord.make(
+        "rules", ruleset.version, document,
+        args.by or f"{getpass.getuser()}@{socket.gethostname()}",
+        int(time.time() * 1000), args.reason.strip())
+    try:
+        publish(settings, record)
+    except RuntimeError as exc:
+        print(f"fraudstream rules: {exc}", file=sys.stderr)
+        return 3
+    print(f"rules {ruleset.version} ({len(ruleset.rules)} rules, sha256 "
+          f"{record.sha256[:12]}) published to {settings.topics.control}")
+    return 0
+
+
+def _history(settings: Settings) -> int:
+    from fraudstream.streams.control.topic import control_consumer, read_to_end
+
+    try:
+        consumer = control_consumer(settings, f"history-{int(time.time() * 1000)}")
+    except LookupError:
+        print(f"nothing published: no topic {settings.topics.control}", file=sys.stderr)
+        return 0
+    rows = []
+    try:
+        for msg in read_to_end(consumer, 30.0):
+            if not is_audit(msg.key()):
+                continue
+            try:
+                rows.append(decode(msg.value()))
+            except ControlError as exc:
+                rows.append(None)
+                print(f"offset {msg.offset()}: not a control record: {exc}", file=sys.stderr)
+    finally:
+        consumer.close()
+    for rec in rows:
+        if rec is None:
+            continue
+        at = datetime.fromtimestamp(rec.published_at / 1000, tz=UTC)
+        print(f"{at.isoformat(timespec='seconds')}\t{rec.kind}\t{rec.version}\t"
+              f"{rec.sha256[:12]}\t{rec.published_by}\t{rec.reason}")
+    if not rows:
+        print(f"nothing published on {settings.topics.control}", file=sys.stderr)
+    return 0

@@ -1,0 +1,125 @@
+"""A worker follows the control topic: the rules in force are the latest published
+rules it accepts, swapped in between two batches.
+
+At start the worker reads the topic to its end before it decides anything, so a restarted
+worker resumes with the rules in force (the rules file, ``FRAUDSTREAM_SCORING_RULES_PATH``,
+serves only while nothing was published). Then a thread follows the topic and hands each
+accepted change to the batch loop (:meth:`RulesFollower.take`). A record that cannot be
+applied (not a control record, a document that fails validation, a blocklist file not
+inlined, a value like a raw card number, a digest that does not match) is refused with a
+warning naming it, and counted; the rules in force stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from confluent_kafka import Consumer, KafkaException, Message
+
+from fraudstream.schemas.control import ControlError, ControlRecord, decode, is_audit
+from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.scorers.rules_file import RulesError
+from fraudstream.streams.control.topic import control_consumer, read_to_end
+from fraudstream.streams.settings import Settings
+
+log = logging.getLogger("fraudstream.worker")
+
+
+class RulesFollower:
+    def __init__(self, settings: Settings, catch_up_s: float = 30.0) -> None:
+        self.settings = settings
+        self.topic = settings.topics.control
+        self.catch_up_s = catch_up_s
+        self._consumer: Consumer | None = None
+        self._lock = threading.Lock()
+        self._pending: RulesScorer | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Control records refused (they never changed the rules).
+        self.refused = 0
+        #: Rules versions applied from the topic, in order.
+        self.applied: list[str] = []
+
+    def initial(self, from_file: RuleSet) -> RulesScorer:
+        """The rules to start with: the latest accepted on the topic, else the file's."""
+        try:
+            self._consumer = control_consumer(self.settings, "control")
+        except (LookupError, KafkaException) as exc:
+            log.warning("control: %s; rules from %s only", exc,
+                        self.settings.scoring.rules_path)
+            return RulesScorer(from_file)
+        latest = None
+        for msg in read_to_end(self._consumer, self.catch_up_s):
+            latest = self._accept(msg, announce=False) or latest
+        if latest is None:
+            log.warning("rules: version %s from %s (nothing published on %s)",
+                        from_file.version, self.settings.scoring.rules_path, self.topic)
+            return RulesScorer(from_file)
+        scorer, where, record = latest
+        log.warning("rules: version %s from %s, published by %s at %s (%s)",
+                    scorer.ruleset.version, where, record.published_by,
+                    _iso(record.published_at), record.reason)
+        return scorer
+
+    def start(self) -> None:
+        """Follow the topic in a thread (after :meth:`initial`)."""
+        if self._consumer is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="control-follower",
+                                        daemon=True)
+        self._thread.start()
+
+    def take(self) -> RulesScorer | None:
+        """The rules accepted since the last call, if any (between two batches)."""
+        with self._lock:
+            scorer, self._pending = self._pending, None
+        return scorer
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stop.is_set():
+                for msg in consumer.consume(100, 0.5):
+                    if msg.error() is not None:
+                        continue
+                    accepted = self._accept(msg)
+                    if accepted is not None:
+                        with self._lock:
+                            self._pending = accepted[0]
+        except Exception:  # the rules in force stay; say why following stopped
+            log.exception("control: following %s stopped", self.topic)
+        finally:
+            consumer.close()
+
+    def _accept(self, msg: Message, announce: bool = True
+                ) -> tuple[RulesScorer, str, ControlRecord] | None:
+        key = msg.key()
+        if is_audit(key) or key != b"rules":
+            return None
+        where = f"{self.topic} offset {msg.offset()}"
+        try:
+            record = decode(msg.value())
+            ruleset = RuleSet.from_document(record.document, source=where)
+        except (ControlError, RulesError) as exc:
+            self.refused += 1
+            log.warning("control: refused the rules at %s: %s; the rules in force stay",
+                        where, exc)
+            return None
+        self.applied.append(ruleset.version)
+        if announce:
+            log.warning("rules: version %s from %s, published by %s at %s (%s); in force "
+                        "from the next batch", ruleset.version, where, record.published_by,
+                        _iso(record.published_at), record.reason)
+        return RulesScorer(ruleset), where, record
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")

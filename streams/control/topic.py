@@ -1,0 +1,81 @@
+"""Writing and reading the control topic (``FRAUDSTREAM_TOPICS_CONTROL``).
+
+A change is published as two records (:mod:`fraudstream.schemas.control`): the audit
+record under its own key, then the state record under its kind. Readers assign every
+partition and read from the start: the topic is small (compacted where the broker
+compacts; the embedded broker keeps everything) and holds no consumer group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer
+
+from fraudstream.schemas.control import ControlRecord
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import assign_all, ensure_topics
+
+#: A reader has reached the end when it is past the end offset and nothing came for this
+#: long (the embedded broker understates end offsets by its last batch).
+IDLE_S = 0.5
+
+
+def publish(settings: Settings, record: ControlRecord, timeout_s: float = 15.0) -> None:
+    """The record, acknowledged by the broker (acks=all); creates the topic if needed.
+    Raises RuntimeError naming what failed."""
+    topic = settings.topics.control
+    ensure_topics(settings, names=[topic])
+    producer = Producer({**settings.kafka.client_config(), "acks": "all",
+                         "enable.idempotence": True, "linger.ms": 0})
+    errors: list[str] = []
+
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            errors.append(err.str())
+
+    value = record.encode()
+    for key in (record.audit_key(), record.state_key()):
+        producer.produce(topic, key=key, value=value, on_delivery=delivered)
+    left = producer.flush(timeout_s)
+    if left or errors:
+        raise RuntimeError(f"not written to {topic}: "
+                           f"{'; '.join(errors) or f'{left} record(s) undelivered'}")
+
+
+def control_consumer(settings: Settings, name: str) -> Consumer:
+    """A consumer of every partition of the control topic, from the start. Raises
+    LookupError when the topic does not exist."""
+    consumer = Consumer({**settings.kafka.consumer_config(f"{settings.worker.app_id}-{name}"),
+                         "enable.auto.commit": False})
+    try:
+        assign_all(consumer, [settings.topics.control], OFFSET_BEGINNING)
+    except LookupError:
+        consumer.close()
+        raise
+    return consumer
+
+
+def read_to_end(consumer: Consumer, timeout_s: float) -> Iterator[Message]:
+    """The records from the consumer's position to the end of every partition it holds
+    (or until ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        msgs = consumer.consume(500, 0.1)
+        for m in msgs:
+            if m.error() is None:
+                yield m
+        if msgs:
+            last = time.monotonic()
+        elif time.monotonic() - last >= IDLE_S and _at_end(consumer):
+            return
+
+
+def _at_end(consumer: Consumer) -> bool:
+    for tp in consumer.position(consumer.assignment()):
+        _low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+        if tp.offset < 0 and high > 0 or 0 <= tp.offset < high:
+            return False
+    return True
