@@ -2,9 +2,11 @@
 worker applies, and the audit trail of who changed it, when and why.
 
 One record per change, JSON, written twice by the publisher: under the key of what it sets
-(``rules``), so that a compacted topic keeps the latest, and under a key of its own
-(``audit/<kind>/<published_at>/<sha256 prefix>``), so that compaction keeps every change
-for the history. A worker applies the latest record of each kind that it accepts.
+(``rules``: a rules document; ``model``: ``{"active": version, "shadow": version or
+null}``, whose files travel on the artifacts topic), so that a compacted topic keeps the
+latest, and under a key of its own (``audit/<kind>/<published_at>/<sha256 prefix>``), so
+that compaction keeps every change for the history. A worker applies the latest record of
+each kind that it accepts.
 
 The value::
 
@@ -24,7 +26,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-KINDS = ("rules",)
+KINDS = ("rules", "model")
 AUDIT_PREFIX = "audit/"
 
 

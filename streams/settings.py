@@ -102,6 +102,9 @@ class TopicSettings:
     #: The control plane: rules and blocklists in force, with their audit trail (one
     #: partition, compacted).
     control: str = "fraudstream.control"
+    #: Model versions' files in chunks, for workers without a shared models folder (one
+    #: partition, compacted).
+    artifacts: str = "fraudstream.artifacts"
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]

@@ -86,16 +86,16 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0,
     names = settings.topics.all() if names is None else names
     wanted = [t for t in names if t not in existing]
     if wanted:
-        control = settings.topics.control
+        control = (settings.topics.control, settings.topics.artifacts)
         futures = admin.create_topics(
             [
                 NewTopic(
                     t,
-                    # the control topic: one partition (one order of changes), compacted
-                    # (the latest state and every audit record stay)
-                    num_partitions=1 if t == control else settings.kafka.partitions,
+                    # the control plane: one partition (one order of changes), compacted
+                    # (the latest state, every audit record and every artifact chunk stay)
+                    num_partitions=1 if t in control else settings.kafka.partitions,
                     replication_factor=settings.kafka.replication_factor,
-                    config={"cleanup.policy": "compact"} if t == control else {},
+                    config={"cleanup.policy": "compact"} if t in control else {},
                 )
                 for t in wanted
             ],

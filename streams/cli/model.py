@@ -1,10 +1,13 @@
-"""``fraudstream model list | promote V | rollback | shadow V | shadow --off | seal V``.
+"""``fraudstream model list | promote V | rollback | shadow V | shadow --off | seal V |
+publish V [--shadow] | history``.
 
 Acts on the registry folder (``FRAUDSTREAM_SCORING_MODELS_DIR``); running workers pick a
 change up within ``FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S``. A version that cannot be
 served (altered files, degenerate weights or thresholds, a probe batch scored all alike)
 is refused here already, with one line on stderr and exit code 1, and the pointers stay
-as they were. ``list`` checks every version as a worker would and shows a broken one as
+as they were. ``publish`` puts a version in force on every worker instead, through the
+control topic: workers fetch its files from the artifacts topic (no shared folder).
+``list`` checks every version as a worker would and shows a broken one as
 broken, with the reason.
 """
 
@@ -31,10 +34,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q = sub.add_parser("seal", help="check a version trained by an older fraudstream and "
                                     "write its SHA256SUMS, so that it can be promoted")
     q.add_argument("version")
+    q = sub.add_parser("publish", help="put a version in force on every worker, through "
+                                       "the control topic (its files on the artifacts topic)")
+    q.add_argument("version")
+    q.add_argument("--shadow", action="store_true", help="as the shadow, not the active one")
+    q.add_argument("--reason", required=True, help="why: kept in the audit trail")
+    q.add_argument("--by", default=None, help="who (default: user@host)")
+    sub.add_parser("history", help="every model state published on the control topic")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     registry = Registry(settings.scoring.models_dir)
+    if args.action in ("publish", "history"):
+        from fraudstream.streams.cli.rules import history, publish_model
+
+        return publish_model(args, settings, registry) if args.action == "publish" \
+            else history(settings, "model")
     try:
         if args.action == "list":
             broken = 0

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fraudstream.schemas.control import ControlError, ControlRecord, decode, is_audit
+from fraudstream.scorers.onnx_model import ArtifactError
+from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.rules import RuleSet
 from fraudstream.scorers.rules_file import inline_document, read_toml
 from fraudstream.streams.settings import Settings
@@ -39,7 +41,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "publish":
         return _publish(args, settings)
-    return _history(settings)
+    return history(settings)
+
+
+def _who(by: str | None) -> str:
+    return by or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def publish_model(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
+    """``fraudstream model publish V [--shadow]``: the version's files to the artifacts
+    topic (checked as a worker loads them first), then the model state with it."""
+    from fraudstream.streams.control.artifacts import ArtifactTransferError, upload
+    from fraudstream.streams.control.topic import publish
+
+    if not args.reason.strip():
+        print("fraudstream model: --reason must say why", file=sys.stderr)
+        return 2
+    try:
+        upload(settings, registry, args.version)
+    except (ArtifactError, ArtifactTransferError, OSError) as exc:
+        print(f"fraudstream model: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    state = current(settings, "model")
+    doc = dict(state.document) if state is not None else {"active": None, "shadow": None}
+    doc["shadow" if args.shadow else "active"] = args.version
+    if doc["active"] is None:
+        print("fraudstream model: no active version published yet: publish one without "
+              "--shadow first", file=sys.stderr)
+        return 2
+    record = ControlRecord.make("model", args.version, doc, _who(args.by),
+                                int(time.time() * 1000), args.reason.strip())
+    try:
+        publish(settings, record)
+    except RuntimeError as exc:
+        print(f"fraudstream model: {exc}", file=sys.stderr)
+        return 3
+    print(f"models in force: active {doc['active']}, shadow {doc['shadow']} (published to "
+          f"{settings.topics.control})")
+    return 0
+
+
+def current(settings: Settings, kind: str) -> ControlRecord | None:
+    """The latest state of ``kind`` on the control topic (None: nothing published)."""
+    from fraudstream.streams.control.topic import control_consumer, read_to_end
+
+    try:
+        consumer = control_consumer(settings, f"state-{int(time.time() * 1000)}")
+    except LookupError:
+        return None
+    latest = None
+    try:
+        for msg in read_to_end(consumer, 30.0):
+            if msg.key() == kind.encode():
+                try:
+                    latest = decode(msg.value())
+                except ControlError:
+                    continue
+    finally:
+        consumer.close()
+    return latest
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -54,7 +114,7 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     record = ControlRecord.make(
         "rules", ruleset.version, document,
-        args.by or f"{getpass.getuser()}@{socket.gethostname()}",
+        _who(args.by),
         int(time.time() * 1000), args.reason.strip())
     try:
         publish(settings, record)
@@ -66,7 +126,8 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _history(settings: Settings) -> int:
+def history(settings: Settings, kind: str | None = None) -> int:
+    """Every publication (of ``kind``, or all), oldest first."""
     from fraudstream.streams.control.topic import control_consumer, read_to_end
 
     try:
@@ -74,21 +135,21 @@ def _history(settings: Settings) -> int:
     except LookupError:
         print(f"nothing published: no topic {settings.topics.control}", file=sys.stderr)
         return 0
-    rows = []
+    rows: list[ControlRecord] = []
     try:
         for msg in read_to_end(consumer, 30.0):
             if not is_audit(msg.key()):
                 continue
             try:
-                rows.append(decode(msg.value()))
+                rec = decode(msg.value())
             except ControlError as exc:
-                rows.append(None)
                 print(f"offset {msg.offset()}: not a control record: {exc}", file=sys.stderr)
+                continue
+            if kind is None or rec.kind == kind:
+                rows.append(rec)
     finally:
         consumer.close()
     for rec in rows:
-        if rec is None:
-            continue
         at = datetime.fromtimestamp(rec.published_at / 1000, tz=UTC)
         print(f"{at.isoformat(timespec='seconds')}\t{rec.kind}\t{rec.version}\t"
               f"{rec.sha256[:12]}\t{rec.published_by}\t{rec.reason}")

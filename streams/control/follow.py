@@ -1,10 +1,11 @@
 """A worker follows the control topic: the rules in force are the latest published
-rules it accepts, swapped in between two batches.
+rules it accepts, swapped in between two batches; the model versions in force are fetched
+into its models folder and pointed at there, where the model watcher loads them.
 
 At start the worker reads the topic to its end before it decides anything, so a restarted
 worker resumes with the rules in force (the rules file, ``FRAUDSTREAM_SCORING_RULES_PATH``,
 serves only while nothing was published). Then a thread follows the topic and hands each
-accepted change to the batch loop (:meth:`RulesFollower.take`). A record that cannot be
+accepted change to the batch loop (:meth:`ControlFollower.take`). A record that cannot be
 applied (not a control record, a document that fails validation, a blocklist file not
 inlined, a value like a raw card number, a digest that does not match) is refused with a
 warning naming it, and counted; the rules in force stay.
@@ -19,15 +20,20 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, KafkaException, Message
 
 from fraudstream.schemas.control import ControlError, ControlRecord, decode, is_audit
+from fraudstream.scorers.registry import ACTIVE, SHADOW, Registry
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.scorers.rules_file import RulesError
+from fraudstream.streams.control.artifacts import download
 from fraudstream.streams.control.topic import control_consumer, read_to_end
 from fraudstream.streams.settings import Settings
 
 log = logging.getLogger("fraudstream.worker")
 
 
-class RulesFollower:
+class ControlFollower:
+    """The control topic as one worker applies it: :meth:`initial` at start, then a
+    thread (:meth:`start`); the batch loop takes new rules with :meth:`take`."""
+
     def __init__(self, settings: Settings, catch_up_s: float = 30.0) -> None:
         self.settings = settings
         self.topic = settings.topics.control
@@ -37,10 +43,11 @@ class RulesFollower:
         self._pending: RulesScorer | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Control records refused (they never changed the rules).
+        #: Control records refused (they changed nothing in force).
         self.refused = 0
         #: Rules versions applied from the topic, in order.
         self.applied: list[str] = []
+        self._models_msg: Message | None = None
 
     def initial(self, from_file: RuleSet) -> RulesScorer:
         """The rules to start with: the latest accepted on the topic, else the file's."""
@@ -53,6 +60,8 @@ class RulesFollower:
         latest = None
         for msg in read_to_end(self._consumer, self.catch_up_s):
             latest = self._accept(msg, announce=False) or latest
+        if self._models_msg is not None:
+            self._apply_models(self._models_msg)
         if latest is None:
             log.warning("rules: version %s from %s (nothing published on %s)",
                         from_file.version, self.settings.scoring.rules_path, self.topic)
@@ -102,6 +111,12 @@ class RulesFollower:
     def _accept(self, msg: Message, announce: bool = True
                 ) -> tuple[RulesScorer, str, ControlRecord] | None:
         key = msg.key()
+        if key == b"model":
+            if announce:
+                self._apply_models(msg)
+            else:
+                self._models_msg = msg  # at start only the latest matters
+            return None
         if is_audit(key) or key != b"rules":
             return None
         where = f"{self.topic} offset {msg.offset()}"
@@ -119,6 +134,38 @@ class RulesFollower:
                         "from the next batch", ruleset.version, where, record.published_by,
                         _iso(record.published_at), record.reason)
         return RulesScorer(ruleset), where, record
+
+
+    def _apply_models(self, msg: Message) -> None:
+        """The model versions in force: each one fetched from the artifacts topic into
+        this worker's models folder if it is not there, then the folder's pointers set;
+        the model watcher loads them as it loads a local promotion."""
+        where = f"{self.topic} offset {msg.offset()}"
+        root = self.settings.scoring.models_dir
+        try:
+            record = decode(msg.value())
+            doc = record.document
+            if not isinstance(doc, dict) or not isinstance(doc.get("active"), str) or \
+                    not isinstance(doc.get("shadow"), str | None):
+                raise ControlError("a model state needs 'active' (a version) and 'shadow' "
+                                   "(a version or null)")
+            root.mkdir(parents=True, exist_ok=True)
+            registry = Registry(root)
+            for version in (doc["active"], doc["shadow"]):
+                if version is not None and version not in registry.versions():
+                    download(self.settings, version, root)
+            if registry.pointer(ACTIVE) != doc["active"]:
+                registry.promote(doc["active"])
+            if registry.pointer(SHADOW) != doc["shadow"]:
+                registry.shadow(doc["shadow"])
+        except Exception as exc:  # a refused state changes nothing in force
+            self.refused += 1
+            log.warning("control: refused the model state at %s: %s; the models in force "
+                        "stay", where, exc)
+            return
+        log.warning("models: active %s, shadow %s, from %s, published by %s at %s (%s)",
+                    doc["active"], doc["shadow"], where, record.published_by,
+                    _iso(record.published_at), record.reason)
 
 
 def _iso(ms: int) -> str:

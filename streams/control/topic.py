@@ -44,13 +44,13 @@ def publish(settings: Settings, record: ControlRecord, timeout_s: float = 15.0) 
                            f"{'; '.join(errors) or f'{left} record(s) undelivered'}")
 
 
-def control_consumer(settings: Settings, name: str) -> Consumer:
-    """A consumer of every partition of the control topic, from the start. Raises
-    LookupError when the topic does not exist."""
+def control_consumer(settings: Settings, name: str, topic: str | None = None) -> Consumer:
+    """A consumer of every partition of the control topic (or ``topic``), from the start.
+    Raises LookupError when the topic does not exist."""
     consumer = Consumer({**settings.kafka.consumer_config(f"{settings.worker.app_id}-{name}"),
-                         "enable.auto.commit": False})
+                         "enable.auto.commit": False, "fetch.message.max.bytes": 4 << 20})
     try:
-        assign_all(consumer, [settings.topics.control], OFFSET_BEGINNING)
+        assign_all(consumer, [topic or settings.topics.control], OFFSET_BEGINNING)
     except LookupError:
         consumer.close()
         raise

@@ -35,7 +35,7 @@ from fraudstream.state.features import FeatureConfig
 from fraudstream.state.kernel_aot import ensure as ensure_aot_kernel
 from fraudstream.state.kernel_cache import configure as configure_kernel
 from fraudstream.state.kernel_cache import kernel
-from fraudstream.streams.control.follow import RulesFollower
+from fraudstream.streams.control.follow import ControlFollower
 from fraudstream.streams.errors import StartError
 from fraudstream.streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import KafkaSettings, Settings
@@ -169,7 +169,7 @@ def build_worker(settings: Settings) -> Worker:
     codecs = Codecs(registry, settings.topics)
     # The rules in force: the latest published on the control topic, else the file's;
     # later publications are swapped in between two batches (streams/control/follow.py).
-    follower = RulesFollower(settings)
+    follower = ControlFollower(settings)
     scorer = follower.initial(RuleSet.load(settings.scoring.rules_path))
     table = app.Table(
         "state",
