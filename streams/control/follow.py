@@ -47,7 +47,7 @@ class ControlFollower:
         self.refused = 0
         #: Rules versions applied from the topic, in order.
         self.applied: list[str] = []
-        self._models_msg: Message | None = None
+        self._models_msgs: list[Message] = []
 
     def initial(self, from_file: RuleSet) -> RulesScorer:
         """The rules to start with: the latest accepted on the topic, else the file's."""
@@ -60,8 +60,12 @@ class ControlFollower:
         latest = None
         for msg in read_to_end(self._consumer, self.catch_up_s):
             latest = self._accept(msg, announce=False) or latest
-        if self._models_msg is not None:
-            self._apply_models(self._models_msg)
+        # The latest model state that applies, as running workers kept it: a refused one
+        # changed nothing in force on them either.
+        for msg in reversed(self._models_msgs):
+            if self._apply_models(msg):
+                break
+        self._models_msgs = []
         if latest is None:
             log.warning("rules: version %s from %s (nothing published on %s)",
                         from_file.version, self.settings.scoring.rules_path, self.topic)
@@ -115,7 +119,7 @@ class ControlFollower:
             if announce:
                 self._apply_models(msg)
             else:
-                self._models_msg = msg  # at start only the latest matters
+                self._models_msgs.append(msg)  # at start: the latest that applies
             return None
         if is_audit(key) or key != b"rules":
             return None
@@ -136,7 +140,7 @@ class ControlFollower:
         return RulesScorer(ruleset), where, record
 
 
-    def _apply_models(self, msg: Message) -> None:
+    def _apply_models(self, msg: Message) -> bool:
         """The model versions in force: each one fetched from the artifacts topic into
         this worker's models folder if it is not there, then the folder's pointers set;
         the model watcher loads them as it loads a local promotion."""
@@ -162,10 +166,11 @@ class ControlFollower:
             self.refused += 1
             log.warning("control: refused the model state at %s: %s; the models in force "
                         "stay", where, exc)
-            return
+            return False
         log.warning("models: active %s, shadow %s, from %s, published by %s at %s (%s)",
                     doc["active"], doc["shadow"], where, record.published_by,
                     _iso(record.published_at), record.reason)
+        return True
 
 
 def _iso(ms: int) -> str:
