@@ -76,8 +76,8 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
     except RuntimeError as exc:
         print(f"fraudstream model: {exc}", file=sys.stderr)
         return 3
-    print(f"models in force: active {doc['active']}, shadow {doc['shadow'] or 'none'} (published to "
-          f"{settings.topics.control})")
+    print(f"models in force: active {doc['active']}, shadow {doc['shadow'] or 'none'} "
+          f"(published to {settings.topics.control})")
     return 0
 
 
