@@ -139,7 +139,6 @@ class ControlFollower:
                         _iso(record.published_at), record.reason)
         return RulesScorer(ruleset), where, record
 
-
     def _apply_models(self, msg: Message) -> bool:
         """The model versions in force: each one fetched from the artifacts topic into
         this worker's models folder if it is not there, then the folder's pointers set;
@@ -162,7 +161,8 @@ class ControlFollower:
                 registry.promote(doc["active"])
             if registry.pointer(SHADOW) != doc["shadow"]:
                 registry.shadow(doc["shadow"])
-        except Exception as exc:  # a refused state changes nothing in force
+        except Exception as exc:  # nothing is pointed at before every version is here
+            # and checked (download), so a refused state changes nothing in force
             self.refused += 1
             log.warning("control: refused the model state at %s: %s; the models in force "
                         "stay", where, exc)
