@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fraudstream.schemas.control import ControlError, ControlRecord, decode
 from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RuleSet
 from fraudstream.scorers.rules_file import RulesError, inline_document, read_toml
 from fraudstream.streams.control.topic import publish
+from fraudstream.streams.embedded.broker import free_port
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all
 from tests.conftest import ROOT, T0_MS, produce
@@ -67,6 +69,15 @@ def test_a_published_document_holds_its_blocklists_and_no_card_number(tmp_path):
         RuleSet.from_document(doc, "t")
 
 
+def metric(port: int, series: str) -> float | None:
+    """The value of one series on the worker's /metrics (None: not there)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
     env.update(settings.to_env())
@@ -78,7 +89,8 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 def test_published_rules_apply_without_a_restart_and_survive_one(stack_settings,
                                                                   start_worker, codecs,
                                                                   tmp_path):
-    settings = stack_settings
+    port = free_port()
+    settings = stack_settings.replace(worker={"metrics_port": port})
     card = f"card_ops_{uuid.uuid4().hex[:6]}"
     count = iter(range(10_000))
     reader = Consumer(settings.kafka.consumer_config("tests-control-reader"))
@@ -128,6 +140,8 @@ def test_published_rules_apply_without_a_restart_and_survive_one(stack_settings,
     took = time.monotonic() - published
     assert d["decision"] == "decline" and "R900_OPS_BLOCK" in d["reasons"], d
     assert took < 20 and worker.running
+    assert metric(port, 'fraudstream_rules_info{version="2026.12.2-ops"}') == 1.0
+    assert metric(port, f'fraudstream_rules_info{{version="{default_version}"}}') is None
 
     # Published by hand, past the CLI: a list holding a card number. The worker refuses it.
     bad = ControlRecord.make("rules", "2026.12.3-bad", inline_document(
@@ -141,6 +155,7 @@ def test_published_rules_apply_without_a_restart_and_survive_one(stack_settings,
     assert "raw card number" in worker.log.read_text()
     assert wait_decided()["rules_version"] == "2026.12.2-ops"
     assert PAN not in worker.log.read_text()
+    assert metric(port, 'fraudstream_control_refused_total{kind="rules"}') == 1.0
 
     # A restarted worker starts with the rules in force, not its file's.
     assert worker.stop() == 0

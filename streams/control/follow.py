@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaException, Message
@@ -43,8 +44,8 @@ class ControlFollower:
         self._pending: RulesScorer | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Control records refused (they changed nothing in force).
-        self.refused = 0
+        #: Control records refused, by kind (they changed nothing in force).
+        self.refused: Counter[str] = Counter()
         #: Rules versions applied from the topic, in order.
         self.applied: list[str] = []
         self._models_msgs: list[Message] = []
@@ -128,7 +129,7 @@ class ControlFollower:
             record = decode(msg.value())
             ruleset = RuleSet.from_document(record.document, source=where)
         except (ControlError, RulesError) as exc:
-            self.refused += 1
+            self.refused["rules"] += 1
             log.warning("control: refused the rules at %s: %s; the rules in force stay",
                         where, exc)
             return None
@@ -163,7 +164,7 @@ class ControlFollower:
                 registry.shadow(doc["shadow"])
         except Exception as exc:  # nothing is pointed at before every version is here
             # and checked (download), so a refused state changes nothing in force
-            self.refused += 1
+            self.refused["model"] += 1
             log.warning("control: refused the model state at %s: %s; the models in force "
                         "stay", where, exc)
             return False

@@ -278,6 +278,16 @@ def build_worker(settings: Settings) -> Worker:
             for name, value in quality.items():
                 if value == value:  # not NaN
                     metrics.online_quality.labels(str(partition), name).set(value)
+    metrics.set_rules(scorer.ruleset.version)
+    refused_seen: dict[str, int] = {}
+
+    def control_counts() -> None:
+        """Control records refused since the last call, into their counter."""
+        for kind, n in list(follower.refused.items()):
+            if n > refused_seen.get(kind, 0):
+                metrics.control_refused.labels(kind).inc(n - refused_seen.get(kind, 0))
+                refused_seen[kind] = n
+
     # Repartition mode: transactions are only re-keyed by card_id; decisions are taken on
     # the by-card topic, whose partitions hold each card's events and state.
     forward_topic = settings.topics.transactions if w.repartition else None
@@ -315,6 +325,8 @@ def build_worker(settings: Settings) -> Worker:
         rules = follower.take()
         if rules is not None:
             pipeline.scorer = rules
+            metrics.set_rules(rules.ruleset.version)
+        control_counts()
         started = time.perf_counter()
         result = pipeline.process(records, state.lookup, label_records, arrived=arrived)
         t0 = time.perf_counter()
@@ -395,6 +407,7 @@ def build_worker(settings: Settings) -> Worker:
         """One status line at the default log level: rates, lag, model share, fallbacks,
         the worker's own batch time."""
         status.report()
+        control_counts()  # also while no batch comes
 
     @app.timer(interval=settings.scoring.reload_interval_s)
     async def reload_models() -> None:

@@ -84,6 +84,12 @@ class WorkerMetrics:
             "Model versions a registry pointer names that this worker refused (value 1, the "
             "reason in its log); the model serving before, if any, keeps serving.",
             ["role", "version"], registry=r)
+        self.rules = Gauge(
+            "fraudstream_rules_info", "The rules version in force (value 1): the latest "
+            "published on the control topic, else the rules file's.", ["version"], registry=r)
+        self.control_refused = Counter(
+            "fraudstream_control_refused", "Control records this worker refused (the reason "
+            "in its log); what was in force stays.", ["kind"], registry=r)
         self.feature_flags = Counter(
             "fraudstream_feature_events", "Transactions whose features were flagged.",
             ["flag"], registry=r)
@@ -178,6 +184,10 @@ class WorkerMetrics:
         for pointer, version in refused.items():
             if version:
                 self.model_refused.labels(pointer.lower(), version).set(1)
+
+    def set_rules(self, version: str) -> None:
+        self.rules.clear()
+        self.rules.labels(version).set(1)
 
     def set_models(self, active: str | None, shadow: str | None) -> None:
         self.model.clear()
