@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer
 from fraudstream.schemas.control import ControlError, ControlRecord, decode
 from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RuleSet
 from fraudstream.scorers.rules_file import RulesError, inline_document, read_toml
+from fraudstream.streams.control.follow import rules_in_force
 from fraudstream.streams.control.topic import publish
 from fraudstream.streams.embedded.broker import free_port
 from fraudstream.streams.settings import Settings
@@ -156,6 +157,8 @@ def test_published_rules_apply_without_a_restart_and_survive_one(stack_settings,
     assert wait_decided()["rules_version"] == "2026.12.2-ops"
     assert PAN not in worker.log.read_text()
     assert metric(port, 'fraudstream_control_refused_total{kind="rules"}') == 1.0
+    # What a replay decides with: the rules in force, not the file's or the refused ones.
+    assert rules_in_force(settings).ruleset.version == "2026.12.2-ops"
 
     # A restarted worker starts with the rules in force, not its file's.
     assert worker.stop() == 0

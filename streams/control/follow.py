@@ -35,8 +35,11 @@ class ControlFollower:
     """The control topic as one worker applies it: :meth:`initial` at start, then a
     thread (:meth:`start`); the batch loop takes new rules with :meth:`take`."""
 
-    def __init__(self, settings: Settings, catch_up_s: float = 30.0) -> None:
+    def __init__(self, settings: Settings, catch_up_s: float = 30.0,
+                 models: bool = True) -> None:
         self.settings = settings
+        #: Whether model states are applied (a worker), or only rules read (a replay).
+        self.models = models
         self.topic = settings.topics.control
         self.catch_up_s = catch_up_s
         self._consumer: Consumer | None = None
@@ -95,6 +98,10 @@ class ControlFollower:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
+        elif self._consumer is not None:
+            self._consumer.close()  # never followed: the thread would have closed it
+            self._consumer = None
+
 
     def _run(self) -> None:
         consumer = self._consumer
@@ -116,7 +123,7 @@ class ControlFollower:
     def _accept(self, msg: Message, announce: bool = True
                 ) -> tuple[RulesScorer, str, ControlRecord] | None:
         key = msg.key()
-        if key == b"model":
+        if key == b"model" and self.models:
             if announce:
                 self._apply_models(msg)
             else:
@@ -176,3 +183,14 @@ class ControlFollower:
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
+
+
+def rules_in_force(settings: Settings) -> RulesScorer:
+    """The rules a worker starting now would decide with (the latest accepted on the
+    control topic, else the rules file's), without following the topic or touching the
+    models folder: for a replay."""
+    follower = ControlFollower(settings, models=False)
+    try:
+        return follower.initial(RuleSet.load(settings.scoring.rules_path))
+    finally:
+        follower.stop()

@@ -3,8 +3,9 @@
 The replay reads the range with its own consumer: partitions assigned by hand, offsets
 never committed, so the live workers' group never sees it. It rebuilds the features from
 empty in its own memory (optionally warmed up on an earlier stretch of the topic), and
-runs the live worker's :class:`fraudstream.streams.pipeline.Pipeline`: dedupe, features, rules, the
-champion as the active model and the challenger as the shadow, each through the same
+runs the live worker's :class:`fraudstream.streams.pipeline.Pipeline`: dedupe, features,
+rules (those in force on the control topic, as a worker starting now would take them),
+the champion as the active model and the challenger as the shadow, each through the same
 cascade (thresholds, guardrails, online blend). It writes the challenger's decisions to
 ``decisions.shadow`` (or ``--topic``), each with a ``fraudstream-replay-id`` header; it
 never writes to ``decisions``, the dead-letter topic or the live state.
@@ -69,8 +70,8 @@ from fraudstream.schemas.validate import ValidationError
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import OnlineStage
 from fraudstream.scorers.registry import ACTIVE, Registry
-from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.state.engine import FeatureConfig, FeatureEngine, MemoryStore
+from fraudstream.streams.control.follow import rules_in_force
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
 from fraudstream.streams.replay.ranges import (
     EventTimeOf,
@@ -173,7 +174,7 @@ def build_pipeline(settings: Settings, codecs: Codecs, champion: Any, challenger
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                       label_delay_ms=int(fs.label_delay_s * 1000)), store)
     return Pipeline(
-        codecs, RulesScorer(RuleSet.load(settings.scoring.rules_path)),
+        codecs, rules_in_force(settings),
         Limits.from_settings(settings),
         input_format=settings.codec.input_format, features=engine,
         models=ModelStage(active=champion, shadow=challenger),
