@@ -44,6 +44,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return history(settings)
 
 
+def _not_sent(settings: Settings, record: ControlRecord, command: str) -> bool:
+    """Publish ``record``; True (and one line on stderr) when it was not written."""
+    from fraudstream.streams.control.topic import publish
+
+    try:
+        publish(settings, record)
+    except RuntimeError as exc:
+        print(f"fraudstream {command}: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
 def _who(by: str | None) -> str:
     return by or f"{getpass.getuser()}@{socket.gethostname()}"
 
@@ -52,7 +64,6 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
     """``fraudstream model publish V [--shadow]``: the version's files to the artifacts
     topic (checked as a worker loads them first), then the model state with it."""
     from fraudstream.streams.control.artifacts import ArtifactTransferError, upload
-    from fraudstream.streams.control.topic import publish
 
     if not args.reason.strip():
         print("fraudstream model: --reason must say why", file=sys.stderr)
@@ -69,12 +80,9 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
         print("fraudstream model: no active version published yet: publish one without "
               "--shadow first", file=sys.stderr)
         return 2
-    record = ControlRecord.make("model", args.version, doc, _who(args.by),
-                                int(time.time() * 1000), args.reason.strip())
-    try:
-        publish(settings, record)
-    except RuntimeError as exc:
-        print(f"fraudstream model: {exc}", file=sys.stderr)
+    if _not_sent(settings, ControlRecord.make("model", args.version, doc, _who(args.by),
+                                          int(time.time() * 1000), args.reason.strip()),
+             "model"):
         return 3
     print(f"models in force: active {doc['active']}, shadow {doc['shadow'] or 'none'} "
           f"(published to {settings.topics.control})")
@@ -103,7 +111,6 @@ def current(settings: Settings, kind: str) -> ControlRecord | None:
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
-    from fraudstream.streams.control.topic import publish
 
     path: Path = args.file
     ruleset = RuleSet.load(path)  # a RulesError is one line (fraudstream.streams.cli.main)
@@ -112,14 +119,9 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     if not args.reason.strip():
         print("fraudstream rules: --reason must say why", file=sys.stderr)
         return 2
-    record = ControlRecord.make(
-        "rules", ruleset.version, document,
-        _who(args.by),
-        int(time.time() * 1000), args.reason.strip())
-    try:
-        publish(settings, record)
-    except RuntimeError as exc:
-        print(f"fraudstream rules: {exc}", file=sys.stderr)
+    record = ControlRecord.make("rules", ruleset.version, document, _who(args.by),
+                                int(time.time() * 1000), args.reason.strip())
+    if _not_sent(settings, record, "rules"):
         return 3
     print(f"rules {ruleset.version} ({len(ruleset.rules)} rules, sha256 "
           f"{record.sha256[:12]}) published to {settings.topics.control}")

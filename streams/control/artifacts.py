@@ -15,14 +15,12 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from confluent_kafka import KafkaError, Message, Producer
-
 from fraudstream.scorers.registry import Registry
-from fraudstream.streams.control.topic import control_consumer, read_to_end
+from fraudstream.streams.control.topic import control_consumer, read_to_end, write_acked
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.topics import ensure_topics
 
 #: Bytes per record: well under the brokers' default message size limit (1 MB).
 CHUNK = 256 * 1024
@@ -39,35 +37,26 @@ def upload(settings: Settings, registry: Registry, version: str,
     manifest; returns the manifest."""
     registry.load(version, sealed=True)
     folder = registry.root / version
-    topic = settings.topics.artifacts
-    ensure_topics(settings, names=[topic])
-    producer = Producer({**settings.kafka.client_config(), "acks": "all",
-                         "enable.idempotence": True, "linger.ms": 20,
-                         "message.max.bytes": CHUNK + 64 * 1024})
-    errors: list[str] = []
+    files: dict[str, dict] = {}
+    manifest: dict = {}  # filled once every file went
 
-    def delivered(err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            errors.append(err.str())
+    def records() -> Iterator[tuple[bytes, bytes]]:
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            data = path.read_bytes()
+            chunks = max(1, -(-len(data) // CHUNK))
+            for i in range(chunks):
+                yield (f"{version}/{path.name}/{i:05d}".encode(),
+                       data[i * CHUNK:(i + 1) * CHUNK])
+            files[path.name] = {"sha256": hashlib.sha256(data).hexdigest(),
+                                "size": len(data), "chunks": chunks}
+        manifest.update(version=version, files=files, uploaded_at=int(time.time() * 1000))
+        yield f"{version}/{MANIFEST}".encode(), json.dumps(manifest, sort_keys=True).encode()
 
-    files = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        data = path.read_bytes()
-        chunks = max(1, -(-len(data) // CHUNK))
-        for i in range(chunks):
-            producer.produce(topic, key=f"{version}/{path.name}/{i:05d}".encode(),
-                             value=data[i * CHUNK:(i + 1) * CHUNK], on_delivery=delivered)
-            producer.poll(0)
-        files[path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                            "chunks": chunks}
-    manifest = {"version": version, "files": files,
-                "uploaded_at": int(time.time() * 1000)}
-    producer.produce(topic, key=f"{version}/{MANIFEST}".encode(),
-                     value=json.dumps(manifest, sort_keys=True).encode(), on_delivery=delivered)
-    left = producer.flush(timeout_s)
-    if left or errors:
-        raise ArtifactTransferError(f"{version}: not written to {topic}: "
-                                    f"{'; '.join(errors) or f'{left} record(s) undelivered'}")
+    try:
+        write_acked(settings, settings.topics.artifacts, records(), timeout_s,
+                    max_bytes=CHUNK + 64 * 1024)
+    except RuntimeError as exc:
+        raise ArtifactTransferError(f"{version}: {exc}") from None
     return manifest
 
 

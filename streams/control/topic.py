@@ -9,7 +9,7 @@ compacts; the embedded broker keeps everything) and holds no consumer group.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer
 
@@ -25,19 +25,32 @@ IDLE_S = 0.5
 def publish(settings: Settings, record: ControlRecord, timeout_s: float = 15.0) -> None:
     """The record, acknowledged by the broker (acks=all); creates the topic if needed.
     Raises RuntimeError naming what failed."""
-    topic = settings.topics.control
+    value = record.encode()
+    write_acked(settings, settings.topics.control,
+                ((key, value) for key in (record.audit_key(), record.state_key())),
+                timeout_s, linger_ms=0)
+
+
+def write_acked(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]],
+                timeout_s: float, linger_ms: int = 20, max_bytes: int | None = None) -> None:
+    """``records`` (key, value) to ``topic``, in order, each acknowledged by the broker
+    (acks=all, idempotent); creates the topic if needed. Raises RuntimeError naming what
+    failed."""
     ensure_topics(settings, names=[topic])
-    producer = Producer({**settings.kafka.client_config(), "acks": "all",
-                         "enable.idempotence": True, "linger.ms": 0})
+    config = {**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True,
+              "linger.ms": linger_ms}
+    if max_bytes is not None:
+        config["message.max.bytes"] = max_bytes
+    producer = Producer(config)
     errors: list[str] = []
 
     def delivered(err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
             errors.append(err.str())
 
-    value = record.encode()
-    for key in (record.audit_key(), record.state_key()):
+    for key, value in records:
         producer.produce(topic, key=key, value=value, on_delivery=delivered)
+        producer.poll(0)
     left = producer.flush(timeout_s)
     if left or errors:
         raise RuntimeError(f"not written to {topic}: "
