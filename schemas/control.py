@@ -3,7 +3,8 @@ worker applies, and the audit trail of who changed it, when and why.
 
 One record per change, JSON, written twice by the publisher: under the key of what it sets
 (``rules``: a rules document; ``model``: ``{"active": version, "shadow": version or
-null}``, whose files travel on the artifacts topic), so that a compacted topic keeps the
+null}``, whose files travel on the artifacts topic; ``canary``: a rollout and its step,
+:mod:`fraudstream.scorers.canary`), so that a compacted topic keeps the
 latest, and under a key of its own (``audit/<kind>/<published_at>/<sha256 prefix>``), so
 that compaction keeps every change for the history. A worker applies the latest record of
 each kind that it accepts.
@@ -26,7 +27,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-KINDS = ("rules", "model")
+KINDS = ("rules", "model", "canary")
 AUDIT_PREFIX = "audit/"
 
 

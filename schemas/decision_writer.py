@@ -30,7 +30,7 @@ FIELDS = (
     ("stage", "string"), ("fallback", "boolean"), ("timings_ms", "map<double>"),
     ("late_ms", "double"), ("event_time", "long"), ("source_timestamp", "long"),
     ("decided_at", "long"), ("amount", "?double"), ("currency", "?string"),
-    ("amount_ref", "?double"), ("rules_version", "?string"),
+    ("amount_ref", "?double"), ("rules_version", "?string"), ("variant", "?string"),
 )
 OUTCOMES = ("approve", "review", "decline")
 
@@ -76,7 +76,7 @@ class DecisionWriter:
             self._map, self._map_bytes = timings, _double_map(timings)
         reasons = d["reasons"]
         amount, currency, amount_ref = d.get("amount"), d.get("currency"), d.get("amount_ref")
-        rules_version = d.get("rules_version")
+        rules_version, variant = d.get("rules_version"), d.get("variant")
         return b"".join((
             self.header,
             _string(d["transaction_id"]),
@@ -97,6 +97,7 @@ class DecisionWriter:
             b"\x00" if currency is None else b"\x02" + _string(currency),
             b"\x00" if amount_ref is None else b"\x02" + _DOUBLE(amount_ref),
             b"\x00" if rules_version is None else b"\x02" + _string(rules_version),
+            b"\x00" if variant is None else b"\x02" + _string(variant),
         ))
 
 

@@ -23,9 +23,7 @@ The wall clock only bounds how far in the future an event_time may be (the valid
 
 from __future__ import annotations
 
-import math
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +34,7 @@ from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import ValidationError, validate_label, validate_transaction
 from fraudstream.scorers.base import Score, Scorer
-from fraudstream.scorers.cascade import ModelStage
+from fraudstream.scorers.cascade import ModelStage, verdicts_of
 from fraudstream.scorers.online import OnlineStage
 from fraudstream.state.engine import (
     FeatureBatch,
@@ -46,6 +44,7 @@ from fraudstream.state.engine import (
     TxnEvent,
 )
 from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
+from fraudstream.streams.batch import BatchResult, RawRecord
 from fraudstream.streams.dead_letters import DeadLetters
 from fraudstream.streams.settings import Settings
 
@@ -59,60 +58,6 @@ def dedupe_key(txn: dict[str, Any]) -> bytes:
     """``<event day, 5 digits>|<transaction_id>``: a transaction sent again carries the same
     event time, so it finds its entry; keys sort by day, so expiry reads only what expires."""
     return b"%05d|%s" % (txn["event_time"] // DAY_MS, txn["transaction_id"].encode())
-
-
-@dataclass(slots=True, frozen=True)
-class RawRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int
-
-
-@dataclass(slots=True)
-class BatchResult:
-    #: (key, value) for the decisions topic, one per valid input record.
-    decisions: list[tuple[bytes, bytes]] = field(default_factory=list)
-    #: (partition, dedupe key, decision bytes): first decisions, for the dedupe state.
-    new_entries: list[tuple[int, bytes, bytes]] = field(default_factory=list)
-    #: (key, value) for the dead-letter topic, one per record that could not be decided.
-    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
-    outcomes: Counter[str] = field(default_factory=Counter)
-    dlq_reasons: Counter[str] = field(default_factory=Counter)
-    duplicates: int = 0
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    #: (partition, key, record): changed feature state, for the state store.
-    feature_writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)
-    #: (transaction_id, FeatureVector record) for the features topic, when logging.
-    feature_log: list[tuple[bytes, bytes]] = field(default_factory=list)
-    features: FeatureBatch | None = None
-    #: (card_id, original value) to re-key through the by-card topic (repartition mode).
-    forwards: list[tuple[bytes, bytes]] = field(default_factory=list)
-    #: Valid transactions whose Kafka key is not their card_id.
-    miskeyed: int = 0
-    #: (transaction_id, Decision record) of the shadow model, for decisions.shadow.
-    shadow: list[tuple[bytes, bytes]] = field(default_factory=list)
-    #: Events decided by the rules because the model stage could not, by cause.
-    fallbacks: Counter[str] = field(default_factory=Counter)
-    #: New decisions by (deciding stage, outcome), and their records' Kafka timestamps.
-    stage_outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    source_timestamps: list[int] = field(default_factory=list)
-    #: Decisions made past their budget (counted from the batch's arrival), and by how
-    #: much at most: stale but decided by the model, when it is healthy.
-    past_budget: int = 0
-    past_budget_max_ms: float = 0.0
-    #: Drift events of a window this batch closed, as dicts (schemas/drift_event.avsc).
-    drift_events: list[dict[str, Any]] = field(default_factory=list)
-    #: The new transactions (record, transaction) and their decision fields, aligned; the
-    #: shadow's too when it scored (a replay reads them without decoding the records).
-    fresh: list[tuple[RawRecord, dict[str, Any]]] = field(default_factory=list)
-    verdicts: list[dict[str, Any]] = field(default_factory=list)
-    shadow_verdicts: list[dict[str, Any]] | None = None
-    #: The active model's scores of ``fresh`` before any online blend (None: it did not
-    #: score); the feature log keeps them, as evidence for the learner's weight.
-    model_scores: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -229,8 +174,8 @@ class Pipeline:
             vectors = fb.vectors
         # The feature matrix, built once for the learner's log and the model (none when
         # neither will read it: no learner, no active model).
-        wanted = self.online is not None or (self.models is not None
-                                             and self.models.active is not None)
+        wanted = self.online is not None or (self.models is not None and (
+            self.models.active is not None or self.models.serving_canary() is not None))
         X = None
         if vectors and wanted:
             matrix = out.features.matrix if out.features is not None else None
@@ -252,8 +197,7 @@ class Pipeline:
         scores = self.scorer.score_batch(events, vectors) if fresh else []
         t4 = time.perf_counter()
         deadline = (arrived if arrived is not None else t0) + self.budget_ms / 1000.0
-        verdicts, shadow = self._cascade(scores, X, out, deadline, learners,
-                                         [r.partition for r, _ in fresh])
+        verdicts, shadow = self._cascade(scores, X, out, deadline, learners, fresh)
         if (self.online is not None and fresh and X is not None
                 and not (out.features is not None and out.features.degraded)):
             out.feature_writes.extend(self.online.log_entries(
@@ -268,6 +212,7 @@ class Pipeline:
             "features": (t3 - t2) * 1000.0,
             "rules": (t4 - t3) * 1000.0,
             "model": (t5 - t4) * 1000.0,
+            **out.variant_ms,
         }
         decided_at = int(self.clock() * 1000)
         # Every decision of the batch carries the batch's stage times (``total``: arrival
@@ -303,6 +248,8 @@ class Pipeline:
             out.new_entries.append((rec.partition, dedupe_key(txn), value))
             out.outcomes[verdict["decision"]] += 1
             out.stage_outcomes[(verdict["stage"], verdict["decision"])] += 1
+            if "variant" in verdict:
+                out.variants[(verdict["variant"], verdict["decision"], verdict["fallback"])] += 1
             out.source_timestamps.append(rec.timestamp_ms)
             if shadow is not None:
                 out.shadow.append((txn["transaction_id"].encode(),
@@ -339,18 +286,61 @@ class Pipeline:
         )
 
     def _cascade(self, scores: list[Score], X: np.ndarray | None, out: BatchResult,
-                 deadline: float, learners: dict[int, Any], partitions: list[int],
+                 deadline: float, learners: dict[int, Any],
+                 fresh: list[tuple[RawRecord, dict[str, Any]]],
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """Decision fields per event: the model's where it scored in time, else the rules'
-        (fallback, with the cause among the reasons); guardrails floor the outcome."""
-        rules_version = self.scorer.version
+        (fallback, with the cause among the reasons); guardrails floor the outcome. Then
+        the canary's for its cards, during a rollout; then the shadow's, never deciding."""
+        models = self.models
+        if models is not None:
+            models.took_ms.clear()
+        partitions = [r.partition for r, _ in fresh]
+        verdicts, scored = self._champion(scores, X, out, deadline, learners, partitions)
+        canary = models.serving_canary() if models is not None and scores else None
+        if canary is not None:
+            assert models is not None
+            degraded = X is None or (out.features is not None and out.features.degraded)
+            out.variant_ms = models.serve_canary(
+                canary, verdicts, [t["card_id"] for _, t in fresh], None if degraded else X,
+                scores, deadline, self.model_timeout_s,
+                lambda p: self._blend(learners, partitions, X, p, canary), self._rules,
+                out.fallbacks)
+        shadow_model = models.shadow if models is not None and scored else None
+        if shadow_model is None:
+            return verdicts, None
+        assert models is not None and X is not None
+        if time.perf_counter() >= deadline:  # the shadow never makes a batch later
+            out.fallbacks["shadow_skipped"] += len(scores)
+            return verdicts, None
+        sp, sreasons, scause = models.run(shadow_model, X, deadline)
+        if sp is None or sreasons is None:
+            out.fallbacks[f"shadow_{scause}"] += len(scores)
+            return verdicts, None
+        sp, _ = self._blend(learners, partitions, X, sp, shadow_model)
+        return verdicts, verdicts_of(shadow_model, scores, sp, sreasons, "shadow",
+                                     out.fallbacks, "shadow_", self._rules)
 
-        def rules(score: Score, stage: str, cause: str | None) -> dict[str, Any]:
-            return {"decision": str(score.outcome), "score": float(score.score),
-                    "reasons": list(score.reasons) + ([f"fallback:{cause}"] if cause else []),
-                    "model_version": rules_version, "stage": stage,
-                    "fallback": cause is not None}
+    def _rules(self, score: Score, stage: str, cause: str | None) -> dict[str, Any]:
+        return {"decision": str(score.outcome), "score": float(score.score),
+                "reasons": list(score.reasons) + ([f"fallback:{cause}"] if cause else []),
+                "model_version": self.scorer.version, "stage": stage,
+                "fallback": cause is not None}
 
+    def _blend(self, learners: dict[int, Any], partitions: list[int], X: Any, p: np.ndarray,
+               model: Any) -> tuple[np.ndarray, list[bool]]:
+        """``model``'s scores blended with the online learners' (and, per event, whether
+        the learner had a say); unchanged without learners."""
+        if not learners or self.online is None:
+            return p, []
+        return (self.online.blend(learners, partitions, X, p, getattr(model, "base_rate", None)),
+                self.online.blended(learners, partitions).tolist())
+
+    def _champion(self, scores: list[Score], X: np.ndarray | None, out: BatchResult,
+                  deadline: float, learners: dict[int, Any], partitions: list[int],
+                  ) -> tuple[list[dict[str, Any]], bool]:
+        """The active version's decisions, else the rules'; and whether it scored."""
+        rules = self._rules
         models = self.models
         model = models.active if models is not None else None
         if model is None or not scores:
@@ -358,12 +348,12 @@ class Pipeline:
             cause = models.unavailable if models is not None and scores else None
             if cause:
                 out.fallbacks[cause] += len(scores)
-            return [rules(s, "rules", cause) for s in scores], None
+            return [rules(s, "rules", cause) for s in scores], False
         assert models is not None
         degraded = X is None or (out.features is not None and out.features.degraded)
         if degraded:
             out.fallbacks["degraded"] += len(scores)
-            return [rules(s, "rules", "degraded") for s in scores], None
+            return [rules(s, "rules", "degraded") for s in scores], False
         assert X is not None
         p, reasons, cause = models.run(model, X, deadline, self.model_timeout_s)
         monitor = models.drift_monitor(model)
@@ -372,59 +362,18 @@ class Pipeline:
             out.fallbacks[cause] += len(scores)
             if monitor is not None:  # the features drift whoever decided
                 out.drift_events += monitor.observe(X, None, int(self.clock() * 1000))
-            return [rules(s, "model", cause) for s in scores], None
+            return [rules(s, "model", cause) for s in scores], False
         out.model_scores = p
-        online: list[bool] = []
-        if learners and self.online is not None:
-            p = self.online.blend(learners, partitions, X, p, getattr(model, "base_rate", None))
-            online = self.online.blended(learners, partitions).tolist()
+        p, online = self._blend(learners, partitions, X, p, model)
         if monitor is not None:
             finite = np.isfinite(p)
             out.drift_events += monitor.observe(X[finite], p[finite],
                                                 int(self.clock() * 1000))
-        verdicts = self._verdicts(model, scores, p, reasons, "model", out.fallbacks, "", rules)
+        verdicts = verdicts_of(model, scores, p, reasons, "model", out.fallbacks, "", rules)
         for verdict, blended in zip(verdicts, online, strict=False):
             if blended and not verdict["fallback"]:
                 verdict["stage"] = "online"  # the learner had a say in this score
-        shadow_model = models.shadow
-        if shadow_model is None:
-            return verdicts, None
-        if time.perf_counter() >= deadline:  # the shadow never makes a batch later
-            out.fallbacks["shadow_skipped"] += len(scores)
-            return verdicts, None
-        sp, sreasons, scause = models.run(shadow_model, X, deadline)
-        if sp is None or sreasons is None:
-            out.fallbacks[f"shadow_{scause}"] += len(scores)
-            return verdicts, None
-        if learners and self.online is not None:
-            sp = self.online.blend(learners, partitions, X, sp,
-                                   getattr(shadow_model, "base_rate", None))
-        return verdicts, self._verdicts(shadow_model, scores, sp, sreasons, "shadow",
-                                        out.fallbacks, "shadow_", rules)
-
-    @staticmethod
-    def _verdicts(model: Any, scores: list[Score], p: np.ndarray, reasons: list[list[str]],
-                  stage: str, fallbacks: Counter[str], cause_prefix: str,
-                  rules: Callable[[Score, str, str | None], dict[str, Any]],
-                  ) -> list[dict[str, Any]]:
-        """``model``'s decisions: its thresholds, the rules' guardrails as a floor, the
-        rules' decision (fallback ``nan``, counted as ``<cause_prefix>nan``) where its
-        score is not finite. The shadow goes through the same steps, so it shows what the
-        version would decide if promoted."""
-        verdicts = []
-        for s, value, why in zip(scores, p.tolist(), reasons, strict=True):
-            if not math.isfinite(value):
-                fallbacks[f"{cause_prefix}nan"] += 1
-                verdicts.append(rules(s, stage, "nan"))
-                continue
-            outcome = model.thresholds.outcome(value)
-            if s.hard and s.outcome.rank > outcome.rank:
-                outcome = s.outcome  # a guardrail is a floor
-            verdicts.append({"decision": str(outcome), "score": value,
-                             "reasons": [*(s.reasons if s.hard else []), *why],
-                             "model_version": model.version, "stage": stage,
-                             "fallback": False})
-        return verdicts
+        return verdicts, True
 
     def forward(self, records: Sequence[RawRecord]) -> BatchResult:
         """Repartition mode: each readable transaction goes back out keyed by its card_id

@@ -47,6 +47,7 @@ def _decisions(n: int) -> list[dict]:
             "currency": rng.choice([None, "EUR", "JPY"]),
             "amount_ref": rng.choice([None, 10.5, 0.0]),
             "rules_version": rng.choice([None, "2026.12.1", "v-é"]),
+            "variant": rng.choice([None, "champion", "canary"]),
         })
     return out
 

@@ -96,6 +96,15 @@ def _cmd_model(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _cmd_controller(args: argparse.Namespace, settings: Settings) -> int:
+    from fraudstream.streams.worker.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
+    from fraudstream.streams.cli.canary import run_controller
+
+    return run_controller(args, settings)
+
+
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from fraudstream.streams.worker.preflight import check_services
 
@@ -187,6 +196,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     with_module("rules", "publish rules and blocklists to every worker, or list what was "
                 "published", "cli.rules", _cmd_rules)
+    p = sub.add_parser("controller", help="move canary rollouts through their steps, and "
+                       "roll them back when a gate fails")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve the controller's /metrics on this port (default: none)")
+    p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("settings", help="list every setting and its default")
     p.set_defaults(func=_cmd_settings)

@@ -1,12 +1,13 @@
 """``fraudstream model list | promote V | rollback | shadow V | shadow --off | seal V |
-publish V [--shadow] | history``.
+publish V [--shadow] | history | canary V | canary --status | canary --abort``.
 
 Acts on the registry folder (``FRAUDSTREAM_SCORING_MODELS_DIR``); running workers pick a
 change up within ``FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S``. A version that cannot be
 served (altered files, degenerate weights or thresholds, a probe batch scored all alike)
 is refused here already, with one line on stderr and exit code 1, and the pointers stay
 as they were. ``publish`` puts a version in force on every worker instead, through the
-control topic: workers fetch its files from the artifacts topic (no shared folder).
+control topic: workers fetch its files from the artifacts topic (no shared folder);
+``canary`` rolls it out in steps (:mod:`fraudstream.streams.cli.canary`).
 ``list`` checks every version as a worker would and shows a broken one as
 broken, with the reason.
 """
@@ -40,16 +41,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--shadow", action="store_true", help="as the shadow, not the active one")
     q.add_argument("--reason", required=True, help="why: kept in the audit trail")
     q.add_argument("--by", default=None, help="who (default: user@host)")
-    sub.add_parser("history", help="every model state published on the control topic")
+    sub.add_parser("history", help="every model state and rollout published on the "
+                                   "control topic")
+    q = sub.add_parser("canary", help="roll a version out in steps, judged by gates against "
+                                      "the active version, rolled back when one fails")
+    from fraudstream.streams.cli.canary import add_arguments as canary_arguments
+
+    canary_arguments(q)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     registry = Registry(settings.scoring.models_dir)
+    if args.action == "canary":
+        from fraudstream.streams.cli.canary import run as canary
+
+        return canary(args, settings, registry)
     if args.action in ("publish", "history"):
         from fraudstream.streams.cli.rules import history, publish_model
 
         return publish_model(args, settings, registry) if args.action == "publish" \
-            else history(settings, "model")
+            else history(settings, ("model", "canary"))
     try:
         if args.action == "list":
             broken = 0

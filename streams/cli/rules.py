@@ -24,6 +24,7 @@ from fraudstream.scorers.onnx_model import ArtifactError
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.rules import RuleSet
 from fraudstream.scorers.rules_file import inline_document, read_toml
+from fraudstream.streams.control.topic import latest
 from fraudstream.streams.settings import Settings
 
 
@@ -73,7 +74,7 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
     except (ArtifactError, ArtifactTransferError, OSError) as exc:
         print(f"fraudstream model: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
-    state = current(settings, "model")
+    state = latest(settings, "model")
     doc = dict(state.document) if state is not None else {"active": None, "shadow": None}
     doc["shadow" if args.shadow else "active"] = args.version
     if doc["active"] is None:
@@ -87,27 +88,6 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
     print(f"models in force: active {doc['active']}, shadow {doc['shadow'] or 'none'} "
           f"(published to {settings.topics.control})")
     return 0
-
-
-def current(settings: Settings, kind: str) -> ControlRecord | None:
-    """The latest state of ``kind`` on the control topic (None: nothing published)."""
-    from fraudstream.streams.control.topic import control_consumer, read_to_end
-
-    try:
-        consumer = control_consumer(settings, f"state-{int(time.time() * 1000)}")
-    except LookupError:
-        return None
-    latest = None
-    try:
-        for msg in read_to_end(consumer, 30.0):
-            if msg.key() == kind.encode():
-                try:
-                    latest = decode(msg.value())
-                except ControlError:
-                    continue
-    finally:
-        consumer.close()
-    return latest
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -128,8 +108,8 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def history(settings: Settings, kind: str | None = None) -> int:
-    """Every publication (of ``kind``, or all), oldest first."""
+def history(settings: Settings, kinds: tuple[str, ...] | None = None) -> int:
+    """Every publication (of ``kinds``, or all), oldest first."""
     from fraudstream.streams.control.topic import control_consumer, read_to_end
 
     try:
@@ -147,7 +127,7 @@ def history(settings: Settings, kind: str | None = None) -> int:
             except ControlError as exc:
                 print(f"offset {msg.offset()}: not a control record: {exc}", file=sys.stderr)
                 continue
-            if kind is None or rec.kind == kind:
+            if kinds is None or rec.kind in kinds:
                 rows.append(rec)
     finally:
         consumer.close()

@@ -9,6 +9,12 @@ accepted change to the batch loop (:meth:`ControlFollower.take`). A record that 
 applied (not a control record, a document that fails validation, a blocklist file not
 inlined, a value like a raw card number, a digest that does not match) is refused with a
 warning naming it, and counted; the rules in force stay.
+
+A canary rollout (key ``canary``, :mod:`fraudstream.scorers.canary`) is applied the same
+way: the canary version fetched and loaded in the follower's thread, then handed to the
+batch loop with the rollout's step (:meth:`ControlFollower.take_canary`), so a step, a
+rollback or an abort changes which cards the canary serves from the next batch. A rollout
+record that cannot be applied stops the canary: the champion serves every card.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import logging
 import threading
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message
 
 from fraudstream.schemas.control import ControlError, ControlRecord, decode, is_audit
+from fraudstream.scorers.canary import Rollout
 from fraudstream.scorers.registry import ACTIVE, SHADOW, Registry
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.scorers.rules_file import RulesError
@@ -52,6 +60,9 @@ class ControlFollower:
         #: Rules versions applied from the topic, in order.
         self.applied: list[str] = []
         self._models_msgs: list[Message] = []
+        self._canary_msg: Message | None = None
+        #: The rollout to serve and its canary version, loaded (None, None: no canary).
+        self._canary_pending: tuple[Rollout | None, Any] | None = None
 
     def initial(self, from_file: RuleSet) -> RulesScorer:
         """The rules to start with: the latest accepted on the topic, else the file's."""
@@ -70,6 +81,8 @@ class ControlFollower:
             if self._apply_models(msg):
                 break
         self._models_msgs = []
+        if self._canary_msg is not None:
+            self._apply_canary(self._canary_msg)
         if latest is None:
             log.warning("rules: version %s from %s (nothing published on %s)",
                         from_file.version, self.settings.scoring.rules_path, self.topic)
@@ -93,6 +106,12 @@ class ControlFollower:
         with self._lock:
             scorer, self._pending = self._pending, None
         return scorer
+
+    def take_canary(self) -> tuple[Rollout | None, Any] | None:
+        """The rollout (and its loaded canary) changed since the last call, if it did."""
+        with self._lock:
+            change, self._canary_pending = self._canary_pending, None
+        return change
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,6 +147,12 @@ class ControlFollower:
                 self._apply_models(msg)
             else:
                 self._models_msgs.append(msg)  # at start: the latest that applies
+            return None
+        if key == b"canary" and self.models:
+            if announce:
+                self._apply_canary(msg)
+            else:
+                self._canary_msg = msg  # at start: the latest
             return None
         if is_audit(key) or key != b"rules":
             return None
@@ -179,6 +204,36 @@ class ControlFollower:
                     doc["active"], doc["shadow"], where, record.published_by,
                     _iso(record.published_at), record.reason)
         return True
+
+
+    def _apply_canary(self, msg: Message) -> None:
+        """The rollout in force: its canary version fetched (if need be), loaded and
+        checked here, off the batch loop, then handed over with the step."""
+        where = f"{self.topic} offset {msg.offset()}"
+        root = self.settings.scoring.models_dir
+        try:
+            record = decode(msg.value())
+            rollout = Rollout.from_document(record.document)
+            model = None
+            if rollout.share > 0.0:
+                root.mkdir(parents=True, exist_ok=True)
+                registry = Registry(root)
+                if rollout.version not in registry.versions():
+                    download(self.settings, rollout.version, root)
+                model = registry.load(rollout.version, sealed=True)
+        except Exception as exc:  # a canary that cannot be served serves no card
+            self.refused["canary"] += 1
+            log.warning("control: refused the rollout at %s: %s; the champion serves every "
+                        "card", where, " ".join(str(exc).split()))
+            with self._lock:
+                self._canary_pending = (None, None)
+            return
+        with self._lock:
+            self._canary_pending = (rollout, model)
+        log.warning("canary: rollout %s %s, step %d of %d, %s of cards on %s (champion %s), "
+                    "from %s", rollout.rollout, rollout.status, rollout.step + 1,
+                    len(rollout.steps), f"{rollout.share:.0%}", rollout.version,
+                    rollout.champion, where)
 
 
 def _iso(ms: int) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer
 
-from fraudstream.schemas.control import ControlRecord
+from fraudstream.schemas.control import ControlError, ControlRecord, decode
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all, ensure_topics
 
@@ -68,6 +68,25 @@ def control_consumer(settings: Settings, name: str, topic: str | None = None) ->
         consumer.close()
         raise
     return consumer
+
+
+def latest(settings: Settings, kind: str) -> ControlRecord | None:
+    """The latest readable state of ``kind`` on the control topic (None: none published)."""
+    try:
+        consumer = control_consumer(settings, f"state-{int(time.time() * 1000)}")
+    except LookupError:
+        return None
+    found = None
+    try:
+        for msg in read_to_end(consumer, 30.0):
+            if msg.key() == kind.encode():
+                try:
+                    found = decode(msg.value())
+                except ControlError:
+                    continue
+    finally:
+        consumer.close()
+    return found
 
 
 def read_to_end(consumer: Consumer, timeout_s: float) -> Iterator[Message]:

@@ -326,6 +326,10 @@ def build_worker(settings: Settings) -> Worker:
         if rules is not None:
             pipeline.scorer = rules
             metrics.set_rules(rules.ruleset.version)
+        canary = follower.take_canary()
+        if canary is not None:
+            models.rollout, models.canary = canary
+            metrics.set_canary(canary[0])
         control_counts()
         started = time.perf_counter()
         result = pipeline.process(records, state.lookup, label_records, arrived=arrived)

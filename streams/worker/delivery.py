@@ -41,7 +41,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from fraudstream.state.engine import StateStore, StateUnavailable
 from fraudstream.streams.dead_letters import DeadLetters
-from fraudstream.streams.pipeline import BatchResult
+from fraudstream.streams.batch import BatchResult
 
 log = logging.getLogger("fraudstream.delivery")
 

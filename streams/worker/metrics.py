@@ -90,6 +90,16 @@ class WorkerMetrics:
         self.control_refused = Counter(
             "fraudstream_control_refused", "Control records this worker refused (the reason "
             "in its log); what was in force stays.", ["kind"], registry=r)
+        self.variant_decisions = Counter(
+            "fraudstream_variant_decisions", "During a canary rollout: decisions by variant "
+            "(champion, canary), outcome and whether they fell back.",
+            ["variant", "outcome", "fallback"], registry=r)
+        self.canary_share = Gauge(
+            "fraudstream_canary_share", "Share of cards the canary version serves on this "
+            "worker (0: no rollout).", registry=r)
+        self.canary = Gauge(
+            "fraudstream_canary_info", "The rollout this worker serves (value 1).",
+            ["version", "champion", "status"], registry=r)
         self.feature_flags = Counter(
             "fraudstream_feature_events", "Transactions whose features were flagged.",
             ["flag"], registry=r)
@@ -160,6 +170,8 @@ class WorkerMetrics:
         for stage_outcome, n in result.stage_outcomes.items():
             stage, outcome = stage_outcome
             self.decisions.labels(outcome, stage).inc(n)
+        for (variant, outcome, fallback), n in result.variants.items():
+            self.variant_decisions.labels(variant, outcome, str(fallback).lower()).inc(n)
         for ts in result.source_timestamps:
             self.latency.observe(max(0.0, (now_ms - ts) / 1000.0))
         fb = result.features
@@ -195,3 +207,10 @@ class WorkerMetrics:
             self.model.labels("active", active).set(1)
         if shadow:
             self.model.labels("shadow", shadow).set(1)
+
+    def set_canary(self, rollout: Any) -> None:
+        """The rollout in force (a :class:`fraudstream.scorers.canary.Rollout`, or None)."""
+        self.canary.clear()
+        self.canary_share.set(rollout.share if rollout is not None else 0.0)
+        if rollout is not None:
+            self.canary.labels(rollout.version, rollout.champion, rollout.status).set(1)

@@ -1,0 +1,71 @@
+"""What the worker's batch step takes and gives: one fetched record
+(:class:`RawRecord`), and everything a batch decided (:class:`BatchResult`), which
+:mod:`fraudstream.streams.worker.delivery` writes out and the metrics and status read."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fraudstream.state.engine import FeatureBatch
+
+
+@dataclass(slots=True, frozen=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class BatchResult:
+    #: (key, value) for the decisions topic, one per valid input record.
+    decisions: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: (partition, dedupe key, decision bytes): first decisions, for the dedupe state.
+    new_entries: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    #: (key, value) for the dead-letter topic, one per record that could not be decided.
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    dlq_reasons: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    #: (partition, key, record): changed feature state, for the state store.
+    feature_writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    #: (transaction_id, FeatureVector record) for the features topic, when logging.
+    feature_log: list[tuple[bytes, bytes]] = field(default_factory=list)
+    features: FeatureBatch | None = None
+    #: (card_id, original value) to re-key through the by-card topic (repartition mode).
+    forwards: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: Valid transactions whose Kafka key is not their card_id.
+    miskeyed: int = 0
+    #: (transaction_id, Decision record) of the shadow model, for decisions.shadow.
+    shadow: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: During a rollout: decisions by (variant, outcome, fallback), and each variant's
+    #: model-stage ms for the batch (``model_champion``, ``model_canary``).
+    variants: Counter[tuple[str, str, bool]] = field(default_factory=Counter)
+    variant_ms: dict[str, float] = field(default_factory=dict)
+    #: Events decided by the rules because the model stage could not, by cause.
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    #: New decisions by (deciding stage, outcome), and their records' Kafka timestamps.
+    stage_outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    source_timestamps: list[int] = field(default_factory=list)
+    #: Decisions made past their budget (counted from the batch's arrival), and by how
+    #: much at most: stale but decided by the model, when it is healthy.
+    past_budget: int = 0
+    past_budget_max_ms: float = 0.0
+    #: Drift events of a window this batch closed, as dicts (schemas/drift_event.avsc).
+    drift_events: list[dict[str, Any]] = field(default_factory=list)
+    #: The new transactions (record, transaction) and their decision fields, aligned; the
+    #: shadow's too when it scored (a replay reads them without decoding the records).
+    fresh: list[tuple[RawRecord, dict[str, Any]]] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    shadow_verdicts: list[dict[str, Any]] | None = None
+    #: The active model's scores of ``fresh`` before any online blend (None: it did not
+    #: score); the feature log keeps them, as evidence for the learner's weight.
+    model_scores: np.ndarray | None = None

@@ -1,0 +1,280 @@
+"""The rollout controller (``fraudstream controller``): moves a canary rollout through its
+steps, judging each one on the live decisions and labels of the step, and rolls it back
+the moment a gate fails (:mod:`fraudstream.scorers.canary`).
+
+It holds no state of its own: the rollout and its step are the latest ``canary`` record on
+the control topic, and a step's evidence is re-read from the ``decisions`` and ``labels``
+topics from the step's start. A restarted controller (or a second one after the first
+died) picks up where the topic says. Run one per deployment: two would both act on a
+failed gate or a finished step, and the second record would repeat the first.
+
+Each move is a record on the control topic (audit trail included), with the gate results
+that caused it in ``verdict``: ``running`` at the next step, ``promoted`` (after the model
+state naming the canary as the active version), or ``rolled_back``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from fraudstream.schemas.codec import Codecs, DecodeError, decode_json, make_registry
+from fraudstream.schemas.control import ControlError, ControlRecord, decode
+from fraudstream.scorers.canary import (
+    CANARY,
+    CHAMPION,
+    CanaryError,
+    GateResult,
+    Rollout,
+    VariantStats,
+    judge,
+)
+from fraudstream.streams.control.topic import control_consumer, latest, publish, read_to_end
+from fraudstream.streams.settings import Settings
+
+log = logging.getLogger("fraudstream.controller")
+BY = "controller"
+
+
+class StepReader:
+    """One step's decisions and labels, per variant, read from the step's start."""
+
+    def __init__(self, settings: Settings, codecs: Codecs, rollout: Rollout) -> None:
+        self.key = (rollout.rollout, rollout.step)
+        self.since = rollout.step_started_at
+        self.stats = {CHAMPION: VariantStats(), CANARY: VariantStats()}
+        self.unreadable = 0
+        self._seen: set[str] = set()
+        topics = settings.topics
+        self._decisions, self._labels = topics.decisions, topics.labels
+        self._decode_decision = codecs.decision.decode
+        self._decode_label = (codecs.label.decode if settings.codec.input_format == "avro"
+                              else decode_json)
+        self._consumer = Consumer({
+            **settings.kafka.consumer_config(f"{settings.worker.app_id}-rollout"),
+            "enable.auto.commit": False})
+        parts: list[TopicPartition] = []
+        for topic in (topics.decisions, topics.labels):
+            meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None:
+                continue  # no labels yet: the precision gates wait
+            found = self._consumer.offsets_for_times(
+                [TopicPartition(topic, p, self.since) for p in meta.partitions], timeout=10)
+            ends = {p: self._consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                            timeout=10)[1]
+                    for p in meta.partitions}
+            parts += [TopicPartition(topic, tp.partition,
+                                     tp.offset if tp.offset >= 0 else ends[tp.partition])
+                      for tp in found]
+        self._consumer.assign(parts)
+
+    def poll(self, timeout_s: float) -> int:
+        """Read what arrived (for up to ``timeout_s``); returns the records read."""
+        msgs = self._consumer.consume(5000, timeout_s)
+        for m in msgs:
+            if m.error() is not None or m.value() is None:
+                continue
+            try:
+                if m.topic() == self._decisions:
+                    self._decision(self._decode_decision(m.value()))
+                else:
+                    label = self._decode_label(m.value())
+                    for s in self.stats.values():
+                        s.label(str(label["transaction_id"]), bool(label["is_fraud"]))
+            except (DecodeError, KeyError, TypeError, ValueError):
+                self.unreadable += 1
+        return len(msgs)
+
+    def _decision(self, d: dict[str, Any]) -> None:
+        variant = d.get("variant")
+        if variant not in self.stats or epoch_ms(d["decided_at"]) < self.since:
+            return
+        if d["transaction_id"] in self._seen:  # a duplicate answered with its first decision
+            return
+        self._seen.add(d["transaction_id"])
+        self.stats[variant].add(d, d["timings_ms"].get(f"model_{variant}"))
+
+    def judge(self, rollout: Rollout) -> list[GateResult]:
+        return judge(self.stats[CHAMPION], self.stats[CANARY], rollout.gates)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def next_state(rollout: Rollout, results: list[GateResult], stats: dict[str, VariantStats],
+               now_ms: int) -> tuple[Rollout, str] | None:
+    """Where a running rollout goes now (and why), or None while its step goes on."""
+    verdict = _clean({"step": rollout.step, "share": rollout.share,
+                      "gates": [asdict(r) for r in results],
+                      CHAMPION: stats[CHAMPION].summary(), CANARY: stats[CANARY].summary()})
+    failed = [r for r in results if r.status == "fail"]
+    if failed:
+        why = "; ".join(r.line() for r in failed)
+        return (rollout.moved(now_ms, status="rolled_back",
+                              verdict={**verdict, "failed": [r.gate for r in failed]}),
+                f"rolled back at step {rollout.step + 1} ({rollout.share:.0%}): {why}")
+    step = rollout.steps[rollout.step]
+    enough = min(s.decisions for s in stats.values()) >= rollout.gates.min_decisions
+    if not enough or now_ms - rollout.step_started_at < step.duration_s * 1000:
+        return None
+    if rollout.step >= rollout.last_judged:
+        return (rollout.moved(now_ms, status="promoted", step=len(rollout.steps) - 1,
+                              verdict=verdict), "every step passed: promoted")
+    nxt = rollout.steps[rollout.step + 1].share
+    return (rollout.moved(now_ms, step=rollout.step + 1, verdict=verdict),
+            f"step {rollout.step + 1} ({rollout.share:.0%}) passed: now {nxt:.0%} of cards")
+
+
+def publish_rollout(settings: Settings, rollout: Rollout, by: str, reason: str) -> None:
+    publish(settings, ControlRecord.make("canary", rollout.version, rollout.to_document(), by,
+                                         int(time.time() * 1000), reason))
+
+
+def promote(settings: Settings, rollout: Rollout, reason: str) -> None:
+    """The model state with the canary as the active version, then the rollout promoted
+    (workers serve it to every card until their champion is that version)."""
+    state = latest(settings, "model")
+    shadow = state.document.get("shadow") if state is not None else None
+    doc = {"active": rollout.version, "shadow": None if shadow == rollout.version else shadow}
+    publish(settings, ControlRecord.make("model", rollout.version, doc, BY,
+                                         int(time.time() * 1000), reason))
+    publish_rollout(settings, rollout, BY, reason)
+
+
+class RolloutMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.share = Gauge("fraudstream_rollout_share",
+                           "Share of cards the running canary serves (0: none).", registry=r)
+        self.gate = Gauge("fraudstream_rollout_gate_failed",
+                          "Per gate of the running step: 1 failed, 0 passed, -1 waiting for "
+                          "evidence.", ["gate"], registry=r)
+        self.variant = Gauge("fraudstream_rollout_variant",
+                             "The running step's figures per variant (decisions, rates, "
+                             "model p99 ms).", ["variant", "stat"], registry=r)
+        self.ended = Counter("fraudstream_rollouts_ended", "Rollouts ended, by outcome "
+                             "(promoted, rolled_back, aborted).", ["outcome"], registry=r)
+
+    def update(self, rollout: Rollout | None, results: list[GateResult],
+               stats: dict[str, VariantStats] | None) -> None:
+        self.share.set(rollout.share if rollout is not None and rollout.status == "running"
+                       else 0.0)
+        for r in results:
+            self.gate.labels(r.gate).set({"fail": 1, "pass": 0}.get(r.status, -1))
+        for variant, s in (stats or {}).items():
+            for stat, value in s.summary().items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.variant.labels(variant, stat).set(value)
+
+
+class Controller:
+    def __init__(self, settings: Settings, metrics: RolloutMetrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.metrics = metrics or RolloutMetrics()
+        self.clock = clock
+        self.codecs = Codecs(make_registry(settings.codec.registry_url,
+                                           settings.codec.registry_username,
+                                           settings.codec.registry_password), settings.topics)
+        self.rollout: Rollout | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                consumer = control_consumer(self.settings, f"controller-{time.time_ns()}")
+                break
+            except LookupError:
+                log.warning("controller: no topic %s yet; waiting",
+                            self.settings.topics.control)
+                stop.wait(5.0)
+        else:
+            return
+        reader: StepReader | None = None
+        try:
+            said = time.monotonic()
+            for msg in read_to_end(consumer, 30.0):  # the state now, before acting on it
+                if msg.key() == b"canary":
+                    self._read(msg)
+            while not stop.is_set():
+                running = self.rollout is not None and self.rollout.status == "running"
+                for msg in consumer.consume(100, 0.05 if running else 1.0):
+                    if msg.error() is None and msg.key() == b"canary":
+                        self._read(msg)
+                r = self.rollout
+                if r is None or r.status != "running":
+                    if reader is not None:
+                        reader.close()
+                        reader = None
+                    self.metrics.update(r, [], None)
+                    continue
+                if reader is None or reader.key != (r.rollout, r.step):
+                    if reader is not None:
+                        reader.close()
+                    reader = StepReader(self.settings, self.codecs, r)
+                    log.warning("controller: judging rollout %s step %d (%s of cards on %s)",
+                                r.rollout, r.step + 1, f"{r.share:.0%}", r.version)
+                reader.poll(0.5)
+                results = reader.judge(r)
+                self.metrics.update(r, results, reader.stats)
+                if time.monotonic() >= said + 15.0:
+                    said = time.monotonic()
+                    log.warning("controller: step %d: %s; %s", r.step + 1, ", ".join(
+                        f"{v} {s.decisions} decisions" for v, s in reader.stats.items()),
+                        "; ".join(g.line() for g in results if g.status != "wait")
+                        or "gates waiting")
+                moved = next_state(r, results, reader.stats, int(self.clock() * 1000))
+                if moved is not None:
+                    self._move(*moved)
+        finally:
+            if reader is not None:
+                reader.close()
+            consumer.close()
+
+    def _read(self, msg: Any) -> None:
+        try:
+            rollout = Rollout.from_document(decode(msg.value()).document)
+        except (ControlError, CanaryError) as exc:
+            log.warning("controller: unreadable rollout at offset %d: %s", msg.offset(), exc)
+            return
+        before = self.rollout
+        if before is not None and before.status == "running" and rollout.status == "aborted" \
+                and before.rollout == rollout.rollout:
+            self.metrics.ended.labels("aborted").inc()
+            log.warning("controller: rollout %s aborted: %s", rollout.rollout,
+                        decode(msg.value()).reason)
+        self.rollout = rollout
+
+    def _move(self, rollout: Rollout, why: str) -> None:
+        log.warning("controller: rollout %s %s", rollout.rollout, why)
+        if rollout.status == "promoted":
+            promote(self.settings, rollout, why)
+        else:
+            publish_rollout(self.settings, rollout, BY, why)
+        if rollout.status != "running":
+            self.metrics.ended.labels(rollout.status).inc()
+        self.rollout = rollout
+
+
+def epoch_ms(value: Any) -> int:
+    """A timestamp-millis field as the reader gives it (a datetime, or an int) in ms."""
+    return int(value.timestamp() * 1000) if isinstance(value, datetime) else int(value)
+
+
+def _clean(value: Any) -> Any:
+    """JSON without NaN: a figure not computed yet is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value

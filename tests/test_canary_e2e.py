@@ -1,0 +1,245 @@
+"""Canary rollouts on the embedded stack, real processes: two workers with their own data
+dirs and models folders, ``fraudstream controller``, and the ``model`` CLI, under steady
+traffic. A good canary goes 10% -> 50% -> champion on its own, each card on one variant per
+step, and a worker killed mid-rollout comes back on the current step; a canary that
+declines everything and one that breaks the latency gate are rolled back by the controller,
+and then no card is served by them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer
+
+from fraudstream.scorers.artifact import write_sums
+from fraudstream.scorers.canary import in_canary
+from fraudstream.scorers.registry import Registry
+from fraudstream.streams.control.rollout import epoch_ms
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import assign_all
+from tests.conftest import DAY_MS, ROOT, T0_MS, _events
+from tests.test_control_models import model_cli, wait_for
+
+pytestmark = pytest.mark.e2e
+
+CARDS = 2000
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+    env.update(settings.to_env())
+    return env
+
+
+@pytest.fixture(scope="module")
+def versions(models_registry, tmp_path_factory) -> tuple[Path, str, str, str, str]:
+    """(folder, champion, good, declines, slow): the champion (the first version of the
+    session's registry); a retrain of its data with another seed (good); one that declines
+    everything (its thresholds set near 0, then sealed: a mis-set threshold); and one of
+    10,000 trees (slow)."""
+    from fraudstream.scorers import train as T
+    from fraudstream.scorers.rules import RuleSet, RulesScorer
+
+    root = tmp_path_factory.mktemp("canary-models")
+    champion = models_registry.versions()[0]
+    shutil.copytree(models_registry.root / champion, root / champion)
+    made = []
+    for trees, seed in ((40, 11), (40, 12), (10_000, 13)):
+        time.sleep(1.0)  # versions are named by the second
+        before = set(Registry(root).versions())
+        T.train(_events(5, 8.0, 2500), root, T.TrainConfig(trees=trees, seed=seed),
+                "05" * 32, RulesScorer(RuleSet.default()))
+        made.append((set(Registry(root).versions()) - before).pop())
+    good, declines, slow = made
+    meta = root / declines / "metadata.json"
+    doc = json.loads(meta.read_text())
+    doc["thresholds"] = {"review": 1e-6, "decline": 1e-6}
+    meta.write_text(json.dumps(doc))
+    (root / declines / "SHA256SUMS").unlink()
+    write_sums(root / declines)
+    Registry(root).load(declines, sealed=True)  # it loads: only its decisions are wrong
+    return root, champion, good, declines, slow
+
+
+class Traffic:
+    """A generated history (the world the versions were trained on, other traffic), produced
+    in the background at about 500 transactions a second with its labels, and every
+    decision read."""
+
+    def __init__(self, settings: Settings, codecs) -> None:
+        from fraudstream.streams.traffic.generator import generate_history
+        from fraudstream.streams.traffic.world import GeneratorConfig
+
+        self.settings, self.codecs = settings, codecs
+        txns, labels = generate_history(
+            GeneratorConfig(seed=5, traffic_seed=9, n_cards=CARDS, label_delay_days=0.5,
+                            label_delay_spread_days=0.2, id_prefix="cn"),
+            T0_MS - 11 * DAY_MS, 10.0, 12_500)
+        topics = settings.topics
+        self.records = sorted(
+            [(t["event_time"], topics.transactions, t["card_id"].encode(),
+              codecs.transaction.encode(t)) for t in txns]
+            + [(lab["label_time"], topics.labels, lab["card_id"].encode(),
+                codecs.label.encode(lab)) for lab in labels], key=lambda r: r[0])
+        self.decisions: list[dict] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._produce, daemon=True),
+                         threading.Thread(target=self._read, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _produce(self) -> None:
+        from confluent_kafka import Producer
+
+        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
+        for i in range(0, len(self.records), 200):
+            if self._stop.is_set():
+                break
+            for _t, topic, key, value in self.records[i:i + 200]:
+                producer.produce(topic, key=key, value=value)
+            producer.flush(30)
+            self._stop.wait(0.4)
+        producer.flush(30)
+
+    def _read(self) -> None:
+        reader = Consumer(self.settings.kafka.consumer_config("tests-canary-reader"))
+        assign_all(reader, [self.settings.topics.decisions], OFFSET_BEGINNING)
+        while not self._stop.is_set():
+            for m in reader.consume(1000, 0.2):
+                if not m.error():
+                    self.decisions.append(self.codecs.decision.decode(m.value()))
+        reader.close()
+
+    def since(self, t_ms: int) -> list[dict]:
+        return [d for d in list(self.decisions) if epoch_ms(d["decided_at"]) >= t_ms]
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+
+def rolled_back(log: Path) -> str:
+    """The controller's last "rolled back" line."""
+    lines = [line for line in log.read_text().splitlines() if " rolled back at " in line]
+    return lines[-1] if lines else ""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def wait_until(check, timeout_s: float, what: str, logs=()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, (what, [w.tail() for w in logs])
+        time.sleep(0.5)
+
+
+def test_canary_rollouts_promote_a_good_version_and_roll_back_bad_ones(
+        versions, stack_settings, start_worker, codecs, tmp_path):
+    trainer, first, second, declines, slow = versions
+    base = stack_settings.replace(scoring={"budget_ms": 10_000.0, "online": False})
+    settings_of = [base.replace(worker={"data_dir": tmp_path / f"state-{k}"},
+                                scoring={"models_dir": tmp_path / f"models-{k}"})
+                   for k in (0, 1)]
+    workers = [start_worker(s) for s in settings_of]
+    for w in workers:
+        wait_for(w.log, "Worker]: Ready", 60)
+    trainer_settings = base.replace(scoring={"models_dir": trainer})
+    out = model_cli(trainer_settings, "publish", first, "--reason", "champion")
+    assert out.returncode == 0, out.stderr
+    controller_log = tmp_path / "controller.log"
+    with open(controller_log, "w") as log_file:
+        controller = subprocess.Popen([sys.executable, "-m", "fraudstream", "controller"],
+                                      env=env_of(base), cwd=ROOT, stdout=log_file,
+                                      stderr=subprocess.STDOUT)
+    traffic = Traffic(base, codecs)
+    try:
+        wait_until(lambda: {d["model_version"] for d in traffic.decisions[-300:]} == {first},
+                   60, "the champion serves", workers)
+        gates = ["--gate", "min_decisions=100"]
+
+        # 1. A good canary: 10% then 50% then promoted, with no command after the first.
+        started = now_ms()
+        out = model_cli(trainer_settings, "canary", second, "--steps", "10:8,50:45,100",
+                        *gates, "--reason", "challenger from the November retrain")
+        assert out.returncode == 0, out.stderr
+        wait_for(controller_log, "now 50% of cards", 90)
+        at_50 = now_ms()
+        step1 = [d for d in traffic.since(started) if epoch_ms(d["decided_at"]) < at_50 - 2000
+                 and d["variant"] is not None]
+        by_card: dict[str, set[str]] = defaultdict(set)
+        for d in step1:
+            by_card[d["card_id"]].add(d["variant"])
+            assert d["variant"] == ("canary" if in_canary([d["card_id"]], 0.1)[0]
+                                    else "champion"), d
+            assert d["model_version"] == (second if d["variant"] == "canary" else first)
+        assert all(len(v) == 1 for v in by_card.values())  # no card flips inside a step
+        cards = sum(v == {"canary"} for v in by_card.values()) / len(by_card)
+        share = sum(d["variant"] == "canary" for d in step1) / len(step1)
+        # ~2,000 cards at 10%: the share of cards has sd 0.0067, and 0.03 is 4.5 sd; the
+        # share of decisions varies more (cards buy at different rates): 0.05
+        print(f"step 1: {len(step1)} decisions on {len(by_card)} cards; canary share of "
+              f"cards {cards:.4f}, of decisions {share:.4f}")
+        assert len(by_card) > 1000 and abs(cards - 0.1) < 0.03, cards
+        assert abs(share - 0.1) < 0.05, share
+
+        # A worker killed mid-rollout comes back on the current step (50%).
+        workers[1].proc.kill()
+        workers[1].proc.wait()
+        workers[1] = start_worker(settings_of[1])
+        wait_for(workers[1].log, "step 2 of 3, 50% of cards", 60)
+        wait_for(workers[1].log, "Worker]: Ready", 60)
+        back = now_ms()
+        wait_until(lambda: len(traffic.since(back + 3000)) > 600, 60, "traffic after restart",
+                   workers)
+        later = [d for d in traffic.since(back + 3000) if d["variant"] is not None]
+        assert later and all(d["variant"] == ("canary" if in_canary([d["card_id"]], 0.5)[0]
+                                              else "champion") for d in later)
+
+        wait_for(controller_log, "every step passed: promoted", 90)
+        promoted = now_ms()
+        wait_until(lambda: len(traffic.since(promoted + 4000)) > 300, 60, "after promotion")
+        wait_until(lambda: {(d["model_version"], d["variant"])
+                            for d in traffic.since(now_ms() - 1000)} == {(second, None)},
+                   30, "the canary is the champion", workers)
+
+        # 2. and 3. A canary that declines everything, and one too slow: rolled back.
+        for k, (bad, gate) in enumerate(((declines, "decline_rate"), (slow, "latency"))):
+            out = model_cli(trainer_settings, "canary", bad, "--steps", "10:120,100", *gates,
+                            "--reason", f"a bad one ({gate})")
+            assert out.returncode == 0, out.stderr
+            wait_for(controller_log, f"{bad}@", 30)
+            wait_until(lambda b=bad: f"{b}@" in rolled_back(controller_log), 90,
+                       "rolled back", workers)
+            assert f"{gate} fail" in rolled_back(controller_log), rolled_back(controller_log)
+            for w in workers:
+                wait_for(w.log, f"on {bad} (champion {second})", 30)
+            for w in workers:  # the rollback applied: "rolled_back, step 1 of 2, 0%"
+                wait_until(lambda w=w, k=k: w.log.read_text().count("rolled_back") > k, 30,
+                           "rollback applied", workers)
+            applied = now_ms()
+            wait_until(lambda t=applied: len(traffic.since(t + 1500)) > 400, 60, "traffic")
+            after = traffic.since(applied + 1500)
+            assert {d["model_version"] for d in after} == {second}
+            assert {d["variant"] for d in after} == {None}
+            status = model_cli(trainer_settings, "canary", "--status")
+            assert "rolled_back" in status.stdout and f"{gate}\tfail" in status.stdout
+
+        history = model_cli(trainer_settings, "history").stdout
+        assert history.count("\tcanary\t") >= 6 and "controller" in history
+    finally:
+        traffic.stop()
+        controller.terminate()
+        controller.wait(10)
+    print(controller_log.read_text())
