@@ -20,9 +20,11 @@ it holds, so a rebalance moves no card between variants.
 - ``latency``: the canary's model-stage p99 may be at most ``max_latency_ratio`` times the
   champion's, or ``latency_slack_ms`` above it, whichever is more (both score the same
   batches: the comparison is fair on a noisy machine);
-- ``decline_rate`` and ``review_rate``: the canary's rate may differ from the champion's
-  by ``max_rate_delta`` (absolute) unless the difference is within ``rate_z`` standard
-  errors (a two-proportion z-test: a few extra declines among 500 are noise);
+- ``decline_rate`` and ``review_rate``: the share of the canary's cards it declined (or
+  reviewed) at least once in the step may differ from the champion's by ``max_rate_delta``
+  (absolute) unless the difference is within ``rate_z`` standard errors (a two-proportion
+  z-test). Cards, the unit the split assigns: a card-testing burst of 20 declines on one
+  card is one declined card, not 20 independent declines;
 - ``psi``: the population stability index of the canary's scores against the champion's
   (bins at the champion's deciles, at least 0.01 wide) at most ``max_psi``;
 - ``precision_review`` and ``precision_decline``: the share of the cards the canary
@@ -181,6 +183,8 @@ class VariantStats:
     #: batch, kept up to ``cap`` each (a step's traffic at most, in practice).
     scores: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)
+    #: card_id -> what it got in the step: 1 a review, 2 a decline (bits).
+    cards: dict[str, int] = field(default_factory=dict)
     #: transaction_id -> (card_id, declined?), for the decisions it flagged (review or
     #: decline).
     flagged: dict[str, tuple[str, bool]] = field(default_factory=dict)
@@ -194,7 +198,9 @@ class VariantStats:
         outcome = d["decision"]
         self.reviews += outcome == "review"
         self.declines += outcome == "decline"
-        if outcome != "approve":
+        got = {"review": 1, "decline": 2}.get(outcome, 0)
+        self.cards[d["card_id"]] = self.cards.get(d["card_id"], 0) | got
+        if got:
             self.flagged[d["transaction_id"]] = (d["card_id"], outcome == "decline")
         if not d["fallback"] and len(self.scores) < self.cap:
             self.scores.append(float(d["score"]))
@@ -255,12 +261,12 @@ def judge(champion: VariantStats, canary: VariantStats, gates: Gates) -> list[Ga
                               b["model_p99_ms"], a["model_p99_ms"], limit))
     else:
         out.append(GateResult("latency", "wait", nan, nan, nan))
-    for name, k in (("decline_rate", "declines"), ("review_rate", "reviews")):
-        ka, kb = getattr(champion, k), getattr(canary, k)
-        pa, pb = ka / champion.decisions, kb / canary.decisions
-        failed = _differs(ka, champion.decisions, kb, canary.decisions, gates.max_rate_delta,
-                          gates.rate_z)
-        out.append(GateResult(name, _status(failed), pb, pa, gates.max_rate_delta))
+    na, nb = len(champion.cards), len(canary.cards)
+    for name, bit in (("decline_rate", 2), ("review_rate", 1)):
+        ka = sum(1 for got in champion.cards.values() if got & bit)
+        kb = sum(1 for got in canary.cards.values() if got & bit)
+        failed = _differs(ka, na, kb, nb, gates.max_rate_delta, gates.rate_z)
+        out.append(GateResult(name, _status(failed), kb / nb, ka / na, gates.max_rate_delta))
     if len(champion.scores) >= gates.min_decisions // 2 and len(canary.scores) >= \
             gates.min_decisions // 2:
         value = psi(np.asarray(champion.scores), np.asarray(canary.scores))

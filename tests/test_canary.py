@@ -183,3 +183,8 @@ def test_one_compromised_cards_burst_is_one_card_of_evidence():
     # by transactions the champion's precision would be 70/150 against 20/100: by cards it
     # is 21/101 against 20/100
     assert by_gate(judge(champion, canary, gates))["precision_review"] == "pass"
+    for j in range(50):  # the same in the canary, declined: one declined card, not 50
+        canary.add({"transaction_id": f"cburst{j}", "card_id": "b-burst",
+                    "decision": "decline", "fallback": False, "score": 0.95}, 1.0)
+    got = by_gate(judge(champion, canary, gates))
+    assert got["decline_rate"] == "pass" and got["review_rate"] == "pass", got

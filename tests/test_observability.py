@@ -57,23 +57,14 @@ def _query(base: str, expr: str) -> list:
     return body["data"]["result"]
 
 
-def test_dashboard_queries_return_data_and_alerts_fire(
-        models_registry, stack_settings, start_worker, codecs, tmp_path):
+def start_prometheus(tmp_path, targets: list[str]) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus scraping ``targets`` every second with the shipped alert rules,
+    their windows shortened to fit a test (5m/10m/30m -> 30s, for: -> 0s); (process, base
+    URL), once it is ready."""
     prometheus = shutil.which("prometheus")
     assert prometheus, "make test-deps installs the prometheus package"
-    root = tmp_path / "models"
-    version = models_registry.versions()[0]
-    shutil.copytree(models_registry.root / version, root / version)
-    Registry(root).promote(version)
-    metrics_port, prom_port = free_port(), free_port()
-    settings = stack_settings.replace(
-        worker={"metrics_port": metrics_port},
-        scoring={"models_dir": root, "budget_ms": 0.001, "model_timeout_ms": 0.0,
-                 "drift_window": 200})
-    worker = start_worker(settings)
-
     rules = (DEPLOY / "prometheus" / "alerts.yml").read_text()
-    rules = re.sub(r"\[(5|10)m\]", "[30s]", rules)
+    rules = re.sub(r"\[(5|10|30)m\]", "[30s]", rules)
     rules = re.sub(r"for: \d+m", "for: 0s", rules)
     (tmp_path / "alerts.yml").write_text(rules)
     (tmp_path / "prometheus.yml").write_text(f"""
@@ -81,25 +72,51 @@ global: {{scrape_interval: 1s, evaluation_interval: 1s}}
 rule_files: [alerts.yml]
 scrape_configs:
   - job_name: fraudstream
-    static_configs: [{{targets: ["127.0.0.1:{metrics_port}"]}}]
+    static_configs: [{{targets: {json.dumps(targets)}}}]
 """)
+    port = free_port()
     prom = subprocess.Popen(
         [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),  # noqa: SIM115
         preexec_fn=die_with_parent)
-    base = f"http://127.0.0.1:{prom_port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/-/ready", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
-                time.sleep(0.3)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/-/ready", timeout=2)
+            return prom, base
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_process(prom, 10.0)
+                raise AssertionError((tmp_path / "prometheus.log").read_text()) from None
+            time.sleep(0.3)
 
+
+def panels(dashboard: dict) -> tuple[list[dict], list[dict]]:
+    """(the panels above the canary row, those in it): the canary row has data only while
+    a rollout runs."""
+    rows = [i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row"
+            and p["title"].startswith("Canary")]
+    cut = rows[0] if rows else len(dashboard["panels"])
+    return dashboard["panels"][:cut], dashboard["panels"][cut + 1:]
+
+
+def test_dashboard_queries_return_data_and_alerts_fire(
+        models_registry, stack_settings, start_worker, codecs, tmp_path):
+    root = tmp_path / "models"
+    version = models_registry.versions()[0]
+    shutil.copytree(models_registry.root / version, root / version)
+    Registry(root).promote(version)
+    metrics_port = free_port()
+    settings = stack_settings.replace(
+        worker={"metrics_port": metrics_port},
+        scoring={"models_dir": root, "budget_ms": 0.001, "model_timeout_ms": 0.0,
+                 "drift_window": 200})
+    worker = start_worker(settings)
+
+    prom, base = start_prometheus(tmp_path, [f"127.0.0.1:{metrics_port}"])
+    try:
         # ~25 s of traffic: amounts 20x the training ones (drift), a few bad records
         # (dead letters, 2.4%), labels for some decided transactions (the online learner).
         now = T0_MS
@@ -144,7 +161,7 @@ scrape_configs:
         dashboard = json.loads((DEPLOY / "grafana" / "dashboards" /
                                 "fraudstream.json").read_text())
         empty = []
-        for panel in dashboard["panels"]:
+        for panel in panels(dashboard)[0]:  # the canary row: tests/test_canary_e2e.py
             for target in panel["targets"]:
                 expr = target["expr"].replace("$__rate_interval", "15s")
                 if not _query(base, expr):

@@ -163,6 +163,8 @@ class RolloutMetrics:
                              "model p99 ms).", ["variant", "stat"], registry=r)
         self.ended = Counter("fraudstream_rollouts_ended", "Rollouts ended, by outcome "
                              "(promoted, rolled_back, aborted).", ["outcome"], registry=r)
+        for outcome in ("promoted", "rolled_back", "aborted"):
+            self.ended.labels(outcome)  # at 0 from the start: the first one is an increase
 
     def update(self, rollout: Rollout | None, results: list[GateResult],
                stats: dict[str, VariantStats] | None) -> None:

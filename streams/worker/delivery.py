@@ -40,8 +40,8 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from fraudstream.state.engine import StateStore, StateUnavailable
-from fraudstream.streams.dead_letters import DeadLetters
 from fraudstream.streams.batch import BatchResult
+from fraudstream.streams.dead_letters import DeadLetters
 
 log = logging.getLogger("fraudstream.delivery")
 
