@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer
 
+from fraudstream.schemas.control import ControlRecord
 from fraudstream.scorers.artifact import write_sums
 from fraudstream.scorers.canary import in_canary
 from fraudstream.scorers.registry import Registry
 from fraudstream.streams.control.rollout import epoch_ms
+from fraudstream.streams.control.topic import publish
 from fraudstream.streams.embedded.broker import free_port
 from fraudstream.streams.processes import stop_process
 from fraudstream.streams.settings import Settings
@@ -244,6 +246,23 @@ def test_canary_rollouts_promote_a_good_version_and_roll_back_bad_ones(
             assert {d["variant"] for d in after} == {None}
             status = model_cli(trainer_settings, "canary", "--status")
             assert "rolled_back" in status.stdout and f"{gate}\tfail" in status.stdout
+
+        # A rollout published by hand that a worker cannot apply (shares that shrink) is
+        # refused by every worker, which serves the champion to every card.
+        publish(base, ControlRecord.make("canary", declines, {
+            "rollout": "by-hand", "version": declines, "champion": second,
+            "steps": [{"share": 0.5, "duration_s": 1}, {"share": 0.2, "duration_s": 1},
+                      {"share": 1.0, "duration_s": 0}],
+            "step": 0, "step_started_at": now_ms(), "status": "running"}, "script@ops",
+            now_ms(), "by hand"))
+        for w in workers:
+            wait_for(w.log, "control: refused the rollout", 30)
+        refused = now_ms()
+        wait_until(lambda: len(traffic.since(refused + 1500)) > 300, 60, "traffic")
+        assert {d["variant"] for d in traffic.since(refused + 1500)} == {None}
+        assert "shares must grow" in workers[0].log.read_text()
+        status = model_cli(trainer_settings, "canary", "--status")
+        assert status.returncode == 0 and "cannot be applied" in status.stderr, status
 
         history = model_cli(trainer_settings, "history").stdout
         assert history.count("\tcanary\t") >= 6 and "controller" in history

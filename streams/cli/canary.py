@@ -100,8 +100,17 @@ def run(args: argparse.Namespace, settings: Settings, registry: Registry) -> int
 
 
 def _current(settings: Settings) -> Rollout | None:
+    """The latest rollout; None when there is none, or when the latest cannot be read
+    (said on stderr: workers refused it and serve the champion only)."""
     record = latest(settings, "canary")
-    return Rollout.from_document(record.document) if record is not None else None
+    if record is None:
+        return None
+    try:
+        return Rollout.from_document(record.document)
+    except CanaryError as exc:
+        print(f"the latest rollout record ({record.published_by}, {record.reason}) cannot be "
+              f"applied: {exc}; workers serve the champion only", file=sys.stderr)
+        return None
 
 
 def start(settings: Settings, registry: Registry, version: str, steps: tuple[Step, ...],
