@@ -165,7 +165,7 @@ def status(settings: Settings) -> int:
 
     r = _current(settings)
     if r is None:
-        print("no rollout published")
+        print("no rollout in force")
         return 0
     at = datetime.fromtimestamp(r.step_started_at / 1000, tz=UTC).isoformat(timespec="seconds")
     print(f"rollout {r.rollout}: {r.status}; {r.version} against {r.champion}; step "
