@@ -17,9 +17,9 @@ it holds, so a rebalance moves no card between variants.
 
 - ``fallback``: the canary's fallback rate (its model failed, stalled, or gave no score
   and the champion or the rules decided) may exceed the champion's by ``max_fallback_delta``;
-- ``latency``: the canary's model-stage p99 may be at most ``max_latency_ratio`` times the
-  champion's, or ``latency_slack_ms`` above it, whichever is more (both score the same
-  batches: the comparison is fair on a noisy machine);
+- ``latency``: the canary's model-stage p99 over the step's batches may be at most
+  ``max_latency_ratio`` times the champion's, or ``latency_slack_ms`` above it, whichever
+  is more (both score the same batches: the comparison is fair on a noisy machine);
 - ``decline_rate`` and ``review_rate``: the share of the canary's cards it declined (or
   reviewed) at least once in the step may differ from the champion's by ``max_rate_delta``
   (absolute) unless the difference is within ``rate_z`` standard errors (a two-proportion
@@ -179,8 +179,8 @@ class VariantStats:
     fallbacks: int = 0
     reviews: int = 0
     declines: int = 0
-    #: Scores of the decisions its model made (for the PSI), and its model-stage ms per
-    #: batch, kept up to ``cap`` each (a step's traffic at most, in practice).
+    #: Scores of the decisions its model made (for the PSI), and its model-stage ms, one
+    #: per batch, kept up to ``cap`` each (a step's traffic at most, in practice).
     scores: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)
     #: card_id -> what it got in the step: 1 a review, 2 a decline (bits).

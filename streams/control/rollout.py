@@ -54,6 +54,7 @@ class StepReader:
         self.stats = {CHAMPION: VariantStats(), CANARY: VariantStats()}
         self.unreadable = 0
         self._seen: set[str] = set()
+        self._batches: set[tuple[str, int, float | None]] = set()
         topics = settings.topics
         self._decisions, self._labels = topics.decisions, topics.labels
         self._decode_decision = codecs.decision.decode
@@ -101,7 +102,13 @@ class StepReader:
         if d["transaction_id"] in self._seen:  # a duplicate answered with its first decision
             return
         self._seen.add(d["transaction_id"])
-        self.stats[variant].add(d, d["timings_ms"].get(f"model_{variant}"))
+        # a batch's model time once per batch and variant (every decision of the batch
+        # carries it): one large batch must not weigh as hundreds of samples in the p99
+        timings = d["timings_ms"]
+        batch = (variant, epoch_ms(d["decided_at"]), timings.get("total"))
+        ms = timings.get(f"model_{variant}") if batch not in self._batches else None
+        self._batches.add(batch)
+        self.stats[variant].add(d, ms)
 
     def judge(self, rollout: Rollout) -> list[GateResult]:
         return judge(self.stats[CHAMPION], self.stats[CANARY], rollout.gates)
