@@ -551,3 +551,42 @@ def test_the_record_cache_reads_the_table_again_after_a_rebalance(request, tmp_p
     store.refresh()
     assert store.read([key]) == [record(3.0)]
     stores.close()
+
+
+def test_a_partition_revoked_and_given_back_opens_again(request, tmp_path):
+    """A rebalance that takes a partition away and gives it back (as a standby, after a
+    worker rejoined) reopens its RocksDB in the same process: nothing of ours may keep the
+    old handle, or the file lock stays held and the worker crashes."""
+    from faust.types import TP
+
+    store = next(_rocksdb_store(request, tmp_path))
+    state = store.state
+    state.record([(0, b"00001|t1", b"decision")])  # the write handle of partition 0
+    faust_store = state.table.data
+    tp = TP(state.table.changelog_topic.get_topic_name(), 0)
+    faust_store.revoke_partitions(state.table, {tp})
+    assert 0 not in faust_store._dbs
+    assert faust_store._db_for_partition(0).get(b"00001|t1") == b"decision"  # no lock error
+    assert state.lookup(0, [b"00001|t1"]) == [b"decision"]
+
+
+def test_idle_entities_expire_and_the_rest_stay_read_in_chunks(request, tmp_path):
+    """``expire_idle`` reads the partitions a few records at a time (yielding between
+    chunks, holding no handle across them): every idle card goes, every active one
+    stays, whatever the chunk boundaries."""
+    store = next(_rocksdb_store(request, tmp_path))
+    engine = FeatureEngine(FeatureConfig(), store)
+    day = 86_400_000
+    old = [TxnEvent(0, i, txn(f"old_{i}", T0, merchant_id=f"mo{i}", device_id=f"do{i}",
+                              ip=f"10.0.0.{i}")) for i in range(7)]
+    new = [TxnEvent(0, 10 + i, txn(f"new_{i}", T0 + 40 * day, merchant_id=f"mn{i}",
+                                   device_id=f"dn{i}", ip=f"10.0.1.{i}")) for i in range(5)]
+    for events in (old, new):
+        store.write(engine.process(events).writes)
+        flush(store)
+    removed = asyncio.run(store.expire_idle({0: T0 + 40 * day}, chunk=3))
+    assert removed == 7 * 4  # each old card with its merchant, device and IP
+    db = store.state.table.data._dbs[0]
+    keys = [k for k in db.keys() if k[1:2] == b"|"]
+    assert keys and not any(b"old_" in k or b"mo" in k for k in keys)
+    assert sum(b"new_" in k for k in keys) == 5

@@ -122,26 +122,20 @@ class TableFeatureStore:
             return 0
         decode = self.state.table.data._decode_value
         expired: list[tuple[int, bytes]] = []
-        for partition, db in list(dbs.items()):
+        for partition in list(dbs):
             now = now_ms.get(partition)
             if now is None:
                 continue
             before = now - 31 * DAY_MS
             log_before = b"f|%05d|" % int((now - log_days * DAY_MS) // DAY_MS)
-            seen = 0
-            for key, value in db.items(from_key=b"c|"):
-                if key.startswith(b"f|"):
-                    if key < log_before:
-                        expired.append((partition, key))
-                    continue
-                if key[1:2] != b"|" or key[:1] not in b"cmdi":
-                    continue
-                record = decode(value)
-                if isinstance(record, bytes) and _idle(record, before):
-                    expired.append((partition, key))
-                seen += 1
-                if seen % chunk == 0:
-                    await asyncio.sleep(0)
+            start: bytes | None = b"c|"
+            while start is not None:
+                # No handle is held across the await: a partition revoked meanwhile must
+                # close (Faust drops its last reference), or it cannot be opened again.
+                start = _scan_chunk(dbs.get(partition), partition, start, chunk, before,
+                                    log_before, decode, expired)
+                await asyncio.sleep(0)
+        expired = [(p, k) for p, k in expired if p in dbs]  # not a partition revoked since
         if not expired:
             return 0
         self.forget()
@@ -151,6 +145,31 @@ class TableFeatureStore:
                 store.pop(key, None)
         await self.state._write_changelog((p, k, None) for p, k in expired)
         return len(expired)
+
+
+def _scan_chunk(db: Any, partition: int, start: bytes, chunk: int, before: float,
+                log_before: bytes, decode: Any, expired: list[tuple[int, bytes]],
+                ) -> bytes | None:
+    """Up to ``chunk`` records of ``db`` from ``start``: the idle ones and the old
+    feature-log entries into ``expired``; returns where the next chunk starts (None: done,
+    or the partition is gone)."""
+    if db is None:
+        return None
+    seen = 0
+    for key, value in db.items(from_key=start):
+        if seen == chunk:
+            return key
+        seen += 1
+        if key.startswith(b"f|"):
+            if key < log_before:
+                expired.append((partition, key))
+            continue
+        if key[1:2] != b"|" or key[:1] not in b"cmdi":
+            continue
+        record = decode(value)
+        if isinstance(record, bytes) and _idle(record, before):
+            expired.append((partition, key))
+    return None
 
 
 def _idle(record: bytes, before: float) -> bool:

@@ -73,6 +73,19 @@ class FaustTableState:
         self.end_marker = end_marker
         self.wal = wal
         self._unlogged: dict[int, Any] = {}
+        store = table.data
+        revoke = getattr(store, "revoke_partitions", None)
+        if revoke is not None:
+            def revoke_partitions(tbl: Any, tps: Any) -> None:
+                # Faust closes a revoked partition's RocksDB by dropping its last reference:
+                # a handle kept here would keep the file lock, and the partition could not
+                # be opened again in this process (a worker crashed on the standby it was
+                # given back after a rebalance: "lock hold by current process").
+                for tp in tps:
+                    self._unlogged.pop(tp.partition, None)
+                revoke(tbl, tps)
+
+            store.revoke_partitions = revoke_partitions
         self._events: dict[int, _PartitionEvent] = {}
         self._pending: list[tuple[int, bytes, bytes]] = []
 
@@ -162,17 +175,7 @@ class FaustTableState:
         dbs = getattr(self.table.data, "_dbs", None)
         if not dbs:
             return 0
-        expired: list[tuple[int, bytes]] = []
-        for partition, db in list(dbs.items()):
-            before_day = before_days.get(partition)
-            if before_day is None:
-                continue
-            stop = b"%05d|" % before_day
-            for key in db.keys():
-                if key >= stop:
-                    break
-                if key[:5].isdigit():  # entries only, not Faust's own offset key
-                    expired.append((partition, key))
+        expired = _expired_entries(dbs, before_days)  # no handle held past it
         if not expired:
             return 0
         store = self.table.data
@@ -181,3 +184,20 @@ class FaustTableState:
                 store.pop(key, None)
         await self._write_changelog((p, k, None) for p, k in expired)
         return len(expired)
+
+
+def _expired_entries(dbs: dict[int, Any], before_days: Mapping[int, int]
+                     ) -> list[tuple[int, bytes]]:
+    """(partition, key) of the dedupe entries of event days before ``before_days``."""
+    expired: list[tuple[int, bytes]] = []
+    for partition, db in list(dbs.items()):
+        before_day = before_days.get(partition)
+        if before_day is None:
+            continue
+        stop = b"%05d|" % before_day
+        for key in db.keys():
+            if key >= stop:
+                break
+            if key[:5].isdigit():  # entries only, not Faust's own offset key
+                expired.append((partition, key))
+    return expired
