@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 
 from fraudstream.scorers.canary import (
     CanaryError,
+    GateResult,
     Gates,
     Rollout,
     Step,
@@ -171,9 +173,12 @@ def status(settings: Settings) -> int:
     print(f"rollout {r.rollout}: {r.status}; {r.version} against {r.champion}; step "
           f"{r.step + 1} of {len(r.steps)} ({r.share:.0%} of cards) since {at}")
     if r.status != "running":
-        for gate in (r.verdict or {}).get("gates", []):
-            print(f"  {gate['gate']}\t{gate['status']}\tcanary {gate['canary']}\t"
-                  f"champion {gate['champion']}\tlimit {gate['limit']}")
+        verdict = r.verdict or {}
+        if verdict.get("failed"):
+            print(f"  failed: {', '.join(verdict['failed'])}")
+        for gate in verdict.get("gates", []):
+            print("  " + GateResult(**{k: math.nan if v is None else v
+                                       for k, v in gate.items()}).line())
         return 0
     reader = StepReader(settings, Controller(settings).codecs, r)
     try:
@@ -181,7 +186,8 @@ def status(settings: Settings) -> int:
         while quiet < 3:  # read until three polls in a row bring nothing
             quiet = quiet + 1 if reader.poll(0.5) == 0 else 0
         for variant, s in reader.stats.items():
-            figures = ", ".join(f"{k} {v:.4g}" for k, v in s.summary().items())
+            figures = ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
+                                for k, v in s.summary().items())
             print(f"  {variant}: {figures}")
         for g in reader.judge(r):
             print(f"  {g.line()}")
