@@ -245,7 +245,7 @@ def test_canary_rollouts_promote_a_good_version_and_roll_back_bad_ones(
             assert {d["model_version"] for d in after} == {second}
             assert {d["variant"] for d in after} == {None}
             status = model_cli(trainer_settings, "canary", "--status")
-            assert "rolled_back" in status.stdout and f"{gate}\tfail" in status.stdout
+            assert "rolled_back" in status.stdout and f"{gate} fail" in status.stdout, status
 
         # A rollout published by hand that a worker cannot apply (shares that shrink) is
         # refused by every worker, which serves the champion to every card.
