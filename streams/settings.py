@@ -257,6 +257,27 @@ class ScoringSettings:
 
 
 @dataclass(frozen=True)
+class CanarySettings:
+    """Canary rollouts: the defaults of `fraudstream model canary` and the controller."""
+
+    #: Percent of cards per step, each optionally PERCENT:SECONDS; the last is 100.
+    steps: str = "5,25,50,100"
+    step_duration_s: float = 600.0
+    #: Each gate's limit (scorers/canary.py); `model canary --gate NAME=VALUE` overrides.
+    min_decisions: int = 500
+    max_fallback_delta: float = 0.01
+    max_latency_ratio: float = 1.5
+    latency_slack_ms: float = 5.0
+    max_rate_delta: float = 0.02
+    rate_z: float = 3.0
+    max_psi: float = 0.25
+    min_labelled: int = 50
+    max_precision_drop: float = 0.05
+    #: Where `fraudstream controller` serves its /metrics (0: a free port).
+    controller_metrics_port: int = 9465
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
@@ -264,6 +285,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     features: FeatureSettings = field(default_factory=FeatureSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    canary: CanarySettings = field(default_factory=CanarySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -397,6 +419,17 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_SCORING_DRIFT_WINDOW": AT_LEAST_ONE,
     "FRAUDSTREAM_SCORING_DRIFT_PSI_THRESHOLD": POSITIVE,
     "FRAUDSTREAM_SCORING_DRIFT_JS_THRESHOLD": Range(0, 1, low_open=True),
+    "FRAUDSTREAM_CANARY_STEP_DURATION_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_CANARY_MIN_DECISIONS": AT_LEAST_ONE,
+    "FRAUDSTREAM_CANARY_MAX_FALLBACK_DELTA": Range(0, 1),
+    "FRAUDSTREAM_CANARY_MAX_LATENCY_RATIO": Range(1),
+    "FRAUDSTREAM_CANARY_LATENCY_SLACK_MS": NOT_NEGATIVE,
+    "FRAUDSTREAM_CANARY_MAX_RATE_DELTA": Range(0, 1),
+    "FRAUDSTREAM_CANARY_RATE_Z": NOT_NEGATIVE,
+    "FRAUDSTREAM_CANARY_MAX_PSI": POSITIVE,
+    "FRAUDSTREAM_CANARY_MIN_LABELLED": AT_LEAST_ONE,
+    "FRAUDSTREAM_CANARY_MAX_PRECISION_DROP": Range(0, 1),
+    "FRAUDSTREAM_CANARY_CONTROLLER_METRICS_PORT": Range(0, 65_535),
 }
 
 

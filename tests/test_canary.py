@@ -188,3 +188,20 @@ def test_one_compromised_cards_burst_is_one_card_of_evidence():
                     "decision": "decline", "fallback": False, "score": 0.95}, 1.0)
     got = by_gate(judge(champion, canary, gates))
     assert got["decline_rate"] == "pass" and got["review_rate"] == "pass", got
+
+
+def test_the_deployments_gate_defaults_are_the_gates_defaults_and_flags_override_them():
+    from fraudstream.streams.cli.canary import gates_of, parse_gates, parse_steps
+    from fraudstream.streams.settings import Settings
+
+    assert gates_of(Settings()) == Gates()
+    mine = Settings().replace(canary={"min_decisions": 50, "max_psi": 0.5})
+    gates = parse_gates(["max_psi=0.1"], gates_of(mine))
+    assert (gates.min_decisions, gates.max_psi, gates.rate_z) == (50, 0.1, 3.0)
+    with pytest.raises(CanaryError):
+        parse_gates(["max_pci=0.1"], Gates())
+    assert parse_steps(Settings().canary.steps, 60.0) == (
+        Step(0.05, 60.0), Step(0.25, 60.0), Step(0.5, 60.0), Step(1.0, 60.0))
+    assert parse_steps("10:5,100", 60.0) == (Step(0.1, 5.0), Step(1.0, 60.0))
+    with pytest.raises(CanaryError):
+        parse_steps("50,25,100", 60.0)

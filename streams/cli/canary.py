@@ -39,16 +39,16 @@ GATE_NAMES = [f.name for f in dataclasses.fields(Gates)]
 def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("version", nargs="?", help="the version to roll out (trained here, in "
                                               "FRAUDSTREAM_SCORING_MODELS_DIR)")
-    q.add_argument("--steps", default="5,25,50,100",
+    q.add_argument("--steps", default=None,
                    help="percent of cards per step, each optionally with its duration in "
                         "seconds (5:300,25,50,100); the last is 100: the promotion "
-                        "(default: %(default)s)")
-    q.add_argument("--step-duration", type=float, default=600.0, metavar="S",
+                        "(default: FRAUDSTREAM_CANARY_STEPS)")
+    q.add_argument("--step-duration", type=float, default=None, metavar="S",
                    help="seconds a step lasts at least, unless given with it (default: "
-                        "%(default)s)")
+                        "FRAUDSTREAM_CANARY_STEP_DURATION_S)")
     q.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                    help=f"a gate's limit, one of: {', '.join(GATE_NAMES)} (defaults: "
-                        f"{', '.join(f'{k}={v}' for k, v in dataclasses.asdict(Gates()).items())})")
+                        "FRAUDSTREAM_CANARY_<NAME>)")
     q.add_argument("--status", action="store_true", help="the rollout and its gates now")
     q.add_argument("--abort", action="store_true", help="stop the rollout: every card goes "
                                                         "back to the champion")
@@ -68,7 +68,12 @@ def parse_steps(text: str, default_s: float) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def parse_gates(items: list[str]) -> Gates:
+def gates_of(settings: Settings) -> Gates:
+    """The gates' defaults of this deployment (``FRAUDSTREAM_CANARY_*``)."""
+    return Gates(**{name: getattr(settings.canary, name) for name in GATE_NAMES})
+
+
+def parse_gates(items: list[str], base: Gates) -> Gates:
     values: dict[str, float] = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -78,7 +83,7 @@ def parse_gates(items: list[str]) -> Gates:
             values[name] = int(value) if name.startswith("min_") else float(value)
         except ValueError:
             raise CanaryError(f"--gate {item!r}: {value!r} is not a number") from None
-    return Gates(**values)
+    return dataclasses.replace(base, **values)
 
 
 def run(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
@@ -93,9 +98,12 @@ def run(args: argparse.Namespace, settings: Settings, registry: Registry) -> int
             return abort(settings, _who(args.by), args.reason.strip())
         if args.version is None:
             raise CanaryError("name the version to roll out, or --status, or --abort")
-        return start(settings, registry, args.version,
-                     parse_steps(args.steps, args.step_duration), parse_gates(args.gate),
-                     _who(args.by), args.reason.strip())
+        c = settings.canary
+        steps = parse_steps(args.steps or c.steps, args.step_duration
+                            if args.step_duration is not None else c.step_duration_s)
+        return start(settings, registry, args.version, steps,
+                     parse_gates(args.gate, gates_of(settings)), _who(args.by),
+                     args.reason.strip())
     except CanaryError as exc:
         print(f"fraudstream model canary: {exc}", file=sys.stderr)
         return 2
@@ -205,10 +213,11 @@ def run_controller(args: argparse.Namespace, settings: Settings) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     metrics = RolloutMetrics()
-    if args.metrics_port is not None:
-        from prometheus_client import start_http_server
+    from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, registry=metrics.registry)
+    port = args.metrics_port if args.metrics_port is not None \
+        else settings.canary.controller_metrics_port
+    start_http_server(port, registry=metrics.registry)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -199,7 +199,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("controller", help="move canary rollouts through their steps, and "
                        "roll them back when a gate fails")
     p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve the controller's /metrics on this port (default: none)")
+                   help="serve the controller's /metrics on this port (default: "
+                        "FRAUDSTREAM_CANARY_CONTROLLER_METRICS_PORT)")
     p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("settings", help="list every setting and its default")
