@@ -197,13 +197,15 @@ def test_canary_rollouts_promote_a_good_version_and_roll_back_bad_ones(
         assert all(len(v) == 1 for v in by_card.values())  # no card flips inside a step
         cards = sum(v == {"canary"} for v in by_card.values()) / len(by_card)
         share = sum(d["variant"] == "canary" for d in step1) / len(step1)
-        # 800+ cards at 10%: the share of cards has sd 0.011 at most, 0.03 is 2.8 sd (the
-        # same cards every run: not a chance of failing, a check of the split); the
-        # share of decisions varies more (cards buy at different rates): 0.05
+        # The share of n cards in a 10% split has sd sqrt(0.09 / n): 4 sd is the tolerance
+        # (0.032 at 1,400 cards, the usual count); the share of decisions varies more
+        # (cards buy at different rates): twice that.
+        tolerance = 4 * (0.09 / len(by_card)) ** 0.5
         print(f"step 1: {len(step1)} decisions on {len(by_card)} cards; canary share of "
-              f"cards {cards:.4f}, of decisions {share:.4f}")
-        assert len(by_card) > 800 and abs(cards - 0.1) < 0.03, cards
-        assert abs(share - 0.1) < 0.05, share
+              f"cards {cards:.4f}, of decisions {share:.4f} (tolerance {tolerance:.3f})")
+        assert len(by_card) > 300, len(by_card)
+        assert abs(cards - 0.1) < tolerance, (cards, len(by_card))
+        assert abs(share - 0.1) < 2 * tolerance, (share, len(by_card))
 
         # A worker killed mid-rollout comes back on the current step (50%).
         workers[1].proc.kill()
