@@ -64,12 +64,17 @@ class ModelStage:
         self._pending: Future[Any] | None = None
 
     def serving_canary(self) -> Any:
-        """The canary version while it serves a share of cards: not once the champion is
-        that version (a promotion the registry has caught up with)."""
-        if self.rollout is None or self.canary is None or self.rollout.share <= 0.0:
+        """The canary version while it serves a share of cards. A promoted one serves
+        every card only while the champion is still the one it was judged against (until
+        the registry catches up with the promotion), never once another version is
+        active (published later: the latest rollout record stays promoted)."""
+        rollout, active = self.rollout, self.active
+        if rollout is None or self.canary is None or rollout.share <= 0.0:
             return None
-        active = self.active
         if active is not None and active.version == self.canary.version:
+            return None
+        if rollout.status == "promoted" and (active is None
+                                             or active.version != rollout.champion):
             return None
         return self.canary
 

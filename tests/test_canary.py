@@ -4,6 +4,7 @@ grows), what the decisions say, what a failing canary leaves, and the gates' jud
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -138,6 +139,17 @@ def test_the_canary_decides_for_its_cards_only(models_registry, codecs):  # noqa
         assert d["model_version"] == (canary_v if canary else champion_v)
         assert not d["fallback"]
         assert {"model_champion", "model_canary"} <= set(d["timings_ms"])
+
+    # Promoted: the canary serves every card while the champion is still the version it
+    # was judged against (the registry has not caught up yet)...
+    stage.rollout = replace(rollout(status="promoted", share_step=2), champion=champion_v)
+    out = decisions(codecs, pipe.process(records(codecs, 3, card="card_w"), nothing))
+    assert {(d["model_version"], d["variant"]) for d in out} == {(canary_v, "canary")}
+    # ...never once another version is active (a later `model publish`: the latest
+    # rollout record stays promoted, and must not bring its version back)
+    stage.rollout = replace(stage.rollout, champion="v-older")
+    out = decisions(codecs, pipe.process(records(codecs, 3, card="card_v"), nothing))
+    assert {(d["model_version"], d["variant"]) for d in out} == {(champion_v, None)}
 
     # Once the champion is the canary's version (a promotion caught up), no variant.
     stage.active = stage.canary
