@@ -205,7 +205,6 @@ class ControlFollower:
                     _iso(record.published_at), record.reason)
         return True
 
-
     def _apply_canary(self, msg: Message) -> None:
         """The rollout in force: its canary version fetched (if need be), loaded and
         checked here, off the batch loop, then handed over with the step."""

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fraudstream.schemas.codec import Codecs, DecodeError, decode_json, make_registry
@@ -195,6 +195,8 @@ class Controller:
                                            settings.codec.registry_username,
                                            settings.codec.registry_password), settings.topics)
         self.rollout: Rollout | None = None
+        self._reader: StepReader | None = None
+        self._said = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -207,46 +209,61 @@ class Controller:
                 stop.wait(5.0)
         else:
             return
-        reader: StepReader | None = None
         try:
-            said = time.monotonic()
             for msg in read_to_end(consumer, 30.0):  # the state now, before acting on it
                 if msg.key() == b"canary":
                     self._read(msg)
             while not stop.is_set():
-                running = self.rollout is not None and self.rollout.status == "running"
-                for msg in consumer.consume(100, 0.05 if running else 1.0):
-                    if msg.error() is None and msg.key() == b"canary":
-                        self._read(msg)
-                r = self.rollout
-                if r is None or r.status != "running":
-                    if reader is not None:
-                        reader.close()
-                        reader = None
-                    self.metrics.update(r, [], None)
-                    continue
-                if reader is None or reader.key != (r.rollout, r.step):
-                    if reader is not None:
-                        reader.close()
-                    reader = StepReader(self.settings, self.codecs, r)
-                    log.warning("controller: judging rollout %s step %d (%s of cards on %s)",
-                                r.rollout, r.step + 1, f"{r.share:.0%}", r.version)
-                reader.poll(0.5)
-                results = reader.judge(r)
-                self.metrics.update(r, results, reader.stats)
-                if time.monotonic() >= said + 15.0:
-                    said = time.monotonic()
-                    log.warning("controller: step %d: %s; %s", r.step + 1, ", ".join(
-                        f"{v} {s.decisions} decisions" for v, s in reader.stats.items()),
-                        "; ".join(g.line() for g in results if g.status != "wait")
-                        or "gates waiting")
-                moved = next_state(r, results, reader.stats, int(self.clock() * 1000))
-                if moved is not None:
-                    self._move(*moved)
+                try:
+                    self._turn(consumer)
+                except (KafkaException, RuntimeError, LookupError) as exc:
+                    # a broker or registry away for a while: the rollout waits, as it is
+                    log.warning("controller: %s; trying again in 5 s", exc)
+                    self._close_reader()
+                    stop.wait(5.0)
+                except Exception:  # never a dead controller: say what, then go on
+                    log.exception("controller: judging the rollout failed; trying again "
+                                  "in 5 s")
+                    self._close_reader()
+                    stop.wait(5.0)
         finally:
-            if reader is not None:
-                reader.close()
+            self._close_reader()
             consumer.close()
+
+    def _turn(self, consumer: Consumer) -> None:
+        """Read what changed on the control topic, then judge the running step (if any)
+        on what arrived, and move the rollout when it should."""
+        running = self.rollout is not None and self.rollout.status == "running"
+        for msg in consumer.consume(100, 0.05 if running else 1.0):
+            if msg.error() is None and msg.key() == b"canary":
+                self._read(msg)
+        r = self.rollout
+        if r is None or r.status != "running":
+            self._close_reader()
+            self.metrics.update(r, [], None)
+            return
+        reader = self._reader
+        if reader is None or reader.key != (r.rollout, r.step):
+            self._close_reader()
+            reader = self._reader = StepReader(self.settings, self.codecs, r)
+            log.warning("controller: judging rollout %s step %d (%s of cards on %s)",
+                        r.rollout, r.step + 1, f"{r.share:.0%}", r.version)
+        reader.poll(0.5)
+        results = reader.judge(r)
+        self.metrics.update(r, results, reader.stats)
+        if time.monotonic() >= self._said + 15.0:
+            self._said = time.monotonic()
+            log.warning("controller: step %d: %s; %s", r.step + 1, ", ".join(
+                f"{v} {s.decisions} decisions" for v, s in reader.stats.items()),
+                "; ".join(g.line() for g in results if g.status != "wait") or "gates waiting")
+        moved = next_state(r, results, reader.stats, int(self.clock() * 1000))
+        if moved is not None:
+            self._move(*moved)
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _read(self, msg: Any) -> None:
         try:
