@@ -112,11 +112,10 @@ class Rollout:
 
     @property
     def share(self) -> float:
-        """The share of cards the canary serves now: the step's while running, all of
-        them once promoted (until the workers' champion is the canary), none otherwise."""
-        if self.status == "running":
-            return self.steps[self.step].share
-        return 1.0 if self.status == "promoted" else 0.0
+        """The share of cards the canary serves now: the step's while running, none once
+        it ended. Promoted, it serves every card as the active version (the model state
+        published with the promotion), not as a canary."""
+        return self.steps[self.step].share if self.status == "running" else 0.0
 
     @property
     def last_judged(self) -> int:

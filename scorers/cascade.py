@@ -64,17 +64,12 @@ class ModelStage:
         self._pending: Future[Any] | None = None
 
     def serving_canary(self) -> Any:
-        """The canary version while it serves a share of cards. A promoted one serves
-        every card only while the champion is still the one it was judged against (until
-        the registry catches up with the promotion), never once another version is
-        active (published later: the latest rollout record stays promoted)."""
+        """The canary version while it serves a share of cards (a running rollout), and
+        not once it is the active version."""
         rollout, active = self.rollout, self.active
         if rollout is None or self.canary is None or rollout.share <= 0.0:
             return None
         if active is not None and active.version == self.canary.version:
-            return None
-        if rollout.status == "promoted" and (active is None
-                                             or active.version != rollout.champion):
             return None
         return self.canary
 

@@ -148,7 +148,7 @@ def publish_rollout(settings: Settings, rollout: Rollout, by: str, reason: str) 
 
 def promote(settings: Settings, rollout: Rollout, reason: str) -> None:
     """The model state with the canary as the active version, then the rollout promoted
-    (workers serve it to every card until their champion is that version)."""
+    (workers stop the split; their model watcher makes the canary the active version)."""
     state = latest(settings, "model")
     shadow = state.document.get("shadow") if state is not None else None
     doc = {"active": rollout.version, "shadow": None if shadow == rollout.version else shadow}
