@@ -111,6 +111,21 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0,
     return {t: len(meta[t].partitions) for t in names if t in meta}
 
 
+def offsets_at(consumer: Consumer, topic: str, partitions: list[int], time_ms: int,
+               ends: dict[int, int] | None = None) -> dict[int, int]:
+    """Per partition, where reading from ``time_ms`` (a Kafka timestamp) starts: its first
+    record at or after the time, else the partition's end offset (``ends``, or read here
+    before the lookup, so that records arriving meanwhile are read: they are newer). The
+    embedded broker answers the lookup coarsely (it may give an earlier offset): readers
+    skip older records as they read them."""
+    if ends is None:
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in partitions}
+    found = consumer.offsets_for_times(
+        [TopicPartition(topic, p, time_ms) for p in partitions], timeout=10)
+    return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition] for tp in found}
+
+
 def assign_all(consumer: Consumer, topics: list[str], offset: int) -> None:
     """Assign every partition of ``topics`` to ``consumer``, starting at ``offset``
     (e.g. OFFSET_BEGINNING): no group join to wait for, no committed offsets used.

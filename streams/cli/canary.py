@@ -171,7 +171,7 @@ def abort(settings: Settings, by: str, reason: str) -> int:
 
 
 def status(settings: Settings) -> int:
-    from fraudstream.streams.control.rollout import Controller, StepReader
+    from fraudstream.streams.control.rollout import StepReader, codecs_for
 
     r = _current(settings)
     if r is None:
@@ -188,7 +188,7 @@ def status(settings: Settings) -> int:
             print("  " + GateResult(**{k: math.nan if v is None else v
                                        for k, v in gate.items()}).line())
         return 0
-    reader = StepReader(settings, Controller(settings).codecs, r)
+    reader = StepReader(settings, codecs_for(settings), r)
     try:
         quiet = 0
         while quiet < 3:  # read until three polls in a row bring nothing

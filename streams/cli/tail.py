@@ -51,6 +51,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaExcepti
 from fraudstream.schemas.codec import AvroCodec, Codecs, DecodeError, make_registry, schema_text
 from fraudstream.schemas.validate import mask_pans
 from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import offsets_at
 
 #: Seconds without a record after which an export (``--from`` or ``--to`` given, no
 #: ``--until-idle``) ends. Far longer than the first fetch after the partitions are
@@ -237,16 +238,9 @@ def _start_offsets(consumer: Consumer, topic: str, partitions: list[int], plan: 
     if plan.start_ms is None:
         where = OFFSET_BEGINNING if from_beginning else OFFSET_END
         return [TopicPartition(topic, p, where) for p in partitions]
-    # end offsets first: a partition without a record at or after --from starts there, and
-    # records that arrive meanwhile are read (they are newer than the lookup)
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions}
-    found = consumer.offsets_for_times(
-        [TopicPartition(topic, p, plan.start_ms) for p in partitions], timeout=10)
-    # the embedded broker answers the lookup coarsely (it may give an earlier offset):
     # records before --from are skipped as they are read
-    return [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0
-                           else ends[tp.partition]) for tp in found]
+    return [TopicPartition(topic, p, offset)
+            for p, offset in offsets_at(consumer, topic, partitions, plan.start_ms).items()]
 
 
 def _open(path: Path | None) -> tuple[TextIO, bool]:

@@ -40,9 +40,15 @@ from fraudstream.scorers.canary import (
 )
 from fraudstream.streams.control.topic import control_consumer, latest, publish, read_to_end
 from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import offsets_at
 
 log = logging.getLogger("fraudstream.controller")
 BY = "controller"
+
+
+def codecs_for(settings: Settings) -> Codecs:
+    return Codecs(make_registry(settings.codec.registry_url, settings.codec.registry_username,
+                                settings.codec.registry_password), settings.topics)
 
 
 class StepReader:
@@ -68,14 +74,8 @@ class StepReader:
             meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
             if meta is None or meta.error is not None:
                 continue  # no labels yet: the precision gates wait
-            found = self._consumer.offsets_for_times(
-                [TopicPartition(topic, p, self.since) for p in meta.partitions], timeout=10)
-            ends = {p: self._consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                            timeout=10)[1]
-                    for p in meta.partitions}
-            parts += [TopicPartition(topic, tp.partition,
-                                     tp.offset if tp.offset >= 0 else ends[tp.partition])
-                      for tp in found]
+            parts += [TopicPartition(topic, p, offset) for p, offset in offsets_at(
+                self._consumer, topic, list(meta.partitions), self.since).items()]
         self._consumer.assign(parts)
 
     def poll(self, timeout_s: float) -> int:
@@ -191,9 +191,7 @@ class Controller:
         self.settings = settings
         self.metrics = metrics or RolloutMetrics()
         self.clock = clock
-        self.codecs = Codecs(make_registry(settings.codec.registry_url,
-                                           settings.codec.registry_username,
-                                           settings.codec.registry_password), settings.topics)
+        self.codecs = codecs_for(settings)
         self.rollout: Rollout | None = None
         self._reader: StepReader | None = None
         self._said = time.monotonic()

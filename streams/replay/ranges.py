@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from fraudstream.streams.pipeline import RawRecord
 from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import offsets_at
 
 #: Records buffered per partition before it is paused (while others catch up in time).
 MAX_BUFFERED = 20_000
@@ -96,10 +97,8 @@ def _seek_offsets(consumer: Consumer, topic: str, partitions: list[int], bound: 
         return {p: min(max(bound.value, marks[p][0]), marks[p][1]) for p in partitions}
     if bound.kind == "event":
         return {p: marks[p][0] for p in partitions}
-    found = consumer.offsets_for_times(
-        [TopicPartition(topic, p, bound.value) for p in partitions], timeout=10)
-    return {tp.partition: tp.offset if tp.offset >= 0 else marks[tp.partition][1]
-            for tp in found}
+    return offsets_at(consumer, topic, partitions, bound.value,
+                      {p: marks[p][1] for p in partitions})
 
 
 class _PartitionRange:
