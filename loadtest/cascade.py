@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                            RulesScorer(RuleSet.default()))
             args.model = Path(tmp) / meta["version"]
         model = ModelScorer.load(args.model)
-        ds = T.build_dataset(events, FeatureConfig())
+        ds = T.build_dataset(events, FeatureConfig(), records=True)
     rules = RulesScorer(RuleSet.default())
     learner = OnlineLearner()
     learner.learn(ds.X[:2000], ds.y[:2000].astype(bool).tolist())

@@ -187,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # The offline model's score of each test transaction, for the count of live scores
     # that differ from it.
-    ds = build_dataset(events, FeatureConfig(), windows=win)
+    ds = build_dataset(events, FeatureConfig(), windows=win, records=True)
     te = win.split(ds.times)["test"]
     version_dir = models / meta["version"]
     offline_score = sum(m["weight"] * onnx_scores((version_dir / m["file"]).read_bytes(),
                                                   ds.X[te]) for m in meta["models"])
     test_ids = [ds.txns[i]["transaction_id"] for i in te]
-    cards = [ds.cards[i] for i in te]
+    cards = ds.cards[te].tolist()
     times = ds.times[te]
     y = ds.y[te]
 

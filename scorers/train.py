@@ -28,6 +28,7 @@ import hashlib
 import json
 import platform
 import time
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -67,31 +68,105 @@ class TrainConfig:
     windows: Windows | None = None
 
 
+#: Rows gathered before they are stacked into one block of the feature matrix.
+BLOCK = 16_384
+
+
+def token(text: str) -> int:
+    """A 64-bit token of an identifier: the dataset keeps no string per row."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 @dataclass
 class Dataset:
+    """Every kept transaction in columns, no Python object per row (about 290 bytes a
+    transaction with 62 features): months of history fit where its records would not.
+    Transactions and cards are 64-bit tokens (:func:`token`), never card numbers."""
+
     X: np.ndarray
     y: np.ndarray
     times: np.ndarray
-    cards: list[str]
-    txns: list[Mapping[str, Any]]
-    vectors: list[Any]
+    #: Card tokens (uint64).
+    cards: np.ndarray
+    #: Transaction tokens (uint64).
+    txn_keys: np.ndarray
+    #: The rules' score of each transaction (nan when no rules scorer was given).
+    rules: np.ndarray
     stats: OfflineStats
-    #: (label_time, transaction_id, is_fraud) of every label, as they arrived.
-    labels: list[tuple[int, str, bool]] = field(default_factory=list)
-    #: card -> when a fraud label first made it known compromised (label_time).
-    compromised: dict[str, int] = field(default_factory=dict)
+    #: (label_time, transaction token, is_fraud) of every label, as they arrived.
+    labels: list[tuple[int, int, bool]] = field(default_factory=list)
+    #: card token -> when a fraud label first made it known compromised (label_time).
+    compromised: dict[int, int] = field(default_factory=dict)
     #: Median time from a transaction to its label, over the history's labels.
     label_delay_ms: int = 0
+    #: The transactions and their feature vectors, for tools that want them
+    #: (``build_dataset(..., records=True)``); empty otherwise.
+    txns: list[Mapping[str, Any]] = field(default_factory=list)
+    vectors: list[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
+class _Columns:
+    """Rows appended one at a time, stacked a block at a time."""
+
+    def __init__(self, rules_scorer: Any) -> None:
+        self.rules_scorer = rules_scorer
+        self.rows: list[list[float]] = []
+        self.pending: list[tuple[Mapping[str, Any], Any]] = []
+        self.blocks: list[np.ndarray] = []
+        self.times, self.cards, self.keys = array("q"), array("Q"), array("Q")
+        self.rules = array("f")
+
+    def add(self, txn: Mapping[str, Any], vector: Any) -> None:
+        self.rows.append(vector.row)
+        self.times.append(int(txn["event_time"]))
+        self.cards.append(token(txn["card_id"]))
+        self.keys.append(token(txn["transaction_id"]))
+        if self.rules_scorer is not None:
+            self.pending.append((txn, vector))
+            if len(self.pending) >= 500:
+                self._score()
+        if len(self.rows) >= BLOCK:
+            self._stack()
+
+    def _score(self) -> None:
+        if self.pending:
+            txns, vectors = zip(*self.pending, strict=True)
+            self.rules.extend(s.score for s in self.rules_scorer.score_batch(
+                list(txns), list(vectors)))
+            self.pending = []
+
+    def _stack(self) -> None:
+        if self.rows:
+            self.blocks.append(np.array(self.rows, dtype=np.float32))
+            self.rows = []
+
+    def finish(self) -> tuple[np.ndarray, ...]:
+        self._score()
+        self._stack()
+        X = np.concatenate(self.blocks) if self.blocks else np.empty((0, 0), np.float32)
+        self.blocks = []
+        n = len(self.times)
+        rules = np.frombuffer(self.rules, dtype=np.float32) if self.rules_scorer is not None \
+            else np.full(n, np.nan, dtype=np.float32)
+        return (X, np.frombuffer(self.times, dtype=np.int64),
+                np.frombuffer(self.cards, dtype=np.uint64),
+                np.frombuffer(self.keys, dtype=np.uint64), rules)
 
 
 def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: FeatureConfig,
-                  progress: Any = None, windows: Windows | None = None) -> Dataset:
+                  progress: Any = None, windows: Windows | None = None,
+                  rules_scorer: Any = None, records: bool = False) -> Dataset:
     """Features for every transaction; its target is the label the history ends with.
     With ``windows``, events before the warm-up are not read, and only transactions of
-    the three windows are kept (the others feed the features only)."""
-    final: dict[str, bool] = {}
-    arrived: list[tuple[int, str, bool]] = []
-    compromised: dict[str, int] = {}
+    the three windows are kept (the others feed the features only). ``rules_scorer``
+    scores the kept transactions as they go; ``records`` keeps the transactions and their
+    vectors too (for tools; a long history should not)."""
+    final: dict[int, bool] = {}
+    arrived: list[tuple[int, int, bool]] = []
+    compromised: dict[int, int] = {}
     delays: list[int] = []
 
     def watch() -> Iterable[tuple[str, Mapping[str, Any]]]:
@@ -100,42 +175,48 @@ def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: Featu
                 continue
             if kind == "label":
                 fraud = bool(record["is_fraud"])
-                final[record["transaction_id"]] = fraud
-                arrived.append((int(record["label_time"]), record["transaction_id"], fraud))
+                key = token(record["transaction_id"])
+                final[key] = fraud
+                arrived.append((int(record["label_time"]), key, fraud))
                 delays.append(int(record["label_time"]) - int(record["event_time"]))
                 card = record.get("card_id")
                 if fraud and card is not None:
-                    known = compromised.get(card)
+                    c = token(card)
+                    known = compromised.get(c)
                     if known is None or record["label_time"] < known:
-                        compromised[card] = int(record["label_time"])
+                        compromised[c] = int(record["label_time"])
             yield kind, record
 
     stats = OfflineStats()
+    columns = _Columns(rules_scorer)
     txns, vectors = [], []
     for txn, vector in offline_features(watch(), config, stats=stats):
         if progress is not None:
             progress.update(1)
         if windows is not None and not windows.keeps(int(txn["event_time"])):
             continue
-        txns.append(txn)
-        vectors.append(vector)
-    if not txns:
+        columns.add(txn, vector)
+        if records:
+            txns.append(txn)
+            vectors.append(vector)
+    X, times, cards, keys, rules = columns.finish()
+    if not len(times):
         raise TrainingError("no transactions in the history")
-    X = np.array([v.row for v in vectors], dtype=np.float32)
-    y = np.array([final.get(t["transaction_id"], False) for t in txns], dtype=np.int8)
-    times = np.array([t["event_time"] for t in txns], dtype=np.int64)
-    return Dataset(X, y, times, [t["card_id"] for t in txns], txns, vectors, stats, arrived,
-                   compromised, int(np.median(delays)) if delays else 0)
+    y = np.fromiter((final.get(k, False) for k in keys.tolist()), dtype=np.int8,
+                    count=len(keys))
+    return Dataset(X, y, times, cards, keys, rules, stats, arrived, compromised,
+                   int(np.median(delays)) if delays else 0, txns, vectors)
 
 
 def known_targets(ds: Dataset, before_ms: int) -> np.ndarray:
     """The targets as known at ``before_ms``: a transaction is fraud only if a fraud label
     for it had arrived by then (the last label before then counts)."""
-    known: dict[str, bool] = {}
-    for t, txn_id, fraud in ds.labels:
+    known: dict[int, bool] = {}
+    for t, key, fraud in ds.labels:
         if t < before_ms:
-            known[txn_id] = fraud
-    return np.array([known.get(t["transaction_id"], False) for t in ds.txns], dtype=np.int8)
+            known[key] = fraud
+    return np.fromiter((known.get(k, False) for k in ds.txn_keys.tolist()), dtype=np.int8,
+                       count=len(ds.txn_keys))
 
 
 def split_by_time(times: np.ndarray, valid_frac: float, test_frac: float
@@ -278,7 +359,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     t0 = time.monotonic()
     windows = config.windows
     step = phase or (lambda _name: None)
-    ds = build_dataset(events, config.features, progress, windows)
+    ds = build_dataset(events, config.features, progress, windows, rules_scorer)
     if windows is None:
         split = split_by_time(ds.times, config.valid_frac, config.test_frac)
         y_fit = ds.y
@@ -331,9 +412,8 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     except ArtifactError as exc:
         raise TrainingError(f"{exc}; artifact not written") from None
     step(f"test metrics on {len(te):,} transactions")
-    rules = np.array([s.score for s in rules_scorer.score_batch(
-        [ds.txns[i] for i in te], [ds.vectors[i] for i in te])])
-    cards = [ds.cards[i] for i in te]
+    rules = ds.rules[te].astype(np.float64)
+    cards = ds.cards[te].tolist()
 
     def measure(score: np.ndarray) -> dict[str, float]:
         return summary(cards, ds.times[te], ds.y[te], score, known=ds.compromised)
@@ -381,7 +461,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
             "warnings": [] if windows is None or not (
                 gap := windows.gap_warning(ds.label_delay_ms)) else [gap],
         },
-        "data": {"sha256": data_hash, "transactions": len(ds.txns),
+        "data": {"sha256": data_hash, "transactions": len(ds),
                  "labels": ds.stats.labels, "fraud_rate": float(ds.y.mean())},
         "config": {k: v for k, v in asdict(config).items() if k != "features"}
         | {"allowed_lateness_ms": config.features.allowed_lateness_ms,
@@ -418,7 +498,7 @@ def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainC
     base_rate = float(ds.y.mean()) if len(ds.y) else None  # as in metadata data.fraud_rate
     order = te[np.argsort(ds.times[te], kind="stable")]
     position = {int(i): k for k, i in enumerate(te)}
-    logged: dict[str, int] = {}
+    logged: dict[int, int] = {}
     delay = config.features.label_delay_ms
     pending = sorted((t + delay, txn_id, fraud) for t, txn_id, fraud in ds.labels)
     j = 0
@@ -438,7 +518,7 @@ def _with_online(ds: Dataset, te: np.ndarray, scores: np.ndarray, config: TrainC
         if w > 0:
             out[k] = (1 - w) * scores[k] + w * float(
                 learner.predict_for(ds.X[i][None, :], base_rate)[0])
-        logged[ds.txns[i]["transaction_id"]] = int(i)
+        logged[int(ds.txn_keys[i])] = int(i)
     return out
 
 
