@@ -196,7 +196,7 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     w = settings.worker
     # An aligned worker decides in event time: so does the replay (see the module doc).
     by_event_time = w.align_wait_ms > 0 and not w.repartition
-    reader = RangeReader(settings, config, group, _event_time_of(settings, codecs),
+    reader = RangeReader(settings, config, group, event_time_of(settings, codecs),
                          by_event_time)
     label_delay_ms = int(settings.features.label_delay_s * 1000)
     pipeline, store = build_pipeline(settings, codecs, champion, challenger,
@@ -298,7 +298,7 @@ def _runs(batch: list[tuple[str, RawRecord, float]]) -> list[tuple[str, list[Raw
     return runs or [("range", [])]
 
 
-def _event_time_of(settings: Settings, codecs: Codecs) -> EventTimeOf:
+def event_time_of(settings: Settings, codecs: Codecs) -> EventTimeOf:
     """A transaction record's event time, as the worker's aligner reads it."""
     avro = settings.codec.input_format == "avro"
     decode = codecs.transaction.decode if avro else decode_json
