@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DURATION ?= 0
 RATE ?= 250
 
-.PHONY: help venv kernel demo test test-deps test-faketime lint bench bench-deps clean
+.PHONY: help venv kernel demo test test-slow test-deps test-faketime lint bench bench-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,8 +35,11 @@ test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus wit
 lint: venv  ## ruff
 	$(BIN)/ruff check .
 
-test: venv test-deps bench-deps lint kernel  ## install what the tests need and run them all (e2e included; bench-deps for the Quix peer's test)
-	$(BIN)/pytest
+test: venv test-deps bench-deps lint kernel  ## install what the tests need and run them (e2e included; the slowest suites: make test-slow; bench-deps for the Quix peer's test)
+	$(BIN)/pytest -m "not slow"
+
+test-slow: venv test-deps kernel  ## the slowest end-to-end suites (canary rollouts, the autopilot loop: minutes each); CI runs them after make test
+	$(BIN)/pytest -m slow
 
 FAKE ?= 2027-02-28 23:59:30
 FAKETIME_PRELOAD := $(VENV)/faketime-preload.so

@@ -105,6 +105,9 @@ class TopicSettings:
     #: Model versions' files in chunks, for workers without a shared models folder (one
     #: partition, compacted).
     artifacts: str = "fraudstream.artifacts"
+    #: What `fraudstream autopilot` did and why: triggers, trainings, comparisons,
+    #: rollouts (JSON, one partition).
+    autopilot: str = "fraudstream.autopilot"
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -278,6 +281,57 @@ class CanarySettings:
 
 
 @dataclass(frozen=True)
+class AutopilotSettings:
+    """Closed-loop retraining: when `fraudstream autopilot` retrains, and what a challenger
+    must show to replace the champion (scorers/retraining.py)."""
+
+    #: Retrain this often whatever else happens (0: no schedule).
+    interval_s: float = 7 * 86_400.0
+    #: Drift events of the champion at this severity or above (info, warning, critical;
+    #: empty: drift never triggers) ...
+    drift_severity: str = "critical"
+    #: ... this many since the last training.
+    drift_events: int = 3
+    #: The online learners' error rose (ADWIN warnings on online_error) this many times
+    #: since the last training (0: off).
+    error_rises: int = 3
+    #: This many new labels since the last training (0: off).
+    new_labels: int = 50_000
+    #: Guards: labels and fraud labels in the training window, else no training (or a
+    #: challenger rejected); pauses after a rollout ended and after a failed training.
+    min_labels: int = 1_000
+    min_frauds: int = 100
+    cooldown_s: float = 86_400.0
+    failure_backoff_s: float = 3_600.0
+    #: Training window: this many seconds of `transactions` (Kafka time) ...
+    window_s: float = 30 * 86_400.0
+    #: ... ending this long ago: labels take time (chargebacks), and the held-out window
+    #: at its end is only worth comparing on once they have come.
+    label_wait_s: float = 3 * 86_400.0
+    #: Shares of the window for validation and for the held-out test (the comparison).
+    valid_frac: float = 0.2
+    test_frac: float = 0.2
+    trees: int = 300
+    #: Promotion: the challenger's average precision and card precision@100/day on the
+    #: replayed test window at least this much above the champion's ...
+    margin_ap: float = 0.01
+    margin_card_precision: float = 0.0
+    #: ... and its share of labelled-genuine transactions declined at most this much above.
+    max_false_decline_increase: float = 0.001
+    #: Shadow stage: this long, at least this many shadow decisions, before the canary.
+    shadow_s: float = 600.0
+    min_shadow_decisions: int = 500
+    #: Canary steps of the rollout the autopilot starts (empty: the canary section's).
+    canary_steps: str = ""
+    #: Seconds between two looks at the topics.
+    poll_s: float = 5.0
+    #: Where `fraudstream autopilot` keeps its challengers (a model registry folder).
+    models_dir: Path = Path("autopilot-models")
+    #: Where it serves its /metrics (0: a free port).
+    metrics_port: int = 9466
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
@@ -286,6 +340,7 @@ class Settings:
     features: FeatureSettings = field(default_factory=FeatureSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     canary: CanarySettings = field(default_factory=CanarySettings)
+    autopilot: AutopilotSettings = field(default_factory=AutopilotSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -429,6 +484,26 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_CANARY_MAX_PSI": POSITIVE,
     "FRAUDSTREAM_CANARY_MIN_LABELLED": AT_LEAST_ONE,
     "FRAUDSTREAM_CANARY_MAX_PRECISION_DROP": Range(0, 1),
+    "FRAUDSTREAM_AUTOPILOT_INTERVAL_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_DRIFT_EVENTS": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_ERROR_RISES": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_NEW_LABELS": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_MIN_LABELS": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_MIN_FRAUDS": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_COOLDOWN_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_FAILURE_BACKOFF_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_WINDOW_S": POSITIVE,
+    "FRAUDSTREAM_AUTOPILOT_LABEL_WAIT_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_VALID_FRAC": Range(0, 1, low_open=True),
+    "FRAUDSTREAM_AUTOPILOT_TEST_FRAC": Range(0, 1, low_open=True),
+    "FRAUDSTREAM_AUTOPILOT_TREES": AT_LEAST_ONE,
+    "FRAUDSTREAM_AUTOPILOT_MARGIN_AP": Range(-1, 1),
+    "FRAUDSTREAM_AUTOPILOT_MARGIN_CARD_PRECISION": Range(-1, 1),
+    "FRAUDSTREAM_AUTOPILOT_MAX_FALSE_DECLINE_INCREASE": Range(0, 1),
+    "FRAUDSTREAM_AUTOPILOT_SHADOW_S": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_MIN_SHADOW_DECISIONS": NOT_NEGATIVE,
+    "FRAUDSTREAM_AUTOPILOT_POLL_S": POSITIVE,
+    "FRAUDSTREAM_AUTOPILOT_METRICS_PORT": Range(0, 65535),
     "FRAUDSTREAM_CANARY_CONTROLLER_METRICS_PORT": Range(0, 65_535),
 }
 

@@ -86,13 +86,15 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0,
     names = settings.topics.all() if names is None else names
     wanted = [t for t in names if t not in existing]
     if wanted:
-        control = (settings.topics.control, settings.topics.artifacts)
+        control = (settings.topics.control, settings.topics.artifacts,
+                   settings.topics.autopilot)
         futures = admin.create_topics(
             [
                 NewTopic(
                     t,
                     # the control plane: one partition (one order of changes), compacted
-                    # (the latest state, every audit record and every artifact chunk stay)
+                    # (the latest state, every audit record, every artifact chunk and every
+                    # autopilot event, each under a key of its own, stay)
                     num_partitions=1 if t in control else settings.kafka.partitions,
                     replication_factor=settings.kafka.replication_factor,
                     config={"cleanup.policy": "compact"} if t in control else {},

@@ -35,7 +35,7 @@ from tests.conftest import DAY_MS, ROOT, T0_MS, _events
 from tests.test_control_models import model_cli, wait_for
 from tests.test_observability import _get, _query, panels, start_prometheus
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CARDS = 2000
 
@@ -271,7 +271,7 @@ def test_canary_rollouts_promote_a_good_version_and_roll_back_bad_ones(
 
         # Grafana's canary row has data on a real Prometheus; the rollback alert fires.
         row = panels(json.loads((ROOT / "deploy" / "grafana" / "dashboards" /
-                                 "fraudstream.json").read_text()))[1]
+                                 "fraudstream.json").read_text()), "Canary")
         assert len(row) >= 6
         empty = [(p["title"], t["expr"]) for p in row for t in p["targets"]
                  if not _query(prom_url, t["expr"].replace("$__rate_interval", "1m"))]

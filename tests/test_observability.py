@@ -93,13 +93,21 @@ scrape_configs:
             time.sleep(0.3)
 
 
-def panels(dashboard: dict) -> tuple[list[dict], list[dict]]:
-    """(the panels above the canary row, those in it): the canary row has data only while
-    a rollout runs."""
-    rows = [i for i, p in enumerate(dashboard["panels"]) if p["type"] == "row"
-            and p["title"].startswith("Canary")]
-    cut = rows[0] if rows else len(dashboard["panels"])
-    return dashboard["panels"][:cut], dashboard["panels"][cut + 1:]
+def panels(dashboard: dict, row: str | None = None) -> list[dict]:
+    """The panels of the row whose title starts with ``row``; with None, those above the
+    first row (the rows below have data only while a rollout runs, or with the
+    autopilot: their own suites check them)."""
+    groups: dict[str | None, list[dict]] = {None: []}
+    current: str | None = None
+    for p in dashboard["panels"]:
+        if p["type"] == "row":
+            current = p["title"]
+            groups[current] = []
+        else:
+            groups[current].append(p)
+    if row is None:
+        return groups[None]
+    return next(g for title, g in groups.items() if title and title.startswith(row))
 
 
 def test_dashboard_queries_return_data_and_alerts_fire(
@@ -161,7 +169,7 @@ def test_dashboard_queries_return_data_and_alerts_fire(
         dashboard = json.loads((DEPLOY / "grafana" / "dashboards" /
                                 "fraudstream.json").read_text())
         empty = []
-        for panel in panels(dashboard)[0]:  # the canary row: tests/test_canary_e2e.py
+        for panel in panels(dashboard):  # the rows below: the canary and autopilot suites
             for target in panel["targets"]:
                 expr = target["expr"].replace("$__rate_interval", "15s")
                 if not _query(base, expr):

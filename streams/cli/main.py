@@ -114,6 +114,30 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _cmd_retrain(args: argparse.Namespace, settings: Settings) -> int:
+    from fraudstream.streams.worker.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
+    from fraudstream.streams.cli.retrain import run
+
+    return run(args, settings)
+
+
+def _cmd_autopilot(args: argparse.Namespace, settings: Settings) -> int:
+    from fraudstream.scorers.retraining import Policy
+    from fraudstream.streams.errors import StartError
+    from fraudstream.streams.worker.preflight import check_services
+
+    try:
+        Policy.of(settings.autopilot)
+    except ValueError as exc:
+        raise StartError(f"FRAUDSTREAM_AUTOPILOT_*: {exc}") from None
+    check_services(settings)  # broker and registry, or one line
+    from fraudstream.streams.cli.autopilot import run
+
+    return run(args, settings)
+
+
 def _cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
     from fraudstream.streams.worker.preflight import check_services
 
@@ -189,6 +213,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 "cli.features", _cmd_features)
     with_module("train", "train a model artifact from a labelled history", "cli.train",
                 _cmd_train)
+    with_module("retrain", "train a model artifact on a range of the live topics",
+                "cli.retrain", _cmd_retrain)
+    with_module("autopilot", "retrain on drift, learner error, new labels or a schedule, "
+                "and roll a better challenger out through shadow and canary",
+                "cli.autopilot", _cmd_autopilot)
     with_module("model", "the model registry: list, promote, rollback, shadow, seal",
                 "cli.model", _cmd_model)
     with_module("replay", "replay a range of transactions through a champion and a "

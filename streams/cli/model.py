@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--reason", required=True, help="why: kept in the audit trail")
     q.add_argument("--by", default=None, help="who (default: user@host)")
     sub.add_parser("history", help="every model state and rollout published on the "
-                                   "control topic")
+                                   "control topic, and every autopilot event")
     q = sub.add_parser("canary", help="roll a version out in steps, judged by gates against "
                                       "the active version, rolled back when one fails")
     from fraudstream.streams.cli.canary import add_arguments as canary_arguments
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from fraudstream.streams.cli.rules import history, publish_model
 
         return publish_model(args, settings, registry) if args.action == "publish" \
-            else history(settings, ("model", "canary"))
+            else history(settings, ("model", "canary"), autopilot=True)
     try:
         if args.action == "list":
             broken = 0

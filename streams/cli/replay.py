@@ -9,19 +9,28 @@ from pathlib import Path
 from fraudstream.streams.settings import Settings
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_range_arguments(p: argparse.ArgumentParser, warmup: bool = True) -> None:
+    """A range of ``transactions`` (shared by ``replay`` and ``retrain``)."""
     p.add_argument("--from", dest="start", required=True,
                    help="first offset (an integer, on every partition) or time "
                         "(ISO 8601 with a zone, or @<epoch ms>), included")
     p.add_argument("--to", dest="end", default=None,
                    help="end offset or time, excluded (default: the end of each partition)")
     p.add_argument("--event-time", action="store_true",
-                   help="times in --from, --to and --warmup-from are transactions' event "
-                        "times (default: Kafka record timestamps)")
-    p.add_argument("--challenger", required=True, help="model version to try")
-    p.add_argument("--champion", default=None, help="default: the registry's ACTIVE version")
+                   help=f"times in --from, --to{' and --warmup-from' if warmup else ''} are "
+                        "transactions' event times (default: Kafka record timestamps)")
     p.add_argument("--partitions", default=None,
                    help="comma-separated partitions of transactions (default: all)")
+
+
+def partitions_of(text: str | None) -> list[int] | None:
+    return [int(x) for x in text.split(",")] if text else None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_range_arguments(p)
+    p.add_argument("--challenger", required=True, help="model version to try")
+    p.add_argument("--champion", default=None, help="default: the registry's ACTIVE version")
     p.add_argument("--warmup-from", default=None,
                    help="offset or time before --from: state is built from there, "
                         "without deciding")
@@ -55,8 +64,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             end=Bound.parse(args.end, args.event_time) if args.end else None,
             warmup=Bound.parse(args.warmup_from, args.event_time) if args.warmup_from
             else None,
-            partitions=[int(x) for x in args.partitions.split(",")] if args.partitions
-            else None,
+            partitions=partitions_of(args.partitions),
             topic=args.topic, publish=not args.no_publish, online=args.online == "learn",
             batch=args.batch)
         if args.replay_id:

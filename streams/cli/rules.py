@@ -108,18 +108,19 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def history(settings: Settings, kinds: tuple[str, ...] | None = None) -> int:
-    """Every publication (of ``kinds``, or all), oldest first."""
+def history(settings: Settings, kinds: tuple[str, ...] | None = None,
+            autopilot: bool = False) -> int:
+    """Every publication (of ``kinds``, or all), oldest first; with ``autopilot``, the
+    autopilot's events among them."""
     from fraudstream.streams.control.topic import control_consumer, read_to_end
 
+    rows: list[tuple[int, str]] = []
     try:
         consumer = control_consumer(settings, f"history-{int(time.time() * 1000)}")
     except LookupError:
-        print(f"nothing published: no topic {settings.topics.control}", file=sys.stderr)
-        return 0
-    rows: list[ControlRecord] = []
+        consumer = None
     try:
-        for msg in read_to_end(consumer, 30.0):
+        for msg in read_to_end(consumer, 30.0) if consumer is not None else ():
             if not is_audit(msg.key()):
                 continue
             try:
@@ -128,13 +129,20 @@ def history(settings: Settings, kinds: tuple[str, ...] | None = None) -> int:
                 print(f"offset {msg.offset()}: not a control record: {exc}", file=sys.stderr)
                 continue
             if kinds is None or rec.kind in kinds:
-                rows.append(rec)
+                at = datetime.fromtimestamp(rec.published_at / 1000, tz=UTC)
+                rows.append((rec.published_at, f"{at.isoformat(timespec='seconds')}\t"
+                             f"{rec.kind}\t{rec.version}\t{rec.sha256[:12]}\t"
+                             f"{rec.published_by}\t{rec.reason}"))
     finally:
-        consumer.close()
-    for rec in rows:
-        at = datetime.fromtimestamp(rec.published_at / 1000, tz=UTC)
-        print(f"{at.isoformat(timespec='seconds')}\t{rec.kind}\t{rec.version}\t"
-              f"{rec.sha256[:12]}\t{rec.published_by}\t{rec.reason}")
+        if consumer is not None:
+            consumer.close()
+    if autopilot:
+        from fraudstream.streams.autopilot.events import read_events
+        from fraudstream.streams.cli.autopilot import line
+
+        rows += [(e.at, line(e)) for e in read_events(settings)]
+    for _at, text in sorted(rows, key=lambda r: r[0]):
+        print(text)
     if not rows:
         print(f"nothing published on {settings.topics.control}", file=sys.stderr)
     return 0

@@ -32,14 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="CSV or Parquet of transactions with labels")
     p.add_argument("--out", type=Path, default=Path("models"), help="model registry folder")
     add_history_arguments(p)
-    p.add_argument("--valid-frac", type=float, default=0.2,
-                   help="share of the event-time span for validation (after training)")
-    p.add_argument("--test-frac", type=float, default=0.2,
-                   help="share of the event-time span for the test window (the last)")
-    p.add_argument("--review-rate", type=float, default=0.02,
-                   help="share of transactions sent to review or decline (on validation)")
-    p.add_argument("--decline-precision", type=float, default=0.9,
-                   help="decline only where validation precision reaches this")
+    add_split_arguments(p)
     windows = p.add_argument_group(
         "explicit windows", "event times as ISO-8601 (a date is midnight UTC) or epoch "
         "numbers; each window is [from, to). Given, they replace the fractions: events before "
@@ -55,6 +48,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trees", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
+    """Windows by fractions and thresholds (shared by ``train`` and ``retrain``)."""
+    p.add_argument("--valid-frac", type=float, default=0.2,
+                   help="share of the event-time span for validation (after training)")
+    p.add_argument("--test-frac", type=float, default=0.2,
+                   help="share of the event-time span for the test window (the last)")
+    p.add_argument("--review-rate", type=float, default=0.02,
+                   help="share of transactions sent to review or decline (on validation)")
+    p.add_argument("--decline-precision", type=float, default=0.9,
+                   help="decline only where validation precision reaches this")
 
 
 def _event_time(value: str) -> int:

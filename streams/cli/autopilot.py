@@ -1,0 +1,60 @@
+"""``fraudstream autopilot``: run the retraining loop until SIGINT/SIGTERM
+(:mod:`fraudstream.streams.autopilot.loop`); ``--status`` prints its latest events."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from datetime import UTC, datetime
+
+from fraudstream.streams.autopilot.events import Event
+from fraudstream.streams.settings import Settings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve the autopilot's /metrics on this port (default: "
+                        "FRAUDSTREAM_AUTOPILOT_METRICS_PORT)")
+    p.add_argument("--status", action="store_true",
+                   help="print the last events and where a restart would resume, then exit")
+    p.add_argument("--last", type=int, default=12, help="with --status: how many events")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+    import signal
+
+    from fraudstream.streams.autopilot.events import read_events, resume
+
+    if args.status:
+        events = read_events(settings)
+        for e in events[-args.last:]:
+            print(line(e))
+        r = resume(events)
+        print(f"phase {r.phase}" + (f" ({r.version} against {r.champion})" if r.version
+                                    else ""))
+        return 0
+    from prometheus_client import start_http_server
+
+    from fraudstream.streams.autopilot.loop import Autopilot, AutopilotMetrics
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    metrics = AutopilotMetrics()
+    pilot = Autopilot(settings, metrics)
+    port = args.metrics_port if args.metrics_port is not None \
+        else settings.autopilot.metrics_port
+    start_http_server(port, registry=metrics.registry)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    pilot.run(stop)
+    return 0
+
+
+def line(e: Event) -> str:
+    """One event as a line of ``--status`` and ``model history``."""
+    at = datetime.fromtimestamp(e.at / 1000, tz=UTC).isoformat(timespec="seconds")
+    trigger = e.details.get("trigger")
+    return (f"{at}\tautopilot\t{e.kind}\t{e.version or '-'}\t{e.reason}"
+            + (f"\t{json.dumps({'trigger': trigger})}" if trigger else ""))
