@@ -417,7 +417,16 @@ class Autopilot:
             rollout = Rollout.from_document(record.document)
         except CanaryError:
             return
-        if rollout.version != s.version or rollout.status == "running":
+        if rollout.version != s.version:
+            started = rollout.rollout.rsplit("@", 1)[-1]
+            if started.isdigit() and int(started) > s.phase_at:
+                # another rollout was started over ours (by hand): ours is over
+                s.rollout_ended_at = self._now()
+                self._emit("aborted", f"rollout {rollout.rollout} of {rollout.version} "
+                           "replaced it", version=s.version, champion=s.champion)
+                self._to_idle()
+            return
+        if rollout.status == "running":
             return
         kind = {"promoted": "promoted", "rolled_back": "rolled_back"}.get(rollout.status,
                                                                            "aborted")
