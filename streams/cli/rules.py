@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import heapq
 import socket
 import sys
 import time
@@ -140,8 +141,11 @@ def history(settings: Settings, kinds: tuple[str, ...] | None = None,
         from fraudstream.streams.autopilot.events import read_events
         from fraudstream.streams.cli.autopilot import line
 
-        rows += [(e.at, line(e)) for e in read_events(settings)]
-    for _at, text in sorted(rows, key=lambda r: r[0]):
+        # merged by time, each in its own order (a record published by hand may carry
+        # any time: the control topic's order is the order of publication)
+        rows = list(heapq.merge(rows, [(e.at, line(e)) for e in read_events(settings)],
+                                key=lambda r: r[0]))
+    for _at, text in rows:
         print(text)
     if not rows:
         print(f"nothing published on {settings.topics.control}", file=sys.stderr)
