@@ -7,6 +7,9 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 
@@ -45,3 +48,21 @@ class StopFlag:
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         self.set = True
+
+
+def serve_until_signalled(registry: Any, port: int,
+                          run: Callable[[threading.Event], None]) -> int:
+    """A long-lived process (the rollout controller, the autopilot): its /metrics served
+    from ``registry`` on ``port``, then ``run(stop)`` until SIGINT or SIGTERM sets
+    ``stop``; warnings logged with their time."""
+    import logging
+
+    from prometheus_client import start_http_server
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    start_http_server(port, registry=registry)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run(stop)
+    return 0

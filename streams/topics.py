@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from fraudstream.streams.errors import CONFIG_EXIT, UNREACHABLE_EXIT, StartError
@@ -126,6 +127,39 @@ def offsets_at(consumer: Consumer, topic: str, partitions: list[int], time_ms: i
     found = consumer.offsets_for_times(
         [TopicPartition(topic, p, time_ms) for p in partitions], timeout=10)
     return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition] for tp in found}
+
+
+def read_since(consumer: Consumer, topic: str, partitions: list[int], since_ms: int,
+               embedded: bool, idle_s: float = 2.0) -> Iterator[Message]:
+    """The records of ``partitions`` with a Kafka timestamp from ``since_ms`` up to where
+    the topic ended when the read started: the end offsets then, where the broker reports
+    them right; on the embedded broker, which understates them by its last batch, a
+    partition is read until a record written after the read started, or until the topic
+    stays idle for ``idle_s`` (on a live topic records keep coming: "until idle" alone
+    would never end). Assigns ``partitions`` to ``consumer``."""
+    until_ms = int(time.time() * 1000)
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions}
+    first = offsets_at(consumer, topic, partitions, since_ms, ends)
+    consumer.assign([TopicPartition(topic, p, first[p]) for p in partitions])
+    reading = set(partitions) if embedded else {p for p in partitions if first[p] < ends[p]}
+    idle_since = time.monotonic()
+    while reading and time.monotonic() - idle_since < idle_s:
+        msgs = consumer.consume(1000, 0.5)
+        if msgs:
+            idle_since = time.monotonic()
+        for m in msgs:
+            p = m.partition()
+            if m.error() or p not in reading:
+                continue
+            ts = m.timestamp()[1]
+            if ts >= until_ms:
+                reading.discard(p)
+                continue
+            if not embedded and m.offset() + 1 >= ends[p]:
+                reading.discard(p)
+            if ts >= since_ms:
+                yield m
 
 
 def assign_all(consumer: Consumer, topics: list[str], offset: int) -> None:

@@ -24,7 +24,7 @@ def test_evidence_counts_the_champions_drift_the_learners_error_and_new_labels(
         stack_settings, codecs):
     topics = stack_settings.topics
     ensure_topics(stack_settings)
-    since = int(time.time() * 1000)
+    since = T0_MS  # the last training started then
     producer = Producer(stack_settings.kafka.client_config())
 
     def drift(feature, statistic, severity, version, at=None):
@@ -48,7 +48,7 @@ def test_evidence_counts_the_champions_drift_the_learners_error_and_new_labels(
         producer.produce(topics.labels, key=b"c", value=codecs.label.encode(label),
                          timestamp=since + 10)
     assert producer.flush(10) == 0
-    reader = EvidenceReader(stack_settings, since, lambda: "v1", "warning")
+    reader = EvidenceReader(stack_settings, codecs, since, lambda: "v1")
     try:
         deadline = time.monotonic() + 20
         while (ev := reader.poll()).labels < 5 or ev.error_rises < 2:
@@ -66,8 +66,8 @@ def test_the_wait_for_a_canary_ends_with_its_outcome_or_a_rollout_started_over_i
         stack_settings, tmp_path):
     settings = stack_settings.replace(autopilot={"models_dir": tmp_path / "am"})
     ensure_topics(settings)
-    pilot = Autopilot(settings)
-    now = int(time.time() * 1000)
+    now = T0_MS
+    pilot = Autopilot(settings, clock=lambda: now / 1000)
 
     def rollout(version: str, at: int, status: str = "running") -> Rollout:
         return Rollout(rollout=f"{version}@{at}", version=version, champion="v0",

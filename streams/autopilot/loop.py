@@ -30,6 +30,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from fraudstream.schemas.codec import Codecs
+from fraudstream.schemas.control import ControlRecord
 from fraudstream.scorers.canary import CanaryError, Rollout
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.retraining import Evidence, Pause, Policy, held, trigger
@@ -45,10 +47,11 @@ from fraudstream.streams.autopilot.events import (
 )
 from fraudstream.streams.autopilot.retrain import RetrainConfig, Retrained, retrain
 from fraudstream.streams.control.rollout import codecs_for
-from fraudstream.streams.control.topic import latest
+from fraudstream.streams.control.topic import latest, publish
+from fraudstream.streams.replay.engine import REPLAY_HEADER
 from fraudstream.streams.replay.ranges import Bound, ReplayError
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.topics import offsets_at
+from fraudstream.streams.topics import offsets_at, read_since
 
 log = logging.getLogger("fraudstream.autopilot")
 BY = "autopilot"
@@ -81,10 +84,9 @@ class AutopilotMetrics:
 class EvidenceReader:
     """``drift`` and ``labels`` from a Kafka time on, counted as they arrive."""
 
-    def __init__(self, settings: Settings, since_ms: int, champion: Callable[[], str | None],
-                 severity: str) -> None:
-        self.settings, self.champion, self.severity = settings, champion, severity
-        self.codecs = codecs_for(settings)
+    def __init__(self, settings: Settings, codecs: Codecs, since_ms: int,
+                 champion: Callable[[], str | None]) -> None:
+        self.settings, self.codecs, self.champion = settings, codecs, champion
         self.evidence = Evidence(since_ms)
         self.consumer = Consumer({**settings.kafka.consumer_config(
             f"{settings.worker.app_id}-autopilot-{time.time_ns()}"), "enable.auto.commit": False})
@@ -136,6 +138,7 @@ class Autopilot:
         self.settings = settings
         self.a = settings.autopilot
         self.policy = Policy.of(self.a)
+        self.codecs = codecs_for(settings)
         self.metrics = metrics or AutopilotMetrics()
         self.clock = clock
         self.models_dir = self.a.models_dir
@@ -222,8 +225,7 @@ class Autopilot:
         since = s.last_training_at if s.last_training_at is not None else self._t0
         if self.reader is None or self.reader.evidence.since_ms != since:
             self._close_reader()
-            self.reader = EvidenceReader(self.settings, since, self.champion,
-                                         self.policy.drift_severity)
+            self.reader = EvidenceReader(self.settings, self.codecs, since, self.champion)
         ev = self.reader.poll()
         for kind, value in (("drift", ev.drift_at_or_above(self.policy.drift_severity)),
                             ("learner_error", ev.error_rises), ("labels", ev.labels),
@@ -321,9 +323,6 @@ class Autopilot:
 
     # ------------------------------------------------------------------ shadow, canary
     def _publish_models(self, active: str, shadow: str | None, reason: str) -> None:
-        from fraudstream.schemas.control import ControlRecord
-        from fraudstream.streams.control.topic import publish
-
         publish(self.settings, ControlRecord.make(
             "model", active, {"active": active, "shadow": shadow}, BY, self._now(), reason))
 
@@ -349,10 +348,8 @@ class Autopilot:
 
     def _shadow_decisions(self, version: str, since_ms: int) -> tuple[int, int]:
         """(decisions, fallbacks) of ``version`` on decisions.shadow from ``since_ms`` to
-        now (each partition read until a record written after now, or idle for 1 s)."""
+        now."""
         topic = self.settings.topics.decisions_shadow
-        codecs = codecs_for(self.settings)
-        until = self._now()
         c = Consumer({**self.settings.kafka.consumer_config(
             f"{self.settings.worker.app_id}-autopilot-shadow"), "enable.auto.commit": False})
         made = fallbacks = 0
@@ -360,26 +357,14 @@ class Autopilot:
             meta = c.list_topics(topic, timeout=10).topics.get(topic)
             if meta is None or meta.error is not None:
                 return 0, 0
-            start = offsets_at(c, topic, sorted(meta.partitions), since_ms)
-            c.assign([TopicPartition(topic, p, o) for p, o in start.items()])
-            open_ = set(start)
-            idle = time.monotonic()
-            while open_ and time.monotonic() - idle < 1.0:
-                msgs = c.consume(1000, 0.2)
-                idle = time.monotonic() if msgs else idle
-                for m in msgs:
-                    ts = m.timestamp()[1]
-                    if m.error() is not None or ts < since_ms or m.partition() not in open_:
-                        continue
-                    if ts >= until:
-                        open_.discard(m.partition())
-                        continue
-                    if any(k == "fraudstream-replay-id" for k, _ in (m.headers() or [])):
-                        continue
-                    d = codecs.decision.decode(m.value())
-                    if d["model_version"] == version:
-                        made += 1
-                        fallbacks += bool(d["fallback"])
+            for m in read_since(c, topic, sorted(meta.partitions), since_ms,
+                                self.settings.kafka.embedded, idle_s=1.0):
+                if any(k == REPLAY_HEADER for k, _ in (m.headers() or [])):
+                    continue
+                d = self.codecs.decision.decode(m.value())
+                if d["model_version"] == version:
+                    made += 1
+                    fallbacks += bool(d["fallback"])
         finally:
             c.close()
         return made, fallbacks

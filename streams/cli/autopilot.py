@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from datetime import UTC, datetime
 
 from fraudstream.streams.autopilot.events import Event
@@ -22,9 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
-    import signal
-
     from fraudstream.streams.autopilot.events import read_events, resume
 
     if args.status:
@@ -35,21 +31,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"phase {r.phase}" + (f" ({r.version} against {r.champion})" if r.version
                                     else ""))
         return 0
-    from prometheus_client import start_http_server
-
     from fraudstream.streams.autopilot.loop import Autopilot, AutopilotMetrics
+    from fraudstream.streams.processes import serve_until_signalled
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     metrics = AutopilotMetrics()
     pilot = Autopilot(settings, metrics)
     port = args.metrics_port if args.metrics_port is not None \
         else settings.autopilot.metrics_port
-    start_http_server(port, registry=metrics.registry)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    pilot.run(stop)
-    return 0
+    return serve_until_signalled(metrics.registry, port, pilot.run)
 
 
 def line(e: Event) -> str:

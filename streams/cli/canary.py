@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import math
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -206,20 +205,10 @@ def status(settings: Settings) -> int:
 
 def run_controller(args: argparse.Namespace, settings: Settings) -> int:
     """``fraudstream controller``: drive rollouts until SIGINT/SIGTERM."""
-    import logging
-    import signal
-
     from fraudstream.streams.control.rollout import Controller, RolloutMetrics
+    from fraudstream.streams.processes import serve_until_signalled
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     metrics = RolloutMetrics()
-    from prometheus_client import start_http_server
-
     port = args.metrics_port if args.metrics_port is not None \
         else settings.canary.controller_metrics_port
-    start_http_server(port, registry=metrics.registry)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    Controller(settings, metrics).run(stop)
-    return 0
+    return serve_until_signalled(metrics.registry, port, Controller(settings, metrics).run)

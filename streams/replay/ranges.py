@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from fraudstream.streams.pipeline import RawRecord
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.topics import offsets_at
+from fraudstream.streams.topics import offsets_at, read_since
 
 #: Records buffered per partition before it is paused (while others catch up in time).
 MAX_BUFFERED = 20_000
@@ -318,43 +318,19 @@ class RangeReader:
 def read_labels(settings: Settings, partitions: list[int], since_ms: int, group: str,
                 ) -> list[RawRecord]:
     """``labels`` records of ``partitions`` with a Kafka timestamp from ``since_ms`` to the
-    end of the topic when the read starts, sorted by (timestamp, partition, offset)."""
+    end of the topic when the read starts (:func:`~fraudstream.streams.topics.read_since`),
+    sorted by (timestamp, partition, offset)."""
     topic = settings.topics.labels
-    until_ms = int(time.time() * 1000)
     consumer = Consumer(settings.kafka.consumer_config(group))
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
             return []
         parts = [p for p in partitions if p in meta.partitions]
-        marks = _watermarks(consumer, topic, parts)
-        first = _seek_offsets(consumer, topic, parts, Bound("time", since_ms), marks)
-        consumer.assign([TopicPartition(topic, p, first[p]) for p in parts])
-        out: list[RawRecord] = []
-        # The end offsets at start, where the broker reports them right; the embedded
-        # broker's understate the last batch, so there a partition is read until idle or
-        # until a record written after the read started (labels keep coming on a live
-        # topic: reading "until idle" would never end).
-        left = {p: marks[p][1] for p in parts if first[p] < marks[p][1]}
-        open_ = set(parts) if settings.kafka.embedded else set(left)
-        idle_since = time.monotonic()
-        while time.monotonic() - idle_since < IDLE_S and open_:
-            msgs = consumer.consume(1000, 0.5)
-            for m in msgs:
-                if m.error() or m.partition() not in open_:
-                    continue
-                _, ts = m.timestamp()
-                if ts >= until_ms:
-                    open_.discard(m.partition())
-                    continue
-                if m.offset() + 1 >= left.get(m.partition(), 0) and \
-                        not settings.kafka.embedded:
-                    open_.discard(m.partition())
-                if ts >= since_ms:
-                    out.append(RawRecord(topic, m.partition(), m.offset(), m.key(), m.value(),
-                                         ts))
-            if msgs:
-                idle_since = time.monotonic()
+        out = [RawRecord(topic, m.partition(), m.offset(), m.key(), m.value(),
+                         m.timestamp()[1])
+               for m in read_since(consumer, topic, parts, since_ms, settings.kafka.embedded,
+                                   IDLE_S)]
     finally:
         consumer.close()
     out.sort(key=lambda r: (r.timestamp_ms, r.partition, r.offset))
