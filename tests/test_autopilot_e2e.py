@@ -13,12 +13,10 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 
 from fraudstream.scorers.registry import Registry
 from fraudstream.streams.autopilot.events import Event, read_events
@@ -28,7 +26,7 @@ from fraudstream.streams.processes import stop_process
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.world import FRAUD_TYPES
 from tests.conftest import DAY_MS, ROOT, T0_MS
-from tests.test_canary_e2e import env_of, wait_until
+from tests.test_canary_e2e import PacedProducer, env_of, topic_records, wait_until
 from tests.test_control_models import model_cli, wait_for
 from tests.test_observability import _query, panels, start_prometheus
 
@@ -68,40 +66,13 @@ def champion(tmp_path_factory) -> tuple[Path, str]:
     return root, meta["version"]
 
 
-class Traffic:
+def traffic(settings: Settings, codecs, days: float) -> PacedProducer:
     """The world with the new pattern (60% of fraud), produced at ``RATE`` with its labels
     in label-time order, in the background."""
-
-    def __init__(self, settings: Settings, codecs, days: float) -> None:
-        txns, labels = history(tuple((t, 0.6 if t == NEW else 0.1) for t in FRAUD_TYPES), 9,
-                               T0_MS - 12 * DAY_MS, days, 0.03, "new")
-        topics = settings.topics
-        self.records = sorted(
-            [(t["event_time"], topics.transactions, t["card_id"].encode(),
-              codecs.transaction.encode(t)) for t in txns]
-            + [(lab["label_time"], topics.labels, lab["card_id"].encode(),
-                codecs.label.encode(lab)) for lab in labels], key=lambda r: r[0])
-        self.settings, self.sent = settings, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, daemon=True)
-        self._thread.start()
-
-    def _produce(self) -> None:
-        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
-        step = RATE // 5
-        for i in range(0, len(self.records), step):
-            if self._stop.is_set():
-                break
-            for _t, topic, key, value in self.records[i:i + step]:
-                producer.produce(topic, key=key, value=value)
-            producer.flush(30)
-            self.sent = i + step
-            self._stop.wait(0.2)
-        producer.flush(30)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    txns, labels = history(tuple((t, 0.6 if t == NEW else 0.1) for t in FRAUD_TYPES), 9,
+                           T0_MS - 12 * DAY_MS, days, 0.03, "new")
+    return PacedProducer(settings, topic_records(settings, codecs, txns, labels),
+                         RATE // 5, 0.2)
 
 
 class AutopilotProcess:
@@ -166,7 +137,7 @@ def test_autopilot_replaces_a_champion_blind_to_a_new_pattern_with_nobody_at_the
     pilot = AutopilotProcess(base, tmp_path / "autopilot.log", port).start()
     prom, prom_url = start_prometheus(tmp_path, [f"127.0.0.1:{port}"])
     started = time.monotonic()
-    traffic = Traffic(base, codecs, days=22.0)
+    producer = traffic(base, codecs, days=22.0)
     events: list[Event] = []
 
     def seen(kind: str) -> bool:
@@ -191,7 +162,7 @@ def test_autopilot_replaces_a_champion_blind_to_a_new_pattern_with_nobody_at_the
         state = latest(base, "model")
         assert state is not None and state.document["active"] == second
         print(json.dumps({"loop_s": round(loop_s, 1), "trigger": trigger.details,
-                          "before": before, "after": after, "sent": traffic.sent,
+                          "before": before, "after": after, "sent": producer.sent,
                           "replay": accepted.details["replay"]}, indent=1))
 
         # 2. A weak challenger (two trees, the last 20 s) is rejected, the champion stays.
@@ -222,7 +193,7 @@ def test_autopilot_replaces_a_champion_blind_to_a_new_pattern_with_nobody_at_the
                                 if not _query(prom_url, t["expr"])], 30,
                    "every autopilot panel has data")
     finally:
-        traffic.stop()
+        producer.stop()
         pilot.stop()
         prom.terminate()
         stop_process(controller)

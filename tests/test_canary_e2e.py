@@ -76,6 +76,48 @@ def versions(models_registry, tmp_path_factory) -> tuple[Path, str, str, str, st
     return root, champion, good, declines, slow
 
 
+def topic_records(settings: Settings, codecs, txns: list[dict], labels: list[dict]
+                  ) -> list[tuple[int, str, bytes, bytes]]:
+    """A generated history as records for the topics, transactions at their event time
+    and labels at their label time: (time, topic, key, value), in time order."""
+    topics = settings.topics
+    return sorted(
+        [(t["event_time"], topics.transactions, t["card_id"].encode(),
+          codecs.transaction.encode(t)) for t in txns]
+        + [(lab["label_time"], topics.labels, lab["card_id"].encode(),
+            codecs.label.encode(lab)) for lab in labels], key=lambda r: r[0])
+
+
+class PacedProducer:
+    """``records`` produced in the background, ``per_tick`` of them every ``tick_s``."""
+
+    def __init__(self, settings: Settings, records: list[tuple[int, str, bytes, bytes]],
+                 per_tick: int, tick_s: float) -> None:
+        self.settings, self.records, self.sent = settings, records, 0
+        self.per_tick, self.tick_s = per_tick, tick_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        from confluent_kafka import Producer
+
+        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
+        for i in range(0, len(self.records), self.per_tick):
+            if self._stop.is_set():
+                break
+            for _t, topic, key, value in self.records[i:i + self.per_tick]:
+                producer.produce(topic, key=key, value=value)
+            producer.flush(30)
+            self.sent = i + self.per_tick
+            self._stop.wait(self.tick_s)
+        producer.flush(30)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 class Traffic:
     """A generated history (the world the versions were trained on, other traffic), produced
     in the background at about 500 transactions a second with its labels, and every
@@ -90,31 +132,12 @@ class Traffic:
             GeneratorConfig(seed=5, traffic_seed=9, n_cards=CARDS, label_delay_days=0.5,
                             label_delay_spread_days=0.2, id_prefix="cn"),
             T0_MS - 11 * DAY_MS, 10.0, 12_500)
-        topics = settings.topics
-        self.records = sorted(
-            [(t["event_time"], topics.transactions, t["card_id"].encode(),
-              codecs.transaction.encode(t)) for t in txns]
-            + [(lab["label_time"], topics.labels, lab["card_id"].encode(),
-                codecs.label.encode(lab)) for lab in labels], key=lambda r: r[0])
+        self.producer = PacedProducer(settings, topic_records(settings, codecs, txns, labels),
+                                      200, 0.4)
         self.decisions: list[dict] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._produce, daemon=True),
-                         threading.Thread(target=self._read, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _produce(self) -> None:
-        from confluent_kafka import Producer
-
-        producer = Producer({**self.settings.kafka.client_config(), "linger.ms": 5})
-        for i in range(0, len(self.records), 200):
-            if self._stop.is_set():
-                break
-            for _t, topic, key, value in self.records[i:i + 200]:
-                producer.produce(topic, key=key, value=value)
-            producer.flush(30)
-            self._stop.wait(0.4)
-        producer.flush(30)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         reader = Consumer(self.settings.kafka.consumer_config("tests-canary-reader"))
@@ -129,9 +152,9 @@ class Traffic:
         return [d for d in list(self.decisions) if epoch_ms(d["decided_at"]) >= t_ms]
 
     def stop(self) -> None:
+        self.producer.stop()
         self._stop.set()
-        for t in self._threads:
-            t.join(10)
+        self._reader.join(10)
 
 
 def rolled_back(log: Path) -> str:
