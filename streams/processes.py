@@ -57,10 +57,10 @@ def serve_until_signalled(registry: Any, port: int,
     ``stop``; warnings logged with their time."""
     import logging
 
-    from prometheus_client import start_http_server
+    from fraudstream.streams.health import serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    start_http_server(port, registry=registry)
+    serve(registry, port)  # /metrics, and /healthz and /readyz: 200 while it serves
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -198,6 +198,9 @@ class WorkerSettings:
     #: A producer with records queued and no acknowledgement for this long is replaced
     #: and the records sent again (0: never; the batch then fails after 60 s).
     producer_stuck_s: float = 10.0
+    #: /healthz fails when the event loop has not ticked, or one batch has been in hand,
+    #: for this long (or an input partition is stalled, STALL_S).
+    liveness_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,13 @@ class FeatureSettings:
     #: RocksDB backend: feature records kept in memory between batches (and the keys known
     #: to have none), up to about this many MB; emptied at every rebalance. 0: off.
     cache_mb: float = 32.0
+    #: RocksDB backend: every worker keeps a local replica of the merchant, device and IP
+    #: partials of every partition, tailed from the state changelog, so those features
+    #: count every partition's events whichever worker decides (false: only the
+    #: partitions this worker holds).
+    replica: bool = True
+    #: RocksDB block cache of that replica (its records live on disk).
+    replica_cache_mb: int = 64
     #: Which build of the feature kernel runs: auto (the ahead-of-time build, compiled in a
     #: child process at start when missing; the JIT when that fails), aot (that build or
     #: stop), jit (numba in the worker: ~130 MB more RSS, no C compiler needed).
@@ -466,6 +476,8 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_FEATURES_LABEL_DELAY_S": NOT_NEGATIVE,
     "FRAUDSTREAM_FEATURES_EXPIRY_INTERVAL_S": POSITIVE,
     "FRAUDSTREAM_FEATURES_CACHE_MB": NOT_NEGATIVE,
+    "FRAUDSTREAM_FEATURES_REPLICA_CACHE_MB": AT_LEAST_ONE,
+    "FRAUDSTREAM_WORKER_LIVENESS_S": POSITIVE,
     "FRAUDSTREAM_SCORING_BUDGET_MS": POSITIVE,
     "FRAUDSTREAM_SCORING_MODEL_TIMEOUT_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S": POSITIVE,

@@ -37,6 +37,7 @@ from fraudstream.state.kernel_cache import configure as configure_kernel
 from fraudstream.state.kernel_cache import kernel
 from fraudstream.streams.control.follow import ControlFollower
 from fraudstream.streams.errors import StartError
+from fraudstream.streams.health import Probes
 from fraudstream.streams.pipeline import DAY_MS, Limits, Pipeline, RawRecord
 from fraudstream.streams.settings import KafkaSettings, Settings
 from fraudstream.streams.worker import batching, renewing_producer, restore
@@ -45,7 +46,9 @@ from fraudstream.streams.worker.delivery import BatchCommitter, KafkaSink
 from fraudstream.streams.worker.feature_store import TableFeatureStore, forget_on_rebalance
 from fraudstream.streams.worker.metrics import WorkerMetrics
 from fraudstream.streams.worker.models_watch import ModelWatcher
+from fraudstream.streams.worker.probes import Heartbeat, add_worker_checks
 from fraudstream.streams.worker.progress import OutOfRangeLog, ProgressWatchdog
+from fraudstream.streams.worker.replica import EntityReplica
 from fraudstream.streams.worker.sizing import BatchSizer
 from fraudstream.streams.worker.startup import group_instance_id, skip_table_manager_sleep
 from fraudstream.streams.worker.status import WorkerStatus
@@ -187,21 +190,31 @@ def build_worker(settings: Settings) -> Worker:
         },
     )
     decided = settings.topics.by_card if w.repartition else settings.topics.transactions
+    restoring = None
     if w.store == "rocksdb":
-        restore.install(app, table, decided,
-                        settings.kafka.consumer_config(f"{w.app_id}-restore"))
+        restoring = restore.install(app, table, decided,
+                                    settings.kafka.consumer_config(f"{w.app_id}-restore"))
     sink = KafkaSink(settings.kafka.client_config())
     state = FaustTableState(table, decided, sink, end_marker=settings.kafka.embedded,
                             wal=w.rocksdb_wal)
     fs = settings.features
+    metrics = WorkerMetrics()
+    probes = Probes()
+    replica: EntityReplica | None = None
     feature_store: StateStore
     if fs.backend == "redis":
         from fraudstream.streams.worker.redis_store import RedisStore
 
         feature_store = RedisStore.from_settings(fs, partitions)
     else:
+        if fs.replica:
+            replica = EntityReplica(
+                w.data_dir / f"{w.app_id}-entity-replica",
+                settings.kafka.consumer_config(f"{w.app_id}-replica"),
+                table.changelog_topic.get_topic_name(), partitions, fs.replica_cache_mb,
+                on_delay=metrics.replica_delay.observe)
         feature_store = TableFeatureStore(state, owned=lambda: _owned(app, settings),
-                                          cache_mb=fs.cache_mb)
+                                          cache_mb=fs.cache_mb, replica=replica)
         forget_on_rebalance(app, feature_store)
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
@@ -219,10 +232,10 @@ def build_worker(settings: Settings) -> Worker:
                         "worker instead", how)
     took = warm_up(engine.config)
     log.warning("feature kernel (%s) ready in %.1f s", kernel()[1], took)
-    metrics = WorkerMetrics()
     from fraudstream.streams.worker.preflight import serve_metrics
 
-    serve_metrics(metrics, w)  # a taken port stops the worker, unless METRICS_PORT_BUSY=warn
+    # a taken port stops the worker, unless METRICS_PORT_BUSY=warn
+    serve_metrics(metrics, w, probes)
     registry = Registry(settings.scoring.models_dir)
     sc = settings.scoring
     models = ModelStage(drift=DriftConfig(sc.drift_window, sc.drift_psi_threshold,
@@ -379,6 +392,23 @@ def build_worker(settings: Settings) -> Worker:
                     w.align_wait_ms)
     batching.install(app, topics, handle, w.batch_max, progress=watchdog, sizer=sizer,
                      aligner=aligner)
+    heartbeat = Heartbeat(loop=lambda: app.loop)
+    add_worker_checks(probes, app, heartbeat, watchdog, restoring, replica, watcher,
+                      w.liveness_s)
+
+    if replica is not None:
+        @app.timer(interval=1.0)
+        async def replica_gauge() -> None:
+            metrics.replica_ready.set(1 if replica.ready.is_set() else 0)
+
+        @app.task
+        async def start_replica() -> None:
+            """Tail the changelog from the start of the worker's service (a thread)."""
+            replica.start()
+
+        @app.on_before_shutdown.connect
+        async def stop_replica(_app: Any, **_kwargs: Any) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, replica.stop)
 
     @app.timer(interval=watchdog.interval_s)
     async def watch_progress() -> None:

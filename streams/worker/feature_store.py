@@ -6,12 +6,11 @@ handled by Faust. A batch's feature records and dedupe entries go to the changel
 produce, features first: once a decision's dedupe entry is acknowledged, so are the feature
 records it was computed with.
 
-Partials of merchants, devices and IPs are readable for the partitions this worker owns:
-with one worker (or one partition) merchant features count every event; with several
-workers each sees the merchants' events of its own partitions. A team that needs the
-global view runs the Redis backend (:mod:`fraudstream.streams.worker.redis_store`), where every
-worker reads
-every partition's partial.
+Partials of merchants, devices and IPs: those of the partitions this worker owns come from
+its table (and the cache); with a replica (:mod:`fraudstream.streams.worker.replica`, on by
+default) those of every other partition come from it, so a merchant's features count all
+of its events whichever worker decides. Without one, each worker sees the merchants'
+events of its own partitions only.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Any
 
 from fraudstream.state.features import DAY_MS
 from fraudstream.state.records import record_max_ts
+from fraudstream.streams.worker.replica import EntityReplica
 from fraudstream.streams.worker.table_state import FaustTableState, _as_event
 
 _MISS = object()
@@ -37,13 +37,18 @@ class TableFeatureStore:
     it last saw, and so does a key it found empty. It keeps them in two generations of
     about ``cache_mb / 2`` each (a hit moves an entry to the young one; when the young one
     is full it becomes the old one and the old one is dropped), and empties both at every
-    rebalance (:meth:`forget`) and after idle expiry."""
+    rebalance (:meth:`forget`) and after idle expiry. Records read from the replica (other
+    partitions, written by other workers) are never cached."""
 
     def __init__(self, state: FaustTableState, owned: Callable[[], Sequence[int]],
-                 cache_mb: float = 0.0) -> None:
+                 cache_mb: float = 0.0, replica: EntityReplica | None = None) -> None:
         self.state = state
         self._owned_fn = owned
         self._owned: tuple[int, ...] = ()
+        self._owned_set: frozenset[int] = frozenset()
+        self.replica = replica
+        self._all = tuple(range(replica.partitions)) if replica is not None else ()
+        self.replica_reads = 0
         self._half = int(cache_mb * (1 << 20) / 2)
         self._young: dict[tuple[int, bytes], bytes | None] = {}
         self._old: dict[tuple[int, bytes], bytes | None] = {}
@@ -57,15 +62,35 @@ class TableFeatureStore:
         if owned != self._owned:
             self.forget()
         self._owned = owned
+        self._owned_set = frozenset(owned)
 
     def forget(self) -> None:
         """Empty the cache (partitions were assigned or revoked: a store may change)."""
         self._young, self._old, self._young_bytes = {}, {}, 0
 
     def readable(self, partition: int) -> Sequence[int]:
+        if self._all:
+            return self._all
         return self._owned if partition in self._owned else (partition, *self._owned)
 
     def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+        if self.replica is not None:
+            owned = self._owned_set
+            foreign = [i for i, k in enumerate(keys) if k[0] not in owned]
+            if foreign:
+                values = self.replica.read([keys[i] for i in foreign])
+                for i, value in zip(foreign, values, strict=True):
+                    out[i] = value
+                self.replica_reads += len(foreign)
+                mine = [i for i, k in enumerate(keys) if k[0] in owned]
+                for i, value in zip(mine, self._read_owned([keys[i] for i in mine]),
+                                    strict=True):
+                    out[i] = value
+                return out
+        return self._read_owned(keys)
+
+    def _read_owned(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
         out: list[bytes | None] = [None] * len(keys)
         by_partition: dict[int, list[int]] = {}
         young, old, miss = self._young, self._old, _MISS

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: Dense around the 50 ms budget.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.2,
@@ -132,16 +132,30 @@ class WorkerMetrics:
             "Read positions reset by auto.offset.reset: out_of_range (the broker said so), "
             "beyond_end (past the partition's end).", ["topic", "partition", "reason"],
             registry=r)
+        # The entity replica (streams/worker/replica.py): other workers' partials.
+        self.replica_delay = Histogram(
+            "fraudstream_entity_replica_delay_seconds",
+            "How long a merchant, device or IP partial written by a worker took to reach "
+            "this worker's replica: from its append to the state changelog to applied "
+            "(the oldest record of each batch applied).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r)
+        self.replica_ready = Gauge(
+            "fraudstream_entity_replica_ready",
+            "1 once the entity replica has read every changelog partition to its end at "
+            "start; 0 before.", registry=r)
         self.producer_renewals = Counter(
             "fraudstream_producer_renewals",
             "Producers replaced after getting no acknowledgement for "
             "FRAUDSTREAM_WORKER_PRODUCER_STUCK_S.", registry=r)
 
-    def serve(self, port: int, address: str = "0.0.0.0") -> int:
-        """Serve /metrics on ``address``:``port`` (0: a free port); returns the port.
-        Raises OSError when the port is taken or the address is not this host's."""
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
-        return int(server.server_port)
+    def serve(self, port: int, address: str = "0.0.0.0", probes: Any = None) -> int:
+        """Serve /metrics, /healthz and /readyz (``probes``) on ``address``:``port`` (0: a
+        free port); returns the port. Raises OSError when the port is taken or the address
+        is not this host's."""
+        from fraudstream.streams.health import serve
+
+        return serve(self.registry, port, address, probes)
 
     def observe(self, result: Any, size: int, labels: int, commit_s: float,
                 own_s: float | None = None) -> None:

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fraudstream.streams.errors import CONFIG_EXIT, UNREACHABLE_EXIT, StartError
 from fraudstream.streams.settings import Settings, WorkerSettings
@@ -176,14 +176,14 @@ def check_metrics_port(address: str, port: int) -> None:
         raise StartError(metrics_error(where, exc)) from exc
 
 
-def serve_metrics(metrics: WorkerMetrics, w: WorkerSettings) -> int | None:
+def serve_metrics(metrics: WorkerMetrics, w: WorkerSettings, probes: Any = None) -> int | None:
     """Start the worker's /metrics server (port 0: none). A port that is taken stops the
     worker with :class:`StartError`, unless FRAUDSTREAM_WORKER_METRICS_PORT_BUSY=warn: then
     one warning, and the worker runs without /metrics. Returns the port served."""
     if not w.metrics_port:
         return None
     try:
-        return metrics.serve(w.metrics_port, w.metrics_address)
+        return metrics.serve(w.metrics_port, w.metrics_address, probes)
     except OSError as exc:
         where = _metrics_where(w.metrics_address, w.metrics_port)
         if w.metrics_port_busy == "fail" or exc.errno != errno.EADDRINUSE:

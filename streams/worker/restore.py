@@ -84,11 +84,20 @@ def restore_partition(db: Any, offset_key: bytes, consumer_config: dict[str, Any
         consumer.close()
 
 
-def install(app: Any, table: Any, source_topic: str, consumer_config: dict[str, Any]) -> None:
+class Restoring:
+    """Whether a bulk restore is under way (the worker is not ready meanwhile)."""
+
+    def __init__(self) -> None:
+        self.running = False
+
+
+def install(app: Any, table: Any, source_topic: str,
+            consumer_config: dict[str, Any]) -> Restoring:
     """Run :func:`restore_partition` for the table partitions of every assignment, before
     Faust's recovery of them."""
     recovery = app.tables.recovery
     original = recovery.on_rebalance
+    state = Restoring()
 
     async def on_rebalance(assigned: set[Any], revoked: set[Any], newly_assigned: set[Any],
                            generation_id: int = 0) -> None:
@@ -97,11 +106,16 @@ def install(app: Any, table: Any, source_topic: str, consumer_config: dict[str, 
             partitions = sorted({tp.partition for tp in assigned if tp.topic == source_topic})
             if partitions:
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, _restore_all, store, table, partitions,
-                                           consumer_config)
+                state.running = True
+                try:
+                    await loop.run_in_executor(None, _restore_all, store, table, partitions,
+                                               consumer_config)
+                finally:
+                    state.running = False
         await original(assigned, revoked, newly_assigned, generation_id)
 
     recovery.on_rebalance = on_rebalance
+    return state
 
 
 def _restore_all(store: Any, table: Any, partitions: Iterable[int],

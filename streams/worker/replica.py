@@ -1,0 +1,211 @@
+"""Every partition's merchant, device and IP partials, readable by every worker.
+
+With the RocksDB backend a merchant's features add up one partial record per source
+partition (``m|``, ``d|``, ``i|`` keys, :mod:`fraudstream.state.engine`), and each partial
+is written by the worker that owns its partition. A worker reads its own partitions'
+partials from its Faust table; :class:`EntityReplica` gives it the others'. A thread tails
+the state table's changelog (every partition, in bulk, with librdkafka, as
+:mod:`fraudstream.streams.worker.restore` reads it), keeps the entity records and
+tombstones, and writes them into a local RocksDB beside the worker's tables. Cards,
+dedupe entries and the feature log are skipped: only their owner reads them.
+
+Staleness: a partial changed by another worker is seen here once that worker has
+produced its batch's changelog records and this thread has applied them.
+:attr:`EntityReplica.on_delay` gets, for every batch of records applied, how long the
+oldest of them waited since it was appended to the changelog (after the replica caught up
+at start); the worker exports it as ``fraudstream_entity_replica_delay_seconds``.
+
+Restarts: each partition's last applied offset is stored in the replica's own RocksDB,
+in the write batch of its records, so a restarted worker goes on from there. A stored
+offset past the partition's end (the topic was made again) or before its start (records
+deleted before they were read) starts that partition afresh from its first record.
+
+Memory: the records live on disk; the process holds RocksDB's block cache and write
+buffers (``cache_mb`` and two 16 MB buffers) and librdkafka's fetch queue (16 MB).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+log = logging.getLogger("fraudstream.replica")
+
+#: Key prefixes of the records kept: merchant, device and IP partials.
+ENTITY_PREFIXES = (b"m|", b"d|", b"i|")
+#: Where a partition's last applied offset is stored (no entity key starts with NUL).
+_OFFSET_KEY = b"\x00offset|"
+_RETRY_S = 2.0
+#: How far past the reported end a stored position may be (one record batch, at most).
+_END_SLACK = 100_000
+
+
+def _head(partition: int) -> bytes:
+    return partition.to_bytes(2, "big")
+
+
+def _open(path: Path, cache_mb: int) -> Any:
+    from rocksdict import BlockBasedOptions, Cache, Options, Rdict
+
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_write_buffer_size(16 << 20)
+    options.set_max_write_buffer_number(2)
+    table = BlockBasedOptions()
+    table.set_block_cache(Cache(cache_mb << 20))
+    table.set_bloom_filter(10, True)
+    options.set_block_based_table_factory(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Rdict(str(path), options=options)
+
+
+class EntityReplica:
+    """A local, read-only copy of the entity partials of every partition of ``topic``
+    (the state table's changelog), kept current by a background thread."""
+
+    def __init__(self, path: Path, consumer_config: dict[str, Any], topic: str,
+                 partitions: int, cache_mb: int = 64,
+                 on_delay: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.topic = topic
+        self.partitions = partitions
+        self.on_delay = on_delay
+        self.clock = clock
+        self._config = {**consumer_config, "enable.partition.eof": True,
+                        "fetch.max.bytes": 8 << 20, "queued.max.messages.kbytes": 16384}
+        self._db = _open(path, cache_mb)
+        self.position = [self._stored(p) for p in range(partitions)]
+        self._caught_up = [False] * partitions
+        self.ready = threading.Event()
+        self.applied = 0
+        self.errors = 0
+        #: The largest delay (seconds) of the last batch applied, for the status line.
+        self.last_delay_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="entity-replica", daemon=True)
+
+    # -- reads (the worker's event loop) -------------------------------------------------
+
+    def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
+        """The records of (partition, key) pairs, aligned (one RocksDB multi-get)."""
+        return self._db.get([_head(p) + k for p, k in keys])
+
+    # -- the tailing thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._db.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def _stored(self, partition: int) -> int | None:
+        raw = self._db.get(_OFFSET_KEY + _head(partition))
+        return int(raw) if raw is not None else None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tail()
+            except Exception:  # a broker error must not end the replica for good
+                self.errors += 1
+                log.exception("entity replica of %s: tailing failed; again in %.0f s",
+                              self.topic, _RETRY_S)
+                self._stop.wait(_RETRY_S)
+
+    def _tail(self) -> None:
+        consumer = Consumer(self._config)
+        try:
+            consumer.assign(self._starts(consumer))
+            while not self._stop.is_set():
+                msgs = consumer.consume(10_000, 0.1)
+                if msgs:
+                    self._apply(msgs)
+        finally:
+            consumer.close()
+
+    def _starts(self, consumer: Any) -> list[TopicPartition]:
+        """Where each partition is read from; partitions already at their end (or empty)
+        count as caught up at once."""
+        from rocksdict import WriteBatch
+
+        starts = []
+        reset = WriteBatch(raw_mode=True)
+        for p in range(self.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), 15.0)
+            stored = self.position[p]
+            # The embedded broker may report the base offset of the last record batch as
+            # the end: a position up to one batch past it is not a topic made again.
+            if stored is not None and not low <= stored + 1 <= high + _END_SLACK:
+                log.warning("entity replica: %s[%d] holds offsets %d..%d, the replica had "
+                            "read to %d: reading the partition again from its start",
+                            self.topic, p, low, high, stored)
+                reset.delete_range(_head(p), _head(p + 1))
+                stored = self.position[p] = None
+            start = stored + 1 if stored is not None else OFFSET_BEGINNING
+            if high <= (stored + 1 if stored is not None else low):
+                self._caught_up[p] = True
+            starts.append(TopicPartition(self.topic, p, start))
+        if not reset.is_empty():
+            self._db.write(reset)
+        self._check_ready()
+        return starts
+
+    def _apply(self, msgs: list[Any]) -> None:
+        from rocksdict import WriteBatch
+
+        batch = WriteBatch(raw_mode=True)
+        touched: set[int] = set()
+        oldest_ms: int | None = None
+        position = self.position
+        prefixes = ENTITY_PREFIXES
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._caught_up[m.partition()] = True
+                else:
+                    log.warning("entity replica: %s", err)
+                continue
+            p = m.partition()
+            key = m.key()
+            if key is not None and key[:2] in prefixes:
+                value = m.value()
+                if value is None:
+                    batch.delete(_head(p) + key)
+                else:
+                    batch.put(_head(p) + key, value)
+                self.applied += 1
+            position[p] = m.offset()
+            touched.add(p)
+            kind, ts = m.timestamp()
+            if kind and ts >= 0 and (oldest_ms is None or ts < oldest_ms):
+                oldest_ms = ts
+        for p in touched:
+            batch.put(_OFFSET_KEY + _head(p), str(position[p]).encode())
+        if touched:
+            self._db.write(batch)
+        if oldest_ms is not None and self.ready.is_set():
+            delay = max(0.0, self.clock() - oldest_ms / 1000.0)
+            self.last_delay_s = delay
+            if self.on_delay is not None:
+                self.on_delay(delay)
+        self._check_ready()
+
+    def _check_ready(self) -> None:
+        if not self.ready.is_set() and all(self._caught_up):
+            self.ready.set()
+            log.warning("entity replica of %s: caught up (%d partitions, %d records "
+                        "applied)", self.topic, self.partitions, self.applied)
