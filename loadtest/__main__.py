@@ -165,6 +165,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quix-python", type=Path, default=None,
                         help="the interpreter that imports quixstreams (default: "
                              ".venv-quix/bin/python, else this one)")
+    parser.add_argument("--replica", action=argparse.BooleanOptionalAction, default=True,
+                        help="the worker's entity replica (FRAUDSTREAM_FEATURES_REPLICA; "
+                             "default on)")
     parser.add_argument("--shared-broker", action="store_true",
                         help="run every live run on the backlog drain's broker and worker "
                              "(the old method; default: a fresh broker and worker per run)")
@@ -216,7 +219,8 @@ def main() -> int:
                         "align_wait_ms": args.align_wait_ms,
                         "metrics_port": free_port()},
                 scoring={"models_dir": args.models or workdir / "no-models",
-                         "budget_ms": budget})
+                         "budget_ms": budget},
+                features={"replica": args.replica})
             uid, settings, codecs = stack.uid, stack.settings, stack.codecs
             _progress(f"producing {args.events:,} generated transactions...")
             pre_produce(settings, codecs, args.events, args.seed)

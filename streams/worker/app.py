@@ -200,6 +200,7 @@ def build_worker(settings: Settings) -> Worker:
     fs = settings.features
     metrics = WorkerMetrics()
     probes = Probes()
+    probes.ready.append(("start", lambda: "the worker is starting"))
     replica: EntityReplica | None = None
     feature_store: StateStore
     if fs.backend == "redis":

@@ -37,8 +37,10 @@ class TableFeatureStore:
     it last saw, and so does a key it found empty. It keeps them in two generations of
     about ``cache_mb / 2`` each (a hit moves an entry to the young one; when the young one
     is full it becomes the old one and the old one is dropped), and empties both at every
-    rebalance (:meth:`forget`) and after idle expiry. Records read from the replica (other
-    partitions, written by other workers) are never cached."""
+    rebalance (:meth:`forget`) and after idle expiry. Records of other partitions, read
+    from the replica, are cached too: before each read the keys the replica applied since
+    the last one are dropped from the cache (:meth:`EntityReplica.take_changed`), so a
+    cached record is at most one batch older than the replica."""
 
     def __init__(self, state: FaustTableState, owned: Callable[[], Sequence[int]],
                  cache_mb: float = 0.0, replica: EntityReplica | None = None) -> None:
@@ -74,23 +76,17 @@ class TableFeatureStore:
         return self._owned if partition in self._owned else (partition, *self._owned)
 
     def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
-        out: list[bytes | None] = [None] * len(keys)
-        if self.replica is not None:
-            owned = self._owned_set
-            foreign = [i for i, k in enumerate(keys) if k[0] not in owned]
-            if foreign:
-                values = self.replica.read([keys[i] for i in foreign])
-                for i, value in zip(foreign, values, strict=True):
-                    out[i] = value
-                self.replica_reads += len(foreign)
-                mine = [i for i, k in enumerate(keys) if k[0] in owned]
-                for i, value in zip(mine, self._read_owned([keys[i] for i in mine]),
-                                    strict=True):
-                    out[i] = value
-                return out
-        return self._read_owned(keys)
-
-    def _read_owned(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
+        replica = self.replica
+        if replica is not None and self._half:
+            changed = replica.take_changed()
+            if changed is None:  # more changed than it keeps track of
+                self.forget()
+            else:
+                young, old, owned = self._young, self._old, self._owned_set
+                for key in changed:
+                    if key[0] not in owned:  # this worker's own records: it wrote them
+                        young.pop(key, None)
+                        old.pop(key, None)
         out: list[bytes | None] = [None] * len(keys)
         by_partition: dict[int, list[int]] = {}
         young, old, miss = self._young, self._old, _MISS
@@ -108,10 +104,15 @@ class TableFeatureStore:
             for i, (p, _k) in enumerate(keys):
                 by_partition.setdefault(p, []).append(i)
         fetched = 0
+        owned = self._owned_set
         for p, idx in by_partition.items():
             fetched += len(idx)
-            for i, value in zip(idx, self.state.lookup(p, [keys[i][1] for i in idx]),
-                                strict=True):
+            if replica is not None and p not in owned:
+                values = replica.read([keys[i] for i in idx])
+                self.replica_reads += len(idx)
+            else:
+                values = self.state.lookup(p, [keys[i][1] for i in idx])
+            for i, value in zip(idx, values, strict=True):
                 out[i] = value
                 if self._half:
                     self._keep(keys[i], value)

@@ -62,8 +62,8 @@ class Heartbeat:
 def add_worker_checks(probes: Probes, app: Any, heartbeat: Heartbeat, watchdog: Any,
                       restoring: Any, replica: Any, watcher: Any, liveness_s: float,
                       clock: Callable[[], float] = time.monotonic) -> None:
-    """Add the worker's checks (above) to ``probes``; until then both endpoints answer 200
-    (the process is starting: Kubernetes' startup timing covers that)."""
+    """Put the worker's checks (above) in ``probes``, in place of any there (the worker
+    serves /readyz from the start, failing until then)."""
 
     def event_loop() -> str | None:
         heartbeat.ping()
@@ -112,6 +112,6 @@ def add_worker_checks(probes: Probes, app: Any, heartbeat: Heartbeat, watchdog: 
         refused = watcher.refused.get(ACTIVE)
         return f"ACTIVE version {refused or wanted} not loaded"
 
-    probes.live += [("event_loop", event_loop), ("batch", batch), ("progress", progress)]
-    probes.ready += [("assignment", assignment), ("state", state),
-                     ("replica", replica_caught_up), ("model", model)]
+    probes.live[:] = [("event_loop", event_loop), ("batch", batch), ("progress", progress)]
+    probes.ready[:] = [("assignment", assignment), ("state", state),
+                       ("replica", replica_caught_up), ("model", model)]

@@ -42,6 +42,8 @@ ENTITY_PREFIXES = (b"m|", b"d|", b"i|")
 #: Where a partition's last applied offset is stored (no entity key starts with NUL).
 _OFFSET_KEY = b"\x00offset|"
 _RETRY_S = 2.0
+#: Changed keys kept for readers' caches before they are told to drop everything.
+_MAX_CHANGED = 200_000
 #: How far past the reported end a stored position may be (one record batch, at most).
 _END_SLACK = 100_000
 
@@ -87,6 +89,9 @@ class EntityReplica:
         self.errors = 0
         #: The largest delay (seconds) of the last batch applied, for the status line.
         self.last_delay_s = 0.0
+        #: Keys applied since :meth:`take_changed` last ran (None: more than _MAX_CHANGED).
+        self._changed: list[tuple[int, bytes]] | None = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="entity-replica", daemon=True)
 
@@ -95,6 +100,13 @@ class EntityReplica:
     def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
         """The records of (partition, key) pairs, aligned (one RocksDB multi-get)."""
         return self._db.get([_head(p) + k for p, k in keys])
+
+    def take_changed(self) -> list[tuple[int, bytes]] | None:
+        """The (partition, key) pairs applied since the last call, for a reader's cache to
+        drop; None when there were too many to keep (drop everything)."""
+        with self._lock:
+            changed, self._changed = self._changed, []
+        return changed
 
     # -- the tailing thread ---------------------------------------------------------------
 
@@ -167,6 +179,7 @@ class EntityReplica:
         from rocksdict import WriteBatch
 
         batch = WriteBatch(raw_mode=True)
+        changed: list[tuple[int, bytes]] = []
         touched: set[int] = set()
         oldest_ms: int | None = None
         position = self.position
@@ -187,6 +200,7 @@ class EntityReplica:
                     batch.delete(_head(p) + key)
                 else:
                     batch.put(_head(p) + key, value)
+                changed.append((p, key))
                 self.applied += 1
             position[p] = m.offset()
             touched.add(p)
@@ -197,6 +211,12 @@ class EntityReplica:
             batch.put(_OFFSET_KEY + _head(p), str(position[p]).encode())
         if touched:
             self._db.write(batch)
+        if changed:
+            with self._lock:  # after the write: a reader that drops them reads them anew
+                if self._changed is not None:
+                    self._changed.extend(changed)
+                    if len(self._changed) > _MAX_CHANGED:
+                        self._changed = None
         if oldest_ms is not None and self.ready.is_set():
             delay = max(0.0, self.clock() - oldest_ms / 1000.0)
             self.last_delay_s = delay
