@@ -235,6 +235,10 @@ class FeatureSettings:
     replica: bool = True
     #: RocksDB block cache of that replica (its records live on disk).
     replica_cache_mb: int = 64
+    #: At a rebalance, how long a worker waits for its replica to read the changelog to
+    #: its end before it recovers its partitions and decides (past it: it decides, with
+    #: a warning; /readyz fails until the replica caught up).
+    replica_wait_s: float = 300.0
     #: Which build of the feature kernel runs: auto (the ahead-of-time build, compiled in a
     #: child process at start when missing; the JIT when that fails), aot (that build or
     #: stop), jit (numba in the worker: ~130 MB more RSS, no C compiler needed).
@@ -477,6 +481,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_FEATURES_EXPIRY_INTERVAL_S": POSITIVE,
     "FRAUDSTREAM_FEATURES_CACHE_MB": NOT_NEGATIVE,
     "FRAUDSTREAM_FEATURES_REPLICA_CACHE_MB": AT_LEAST_ONE,
+    "FRAUDSTREAM_FEATURES_REPLICA_WAIT_S": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_LIVENESS_S": POSITIVE,
     "FRAUDSTREAM_SCORING_BUDGET_MS": POSITIVE,
     "FRAUDSTREAM_SCORING_MODEL_TIMEOUT_MS": NOT_NEGATIVE,

@@ -48,7 +48,7 @@ from fraudstream.streams.worker.metrics import WorkerMetrics
 from fraudstream.streams.worker.models_watch import ModelWatcher
 from fraudstream.streams.worker.probes import Heartbeat, add_worker_checks
 from fraudstream.streams.worker.progress import OutOfRangeLog, ProgressWatchdog
-from fraudstream.streams.worker.replica import EntityReplica
+from fraudstream.streams.worker.replica import EntityReplica, install_replica
 from fraudstream.streams.worker.sizing import BatchSizer
 from fraudstream.streams.worker.startup import group_instance_id, skip_table_manager_sleep
 from fraudstream.streams.worker.status import WorkerStatus
@@ -209,11 +209,8 @@ def build_worker(settings: Settings) -> Worker:
         feature_store = RedisStore.from_settings(fs, partitions)
     else:
         if fs.replica:
-            replica = EntityReplica(
-                w.data_dir / f"{w.app_id}-entity-replica",
-                settings.kafka.consumer_config(f"{w.app_id}-replica"),
-                table.changelog_topic.get_topic_name(), partitions, fs.replica_cache_mb,
-                on_delay=metrics.replica_delay.observe)
+            replica = install_replica(app, settings, table.changelog_topic.get_topic_name(),
+                                      partitions, metrics)
         feature_store = TableFeatureStore(state, owned=lambda: _owned(app, settings),
                                           cache_mb=fs.cache_mb, replica=replica)
         forget_on_rebalance(app, feature_store)
@@ -396,20 +393,6 @@ def build_worker(settings: Settings) -> Worker:
     heartbeat = Heartbeat(loop=lambda: app.loop)
     add_worker_checks(probes, app, heartbeat, watchdog, restoring, replica, watcher,
                       w.liveness_s)
-
-    if replica is not None:
-        @app.timer(interval=1.0)
-        async def replica_gauge() -> None:
-            metrics.replica_ready.set(1 if replica.ready.is_set() else 0)
-
-        @app.task
-        async def start_replica() -> None:
-            """Tail the changelog from the start of the worker's service (a thread)."""
-            replica.start()
-
-        @app.on_before_shutdown.connect
-        async def stop_replica(_app: Any, **_kwargs: Any) -> None:
-            await asyncio.get_running_loop().run_in_executor(None, replica.stop)
 
     @app.timer(interval=watchdog.interval_s)
     async def watch_progress() -> None:

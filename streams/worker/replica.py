@@ -113,11 +113,14 @@ class EntityReplica:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, close: bool = True) -> None:
+        """Stop the thread; ``close`` the RocksDB too (the worker leaves it open: a batch
+        still in hand while it shuts down may read it)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        self._db.close()
+        if close:
+            self._db.close()
 
     @property
     def alive(self) -> bool:
@@ -131,10 +134,11 @@ class EntityReplica:
         while not self._stop.is_set():
             try:
                 self._tail()
-            except Exception:  # a broker error must not end the replica for good
+            except Exception as exc:  # a broker error must not end the replica for good
                 self.errors += 1
-                log.exception("entity replica of %s: tailing failed; again in %.0f s",
-                              self.topic, _RETRY_S)
+                # The changelog does not exist before the first worker's Faust made it.
+                log.warning("entity replica of %s: %s: %s; again in %.0f s", self.topic,
+                            type(exc).__name__, exc, _RETRY_S)
                 self._stop.wait(_RETRY_S)
 
     def _tail(self) -> None:
@@ -229,3 +233,55 @@ class EntityReplica:
             self.ready.set()
             log.warning("entity replica of %s: caught up (%d partitions, %d records "
                         "applied)", self.topic, self.partitions, self.applied)
+
+
+def hold_recovery_until_ready(app: Any, replica: EntityReplica, wait_s: float) -> None:
+    """Make each rebalance wait (at most ``wait_s``) for the replica to have read the
+    changelog to its end, before Faust recovers the partitions and the worker decides:
+    a worker that joins must not decide on other partitions' partials it has not read
+    yet. Past ``wait_s`` it goes on, with a warning (and /readyz still failing)."""
+    import asyncio
+
+    recovery = app.tables.recovery
+    original = recovery.on_rebalance
+
+    async def on_rebalance(*args: Any, **kwargs: Any) -> None:
+        if not replica.ready.is_set():
+            t0 = time.monotonic()
+            ready = await asyncio.get_running_loop().run_in_executor(
+                None, replica.ready.wait, wait_s)
+            if not ready:
+                log.warning("entity replica of %s: not caught up after %.0f s "
+                            "(FRAUDSTREAM_FEATURES_REPLICA_WAIT_S): deciding meanwhile; "
+                            "other partitions' merchants, devices and IPs count short "
+                            "until it is", replica.topic, time.monotonic() - t0)
+        await original(*args, **kwargs)
+
+    recovery.on_rebalance = on_rebalance
+
+
+def install_replica(app: Any, settings: Any, changelog: str, partitions: int,
+                    metrics: Any) -> EntityReplica:
+    """The worker's replica of ``changelog``: started now (it reads while Faust starts and
+    joins the group), waited for at each rebalance, its readiness gauge kept, and its
+    thread stopped when the worker shuts down."""
+    import asyncio
+
+    w, fs = settings.worker, settings.features
+    replica = EntityReplica(w.data_dir / f"{w.app_id}-entity-replica",
+                            settings.kafka.consumer_config(f"{w.app_id}-replica"), changelog,
+                            partitions, fs.replica_cache_mb,
+                            on_delay=metrics.replica_delay.observe)
+    replica.start()
+    hold_recovery_until_ready(app, replica, fs.replica_wait_s)
+
+    @app.timer(interval=1.0)
+    async def replica_gauge() -> None:
+        metrics.replica_ready.set(1 if replica.ready.is_set() else 0)
+
+    @app.on_before_shutdown.connect
+    async def stop_replica(_app: Any, **_kwargs: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: replica.stop(close=False))
+
+    return replica
