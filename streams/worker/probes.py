@@ -43,7 +43,10 @@ class Heartbeat:
         self.at = self.clock()
 
     def ping(self, wait_s: float = 1.0) -> None:
-        loop = self.loop() if self.loop is not None else None
+        try:
+            loop = self.loop() if self.loop is not None else None
+        except RuntimeError:  # no loop yet (the worker is starting)
+            return
         if loop is None or loop.is_closed():
             return
         done = threading.Event()
