@@ -40,6 +40,8 @@ PARTITIONS = 6
 #: broker) plus the deciding worker's own batch time, with room for a loaded 2-core CI.
 STALE_S = 2.0
 EVENTS = 2400
+#: Feature records the SIGKILL may cost (one batch: see _decide).
+MAX_UNLOGGED = 500
 #: feature -> (the entity's field, whether the feature counts only events at or before the
 #: transaction's event time). A merchant's day counts its hourly buckets, later events of
 #: the same hour included; a device's or IP's hour counts its events' times up to the
@@ -105,7 +107,10 @@ def _decide(settings: Settings, codecs: Any, tmp_path: Path, workers: int,
         finally:
             paced.stop()
         ids = {codecs.transaction.decode(v)["transaction_id"].encode() for *_, v in records}
-        logged = consume_all(settings, settings.topics.features, EVENTS, 180, settle_s=2.0)
+        decided = consume_all(settings, settings.topics.decisions, EVENTS, 180, settle_s=1.0,
+                              keys=ids)
+        logged = consume_all(settings, settings.topics.features, EVENTS - MAX_UNLOGGED, 60,
+                             settle_s=2.0)
         sent = consume_all(settings, settings.topics.transactions, EVENTS, 60, settle_s=0.5)
     finally:
         for w in started:
@@ -121,7 +126,12 @@ def _decide(settings: Settings, codecs: Any, tmp_path: Path, workers: int,
         partition, offset, txn = where[rec["transaction_id"]]
         out.append({"id": rec["transaction_id"], "partition": partition, "offset": offset,
                     "txn": txn, "values": rec["values"], "at": m.timestamp()[1] / 1000.0})
-    assert {r["id"].encode() for r in out} == ids, "transactions without a feature record"
+    assert {m.key() for m in decided} == ids, "transactions without a decision"
+    unlogged = ids - {r["id"].encode() for r in out}
+    # A worker killed after its batch's state reached the changelog and before its
+    # records were published: the batch is redone as duplicates (the decisions again,
+    # from the dedupe state), with no feature record. Only the killing run may lose some.
+    assert len(unlogged) <= (MAX_UNLOGGED if add_and_kill else 0), len(unlogged)
     return out
 
 
@@ -186,7 +196,8 @@ def test_one_worker_and_three_workers_give_the_same_entity_features(
     # The same transaction, one worker against several: within what the staleness allows
     # (at most the events of that entity decided in the other partitions in STALE_S).
     first = {r["id"]: r["values"] for r in one}
-    gaps = sorted(abs(r["values"][f] - first[r["id"]][f]) for r in three for f in FEATURES)
+    gaps = sorted(abs(r["values"][f] - first[r["id"]][f]) for r in three for f in FEATURES
+                  if r["id"] in first)
     print(f"\n1 worker against 2-3 (one added, one killed): merchant, device and IP counts "
           f"differ by {gaps[len(gaps) // 2]:.0f} events at the median, "
           f"{gaps[int(len(gaps) * 0.99)]:.0f} at p99, {gaps[-1]:.0f} at most (live "
