@@ -36,7 +36,7 @@ from tests.test_e2e import generated
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 6
-#: The staleness allowed: the replica's delay (p99 135-150 ms measured on the embedded
+#: The staleness allowed: the replica's delay (p99 56 ms measured on the embedded
 #: broker) plus the deciding worker's own batch time, with room for a loaded 2-core CI.
 STALE_S = 2.0
 EVENTS = 2400

@@ -146,9 +146,12 @@ class EntityReplica:
         try:
             consumer.assign(self._starts(consumer))
             while not self._stop.is_set():
-                msgs = consumer.consume(10_000, 0.1)
-                if msgs:
-                    self._apply(msgs)
+                # consume(n, timeout) waits for n records or the timeout, whichever comes
+                # first: on a quiet topic that is the whole timeout. Wait for one record,
+                # then take what else is there at once.
+                first = consumer.poll(0.1)
+                if first is not None:
+                    self._apply([first, *consumer.consume(10_000, 0)])
         finally:
             consumer.close()
 
