@@ -122,10 +122,6 @@ class EntityReplica:
         if close:
             self._db.close()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
-
     def _stored(self, partition: int) -> int | None:
         raw = self._db.get(_OFFSET_KEY + _head(partition))
         return int(raw) if raw is not None else None
