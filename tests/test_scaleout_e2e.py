@@ -4,12 +4,16 @@ within the staleness of the entity replica. Minutes: ``make test-slow``.
 
 The truth for a transaction T of merchant M (device D, IP I): every earlier event of M in
 T's own partition, plus the events of M in the other partitions that their workers had
-decided by then. A decision's time is the append time of its feature-log record (the
-batch's state went to the changelog in the same produce, before it). So the count a
-worker gives T must lie between
+decided by then. A decision's time is the time of its dedupe entry in the state
+changelog: its batch's feature records went out in the same produce, just before it,
+and the entity replica reads them from there. (The feature-log record, which holds the
+values, is produced only after that produce is acknowledged: its time can come after
+another worker already counted the transaction.) So the count a worker gives T must lie
+between
 
-- lower: the events of M decided (logged) at least ``STALE_S`` before T was, and
-- upper: the events of M decided (logged) no later than T was.
+- lower: the events of M in the changelog at least ``STALE_S`` before T's entry, and
+- upper: the events of M in the changelog no later than T's entry (T's worker read its
+  replica before it wrote that entry).
 
 With each worker counting only its own partitions (``FRAUDSTREAM_FEATURES_REPLICA=false``,
 the behaviour before the replica), the lower bound fails for most transactions: the
@@ -27,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from fraudstream.schemas.validate import time_ms
+from fraudstream.streams.pipeline import dedupe_key
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics
 from tests.conftest import T0_MS, WorkerProcess, consume_all
@@ -87,8 +93,8 @@ def _decide(settings: Settings, codecs: Any, tmp_path: Path, workers: int,
             add_and_kill: bool = False) -> list[dict[str, Any]]:
     """Produce the traffic at ~200/s while ``workers`` workers decide it (with
     ``add_and_kill``: one more joins at a third, one is SIGKILLed at two thirds); every
-    feature-log record, as dicts with the transaction's partition, offset, entity ids,
-    the logged features and the log's append time."""
+    transaction, as dicts with its partition, offset and fields, the features of its first
+    feature-log record (None if it has none) and the time of its changelog entry."""
     records = _traffic(codecs, settings)
     started = [_start(settings, tmp_path, k) for k in range(workers)]
     try:
@@ -112,6 +118,10 @@ def _decide(settings: Settings, codecs: Any, tmp_path: Path, workers: int,
         logged = consume_all(settings, settings.topics.features, EVENTS - MAX_UNLOGGED, 60,
                              settle_s=2.0)
         sent = consume_all(settings, settings.topics.transactions, EVENTS, 60, settle_s=0.5)
+        txns = [codecs.transaction.decode(v) for *_, v in records]
+        entries = consume_all(settings, f"{settings.worker.app_id}-state-changelog", EVENTS,
+                              60, settle_s=0.5,
+                              keys={dedupe_key({**t, "event_time": time_ms(t)}) for t in txns})
     finally:
         for w in started:
             if w.running:
@@ -120,41 +130,45 @@ def _decide(settings: Settings, codecs: Any, tmp_path: Path, workers: int,
     for m in sent:
         t = codecs.transaction.decode(m.value())
         where[t["transaction_id"]] = (m.partition(), m.offset(), t)
-    out = []
-    for m in logged:
+    entered: dict[str, float] = {}
+    for m in entries:
+        day_and_id = m.key().split(b"|", 1)
+        if len(day_and_id) == 2 and day_and_id[0].isdigit() and m.value() is not None:
+            i = day_and_id[1].decode()
+            entered[i] = min(entered.get(i, float("inf")), m.timestamp()[1] / 1000.0)
+    values: dict[str, dict[str, float]] = {}
+    for m in sorted(logged, key=lambda m: m.timestamp()[1]):
         rec = codecs.feature_vector.decode(m.value())
-        partition, offset, txn = where[rec["transaction_id"]]
-        out.append({"id": rec["transaction_id"], "partition": partition, "offset": offset,
-                    "txn": txn, "values": rec["values"], "at": m.timestamp()[1] / 1000.0})
+        # A transaction logged twice (its batch redone after a worker was killed) is judged
+        # by its first record: the second was computed from a state that already held it.
+        values.setdefault(rec["transaction_id"], rec["values"])
     assert {m.key() for m in decided} == ids, "transactions without a decision"
-    unlogged = ids - {r["id"].encode() for r in out}
+    assert set(entered) == set(where), "transactions without a dedupe entry"
+    unlogged = set(where) - set(values)
     # A worker killed after its batch's state reached the changelog and before its
     # records were published: the batch is redone as duplicates (the decisions again,
     # from the dedupe state), with no feature record. Only the killing run may lose some.
     assert len(unlogged) <= (MAX_UNLOGGED if add_and_kill else 0), len(unlogged)
-    return out
+    return [{"id": i, "partition": p, "offset": o, "txn": t, "values": values.get(i),
+             "at": entered[i]} for i, (p, o, t) in where.items()]
 
 
-def _violations(logged: list[dict[str, Any]]) -> dict[str, list[tuple[str, float, int, int]]]:
+def _violations(txns: list[dict[str, Any]]) -> dict[str, list[tuple[str, float, int, int]]]:
     """Per feature: (transaction, value, lower, upper) of every logged value outside its
     bounds (see the module's docstring)."""
-    # A transaction logged twice (its batch redone after a worker was killed) is judged by
-    # its first record: the second was computed from a state that already held the batch.
-    txns: dict[str, dict[str, Any]] = {}
-    for r in sorted(logged, key=lambda r: r["at"]):
-        txns.setdefault(r["id"], r)
-    first_at = {i: r["at"] for i, r in txns.items()}
     bad: dict[str, list[tuple[str, float, int, int]]] = defaultdict(list)
     for feature, (field, up_to_event_time) in FEATURES.items():
         by_entity: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in txns.values():
+        for r in txns:
             by_entity[r["txn"][field]].append(r)
-        for r in txns.values():
+        for r in txns:
+            if r["values"] is None:
+                continue
             same = by_entity[r["txn"][field]]
             own = sum(1 for u in same if u["partition"] == r["partition"]
                       and u["offset"] <= r["offset"])
             t = r["txn"]["event_time"]
-            others = [first_at[u["id"]] for u in same if u["partition"] != r["partition"]
+            others = [u["at"] for u in same if u["partition"] != r["partition"]
                       and (not up_to_event_time or u["txn"]["event_time"] <= t)]
             lower = own + sum(1 for at in others if at <= r["at"] - STALE_S)
             upper = own + sum(1 for at in others if at <= r["at"])
@@ -197,7 +211,7 @@ def test_one_worker_and_three_workers_give_the_same_entity_features(
     # (at most the events of that entity decided in the other partitions in STALE_S).
     first = {r["id"]: r["values"] for r in one}
     gaps = sorted(abs(r["values"][f] - first[r["id"]][f]) for r in three for f in FEATURES
-                  if r["id"] in first)
+                  if r["values"] is not None and first.get(r["id"]) is not None)
     print(f"\n1 worker against 2-3 (one added, one killed): merchant, device and IP counts "
           f"differ by {gaps[len(gaps) // 2]:.0f} events at the median, "
           f"{gaps[int(len(gaps) * 0.99)]:.0f} at p99, {gaps[-1]:.0f} at most (live "
