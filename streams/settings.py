@@ -346,6 +346,37 @@ class AutopilotSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """`fraudstream api`: the synchronous scoring endpoint (POST /v1/decisions)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Bearer tokens callers present, comma-separated; or one per line in TOKENS_FILE
+    #: (both may be set). With neither, the API refuses to start unless ANONYMOUS is true.
+    tokens: str = ""
+    tokens_file: str = ""
+    anonymous: bool = False
+    #: How long a caller waits for the streamed decision when its request names no
+    #: deadline (header X-Fraudstream-Timeout-Ms), and the most a request may name.
+    timeout_ms: float = 250.0
+    max_timeout_ms: float = 10_000.0
+    #: Requests in flight at once; past it, 429 with Retry-After (never an unbounded queue).
+    max_pending: int = 2_000
+    retry_after_s: int = 1
+    #: Answers remembered for retries (by transaction_id); older retries are answered
+    #: from the workers' dedupe state through the stream.
+    remember: int = 100_000
+    #: How long the decisions reader's fetch may wait at the broker (the embedded broker
+    #: always waits this long: it bounds the API's added latency there).
+    fetch_max_wait_ms: int = 2
+    #: TLS for a direct deployment (both set: HTTPS only).
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    #: Where /metrics, /healthz and /readyz are served besides the API port (0: a free port).
+    metrics_port: int = 9467
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
@@ -355,6 +386,7 @@ class Settings:
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     canary: CanarySettings = field(default_factory=CanarySettings)
     autopilot: AutopilotSettings = field(default_factory=AutopilotSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -522,6 +554,14 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_AUTOPILOT_POLL_S": POSITIVE,
     "FRAUDSTREAM_AUTOPILOT_METRICS_PORT": Range(0, 65535),
     "FRAUDSTREAM_CANARY_CONTROLLER_METRICS_PORT": Range(0, 65_535),
+    "FRAUDSTREAM_API_PORT": Range(0, 65_535),
+    "FRAUDSTREAM_API_TIMEOUT_MS": POSITIVE,
+    "FRAUDSTREAM_API_MAX_TIMEOUT_MS": POSITIVE,
+    "FRAUDSTREAM_API_MAX_PENDING": AT_LEAST_ONE,
+    "FRAUDSTREAM_API_RETRY_AFTER_S": AT_LEAST_ONE,
+    "FRAUDSTREAM_API_REMEMBER": NOT_NEGATIVE,
+    "FRAUDSTREAM_API_FETCH_MAX_WAIT_MS": Range(0, 300_000),
+    "FRAUDSTREAM_API_METRICS_PORT": Range(0, 65_535),
 }
 
 

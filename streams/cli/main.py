@@ -147,6 +147,15 @@ def _cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from fraudstream.streams.worker.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
+    from fraudstream.streams.cli.api import run
+
+    return run(args, settings)
+
+
 def _cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, default, _doc in describe():
         print(f"{name}={default}")
@@ -223,6 +232,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     with_module("replay", "replay a range of transactions through a champion and a "
                 "challenger, with a diff report", "cli.replay", _cmd_replay)
 
+    with_module("api", "serve POST /v1/decisions: a transaction in, the streamed decision "
+                "out within the caller's deadline", "cli.api", _cmd_api,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     with_module("rules", "publish rules and blocklists to every worker, or list what was "
                 "published", "cli.rules", _cmd_rules)
     p = sub.add_parser("controller", help="move canary rollouts through their steps, and "

@@ -1,0 +1,259 @@
+"""The HTTP face of ``fraudstream api`` (FastAPI): authentication, input checks, status
+codes, metrics; the decision itself comes from :mod:`fraudstream.streams.api.service`.
+
+``POST /v1/decisions`` takes one transaction as a JSON object, with the fields of the
+``transactions`` topic, and answers with the decision. Statuses:
+
+- 200: the decision. ``X-Fraudstream-Decision-Source`` says ``stream`` (the record the
+  worker published on ``decisions``: its sha256 and partition:offset are in
+  ``X-Fraudstream-Decision-Sha256`` and ``-Offset``) or ``standin`` (the rules without
+  velocity features, ``fallback`` true and ``fallback:timeout`` among the reasons: no
+  streamed decision came in time). ``X-Fraudstream-Replayed: true`` on a retry answered
+  with the first answer. ``Server-Timing`` gives produce and decision times.
+- 400: the body is not a JSON object, or the timeout header is not a number in range;
+  422: a field is missing or wrong, in the words of the dead-letter reasons
+  (``{"error": "validation", "field": ..., "reason": ...}``), card numbers masked;
+- 401: no bearer token, or not one of the configured ones (``WWW-Authenticate``);
+- 429: too many requests in flight; 503: the broker did not take the transaction in time.
+  Both with ``Retry-After``.
+
+The caller's deadline is the header ``X-Fraudstream-Timeout-Ms`` (default
+``FRAUDSTREAM_API_TIMEOUT_MS``), counted from the request's arrival.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fraudstream.schemas.codec import parsed_schema
+from fraudstream.schemas.fx import Rates
+from fraudstream.schemas.validate import (
+    PAN_REASON,
+    ValidationError,
+    contains_pan,
+    mask_pans,
+    validate_transaction,
+)
+from fraudstream.streams.api.service import Answer, DecisionService, Overloaded, Unavailable
+from fraudstream.streams.settings import Settings
+
+log = logging.getLogger("fraudstream.api")
+
+TIMEOUT_HEADER = "x-fraudstream-timeout-ms"
+_FIELDS = [f["name"] for f in parsed_schema("transaction")["fields"]]
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+
+
+class ApiMetrics:
+    """``fraudstream_api_*``: requests by status, latency by where the answer came from,
+    stand-ins, requests in flight, decisions read."""
+
+    def __init__(self, service: DecisionService) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fraudstream_api_requests", "Requests answered, by HTTP "
+                                "status", ["status"], registry=r)
+        self.latency = Histogram("fraudstream_api_request_seconds", "Arrival to answer, by "
+                                 "where the answer came from (stream, standin, replayed, "
+                                 "error)", ["source"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.standins = Counter("fraudstream_api_standins", "Stand-in decisions (the rules "
+                                "without velocity features), by cause", ["cause"], registry=r)
+        Gauge("fraudstream_api_in_flight", "Transactions waiting for their decision",
+              registry=r).set_function(lambda: service.in_flight)
+        Gauge("fraudstream_api_decisions_read", "Records read from the decisions topic "
+              "since start", registry=r).set_function(lambda: service.read)
+        Gauge("fraudstream_api_reader_ready", "1 once the decisions reader is positioned",
+              registry=r).set_function(lambda: float(service.reading.is_set()))
+
+
+def load_tokens(settings: Settings) -> list[bytes]:
+    """The configured bearer tokens (setting and file); raises OSError for an unreadable
+    file."""
+    tokens = [t.strip() for t in settings.api.tokens.split(",") if t.strip()]
+    if settings.api.tokens_file:
+        with open(settings.api.tokens_file, encoding="utf-8") as f:
+            tokens += [line.strip() for line in f
+                       if line.strip() and not line.lstrip().startswith("#")]
+    return [t.encode() for t in tokens]
+
+
+def authorized(header: str | None, tokens: Sequence[bytes]) -> bool:
+    """A ``Bearer`` header holding one of ``tokens``: every token is compared, each in
+    constant time, so the time taken tells nothing of which or how much matched."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    presented = header[7:].strip().encode()
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(presented, token)
+    return ok
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def _refused(status: int, kind: str, reason: str, field: str | None = None,
+             headers: dict[str, str] | None = None) -> Response:
+    masked = (mask_pans(reason.encode()) or b"").decode(errors="replace")
+    body = {"error": kind, "reason": masked} | ({"field": field} if field else {})
+    return _json(status, body, headers)
+
+
+def read_transaction(body: bytes, settings: Settings, rates: Rates,
+                     now_ms: int) -> dict[str, Any]:
+    """The validated transaction of a request body; ValueError (not an object) or
+    :class:`ValidationError` (a field, in the dead-letter reasons' words)."""
+    try:
+        rec = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"JSON value is a {type(rec).__name__}, not an object")
+    for name in rec:
+        if name not in _FIELDS:
+            value = rec[name]
+            if isinstance(value, str) and contains_pan(value) or contains_pan(str(name)):
+                raise ValidationError(str(name)[:64] if not contains_pan(str(name))
+                                      else "(field name)", PAN_REASON)
+            raise ValidationError(str(name)[:64], "not a field of a transaction")
+    w = settings.worker
+    return validate_transaction(rec, now_ms=now_ms, max_future_ms=w.max_future_ms,
+                                max_amount=w.max_amount, rates=rates)
+
+
+def encoder(settings: Settings, codecs: Any) -> Callable[[dict[str, Any]], bytes]:
+    """A validated transaction as the topic takes it (Avro or JSON, as configured)."""
+    if settings.codec.input_format == "json":
+        return lambda txn: orjson.dumps({f: txn[f] for f in _FIELDS})
+    return lambda txn: codecs.transaction.encode({f: txn[f] for f in _FIELDS})  # type: ignore[no-any-return]
+
+
+def _openapi_body() -> dict[str, Any]:
+    """The request body's schema for /docs, from the transaction's Avro schema."""
+    kinds = {"string": "string", "double": "number", "long": "integer"}
+    props: dict[str, Any] = {}
+    required = []
+    for f in parsed_schema("transaction")["fields"]:
+        t = f["type"]
+        if isinstance(t, list):
+            t = next(x for x in t if x != "null")
+        else:
+            required.append(f["name"])
+        if isinstance(t, dict):  # event_time: timestamp-millis, or ISO-8601 text
+            props[f["name"]] = {"oneOf": [{"type": "integer"},
+                                          {"type": "string", "format": "date-time"}]}
+        else:
+            props[f["name"]] = {"type": kinds.get(t, "string")}
+    schema = {"type": "object", "properties": props, "required": required,
+              "additionalProperties": False}
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+def create_app(settings: Settings, service: DecisionService, metrics: ApiMetrics,
+               tokens: Sequence[bytes], encode: Callable[[dict[str, Any]], bytes],
+               rates: Rates, on_start: Callable[[], None] = lambda: None,
+               on_stop: Callable[[], None] = lambda: None) -> FastAPI:
+    api = settings.api
+    retry = {"Retry-After": str(api.retry_after_s)}
+    default_s = api.timeout_ms / 1000.0
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> Any:
+        import asyncio
+
+        service.start(asyncio.get_running_loop())
+        on_start()
+        try:
+            yield
+        finally:
+            on_stop()
+            service.stop()
+
+    app = FastAPI(title="fraudstream", version="1", lifespan=lifespan,
+                  description="Real-time fraud decisions: the streaming pipeline's, "
+                              "within the caller's deadline.")
+
+    def timeout_of(request: Request) -> float:
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return default_s
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = float("nan")
+        if not 0 < ms <= api.max_timeout_ms:
+            raise ValueError(f"{TIMEOUT_HEADER}: expected milliseconds in (0, "
+                             f"{api.max_timeout_ms:g}], got {raw[:32]!r}")
+        return ms / 1000.0
+
+    def answered(status: int, source: str, t0: float) -> None:
+        metrics.requests.labels(str(status)).inc()
+        metrics.latency.labels(source).observe(time.perf_counter() - t0)
+
+    @app.post("/v1/decisions", openapi_extra=_openapi_body(),
+              summary="Decide one transaction within the caller's deadline")
+    async def decisions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        if tokens and not authorized(request.headers.get("authorization"), tokens):
+            answered(401, "error", t0)
+            return _refused(401, "unauthorized", "a valid bearer token is required",
+                            headers={"WWW-Authenticate": 'Bearer realm="fraudstream"'})
+        try:
+            deadline = t0 + timeout_of(request)
+            txn = read_transaction(await request.body(), settings, rates,
+                                   int(service.clock() * 1000))
+        except ValidationError as exc:
+            answered(422, "error", t0)
+            return _refused(422, "validation", exc.reason, exc.field)
+        except ValueError as exc:
+            answered(400, "error", t0)
+            return _refused(400, "request", str(exc))
+        try:
+            answer = await service.decide(txn, encode(txn), deadline)
+        except Overloaded as exc:
+            answered(429, "error", t0)
+            return _refused(429, "overloaded", str(exc), headers=retry)
+        except Unavailable as exc:
+            answered(503, "error", t0)
+            return _refused(503, "unavailable", str(exc), headers=retry)
+        source = "replayed" if answer.replayed else answer.source
+        if answer.source == "standin" and not answer.replayed:
+            metrics.standins.labels("timeout").inc()
+        answered(200, source, t0)
+        return _json(200, answer.decision, _headers(answer, t0))
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        ok = service.alive()
+        return Response(b"ok\n" if ok else b"a Kafka thread stopped\n", 200 if ok else 503)
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        ok, why = service.ready()
+        return Response(b"ok\n" if ok else why.encode() + b"\n", 200 if ok else 503)
+
+    return app
+
+
+def _headers(answer: Answer, t0: float) -> dict[str, str]:
+    marks = {**answer.marks_ms, "total": (time.perf_counter() - t0) * 1000.0}
+    headers = {"X-Fraudstream-Decision-Source": answer.source,
+               "Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in marks.items())}
+    if answer.sha256 is not None:
+        headers["X-Fraudstream-Decision-Sha256"] = answer.sha256
+        headers["X-Fraudstream-Decision-Offset"] = f"{answer.partition}:{answer.offset}"
+    if answer.replayed:
+        headers["X-Fraudstream-Replayed"] = "true"
+    return headers

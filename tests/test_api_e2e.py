@@ -1,0 +1,289 @@
+"""``fraudstream api`` on real parts: the embedded broker and registry, a real worker and
+the API as real processes, requests over HTTP. The API's answer must be the record the
+worker published on ``decisions``; the caller's deadline holds with the worker stopped,
+with the API overloaded and with the broker down."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from fraudstream.schemas.codec import Codecs
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.processes import die_with_parent, stop_process
+from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import ensure_topics
+from tests.conftest import ROOT, T0_MS, consume_all
+from tests.test_e2e import generated
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "t0k3n-for-tests"
+PAN = "4111111111111111"
+
+
+class ApiProcess:
+    """A real ``fraudstream api`` process on free ports."""
+
+    def __init__(self, settings: Settings, log: Path, **api: Any) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.settings = settings.replace(api={"tokens": TOKEN, "port": self.port,
+                                              "metrics_port": self.metrics_port, **api})
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> ApiProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+        env.update(self.settings.to_env())
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fraudstream", "api", "--loglevel", "info"], env=env,
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                preexec_fn=die_with_parent)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"the API did not get ready:\n{self.tail()}")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 15.0)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            return r.read().decode()
+
+
+def _body(txn: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in txn.items() if v is not None}
+
+
+async def _post(session: aiohttp.ClientSession, api: ApiProcess, body: Any,
+                token: str | None = TOKEN, timeout_ms: float | None = None,
+                raw: bytes | None = None) -> tuple[int, dict[str, str], Any, float]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if timeout_ms is not None:
+        headers["X-Fraudstream-Timeout-Ms"] = str(timeout_ms)
+    t0 = time.perf_counter()
+    async with session.post(f"{api.url}/v1/decisions", headers=headers,
+                            data=raw if raw is not None else json.dumps(body)) as r:
+        data = await r.read()
+        elapsed = time.perf_counter() - t0
+        return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(data), elapsed
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _post_all(api: ApiProcess, bodies: list[Any], **kw: Any) -> list[Any]:
+    async with aiohttp.ClientSession() as s:
+        return await asyncio.gather(*(_post(s, api, b, **kw) for b in bodies))
+
+
+def _transactions(n: int, seed: int) -> list[dict[str, Any]]:
+    # event times in the past (T0), as a backlog or a replayed history would carry them
+    txns = generated(n, seed=seed)
+    for i, t in enumerate(txns):
+        t["event_time"] = T0_MS + i
+    return txns
+
+
+def test_the_api_answers_with_the_very_decision_published_on_decisions(
+        stack_settings, codecs: Codecs, start_worker, tmp_path):
+    worker = start_worker()
+    api = ApiProcess(stack_settings, tmp_path / "api.log", timeout_ms=5000).start()
+    try:
+        txns = _transactions(300, seed=21)
+        answers = _run(_post_all(api, [_body(t) for t in txns]))
+        assert worker.running, worker.tail()
+        statuses = [a[0] for a in answers]
+        assert statuses == [200] * len(txns), (statuses, api.tail())
+        assert {a[1]["x-fraudstream-decision-source"] for a in answers} == {"stream"}
+        # A retry returns the first answer, and nothing new reaches the topic for it.
+        retried = _run(_post_all(api, [_body(t) for t in txns[:50]]))
+        for first, again in zip(answers[:50], retried, strict=True):
+            assert again[0] == 200 and again[2] == first[2]
+            assert again[1]["x-fraudstream-replayed"] == "true"
+            assert again[1]["x-fraudstream-decision-sha256"] == \
+                first[1]["x-fraudstream-decision-sha256"]
+        published = consume_all(stack_settings, stack_settings.topics.decisions, len(txns),
+                                settle_s=1.0)
+        at = {(m.partition(), m.offset()): m for m in published}
+        assert len(published) == len(txns), "a retry was decided again"
+        for txn, (_s, headers, decision, _e) in zip(txns, answers, strict=True):
+            p, o = headers["x-fraudstream-decision-offset"].split(":")
+            record = at[(int(p), int(o))]
+            assert record.key() == txn["transaction_id"].encode()
+            assert hashlib.sha256(record.value()).hexdigest() == \
+                headers["x-fraudstream-decision-sha256"]
+            topic = codecs.decision.decode(record.value())
+            for k, v in topic.items():
+                got = decision[k]
+                want = int(v.timestamp() * 1000) if hasattr(v, "timestamp") else v
+                assert got == want, (k, got, want)
+        # the API is documented where it serves
+        with urllib.request.urlopen(f"{api.url}/openapi.json") as r:
+            spec = json.loads(r.read())
+        assert "card_id" in json.dumps(spec["paths"]["/v1/decisions"]["post"]["requestBody"])
+        with urllib.request.urlopen(f"{api.url}/docs") as r:
+            assert r.status == 200
+        text = api.metrics()
+        assert 'fraudstream_api_requests_total{status="200"} 350.0' in text
+    finally:
+        api.stop()
+    assert api.proc is not None and api.proc.returncode == 0, api.tail()
+
+
+def test_bad_requests_get_a_4xx_naming_the_field_and_no_card_number_is_kept(
+        stack_settings, tmp_path):
+    api = ApiProcess(stack_settings, tmp_path / "api.log").start()
+    try:
+        good = _body(_transactions(1, seed=3)[0])
+        missing = {k: v for k, v in good.items() if k != "merchant_id"}
+        cases = [
+            ("no token", dict(body=good, token=None), 401, None),
+            ("wrong token", dict(body=good, token=TOKEN + "x"), 401, None),
+            ("bad JSON", dict(body=None, raw=b'{"transaction_id": '), 400, None),
+            ("not an object", dict(body=[good]), 400, None),
+            ("missing field", dict(body=missing), 422, "merchant_id"),
+            ("PAN in card_id", dict(body={**good, "card_id": PAN}), 422, "card_id"),
+            ("PAN in an unknown field", dict(body={**good, "pan": PAN}), 422, "pan"),
+            ("negative amount", dict(body={**good, "amount": -5}), 422, "amount"),
+            ("timeout header", dict(body=good, timeout_ms="soon"), 400, None),
+        ]
+
+        async def all_cases() -> list[Any]:
+            async with aiohttp.ClientSession() as s:
+                return [await _post(s, api, **kw) for _n, kw, _st, _f in cases]
+
+        for (name, _kw, status, field), (got, headers, body, _e) in zip(
+                cases, _run(all_cases()), strict=True):
+            assert got == status, (name, got, body)
+            assert "reason" in body, (name, body)
+            if field is not None:
+                assert body["field"] == field, (name, body)
+            if status == 401:
+                assert headers["www-authenticate"].startswith("Bearer")
+            assert PAN not in json.dumps(body), (name, body)
+        assert "missing" in _run(_post_all(api, [missing]))[0][2]["reason"]
+    finally:
+        api.stop()
+    assert PAN not in api.log.read_text(), "a card number reached the API's log"
+    assert PAN not in api.metrics() if api.proc and api.proc.poll() is None else True
+
+
+def test_a_stopped_worker_gives_stand_ins_within_the_deadline_then_the_stream_decides(
+        stack_settings, codecs: Codecs, start_worker, tmp_path):
+    worker = start_worker()
+    api = ApiProcess(stack_settings, tmp_path / "api.log").start()
+    try:
+        warm = _transactions(30, seed=4)
+        assert {a[0] for a in _run(_post_all(api, [_body(t) for t in warm],
+                                             timeout_ms=10_000))} == {200}
+        assert worker.proc is not None
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        try:
+            txns = _transactions(60, seed=5)
+            answers = _run(_post_all(api, [_body(t) for t in txns], timeout_ms=300))
+        finally:
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+        for status, headers, decision, elapsed in answers:
+            assert status == 200, decision
+            assert headers["x-fraudstream-decision-source"] == "standin"
+            assert decision["fallback"] is True and "fallback:timeout" in decision["reasons"]
+            assert decision["model_version"].startswith("rules@")
+            served_ms = float(headers["server-timing"].rsplit("total;dur=", 1)[1])
+            assert served_ms <= 300 + 10, served_ms
+            assert elapsed < 0.300 + 0.25, elapsed  # the client's view, on a loaded machine
+        # The streamed decisions follow for the record, once the worker is back.
+        ids = {t["transaction_id"].encode() for t in txns}
+        out = consume_all(stack_settings, stack_settings.topics.decisions, 90, 60,
+                          settle_s=0.5, keys=ids)
+        assert ids <= {m.key() for m in out}, worker.tail()
+        # A retry gets the stand-in it was first answered with, not a second decision.
+        again = _run(_post_all(api, [_body(txns[0])]))[0]
+        assert again[2] == answers[0][2] and again[1]["x-fraudstream-replayed"] == "true"
+        assert 'fraudstream_api_standins_total{cause="timeout"} 60.0' in api.metrics()
+    finally:
+        api.stop()
+
+
+def test_load_beyond_capacity_is_refused_at_once_not_queued(
+        stack_settings, start_worker, tmp_path):
+    worker = start_worker()
+    api = ApiProcess(stack_settings, tmp_path / "api.log", max_pending=40).start()
+    try:
+        assert _run(_post_all(api, [_body(_transactions(1, seed=6)[0])],
+                              timeout_ms=10_000))[0][0] == 200
+        assert worker.proc is not None
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        try:
+            answers = _run(_post_all(api, [_body(t) for t in _transactions(300, seed=7)],
+                                     timeout_ms=1500))
+        finally:
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+        by_status: dict[int, list[Any]] = {}
+        for a in answers:
+            by_status.setdefault(a[0], []).append(a)
+        assert set(by_status) <= {200, 429}, {s: len(v) for s, v in by_status.items()}
+        assert len(by_status.get(200, [])) <= 40  # at most max_pending waited
+        refused = by_status[429]
+        assert len(refused) >= 200
+        assert all(a[1]["retry-after"] == "1" for a in refused)
+        # refused at once, not after waiting out the deadline
+        assert sorted(a[3] for a in refused)[len(refused) // 2] < 0.5
+        assert max(a[3] for a in answers) < 1.5 + 0.5
+    finally:
+        api.stop()
+
+
+def test_a_broker_that_is_down_gets_a_503_within_the_deadline(registry, tmp_path):
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as own:
+        settings = Settings().replace(
+            kafka={"bootstrap": own.bootstrap, "partitions": 1, "embedded": True},
+            codec={"registry_url": registry.url})
+        ensure_topics(settings)
+        api = ApiProcess(settings, tmp_path / "api.log").start()
+        try:
+            txns = _transactions(2, seed=8)
+            # no worker: the broker takes it, nobody decides, so a stand-in
+            first = _run(_post_all(api, [_body(txns[0])], timeout_ms=300))[0]
+            assert first[0] == 200 and first[1]["x-fraudstream-decision-source"] == "standin"
+            own.stop()
+            status, headers, body, elapsed = _run(_post_all(api, [_body(txns[1])],
+                                                            timeout_ms=500))[0]
+            assert status == 503, body
+            assert headers["retry-after"] == "1"
+            assert "acknowledge" in body["reason"] or "refused" in body["reason"]
+            assert elapsed < 0.5 + 0.25
+        finally:
+            api.stop()
