@@ -26,7 +26,9 @@ from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import ensure_topics
 from tests.conftest import ROOT, T0_MS, consume_all
+from tests.test_canary_e2e import wait_until
 from tests.test_e2e import generated
+from tests.test_observability import _query, panels, start_prometheus
 
 pytestmark = pytest.mark.e2e
 
@@ -179,6 +181,7 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_no_card_number_is_kept(
             ("PAN in an unknown field", dict(body={**good, "pan": PAN}), 422, "pan"),
             ("negative amount", dict(body={**good, "amount": -5}), 422, "amount"),
             ("timeout header", dict(body=good, timeout_ms="soon"), 400, None),
+            ("too large", dict(body={**good, "merchant_id": "m" * 70_000}), 413, None),
         ]
 
         async def all_cases() -> list[Any]:
@@ -233,6 +236,18 @@ def test_a_stopped_worker_gives_stand_ins_within_the_deadline_then_the_stream_de
         again = _run(_post_all(api, [_body(txns[0])]))[0]
         assert again[2] == answers[0][2] and again[1]["x-fraudstream-replayed"] == "true"
         assert 'fraudstream_api_standins_total{cause="timeout"} 60.0' in api.metrics()
+        # The dashboard's API row has data, scraped by a real Prometheus.
+        prom, prom_url = start_prometheus(tmp_path, [f"127.0.0.1:{api.metrics_port}"])
+        try:
+            row = panels(json.loads((ROOT / "deploy" / "grafana" / "dashboards" /
+                                     "fraudstream.json").read_text()), "API")
+            assert len(row) >= 4
+            _run(_post_all(api, [_body(t) for t in _transactions(20, seed=9)]))
+            wait_until(lambda: not [t["expr"] for p in row for t in p["targets"]
+                                    if not _query(prom_url, t["expr"])], 30,
+                       "every API panel has data")
+        finally:
+            prom.terminate()
     finally:
         api.stop()
 

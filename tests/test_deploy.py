@@ -693,8 +693,8 @@ def k8s_problems(docs: list[tuple[str, dict[str, Any]]], dfp: DockerfileParser) 
     for pdb_name, pdb in by_kind["PodDisruptionBudget"].items():
         selector = pdb["spec"]["selector"]["matchLabels"]
         if not any(matches(selector, d["spec"]["template"]["metadata"]["labels"])
-                   for d in by_kind["StatefulSet"].values()):
-            problems.append(f"PodDisruptionBudget {pdb_name}: selects no worker pods")
+                   for d in [*by_kind["StatefulSet"].values(), *by_kind["Deployment"].values()]):
+            problems.append(f"PodDisruptionBudget {pdb_name}: selects no pods")
     if not by_kind["PodDisruptionBudget"]:
         problems.append("k8s: no PodDisruptionBudget for the workers")
     if not any(d["spec"]["template"]["spec"]["containers"][0].get("args") == ["topics"]

@@ -99,12 +99,16 @@ def authorized(header: str | None, tokens: Sequence[bytes]) -> bool:
     return ok
 
 
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+#: (status, headers, body) of an answer.
+Reply = tuple[int, dict[str, str], bytes]
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Reply:
+    return status, {"content-type": "application/json", **(headers or {})}, orjson.dumps(body)
 
 
 def _refused(status: int, kind: str, reason: str, field: str | None = None,
-             headers: dict[str, str] | None = None) -> Response:
+             headers: dict[str, str] | None = None) -> Reply:
     masked = (mask_pans(reason.encode()) or b"").decode(errors="replace")
     body = {"error": kind, "reason": masked} | ({"field": field} if field else {})
     return _json(status, body, headers)
@@ -161,13 +165,117 @@ def _openapi_body() -> dict[str, Any]:
                             "content": {"application/json": {"schema": schema}}}}
 
 
+class DecisionsHandler:
+    """``POST /v1/decisions`` without a web framework: (lower-cased headers, body) in,
+    :data:`Reply` out. FastAPI's routing, dependency solving and middleware stack cost
+    about a third of the API process's time per request (py-spy, docs/performance.md), so
+    :class:`FastPath` sends this route here directly; FastAPI serves the rest and /docs."""
+
+    def __init__(self, settings: Settings, service: DecisionService, metrics: ApiMetrics,
+                 tokens: Sequence[bytes], encode: Callable[[dict[str, Any]], bytes],
+                 rates: Rates) -> None:
+        self.settings = settings
+        self.api = settings.api
+        self.service = service
+        self.metrics = metrics
+        self.tokens = tokens
+        self.encode = encode
+        self.rates = rates
+        self.retry = {"retry-after": str(self.api.retry_after_s)}
+        self.default_s = self.api.timeout_ms / 1000.0
+
+    def timeout_of(self, headers: dict[str, str]) -> float:
+        raw = headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return self.default_s
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = float("nan")
+        if not 0 < ms <= self.api.max_timeout_ms:
+            raise ValueError(f"{TIMEOUT_HEADER}: expected milliseconds in (0, "
+                             f"{self.api.max_timeout_ms:g}], got {raw[:32]!r}")
+        return ms / 1000.0
+
+    def answered(self, status: int, source: str, t0: float) -> None:
+        self.metrics.requests.labels(str(status)).inc()
+        self.metrics.latency.labels(source).observe(time.perf_counter() - t0)
+
+    async def __call__(self, headers: dict[str, str], body: bytes, t0: float) -> Reply:
+        if self.tokens and not authorized(headers.get("authorization"), self.tokens):
+            self.answered(401, "error", t0)
+            return _refused(401, "unauthorized", "a valid bearer token is required",
+                            headers={"www-authenticate": 'Bearer realm="fraudstream"'})
+        try:
+            deadline = t0 + self.timeout_of(headers)
+            txn = read_transaction(body, self.settings, self.rates,
+                                   int(self.service.clock() * 1000))
+        except ValidationError as exc:
+            self.answered(422, "error", t0)
+            return _refused(422, "validation", exc.reason, exc.field)
+        except ValueError as exc:
+            self.answered(400, "error", t0)
+            return _refused(400, "request", str(exc))
+        try:
+            answer = await self.service.decide(txn, self.encode(txn), deadline)
+        except Overloaded as exc:
+            self.answered(429, "error", t0)
+            return _refused(429, "overloaded", str(exc), headers=self.retry)
+        except Unavailable as exc:
+            self.answered(503, "error", t0)
+            return _refused(503, "unavailable", str(exc), headers=self.retry)
+        source = "replayed" if answer.replayed else answer.source
+        if answer.source == "standin" and not answer.replayed:
+            self.metrics.standins.labels("timeout").inc()
+        self.answered(200, source, t0)
+        return _json(200, answer.decision, _headers(answer, t0))
+
+
+class FastPath:
+    """ASGI: ``POST /v1/decisions`` straight to :class:`DecisionsHandler`; everything
+    else (and the lifespan) to the FastAPI app. A body over ``max_bytes`` gets 413."""
+
+    def __init__(self, app: Any, handler: DecisionsHandler, max_bytes: int) -> None:
+        self.app = app
+        self.handler = handler
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/decisions" \
+                or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                status, headers, content = _refused(
+                    413, "request", f"the body is over {self.max_bytes} bytes")
+                break
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        else:
+            headers_in = {k.decode("latin-1"): v.decode("latin-1")
+                          for k, v in scope["headers"]}
+            status, headers, content = await self.handler(headers_in, b"".join(chunks), t0)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.encode("latin-1"), v.encode("latin-1"))
+                                for k, v in headers.items()]
+                    + [(b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+
 def create_app(settings: Settings, service: DecisionService, metrics: ApiMetrics,
                tokens: Sequence[bytes], encode: Callable[[dict[str, Any]], bytes],
                rates: Rates, on_start: Callable[[], None] = lambda: None,
-               on_stop: Callable[[], None] = lambda: None) -> FastAPI:
-    api = settings.api
-    retry = {"Retry-After": str(api.retry_after_s)}
-    default_s = api.timeout_ms / 1000.0
+               on_stop: Callable[[], None] = lambda: None) -> FastPath:
+    """The ASGI app: :class:`FastPath` in front of FastAPI (lifespan, /docs, probes)."""
+    handler = DecisionsHandler(settings, service, metrics, tokens, encode, rates)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
@@ -185,54 +293,13 @@ def create_app(settings: Settings, service: DecisionService, metrics: ApiMetrics
                   description="Real-time fraud decisions: the streaming pipeline's, "
                               "within the caller's deadline.")
 
-    def timeout_of(request: Request) -> float:
-        raw = request.headers.get(TIMEOUT_HEADER)
-        if raw is None:
-            return default_s
-        try:
-            ms = float(raw)
-        except ValueError:
-            ms = float("nan")
-        if not 0 < ms <= api.max_timeout_ms:
-            raise ValueError(f"{TIMEOUT_HEADER}: expected milliseconds in (0, "
-                             f"{api.max_timeout_ms:g}], got {raw[:32]!r}")
-        return ms / 1000.0
-
-    def answered(status: int, source: str, t0: float) -> None:
-        metrics.requests.labels(str(status)).inc()
-        metrics.latency.labels(source).observe(time.perf_counter() - t0)
-
     @app.post("/v1/decisions", openapi_extra=_openapi_body(),
               summary="Decide one transaction within the caller's deadline")
     async def decisions(request: Request) -> Response:
-        t0 = time.perf_counter()
-        if tokens and not authorized(request.headers.get("authorization"), tokens):
-            answered(401, "error", t0)
-            return _refused(401, "unauthorized", "a valid bearer token is required",
-                            headers={"WWW-Authenticate": 'Bearer realm="fraudstream"'})
-        try:
-            deadline = t0 + timeout_of(request)
-            txn = read_transaction(await request.body(), settings, rates,
-                                   int(service.clock() * 1000))
-        except ValidationError as exc:
-            answered(422, "error", t0)
-            return _refused(422, "validation", exc.reason, exc.field)
-        except ValueError as exc:
-            answered(400, "error", t0)
-            return _refused(400, "request", str(exc))
-        try:
-            answer = await service.decide(txn, encode(txn), deadline)
-        except Overloaded as exc:
-            answered(429, "error", t0)
-            return _refused(429, "overloaded", str(exc), headers=retry)
-        except Unavailable as exc:
-            answered(503, "error", t0)
-            return _refused(503, "unavailable", str(exc), headers=retry)
-        source = "replayed" if answer.replayed else answer.source
-        if answer.source == "standin" and not answer.replayed:
-            metrics.standins.labels("timeout").inc()
-        answered(200, source, t0)
-        return _json(200, answer.decision, _headers(answer, t0))
+        """Documented here; served by :class:`FastPath` (this runs only without it)."""
+        status, headers, content = await handler(dict(request.headers), await request.body(),
+                                                 time.perf_counter())
+        return Response(content, status, headers)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:
@@ -244,16 +311,16 @@ def create_app(settings: Settings, service: DecisionService, metrics: ApiMetrics
         ok, why = service.ready()
         return Response(b"ok\n" if ok else why.encode() + b"\n", 200 if ok else 503)
 
-    return app
+    return FastPath(app, handler, settings.codec.max_record_bytes)
 
 
 def _headers(answer: Answer, t0: float) -> dict[str, str]:
     marks = {**answer.marks_ms, "total": (time.perf_counter() - t0) * 1000.0}
-    headers = {"X-Fraudstream-Decision-Source": answer.source,
-               "Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in marks.items())}
+    headers = {"x-fraudstream-decision-source": answer.source,
+               "server-timing": ", ".join(f"{k};dur={v:.2f}" for k, v in marks.items())}
     if answer.sha256 is not None:
-        headers["X-Fraudstream-Decision-Sha256"] = answer.sha256
-        headers["X-Fraudstream-Decision-Offset"] = f"{answer.partition}:{answer.offset}"
+        headers["x-fraudstream-decision-sha256"] = answer.sha256
+        headers["x-fraudstream-decision-offset"] = f"{answer.partition}:{answer.offset}"
     if answer.replayed:
-        headers["X-Fraudstream-Replayed"] = "true"
+        headers["x-fraudstream-replayed"] = "true"
     return headers

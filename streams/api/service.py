@@ -89,6 +89,11 @@ def _set(fut: asyncio.Future[Any], value: Any) -> None:
         fut.set_result(value)
 
 
+def _set_all(results: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for fut, value in results:
+        _set(fut, value)
+
+
 def json_ready(decision: dict[str, Any]) -> dict[str, Any]:
     """A decoded decision with its times as epoch milliseconds (the topic's longs)."""
     out = {}
@@ -199,6 +204,7 @@ class DecisionService:
                 continue
             msgs = [first, *consumer.consume(5000, 0)]
             self.read += len(msgs)
+            found = []
             for m in msgs:
                 if m.error() is not None:
                     if m.error().code() != KafkaError._PARTITION_EOF:
@@ -206,9 +212,10 @@ class DecisionService:
                     continue
                 waiting = pending.get(m.key())
                 if waiting is not None:
-                    self.matched += 1
-                    self.loop.call_soon_threadsafe(  # type: ignore[union-attr]
-                        _set, waiting.decided, (m.value(), m.partition(), m.offset()))
+                    found.append((waiting.decided, (m.value(), m.partition(), m.offset())))
+            if found:  # one wake-up of the event loop for all of them
+                self.matched += len(found)
+                self.loop.call_soon_threadsafe(_set_all, found)  # type: ignore[union-attr]
 
     # -- requests (on the loop) ------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
