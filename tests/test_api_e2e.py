@@ -160,6 +160,9 @@ def test_the_api_answers_with_the_very_decision_published_on_decisions(
             assert r.status == 200
         text = api.metrics()
         assert 'fraudstream_api_requests_total{status="200"} 350.0' in text
+        for probe in ("healthz", "readyz"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/{probe}") as r:
+                assert r.status == 200 and r.read() == b"ok\n"
     finally:
         api.stop()
     assert api.proc is not None and api.proc.returncode == 0, api.tail()

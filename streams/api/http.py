@@ -72,6 +72,8 @@ class ApiMetrics:
               registry=r).set_function(lambda: service.in_flight)
         Gauge("fraudstream_api_decisions_read", "Records read from the decisions topic "
               "since start", registry=r).set_function(lambda: service.read)
+        Gauge("fraudstream_api_decisions_matched", "Of them, those a request here waited "
+              "for", registry=r).set_function(lambda: service.matched)
         Gauge("fraudstream_api_reader_ready", "1 once the decisions reader is positioned",
               registry=r).set_function(lambda: float(service.reading.is_set()))
 

@@ -162,7 +162,10 @@ class DecisionService:
             self._consumer.close()
 
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        """Both Kafka threads run, and the reader came back from the broker in the last
+        30 s (it does every 0.1 s while it reads)."""
+        return all(t.is_alive() for t in self._threads) and (
+            not self.reading.is_set() or time.monotonic() - self.reader_beat < 30.0)
 
     # -- threads ---------------------------------------------------------------------
     def _deliveries(self) -> None:

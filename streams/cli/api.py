@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from fraudstream.streams.errors import StartError
 from fraudstream.streams.settings import Settings
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from fraudstream.streams.api.service import DecisionService
     from fraudstream.streams.control.follow import ControlFollower
     from fraudstream.streams.health import Probes, serve
+    from fraudstream.streams.worker.probes import Heartbeat
 
     c = settings.codec
     codecs = Codecs(make_registry(c.registry_url, c.registry_username, c.registry_password),
@@ -76,8 +78,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     service = DecisionService(settings, codecs, rules)
     metrics = ApiMetrics(service)
     probes = Probes()
+    heartbeat = Heartbeat(lambda: service.loop)
+
+    def event_loop() -> str | None:
+        heartbeat.ping()
+        late = time.monotonic() - heartbeat.at
+        return None if late < 10.0 else f"the event loop has not run for {late:.0f} s"
+
     probes.live.append(("kafka_threads", lambda: None if service.alive()
-                        else "a Kafka thread of the API stopped"))
+                        else "a Kafka thread of the API stopped, or its reader is stuck"))
+    probes.live.append(("event_loop", event_loop))
     probes.ready.append(("decisions_reader", lambda: None if service.ready()[0]
                          else service.ready()[1]))
     port = args.metrics_port if args.metrics_port is not None else api.metrics_port
