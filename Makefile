@@ -38,7 +38,7 @@ lint: venv  ## ruff
 test: venv test-deps bench-deps lint kernel  ## install what the tests need and run them (e2e included; the slowest suites: make test-slow; bench-deps for the Quix peer's test)
 	$(BIN)/pytest -m "not slow"
 
-test-slow: venv test-deps kernel  ## the slowest end-to-end suites (canary rollouts, the autopilot loop: minutes each); CI runs them after make test
+test-slow: venv test-deps bench-deps kernel  ## the slowest end-to-end suites (canary rollouts, the autopilot loop, scale-out: minutes each; a few of 25-35 s); CI runs them after make test
 	$(BIN)/pytest -m slow
 
 FAKE ?= 2027-02-28 23:59:30

@@ -95,6 +95,7 @@ def test_bounded_demo_decides_reports_and_leaves_no_process_behind():
     assert not [pid for pid in pids if alive(pid)], "the demo left processes running"
 
 
+@pytest.mark.slow  # 25-35 s: make test-slow (CI runs both)
 def test_demo_trains_a_model_once_then_decides_with_it(tmp_path):
     """A small world: the first demo trains and caches a model, warms the worker's state
     with history, and the model (not the rules) decides the live traffic."""

@@ -244,6 +244,7 @@ def _metric(port: int, name: str) -> float:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 25-35 s: make test-slow (CI runs both)
 def test_broker_lost_and_restarted_empty_every_new_transaction_is_decided(registry, tmp_path):
     """The worker decided 300 transactions and committed. The broker dies; a new, empty
     one starts on the same port, its topics are recreated, and the worker's group finds
@@ -330,6 +331,7 @@ def test_broker_lost_and_restarted_empty_every_new_transaction_is_decided(regist
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 25-35 s: make test-slow (CI runs both)
 def test_a_partition_whose_fetches_return_nothing_is_read_again_within_a_bound():
     """The soak stall: the embedded broker lists every stored record batch on each fetch,
     and past ~30,000 of them in a partition no fetch with the worker's 10 ms wait returns

@@ -86,6 +86,7 @@ def test_every_transaction_and_label_matches_the_avro_schema(run: Run) -> None:
         assert validate(lb, label_schema, raise_errors=True)
 
 
+@pytest.mark.slow  # 25-35 s: make test-slow (CI runs both)
 def test_every_transaction_passes_the_workers_validation(run: Run) -> None:
     for t in run.txns:
         validate_transaction(t, now_ms=run.end, max_future_ms=0, max_amount=1e9,

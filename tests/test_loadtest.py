@@ -107,6 +107,7 @@ def test_help_names_the_peer_and_the_model_options():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 25-35 s: make test-slow (CI runs both)
 def test_the_quix_peer_keeps_a_count_per_card_on_the_embedded_broker(
         stack_settings: Settings, codecs: Codecs, tmp_path: Path):
     """The peer runs on Tansu (which reports no retention.ms unless it was set) and does
