@@ -24,9 +24,9 @@ kernel: venv  ## compile the feature kernel ahead of time (C compiler; once per 
 demo: venv  ## run broker, registry, worker and generator with a live summary (DURATION=60 to stop by itself)
 	$(BIN)/fraudstream demo --duration $(DURATION) --rate $(RATE)
 
-TEST_DEBS := kcat redis-server prometheus gcc
+TEST_DEBS := kcat redis-server prometheus gcc openssl
 
-test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus with promtool, gcc)
+test-deps:  ## Debian packages the tests use (kcat, redis-server, prometheus with promtool, gcc, openssl)
 	@missing=""; for p in $(TEST_DEBS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

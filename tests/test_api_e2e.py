@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,8 @@ class ApiProcess:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.tail()
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1) as r:
                     if r.status == 200:
                         return self
             except OSError:
@@ -305,3 +308,35 @@ def test_a_broker_that_is_down_gets_a_503_within_the_deadline(registry, tmp_path
             assert elapsed < 0.5 + 0.25
         finally:
             api.stop()
+
+
+def test_https_and_bearer_tokens_from_a_file(stack_settings, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# two during a rotation\nold-token\nnew-token\n")
+    api = ApiProcess(stack_settings, tmp_path / "api.log", tokens="", tokens_file=str(tokens),
+                     tls_certfile=str(cert), tls_keyfile=str(key)).start()
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        txns = _transactions(3, seed=10)
+        for txn, token, status in ((txns[0], "new-token", 200), (txns[1], "old-token", 200),
+                                   (txns[2], TOKEN, 401), (txns[2], "", 401)):
+            req = urllib.request.Request(
+                f"https://127.0.0.1:{api.port}/v1/decisions", data=json.dumps(_body(txn)).encode(),
+                headers={"Authorization": f"Bearer {token}", "X-Fraudstream-Timeout-Ms": "200"})
+            try:
+                with urllib.request.urlopen(req, context=trusted, timeout=5) as r:
+                    got = r.status
+                    # no worker runs: the broker took it, nobody decided it in time
+                    assert r.headers["X-Fraudstream-Decision-Source"] == "standin"
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got == status, (token, got)
+        with pytest.raises(OSError):  # plain HTTP is not served on that port
+            urllib.request.urlopen(f"http://127.0.0.1:{api.port}/healthz", timeout=2)
+    finally:
+        api.stop()
