@@ -195,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"model {version} from {folder}")
     import uvloop
 
+    ports = [free_port()]
+    while len(ports) < 2:  # a port just closed may be handed out again
+        ports += [p for p in [free_port()] if p != ports[0]]
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker, EmbeddedRegistry() as reg:
         stack = fresh_stack(broker, reg, workdir, "api-bench", partitions=args.partitions,
-                            scoring=scoring, api={"tokens": TOKEN, "port": free_port(),
-                                                  "metrics_port": free_port()})
+                            scoring=scoring, api={"tokens": TOKEN, "port": ports[0],
+                                                  "metrics_port": ports[1]})
         settings = stack.settings
         worker = _spawn(["-m", "fraudstream", "worker"], settings, workdir / "worker.log")
         api = _spawn(["-m", "fraudstream", "api"], settings, workdir / "api.log")

@@ -42,7 +42,10 @@ class ApiProcess:
     """A real ``fraudstream api`` process on free ports."""
 
     def __init__(self, settings: Settings, log: Path, **api: Any) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port = free_port()
+        self.metrics_port = free_port()
+        while self.metrics_port == self.port:  # a port just closed may be handed out again
+            self.metrics_port = free_port()
         self.settings = settings.replace(api={"tokens": TOKEN, "port": self.port,
                                               "metrics_port": self.metrics_port, **api})
         self.log = log

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from fraudstream.streams.errors import StartError
 from fraudstream.streams.settings import Settings
@@ -90,6 +91,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     probes.live.append(("event_loop", event_loop))
     probes.ready.append(("decisions_reader", lambda: None if service.ready()[0]
                          else service.ready()[1]))
+    server: list[Any] = []  # the uvicorn server, once made
+    probes.ready.append(("http", lambda: None if server and server[0].started
+                         else "the HTTP port is not served yet"))
     port = args.metrics_port if args.metrics_port is not None else api.metrics_port
     try:
         served = serve(metrics.registry, port, "0.0.0.0", probes)
@@ -108,7 +112,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # clean exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=api.host, port=api.port, log_level=args.loglevel,
-                access_log=False, ssl_certfile=api.tls_certfile or None,
-                ssl_keyfile=api.tls_keyfile or None, timeout_graceful_shutdown=10)
+    server.append(uvicorn.Server(uvicorn.Config(
+        app, host=api.host, port=api.port, log_level=args.loglevel, access_log=False,
+        ssl_certfile=api.tls_certfile or None, ssl_keyfile=api.tls_keyfile or None,
+        timeout_graceful_shutdown=10)))
+    server[0].run()
+    if not server[0].started:  # the port could not be bound: uvicorn logged why
+        raise StartError(f"FRAUDSTREAM_API_PORT={api.port}: the API could not serve it")
     return 0
