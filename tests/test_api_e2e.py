@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from fraudstream.schemas.codec import Codecs
-from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_ports
 from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import ensure_topics
@@ -42,10 +42,7 @@ class ApiProcess:
     """A real ``fraudstream api`` process on free ports."""
 
     def __init__(self, settings: Settings, log: Path, **api: Any) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        while self.metrics_port == self.port:  # a port just closed may be handed out again
-            self.metrics_port = free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.settings = settings.replace(api={"tokens": TOKEN, "port": self.port,
                                               "metrics_port": self.metrics_port, **api})
         self.log = log

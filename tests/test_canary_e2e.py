@@ -27,7 +27,7 @@ from fraudstream.scorers.canary import in_canary
 from fraudstream.scorers.registry import Registry
 from fraudstream.streams.control.rollout import epoch_ms
 from fraudstream.streams.control.topic import publish
-from fraudstream.streams.embedded.broker import free_port
+from fraudstream.streams.embedded.broker import free_ports
 from fraudstream.streams.processes import stop_process
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all
@@ -178,7 +178,7 @@ def test_canary_rollouts_promote_a_good_version_and_roll_back_bad_ones(
         versions, stack_settings, start_worker, codecs, tmp_path):
     trainer, first, second, declines, slow = versions
     base = stack_settings.replace(scoring={"budget_ms": 10_000.0, "online": False})
-    ports = [free_port() for _ in range(3)]  # two workers, the controller
+    ports = free_ports(3)  # two workers, the controller
     settings_of = [base.replace(worker={"data_dir": tmp_path / f"state-{k}",
                                         "metrics_port": ports[k]},
                                 scoring={"models_dir": tmp_path / f"models-{k}"})

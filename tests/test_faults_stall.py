@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from fraudstream.schemas.codec import Codecs, make_registry
-from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_ports
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics
 from fraudstream.streams.worker.progress import (
@@ -253,7 +253,7 @@ def test_broker_lost_and_restarted_empty_every_new_transaction_is_decided(regist
     decided, the positions past the end reset (logged, counted), and the producer whose
     id the new broker does not know replaced; until then the watchdog reports the stall,
     in the log and on /metrics."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     uid = uuid.uuid4().hex[:8]
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu-1.log").start()
     settings = Settings(topics=TopicSettings.suffixed(uid)).replace(

@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from fraudstream.state.records import card_record
-from fraudstream.streams.embedded.broker import free_port
+from fraudstream.streams.embedded.broker import free_port, free_ports
 from tests.conftest import T0_MS, consume_all
 from tests.test_canary_e2e import PacedProducer
 from tests.test_e2e import encoded, generated
@@ -93,7 +93,7 @@ def test_sigterm_under_load_exits_in_bounded_time_and_nothing_is_lost(
         stack_settings, codecs, start_worker, tmp_path):
     """Two workers share the load; one gets SIGTERM mid-stream. It exits within the bound,
     the other takes its partitions, and every transaction has exactly one decision."""
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     workers = [start_worker(stack_settings.replace(
         worker={"metrics_port": port, "metrics_address": "127.0.0.1",
                 "data_dir": tmp_path / f"state-{k}"})) for k, port in enumerate(ports)]

@@ -14,7 +14,7 @@ import fastavro
 import pytest
 
 from fraudstream.schemas.codec import Codecs, make_registry
-from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_ports
 from fraudstream.streams.topics import ensure_topics
 from fraudstream.streams.traffic.generator import TrafficGenerator
 from fraudstream.streams.traffic.world import GeneratorConfig
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def kcat_broker(tmp_path):
     """A broker reached through the ApiVersions proxy (see tests/apiversions_proxy.py)."""
-    port, proxy_port = free_port(), free_port()
+    port, proxy_port = free_ports(2)
     proxy = ApiVersionsProxy(upstream_port=port, port=proxy_port).start()
     broker = EmbeddedBroker(port, log_path=tmp_path / "tansu.log", advertised_port=proxy_port)
     broker.start()

@@ -33,9 +33,21 @@ def broker_binary() -> str:
 
 def free_port() -> int:
     """A loopback TCP port that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback TCP ports that are free right now. They are held open
+    together while picked: a port just closed may be handed out again, so picking them
+    one by one can give the same port twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def wait_until_ready(bootstrap: str, timeout_s: float = 20.0) -> None:
