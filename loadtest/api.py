@@ -37,20 +37,14 @@ from typing import Any
 from fraudstream.loadtest.harness import _progress, _spawn, fresh_stack, write_result
 from fraudstream.loadtest.proc import tree_cpu_s
 from fraudstream.loadtest.runs import warm_up
-from fraudstream.streams.embedded.broker import EmbeddedBroker, free_port
+from fraudstream.streams.embedded.broker import EmbeddedBroker, free_ports
 from fraudstream.streams.embedded.registry import EmbeddedRegistry
 from fraudstream.streams.processes import stop_process
 from fraudstream.streams.traffic.generator import TrafficGenerator
 from fraudstream.streams.traffic.world import GeneratorConfig
+from fraudstream.streams.worker.status import quantile
 
 TOKEN = "bench-token"
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 async def _load(url: str, rate: float, seconds: float, seed: int) -> list[dict[str, Any]]:
@@ -158,13 +152,14 @@ def _report(step: list[dict[str, Any]], txn_ts: dict[bytes, tuple[float, Any]],
                    if r.get("served_ms") is not None]
 
     def q(v: list[float]) -> dict[str, float | None]:
-        return {"p50": _pct(v, 0.5), "p99": _pct(v, 0.99)}
+        return {"p50": quantile(v, 0.5) if v else None,
+                "p99": quantile(v, 0.99) if v else None}
 
     return {"requests": len(step), "answers": dict(sources), "stream_decided_by": dict(who),
             "caller_ms": q(caller), "stream_e2e_ms": q(stream), "api_added_ms": q(added),
             "worst_past_deadline_ms": max(over) if over else None,
             "worst_past_deadline_served_ms": max(served_over) if served_over else None,
-            "client_send_late_ms_p99": _pct(late, 0.99)}
+            "client_send_late_ms_p99": quantile(late, 0.99) if late else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"model {version} from {folder}")
     import uvloop
 
-    ports = [free_port()]
-    while len(ports) < 2:  # a port just closed may be handed out again
-        ports += [p for p in [free_port()] if p != ports[0]]
+    ports = free_ports(2)
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker, EmbeddedRegistry() as reg:
         stack = fresh_stack(broker, reg, workdir, "api-bench", partitions=args.partitions,
                             scoring=scoring, api={"tokens": TOKEN, "port": ports[0],

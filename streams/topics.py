@@ -162,6 +162,14 @@ def read_since(consumer: Consumer, topic: str, partitions: list[int], since_ms: 
                 yield m
 
 
+def take_available(consumer: Consumer, wait_s: float, most: int) -> list[Message]:
+    """Wait up to ``wait_s`` for one record, then take what else has come (up to
+    ``most``) without waiting; [] when nothing came. ``consume(n, timeout)`` alone waits
+    for n records or the whole timeout: on a quiet topic, always the timeout."""
+    first = consumer.poll(wait_s)
+    return [] if first is None else [first, *consumer.consume(most, 0)]
+
+
 def assign_all(consumer: Consumer, topics: list[str], offset: int) -> None:
     """Assign every partition of ``topics`` to ``consumer``, starting at ``offset``
     (e.g. OFFSET_BEGINNING): no group join to wait for, no committed offsets used.

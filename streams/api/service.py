@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from fraudstream.scorers.rules import RulesScorer
 from fraudstream.streams.settings import Settings
+from fraudstream.streams.topics import take_available
 
 log = logging.getLogger("fraudstream.api")
 
@@ -199,19 +200,13 @@ class DecisionService:
                 self._stop.wait(1.0)
         consumer, pending = self._consumer, self._pending
         while not self._stop.is_set():
-            # Wait for one record, then take what else has come without waiting:
-            # consume(n, timeout) waits its whole timeout on a quiet topic.
-            first = consumer.poll(0.1)
+            msgs = take_available(consumer, 0.1, 5000)
             self.reader_beat = time.monotonic()
-            if first is None:
-                continue
-            msgs = [first, *consumer.consume(5000, 0)]
             self.read += len(msgs)
             found = []
             for m in msgs:
-                if m.error() is not None:
-                    if m.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("api: decisions reader: %s", m.error())
+                if m.error() is not None:  # partition EOF is not enabled: a real error
+                    log.warning("api: decisions reader: %s", m.error())
                     continue
                 waiting = pending.get(m.key())
                 if waiting is not None:

@@ -35,6 +35,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from fraudstream.streams.topics import take_available
+
 log = logging.getLogger("fraudstream.replica")
 
 #: Key prefixes of the records kept: merchant, device and IP partials.
@@ -142,12 +144,9 @@ class EntityReplica:
         try:
             consumer.assign(self._starts(consumer))
             while not self._stop.is_set():
-                # consume(n, timeout) waits for n records or the timeout, whichever comes
-                # first: on a quiet topic that is the whole timeout. Wait for one record,
-                # then take what else is there at once.
-                first = consumer.poll(0.1)
-                if first is not None:
-                    self._apply([first, *consumer.consume(10_000, 0)])
+                msgs = take_available(consumer, 0.1, 10_000)
+                if msgs:
+                    self._apply(msgs)
         finally:
             consumer.close()
 
