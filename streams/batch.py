@@ -69,3 +69,7 @@ class BatchResult:
     #: The active model's scores of ``fresh`` before any online blend (None: it did not
     #: score); the feature log keeps them, as evidence for the learner's weight.
     model_scores: np.ndarray | None = None
+    #: Labels the state store could not take in this batch (it was unavailable): their
+    #: records are to be delivered again, not acknowledged. Taking a label twice is
+    #: harmless (the learners and the merchant states skip offsets they already took).
+    labels_again: int = 0

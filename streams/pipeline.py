@@ -182,14 +182,16 @@ class Pipeline:
             X = (matrix.astype(np.float32) if matrix is not None
                  else np.array([v.row for v in vectors], dtype=np.float32))
         learners: dict[int, Any] = {}
-        if self.online is not None and not (out.features is not None and out.features.degraded):
+        if out.features is not None and out.features.degraded:
+            out.labels_again = len(label_events)  # neither the features nor a learner took them
+        elif self.online is not None:
             active = self.models.active if self.models is not None else None
             try:
                 learners = self.online.learn(label_events, {r.partition for r, _ in fresh},
                                              out.feature_writes,
                                              getattr(active, "base_rate", None))
             except StateUnavailable:
-                out.fallbacks["online_unavailable"] += len(label_events)
+                out.labels_again = len(label_events)
             out.drift_events += self.online.drift_events
             self.online.drift_events = []
         t3 = time.perf_counter()

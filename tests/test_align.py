@@ -188,3 +188,16 @@ def test_records_read_again_from_a_lower_offset_are_handed_on_again():
     assert flat(a.release(pending=())) == [(0, 10), (0, 20)]
     a.add(T0, recs(30, 40, first=0))
     assert flat(a.release(pending=())) == [(0, 30), (0, 40)]
+
+
+def test_records_put_back_go_first_at_the_next_release_in_their_order():
+    a = aligner()
+    a.add(L0, recs(5, 6, first=10))
+    a.add(T0, recs(30))
+    out = a.release(pending=())
+    assert flat(out) == [(-1, 5), (-1, 6), (0, 30)]
+    [(tp, labels), _] = out
+    a.put_back(tp, labels)  # the handler could not take them
+    a.add(L0, recs(7, first=12))
+    again = a.release(pending=())
+    assert [r.offset for _tp, rs in again for r in rs] == [10, 11, 12]

@@ -3,14 +3,19 @@ no gap and no duplicate decision."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import time
+import urllib.request
 import uuid
 from collections import Counter
 
 import pytest
 
 from fraudstream.scorers.registry import Registry
+from fraudstream.streams.embedded.broker import free_ports
 from tests.conftest import T0_MS, consume_all, produce
 
 pytestmark = pytest.mark.e2e
@@ -74,8 +79,9 @@ def test_promotion_and_shadow_reach_a_running_worker(models_registry, stack_sett
             if int(d["transaction_id"].split("-")[1]) >= total} == {second}
 
 
-def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
-        models_registry, stack_settings, start_worker, codecs, redis_server, tmp_path):
+def _learning(settings, models_registry, tmp_path, redis_url: str, **worker):
+    """Settings of a worker with a promoted model and the Redis backend (a fresh key
+    prefix), and ``learned()``: the labels learned, over every partition's learner."""
     import redis
 
     from fraudstream.scorers.online import LEARNER_KEY, OnlineLearner
@@ -85,44 +91,107 @@ def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
     shutil.copytree(models_registry.root / version, root / version)
     Registry(root).promote(version)
     prefix = f"learn-{uuid.uuid4().hex[:8]}"
-    settings = stack_settings.replace(
+    settings = settings.replace(
         scoring={"models_dir": root, "budget_ms": 1000.0},
-        features={"backend": "redis", "redis_url": redis_server.url, "redis_prefix": prefix})
-    client = redis.Redis.from_url(redis_server.url)
+        features={"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix},
+        **({"worker": worker} if worker else {}))
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
 
     def learned() -> int:
-        """Labels learned, over every partition's learner (read from Redis)."""
         total = 0
         for p in range(settings.kafka.partitions):
             data = client.get(f"{prefix}:{p}:".encode() + LEARNER_KEY)
             total += OnlineLearner.loads(data).labels if data else 0
         return total
 
-    def label(t: dict, fraud: bool) -> tuple[bytes, bytes]:
-        return t["card_id"].encode(), codecs.label.encode({
-            "transaction_id": t["transaction_id"], "card_id": t["card_id"],
-            "merchant_id": t["merchant_id"], "is_fraud": fraud, "fraud_type": None,
-            "source": "chargeback", "event_time": t["event_time"],
-            "label_time": T0_MS + 60_000})
+    return settings, learned
 
-    def wait_learned(n: int) -> None:
-        deadline = time.monotonic() + 90
-        while learned() < n:
-            assert time.monotonic() < deadline, (learned(), worker.tail())
-            time.sleep(0.5)
 
+def _label(codecs, t: dict, fraud: bool) -> tuple[bytes, bytes]:
+    return t["card_id"].encode(), codecs.label.encode({
+        "transaction_id": t["transaction_id"], "card_id": t["card_id"],
+        "merchant_id": t["merchant_id"], "is_fraud": fraud, "fraud_type": None,
+        "source": "chargeback", "event_time": t["event_time"],
+        "label_time": T0_MS + 60_000})
+
+
+def _wait_learned(learned, n: int, worker, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while learned() < n:
+        assert time.monotonic() < deadline, (learned(), n, worker.tail())
+        time.sleep(0.5)
+
+
+def _joinable(settings, codecs, batch: list[dict]) -> list[dict]:
+    """The transactions decided with their features: a label can teach the learner only
+    what was logged then (one decided while the store was unavailable has no features)."""
+    out = consume_all(settings, settings.topics.decisions, len(batch), timeout_s=90,
+                      settle_s=0.2)
+    degraded = {d["transaction_id"] for d in map(codecs.decision.decode,
+                                                (m.value() for m in out))
+                if "features_degraded" in d["reasons"]}
+    return [t for t in batch if t["transaction_id"] not in degraded]
+
+
+def test_labels_on_the_topic_teach_the_learner_which_survives_a_restart(
+        models_registry, stack_settings, start_worker, codecs, redis_server, tmp_path):
+    settings, learned = _learning(stack_settings, models_registry, tmp_path, redis_server.url)
     batch = txns(0, 120)
     worker = start_worker(settings)
     produce(settings, settings.topics.transactions,
             [(t["card_id"].encode(), codecs.transaction.encode(t)) for t in batch])
-    consume_all(settings, settings.topics.decisions, 120, timeout_s=90, settle_s=0.2)
-    produce(settings, settings.topics.labels, [label(t, i % 3 == 0)
+    joinable = {t["transaction_id"] for t in _joinable(settings, codecs, batch)}
+    assert len(joinable) > 100  # a Redis that hangs a moment degrades a batch, not all
+    first = sum(t["transaction_id"] in joinable for t in batch[:60])
+    produce(settings, settings.topics.labels, [_label(codecs, t, i % 3 == 0)
                                                 for i, t in enumerate(batch[:60])])
-    wait_learned(60)
+    _wait_learned(learned, first, worker)
     assert worker.stop() == 0, worker.tail()
 
     worker = start_worker(settings)  # a restart: the learners are kept in the state store
-    produce(settings, settings.topics.labels, [label(t, i % 3 == 0)
+    produce(settings, settings.topics.labels, [_label(codecs, t, i % 3 == 0)
                                                 for i, t in enumerate(batch[60:])])
-    wait_learned(120)
-    assert learned() == 120 and worker.running
+    _wait_learned(learned, len(joinable), worker)
+    time.sleep(1.0)  # nothing learned twice (labels read again after the restart)
+    assert learned() == len(joinable) and worker.running
+
+
+def test_labels_that_come_while_redis_hangs_are_learned_once_it_answers(
+        models_registry, stack_settings, start_worker, codecs, start_redis, tmp_path):
+    """Redis stops answering (SIGSTOP: connections open, no reply) while labels arrive:
+    the worker cannot take them, so it does not acknowledge them, and learns every one,
+    once, when Redis answers again."""
+    server = start_redis()
+    port = free_ports(1)[0]
+    settings, learned = _learning(stack_settings, models_registry, tmp_path, server.url,
+                                  metrics_port=port, metrics_address="127.0.0.1")
+    batch = txns(0, 90)
+    worker = start_worker(settings)
+    produce(settings, settings.topics.transactions,
+            [(t["card_id"].encode(), codecs.transaction.encode(t)) for t in batch])
+    assert len(_joinable(settings, codecs, batch)) == len(batch), worker.tail()
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        produce(settings, settings.topics.labels, [_label(codecs, t, i % 3 == 0)
+                                                    for i, t in enumerate(batch)])
+        deadline = time.monotonic() + 60
+        while _metric(port, "fraudstream_online_labels_total", 'result="again"') < 1:
+            assert time.monotonic() < deadline and worker.running, worker.tail()
+            time.sleep(0.2)
+        time.sleep(2.0)  # a few more tries against the hung server
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    _wait_learned(learned, len(batch), worker)
+    time.sleep(1.0)
+    assert learned() == len(batch) and worker.running
+    assert _metric(port, "fraudstream_online_labels_total", 'result="learned"') == len(batch)
+    assert _metric(port, "fraudstream_online_labels_total", 'result="unjoined"') == 0
+
+
+def _metric(port: int, name: str, labels: str = "") -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    pattern = rf"^{name}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$" if labels else \
+        rf"^{name}(?:\{{[^}}]*\}})? (\S+)$"
+    return sum(float(m) for m in re.findall(pattern, text, re.M))

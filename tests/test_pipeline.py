@@ -193,7 +193,18 @@ def test_degraded_features_are_named_in_the_decision(unit_codecs):
     result = pipeline.process(raw([unit_codecs.transaction.encode(txn(1))]), nothing_seen)
     [(_key, value)] = result.decisions
     assert "features_degraded" in unit_codecs.decision.decode(value)["reasons"]
-    assert result.feature_writes == []
+    assert result.feature_writes == [] and result.labels_again == 0
+
+    # Labels in a batch the store cannot read are not taken: they are to come again.
+    now = T0_MS
+    label = {"transaction_id": "t1", "card_id": "card_1", "merchant_id": "m1",
+             "is_fraud": True, "fraud_type": None, "source": "chargeback",
+             "event_time": now, "label_time": now}
+    labels = [RawRecord("labels", 0, o, b"card_1", unit_codecs.label.encode(label), now)
+              for o in (7, 8)]
+    result = pipeline.process(raw([unit_codecs.transaction.encode(txn(2))]), nothing_seen,
+                              labels)
+    assert result.labels_again == 2 and len(result.decisions) == 1
 
 
 def test_the_event_time_high_water_mark_is_the_newest_decided_per_partition(unit_codecs):

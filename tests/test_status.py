@@ -41,10 +41,10 @@ def test_fallbacks_of_every_stage_and_of_the_shadow_are_counted_once():
     status.since = 0.0
     # 10 decided: 6 by the model, 2 by the rules on degraded features, 1 by the rules when the
     # model timed out (stage "model"), 1 by the rules alone; the shadow's own fallbacks
-    # and the labels the learner could not read are not decisions of the stream.
+    # are not decisions of the stream.
     status.add(10, 0, result({("ensemble", "approve"): 7, ("rules", "approve"): 3},
-                             {"degraded": 2, "timeout": 1, "shadow_skipped": 5,
-                              "online_unavailable": 4}), 5.0)
+                             {"degraded": 2, "timeout": 1, "shadow_skipped": 5}),
+               5.0)
     line = status.line(now=1.0)
     assert "model 60.0% rules 10.0% fallback 30.0% {'degraded': 2, 'timeout': 1}" in line
 

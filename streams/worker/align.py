@@ -62,6 +62,12 @@ class Aligner:
         for r in records:
             buf.append((self.time_of(tp.topic, r.value), r))
 
+    def put_back(self, tp: Any, records: Collection[Any]) -> None:
+        """Hold ``records`` again, in front of what ``tp`` holds (the handler could not
+        take them: they go first at the next release)."""
+        buf = self.held.setdefault(tp, deque())
+        buf.extendleft(reversed([(self.time_of(tp.topic, r.value), r) for r in records]))
+
     def forget(self, keep: Collection[Any] | None = None) -> None:
         """Drop what is held for partitions not in ``keep`` (all: None), after a
         rebalance or a seek: they will be read again from their committed offsets."""

@@ -306,8 +306,11 @@ def build_worker(settings: Settings) -> Worker:
     sizer = BatchSizer(settings.scoring.budget_ms, w.batch_share, w.batch_min, w.batch_max,
                        backlog_batches=w.backlog_batches)
 
-    async def handle(batch: Sequence[tuple[Any, Sequence[Any]]], arrived: float) -> None:
-        """Decide a fetched batch (``arrived``: when the fetch returned it) and commit."""
+    async def handle(batch: Sequence[tuple[Any, Sequence[Any]]], arrived: float
+                     ) -> set[Any] | None:
+        """Decide a fetched batch (``arrived``: when the fetch returned it) and commit;
+        returns the labels partitions to deliver again (the state store did not take
+        their labels)."""
         now_ms = int(time.time() * 1000)  # for records without a Kafka timestamp
         records: list[RawRecord] = []
         label_records: list[RawRecord] = []
@@ -330,7 +333,7 @@ def build_worker(settings: Settings) -> Worker:
         if forwards:
             await committer.commit(pipeline.forward(forwards))
         if not records and not label_records:
-            return
+            return None
         if isinstance(feature_store, TableFeatureStore):
             feature_store.refresh()
         rules = follower.take()
@@ -360,6 +363,13 @@ def build_worker(settings: Settings) -> Worker:
         if lost:
             metrics.state_writes_lost.inc(lost)
         online_counts(pipeline.online)
+        again = None
+        if label_records and (result.labels_again or lost):
+            # The store did not take them (or lost what they changed): not acknowledged,
+            # they come again, and what was taken of them is skipped by offset then.
+            again = {tp for tp, _ in batch if tp.topic == labels_topic}
+            metrics.online_labels.labels("again").inc(len(label_records))
+            status.labels_again += len(label_records)
         for tp, recs in batch:
             try:
                 end = app.consumer.highwater(tp)
@@ -370,6 +380,7 @@ def build_worker(settings: Settings) -> Worker:
                 metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
                 status.set_lag(tp.topic, tp.partition, lag)
                 sizer.set_lag(tp, lag)
+        return again
 
     topics = {settings.topics.transactions, labels_topic}
     if w.repartition:

@@ -16,6 +16,11 @@ Faust's commit loop then commits them like any acknowledged offsets. Records of 
 topics take Faust's normal path. A handler that raises crashes the worker before any of
 the chunk is acknowledged: at-least-once.
 
+The handler may return partitions whose records of the chunk it could not take (labels,
+while the state store is unavailable): they are not acknowledged, and are handed to it
+again at the next fetch, before any later record of theirs (so a partition's records are
+always taken in offset order, and commits never pass one that was not taken).
+
 With a :attr:`BatchConsumer.sizer` (:class:`fraudstream.streams.worker.sizing.BatchSizer`)
 each fetch returns at most the records the sizer asks for, so a batch is decided within
 its share of the budget; the rest stays in the consumer's fetch buffer for the next one.
@@ -28,7 +33,7 @@ topics; a partition holding too many stops being fetched (Faust's ``on_buffer_fu
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -36,9 +41,11 @@ from faust.types import TP
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-#: ([(partition, [aiokafka ConsumerRecord])], fetched at (``perf_counter``)) -> None, once
-#: its results are acknowledged.
-BatchHandler = Callable[[Sequence[tuple[TP, Sequence[Any]]], float], Awaitable[None]]
+#: ([(partition, [aiokafka ConsumerRecord])], fetched at (``perf_counter``)) -> the
+#: partitions whose records of the batch are to be delivered again (None: none), once the
+#: results of the others are acknowledged.
+BatchHandler = Callable[[Sequence[tuple[TP, Sequence[Any]]], float],
+                        Awaitable[Collection[TP] | None]]
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
@@ -75,6 +82,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if self.aligner is not None:
                 self.aligner.forget()  # they will be read again from there
                 self._align_next.clear()
+            self._again.clear()
             await self.perform_seek()  # as Faust does: back to the committed offsets
             return
         ours: list[tuple[TP, Sequence[Any]]] = []
@@ -85,16 +93,31 @@ class BatchConsumer(faust_aiokafka.Consumer):
             (ours if tp.topic in self.batch_topics else others).append((tp, recs))
         if self.aligner is not None:
             ours = self._align(ours)
+        elif self._again:
+            ours = self._with_again(ours)
         progress = self.progress
+        again: dict[TP, list[Any]] = {}
         for chunk in _chunks(ours, size):
             assert self.batch_handler is not None
+            if again:  # a partition handed back waits whole: later records stay behind it
+                for tp, recs in chunk:
+                    if tp in again:
+                        again[tp].extend(recs)
+                chunk = [(tp, recs) for tp, recs in chunk if tp not in again]
+                if not chunk:
+                    continue
             if progress is not None:
                 progress.started(chunk)
-            await self.batch_handler(chunk, fetched_at)
+            retry = await self.batch_handler(chunk, fetched_at) or ()
             for tp, recs in chunk:
-                self._ack_range(tp, recs[0].offset, recs[-1].offset)
+                if tp in retry:
+                    again.setdefault(tp, []).extend(recs)
+                else:
+                    self._ack_range(tp, recs[0].offset, recs[-1].offset)
             if progress is not None:
-                progress.handled(chunk)
+                progress.handled(chunk)  # handed back is progress too: they are retried
+        if again:
+            self._hand_back(again)
         to_message = self._to_message
         for tp, recs in others:
             for record in recs:
@@ -126,6 +149,38 @@ class BatchConsumer(faust_aiokafka.Consumer):
             elif tp in self._buffered_partitions and held < aligner.max_held // 2:
                 self.on_buffer_drop(tp)
         return released
+
+    def _hand_back(self, again: dict[TP, list[Any]]) -> None:
+        """Keep records the handler handed back, to go first at the next fetch."""
+        for tp, recs in again.items():
+            if self.aligner is not None:
+                self.aligner.put_back(tp, recs)
+            else:
+                self._again[tp] = recs + self._again.get(tp, [])
+
+    def _with_again(self, fetched: list[tuple[TP, Sequence[Any]]]
+                    ) -> list[tuple[TP, Sequence[Any]]]:
+        """``fetched`` with the records handed back in front of their partition's (those
+        of partitions no longer assigned are dropped: their new owner reads them)."""
+        assigned = self.assignment()
+        again, self._again_table = self._again, {}
+        out = [(tp, recs) for tp, recs in again.items() if tp in assigned]
+        firsts = {tp: i for i, (tp, _) in enumerate(out)}
+        for tp, recs in fetched:
+            if tp in firsts:
+                i = firsts[tp]
+                out[i] = (tp, [*out[i][1], *recs])
+            else:
+                out.append((tp, recs))
+        return out
+
+    @property
+    def _again(self) -> dict[TP, list[Any]]:
+        """Records handed back by the handler, per partition, when no aligner holds them."""
+        table = self.__dict__.get("_again_table")
+        if table is None:
+            table = self.__dict__["_again_table"] = {}
+        return table
 
     @property
     def _align_next(self) -> dict[TP, int]:

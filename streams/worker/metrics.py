@@ -107,7 +107,9 @@ class WorkerMetrics:
             "fraudstream_state_writes_lost", "Feature records the store could not take.",
             registry=r)
         self.online_labels = Counter(
-            "fraudstream_online_labels", "Labels the online learners learned from, or not.",
+            "fraudstream_online_labels",
+            "Labels by result: learned; unjoined (no features logged for the transaction); "
+            "again (the state store could not take them: delivered again).",
             ["result"], registry=r)
         self.drift = Gauge(
             "fraudstream_drift", "Drift statistic of the last closed window, per feature.",

@@ -84,6 +84,8 @@ class WorkerStatus:
     def _reset(self, now: float) -> None:
         self.since = now
         self.events = self.labels = self.dead = self.miskeyed = 0
+        #: Labels handed back to be delivered again (the state store did not take them).
+        self.labels_again = 0
         self.late = self.too_late = self.degraded = 0
         self.past_budget = 0
         self.past_budget_max_ms = 0.0
@@ -99,10 +101,10 @@ class WorkerStatus:
         self.miskeyed += result.miskeyed
         self.past_budget += result.past_budget
         self.past_budget_max_ms = max(self.past_budget_max_ms, result.past_budget_max_ms)
-        # Decisions the rules took in place of the model; shadow and label-side causes are
-        # not decisions of this stream.
+        # Decisions the rules took in place of the model; the shadow's are not decisions
+        # of this stream.
         self.fallbacks.update({c: n for c, n in result.fallbacks.items()
-                               if not c.startswith("shadow_") and c != "online_unavailable"})
+                               if not c.startswith("shadow_")})
         for (stage, _outcome), n in result.stage_outcomes.items():
             self.stages[stage] += n
         if size:
@@ -141,11 +143,15 @@ class WorkerStatus:
             own += (f", {self.past_budget} decided past the budget (by up to "
                     f"{self.past_budget_max_ms:.0f} ms)")
         full, pause = self.gc.take()
-        text = (f"status: {self.events / span:.0f} tx/s, {self.labels / span:.1f} labels/s, "
+        taken = self.labels - self.labels_again
+        text = (f"status: {self.events / span:.0f} tx/s, {taken / span:.1f} labels/s, "
                 f"lag {sum(self.lag.values())} | model {share(model)} rules {share(rules)} "
                 f"{fallback} | dlq {self.dead} | {own} | features: {self.late} late, "
                 f"{self.too_late} too late, {self.degraded} degraded | gc: {full} full, "
                 f"longest {pause:.0f} ms")
+        if self.labels_again:
+            text += (f" | labels: {self.labels_again} not taken (state store unavailable), "
+                     "delivered again")
         if self.stalled:
             text += f" | STALLED: {self.stalled} partition(s)"
         if self.miskeyed:
