@@ -118,7 +118,11 @@ def _label(codecs, t: dict, fraud: bool) -> tuple[bytes, bytes]:
 def _wait_learned(learned, n: int, worker, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while learned() < n:
-        assert time.monotonic() < deadline, (learned(), n, worker.tail())
+        if time.monotonic() > deadline:
+            log = worker.log.read_text(errors="replace").splitlines()
+            warnings = [line for line in log if "WARNING" in line or "ERROR" in line]
+            pytest.fail(f"{learned()} of {n} labels learned; the worker's warnings:\n"
+                        + "\n".join(warnings[-20:]) + "\n" + worker.tail(10))
         time.sleep(0.5)
 
 
