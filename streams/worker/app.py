@@ -303,6 +303,14 @@ def build_worker(settings: Settings) -> Worker:
     # the by-card topic, whose partitions hold each card's events and state.
     forward_topic = settings.topics.transactions if w.repartition else None
 
+    store_available = getattr(feature_store, "available", lambda: True)
+
+    def labels_again(batch: Sequence[tuple[Any, Sequence[Any]]], n: int) -> set[Any]:
+        """The labels partitions of ``batch``, whose ``n`` labels are to come again."""
+        metrics.online_labels.labels("again").inc(n)
+        status.labels_again += n
+        return {tp for tp, _ in batch if tp.topic == labels_topic}
+
     sizer = BatchSizer(settings.scoring.budget_ms, w.batch_share, w.batch_min, w.batch_max,
                        backlog_batches=w.backlog_batches)
 
@@ -332,8 +340,13 @@ def build_worker(settings: Settings) -> Worker:
             )
         if forwards:
             await committer.commit(pipeline.forward(forwards))
+        waiting = None
+        if label_records and not store_available():
+            # Known down until its next try: the labels wait for it, not even decoded.
+            status.labels += len(label_records)
+            waiting, label_records = labels_again(batch, len(label_records)), []
         if not records and not label_records:
-            return None
+            return waiting
         if isinstance(feature_store, TableFeatureStore):
             feature_store.refresh()
         rules = follower.take()
@@ -363,13 +376,11 @@ def build_worker(settings: Settings) -> Worker:
         if lost:
             metrics.state_writes_lost.inc(lost)
         online_counts(pipeline.online)
-        again = None
+        again = waiting
         if label_records and (result.labels_again or lost):
             # The store did not take them (or lost what they changed): not acknowledged,
             # they come again, and what was taken of them is skipped by offset then.
-            again = {tp for tp, _ in batch if tp.topic == labels_topic}
-            metrics.online_labels.labels("again").inc(len(label_records))
-            status.labels_again += len(label_records)
+            again = labels_again(batch, len(label_records))
         for tp, recs in batch:
             try:
                 end = app.consumer.highwater(tp)

@@ -131,7 +131,7 @@ class RedisStore:
     def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
         if not keys:
             return []
-        if not self._available():
+        if not self.available():
             self.degraded_reads += 1
             raise StateUnavailable("redis is down; retrying later")
         heads = self._heads
@@ -151,7 +151,7 @@ class RedisStore:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        if not self._available():
+        if not self.available():
             self.lost_writes += len(pending)
             raise StateUnavailable(f"redis is down; {len(pending)} record write(s) dropped")
         heads, ttl = self._heads, self.ttl_ms
@@ -170,7 +170,7 @@ class RedisStore:
 
     # ------------------------------------------------------------------ health
 
-    def _available(self) -> bool:
+    def available(self) -> bool:
         """True if Redis may be tried now (up, or down for retry_s already)."""
         return self._down_until is None or self.clock() >= self._down_until
 
