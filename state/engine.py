@@ -21,7 +21,7 @@ holds it).
 
 from __future__ import annotations
 
-import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,7 +33,6 @@ from fraudstream.state.features import (
     FeatureConfig,
     Vector,
     degraded_vector,
-    token_id,
 )
 from fraudstream.state.kernel_cache import kernel
 from fraudstream.state.records import from_legacy, is_legacy
@@ -126,10 +125,10 @@ class FeatureEngine:
         (out.replayed, out.late, out.too_late, out.labels_counted,
          out.corrupt) = (int(c) for c in counters)
         data = buf.tobytes()
-        out.writes = [(keys[s][0], keys[s][1], data[8 * a:8 * (a + n)])
-                      for s, a, n in zip(np.flatnonzero(dirty).tolist(),
-                                         out_start[dirty].tolist(), out_len[dirty].tolist(),
-                                         strict=True)]
+        begin = out_start[dirty] * 8
+        out.writes = [(*keys[s], data[a:e])
+                      for s, a, e in zip(np.flatnonzero(dirty).tolist(), begin.tolist(),
+                                         (begin + out_len[dirty] * 8).tolist(), strict=True)]
         return out
 
 
@@ -142,7 +141,7 @@ class _Columns:
                  readable: Any, config: FeatureConfig) -> None:
         slots: dict[tuple[int, bytes], int] = {}
         self.slots = slots
-        cards: list[bool] = []
+        slot = slots.setdefault  # slot(key, len(slots)): the key's slot, made if new
         self.labels_unattributed = 0
         lab: list[tuple[int, int, int, int]] = []
         delay = config.label_delay_ms
@@ -151,12 +150,9 @@ class _Columns:
             if not mid:
                 self.labels_unattributed += 1
                 continue
-            s = slots.setdefault((ev.partition, b"m|" + mid.encode()), len(slots))
-            if s == len(cards):
-                cards.append(False)
             label = ev.label
-            lab.append((s, ev.offset, 1 if label["is_fraud"] else 0,
-                        (label["label_time"] + delay) // DAY_MS))
+            lab.append((slot((ev.partition, b"m|" + mid.encode()), len(slots)), ev.offset,
+                        1 if label["is_fraud"] else 0, (label["label_time"] + delay) // DAY_MS))
         self._labels = lab
         n = len(txns)
         # Plain lists, made arrays once: a numpy item assignment costs more than an append.
@@ -164,33 +160,27 @@ class _Columns:
         grp: list[int] = []  # 3 per event: the group of partials it reads (0 when none)
         card: list[int] = []
         mkey: list[int] = []
-        tokens: list[float] = []  # 4 per event: merchant, country, device, card
+        tokens: list[int] = []  # 4 per event: merchant, country, device, card
+        # (partition, key) -> (its group, its own slot, the merchant's index or 0)
+        seen: dict[tuple[int, bytes], tuple[int, int, int]] = {}
+        # A group: the partials of one key over the partitions an event can read. Events of
+        # partitions that read the same ones share it (with a replica, or when this worker
+        # owns them all: every partition does).
+        views: dict[int, int] = {}  # partition -> which of ``readable_sets`` it reads
+        readable_sets: dict[tuple[int, ...], int] = {}
         groups: dict[tuple[int, bytes], int] = {}
         members: list[int] = []
         ptr = [0]
         merchants: dict[bytes, int] = {}
-        t_ms, amount, lat, lon, offset = [], [], [], [], []
-        nan = math.nan
+        crc32 = zlib.crc32  # features.token_id, inlined (4 per event; a test holds them equal)
+        txs = [ev.txn for ev in txns]
         for ev in txns:
             txn, p = ev.txn, ev.partition
-            cid = txn["card_id"]
-            s = slots.setdefault((p, b"c|" + cid.encode()), len(slots))
-            if s == len(cards):
-                cards.append(True)
-            card.append(s)
-            t_ms.append(txn["event_time"])
-            amount.append(float(txn["amount_ref"]))
-            la, lo = txn.get("lat"), txn.get("lon")
-            if la is not None and lo is not None:
-                lat.append(float(la))
-                lon.append(float(lo))
-            else:
-                lat.append(nan)
-                lon.append(nan)
-            offset.append(ev.offset)
+            cid = txn["card_id"].encode()
+            card.append(slot((p, b"c|" + cid), len(slots)))
             device = txn.get("device_id")
-            tokens += (token_id(txn["merchant_id"]), token_id(txn["country"]),
-                       token_id(device) if device else 0.0, token_id(cid))
+            tokens += (crc32(txn["merchant_id"].encode()), crc32(txn["country"].encode()),
+                       crc32(device.encode()) if device else 0, crc32(cid))
             m_key = 0
             for prefix, fkey in _ENTITIES:
                 value = txn.get(fkey)
@@ -199,27 +189,35 @@ class _Columns:
                     grp.append(0)
                     continue
                 key = prefix + value.encode()
-                g = groups.get((p, key))
-                if g is None:
-                    g = groups[(p, key)] = len(ptr) - 1
-                    for q in readable(p):
-                        m = slots.setdefault((q, key), len(slots))
-                        if m == len(cards):
-                            cards.append(False)
-                        members.append(m)
-                    ptr.append(len(members))
-                grp.append(g)
-                o = slots.setdefault((p, key), len(slots))  # its own, readable or not
-                if o == len(cards):
-                    cards.append(False)
-                own.append(o)
+                hit = seen.get((p, key))
+                if hit is None:
+                    view = views.get(p)
+                    if view is None:
+                        view = views[p] = readable_sets.setdefault(tuple(readable(p)),
+                                                                   len(readable_sets))
+                    g = groups.get((view, key))
+                    if g is None:
+                        g = groups[(view, key)] = len(ptr) - 1
+                        members += [slot((q, key), len(slots)) for q in readable(p)]
+                        ptr.append(len(members))
+                    hit = seen[(p, key)] = (
+                        g, slot((p, key), len(slots)),  # its own, readable or not
+                        merchants.setdefault(key, len(merchants)) if prefix == b"m|" else 0)
+                grp.append(hit[0])
+                own.append(hit[1])
                 if prefix == b"m|":
-                    m_key = merchants.setdefault(key, len(merchants))
+                    m_key = hit[2]
             mkey.append(m_key)
-        self.is_card = np.array(cards, dtype=np.bool_)
-        self._events = (np.array(t_ms, dtype=np.int64), np.array(amount, dtype=np.float64),
-                        np.array(lat, dtype=np.float64), np.array(lon, dtype=np.float64),
-                        np.array(offset, dtype=np.int64), np.array(card, dtype=np.int64),
+        cards = np.array(card, dtype=np.int64)
+        self.is_card = np.zeros(len(slots), dtype=np.bool_)
+        self.is_card[cards] = True
+        # Validated events have both coordinates or neither, finite: None becomes NaN.
+        lat = np.array([t.get("lat") for t in txs], dtype=np.float64)
+        lon = np.array([t.get("lon") for t in txs], dtype=np.float64)
+        self._events = (np.array([t["event_time"] for t in txs], dtype=np.int64),
+                        np.array([t["amount_ref"] for t in txs], dtype=np.float64),
+                        lat, lon,
+                        np.array([ev.offset for ev in txns], dtype=np.int64), cards,
                         np.array(tokens, dtype=np.float64).reshape(n, 4),
                         np.array(own, dtype=np.int64).reshape(n, 3),
                         np.array(grp, dtype=np.int64).reshape(n, 3),
@@ -240,6 +238,22 @@ def _concat(raw: Sequence[bytes | None], is_card: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stored records as one float64 buffer, with each one's start and length (in
     values; 0: none, -1: unreadable). Records of the earlier JSON layout are converted."""
+    sizes = np.array([len(r) if r else 0 for r in raw], dtype=np.int64)
+    if (sizes & 7).any() or any(r[0] == _LEGACY for r in raw if r):
+        return _concat_each(raw, is_card)
+    length = sizes >> 3
+    start = np.cumsum(length) - length
+    start[length == 0] = 0
+    return np.frombuffer(b"".join(filter(None, raw)), dtype="<f8"), start, length
+
+
+_LEGACY = b"["[0]  # what a record of the JSON layout starts with (records.is_legacy)
+
+
+def _concat_each(raw: Sequence[bytes | None], is_card: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_concat`, one record at a time: for a batch with records to convert, or
+    unreadable ones."""
     parts: list[bytes] = []
     start = np.zeros(len(raw), dtype=np.int64)
     length = np.zeros(len(raw), dtype=np.int64)

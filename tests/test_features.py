@@ -302,3 +302,20 @@ def test_kernel_choice_is_explicit(tmp_path) -> None:
     assert run.returncode != 0 and "python -m fraudstream.state.kernel_aot" in run.stderr
     run = _run(code, FRAUDSTREAM_FEATURES_KERNEL="fast", **empty)
     assert run.returncode != 0 and "expected one of auto, aot, jit" in run.stderr
+
+
+def test_the_kernel_sees_each_identifier_as_its_token_id() -> None:
+    """The engine hashes merchants, countries, devices and cards inline (per event, in
+    the hot loop); they must stay the tokens :func:`token_id` gives everywhere else."""
+    from fraudstream.state.engine import _Columns
+    from fraudstream.state.features import token_id
+
+    with_device = txn(1, T0, card="card-ß", merchant="m-ü", device_id="dev-é")
+    without = txn(2, T0 + 1, card="card-2", merchant="m-2")
+    cols = _Columns([TxnEvent(0, 0, with_device), TxnEvent(1, 1, without)], [],
+                    lambda p: (0, 1), FeatureConfig())
+    tokens = cols.event_columns()[6]
+    assert tokens.tolist() == [
+        [token_id("m-ü"), token_id("FR"), token_id("dev-é"), token_id("card-ß")],
+        [token_id("m-2"), token_id("FR"), 0, token_id("card-2")]]
+    assert cols.is_card.tolist() == [k[1].startswith(b"c|") for k in cols.slots]
