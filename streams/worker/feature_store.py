@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
 from fraudstream.state.features import DAY_MS
@@ -87,20 +88,22 @@ class TableFeatureStore:
                     if key[0] not in owned:  # this worker's own records: it wrote them
                         young.pop(key, None)
                         old.pop(key, None)
-        out: list[bytes | None] = [None] * len(keys)
         by_partition: dict[int, list[int]] = {}
-        young, old, miss = self._young, self._old, _MISS
         if self._half:
-            for i, k in enumerate(keys):
-                value = young.get(k, miss)
+            young, old, miss = self._young, self._old, _MISS
+            out: list[Any] = list(map(young.get, keys, repeat(miss)))
+            revived: list[tuple[tuple[int, bytes], bytes | None]] = []
+            for i in [i for i, value in enumerate(out) if value is miss]:
+                k = keys[i]
+                value = old.get(k, miss)
                 if value is miss:
-                    value = old.get(k, miss)
-                    if value is miss:
-                        by_partition.setdefault(k[0], []).append(i)
-                        continue
-                    self._keep(k, value)
+                    by_partition.setdefault(k[0], []).append(i)
+                    continue
+                revived.append((k, value))
                 out[i] = value
+            self._keep(revived)
         else:
+            out = [None] * len(keys)
             for i, (p, _k) in enumerate(keys):
                 by_partition.setdefault(p, []).append(i)
         fetched = 0
@@ -114,23 +117,26 @@ class TableFeatureStore:
                 values = self.state.lookup(p, [keys[i][1] for i in idx])
             for i, value in zip(idx, values, strict=True):
                 out[i] = value
-                if self._half:
-                    self._keep(keys[i], value)
+            if self._half:
+                self._keep([(keys[i], value) for i, value in zip(idx, values, strict=True)])
         self.cache_misses += fetched
         self.cache_hits += len(keys) - fetched
         return out
 
-    def _keep(self, key: tuple[int, bytes], value: bytes | None) -> None:
-        self._young[key] = value
-        self._young_bytes += len(key[1]) + (len(value) if value else 0) + _ENTRY_BYTES
+    def _keep(self, entries: Sequence[tuple[tuple[int, bytes], bytes | None]]) -> None:
+        """Put ``entries`` in the young generation; a full one becomes the old one."""
+        if not entries:
+            return
+        self._young.update(entries)
+        self._young_bytes += sum(len(k[1]) + (len(v) if v else 0) for k, v in entries) \
+            + _ENTRY_BYTES * len(entries)
         if self._young_bytes > self._half:
             self._old, self._young, self._young_bytes = self._young, {}, 0
 
     def write(self, items: Sequence[tuple[int, bytes, bytes]]) -> None:
         self.state.record(items)
         if self._half:
-            for p, k, v in items:
-                self._keep((p, k), v)
+            self._keep([((p, k), v) for p, k, v in items])
 
     async def flush(self) -> None:
         await self.state.flush()
