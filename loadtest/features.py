@@ -52,9 +52,16 @@ from fraudstream.streams.traffic.world import GeneratorConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _history(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Generated transactions as the validator returns them (amounts in EUR too)."""
-    start = int(time.time() * 1000) - int((args.days + 1) * DAY_MS)
+#: Where ``cost`` histories start: fixed, so two runs cost the same events (the windows'
+#: bucket edges, days and hours fall alike), whatever the date.
+START_MS = 1_788_220_800_000  # 2026-09-01 UTC
+
+
+def _history(args: argparse.Namespace, start: int | None = None) -> list[dict[str, Any]]:
+    """Generated transactions as the validator returns them (amounts in EUR too), from
+    ``start`` (default: ``days + 1`` days before now, for traffic a live worker decides)."""
+    if start is None:
+        start = int(time.time() * 1000) - int((args.days + 1) * DAY_MS)
     txns, _labels = generate_history(
         GeneratorConfig(seed=args.seed, n_cards=args.cards, id_prefix="bench"), start,
         args.days, args.per_day)
@@ -105,7 +112,7 @@ def _card_bytes(store: Any, cards: list[str], partitions: int) -> float:
 
 
 def cost(args: argparse.Namespace) -> dict[str, Any]:
-    txns = _history(args)
+    txns = _history(args, START_MS)
     if args.gc_gen0:  # the collector as the worker tunes it (streams/worker/app.py tune_gc)
         from fraudstream.streams.worker.app import tune_gc
 
@@ -148,16 +155,18 @@ def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.N
     from confluent_kafka.admin import AdminClient, NewTopic
 
     from fraudstream.streams.embedded.broker import EmbeddedBroker
+    from fraudstream.streams.settings import Settings
     from fraudstream.streams.worker.delivery import KafkaSink
     from fraudstream.streams.worker.feature_store import TableFeatureStore
-    from fraudstream.streams.worker.table_state import FaustTableState
+    from fraudstream.streams.worker.table_state import FaustTableState, rocksdb_options
 
     with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
         uid = uuid.uuid4().hex[:8]
         app = faust.App(f"bench-{uid}", broker=f"kafka://{broker.bootstrap}",
                         store="rocksdb://", datadir=str(tmp / "faust"))
         table = app.Table("state", default=None, key_type=bytes, value_type=bytes,
-                          partitions=args.partitions)
+                          partitions=args.partitions,
+                          options=rocksdb_options(Settings.from_env().worker))  # as the worker
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
         for fut in admin.create_topics([NewTopic(table.changelog_topic.get_topic_name(),
                                                  args.partitions, 1)]).values():

@@ -52,7 +52,7 @@ from fraudstream.streams.worker.replica import EntityReplica, install_replica
 from fraudstream.streams.worker.sizing import BatchSizer
 from fraudstream.streams.worker.startup import group_instance_id, skip_table_manager_sleep
 from fraudstream.streams.worker.status import WorkerStatus
-from fraudstream.streams.worker.table_state import FaustTableState
+from fraudstream.streams.worker.table_state import FaustTableState, rocksdb_options
 
 log = logging.getLogger("fraudstream.worker")
 
@@ -180,14 +180,7 @@ def build_worker(settings: Settings) -> Worker:
         key_type=bytes,
         value_type=bytes,
         partitions=partitions,
-        # Faust's defaults (2 GiB block cache, 3 x 64 MiB write buffers per partition)
-        # would let RocksDB alone grow past a worker's memory budget.
-        options={
-            "block_cache_size": w.rocksdb_block_cache_mb << 20,
-            "block_cache_compressed_size": w.rocksdb_block_cache_mb << 20,
-            "write_buffer_size": w.rocksdb_write_buffer_mb << 20,
-            "max_write_buffer_number": 2,
-        },
+        options=rocksdb_options(w),
     )
     decided = settings.topics.by_card if w.repartition else settings.topics.transactions
     restoring = None

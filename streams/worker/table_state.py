@@ -26,6 +26,19 @@ from fraudstream.streams.worker.delivery import KafkaSink
 END_MARKER = b"\x00fraudstream:end-marker"
 
 
+def rocksdb_options(worker: Any) -> dict[str, int]:
+    """The state table's RocksDB options from the worker's settings
+    (:class:`~fraudstream.streams.settings.WorkerSettings`). Faust's defaults (2 GiB block
+    cache, 3 x 64 MiB write buffers per partition) would let RocksDB alone grow past a
+    worker's memory budget, and a larger memtable costs more per write."""
+    return {
+        "block_cache_size": worker.rocksdb_block_cache_mb << 20,
+        "block_cache_compressed_size": worker.rocksdb_block_cache_mb << 20,
+        "write_buffer_size": worker.rocksdb_write_buffer_mb << 20,
+        "max_write_buffer_number": 2,
+    }
+
+
 class _PartitionMessage:
     __slots__ = ("topic", "partition")
 
