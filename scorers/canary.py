@@ -19,7 +19,10 @@ it holds, so a rebalance moves no card between variants.
   and the champion or the rules decided) may exceed the champion's by ``max_fallback_delta``;
 - ``latency``: the canary's model-stage p99 over the step's batches may be at most
   ``max_latency_ratio`` times the champion's, or ``latency_slack_ms`` above it, whichever
-  is more (both score the same batches: the comparison is fair on a noisy machine);
+  is more (both score the same batches: the comparison is fair on a noisy machine). It
+  waits until each variant has ``min_batches`` batch timings: the p99 of fewer is their
+  maximum, and one batch that met a busy core or a collector pause would roll a good
+  canary back;
 - ``decline_rate`` and ``review_rate``: the share of the canary's cards it declined (or
   reviewed) at least once in the step may differ from the champion's by ``max_rate_delta``
   (absolute) unless the difference is within ``rate_z`` standard errors (a two-proportion
@@ -82,6 +85,7 @@ class Gates:
     max_fallback_delta: float = 0.01
     max_latency_ratio: float = 1.5
     latency_slack_ms: float = 5.0
+    min_batches: int = 100
     max_rate_delta: float = 0.02
     rate_z: float = 3.0
     max_psi: float = 0.25
@@ -253,7 +257,7 @@ def judge(champion: VariantStats, canary: VariantStats, gates: Gates) -> list[Ga
     limit = a["fallback_rate"] + gates.max_fallback_delta
     out.append(GateResult("fallback", _status(b["fallback_rate"] > limit),
                           b["fallback_rate"], a["fallback_rate"], limit))
-    if champion.model_ms and canary.model_ms:
+    if min(len(champion.model_ms), len(canary.model_ms)) >= max(1, gates.min_batches):
         limit = max(a["model_p99_ms"] * gates.max_latency_ratio,
                     a["model_p99_ms"] + gates.latency_slack_ms)
         out.append(GateResult("latency", _status(b["model_p99_ms"] > limit),

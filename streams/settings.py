@@ -285,6 +285,7 @@ class CanarySettings:
     max_fallback_delta: float = 0.01
     max_latency_ratio: float = 1.5
     latency_slack_ms: float = 5.0
+    min_batches: int = 100
     max_rate_delta: float = 0.02
     rate_z: float = 3.0
     max_psi: float = 0.25
@@ -528,6 +529,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_CANARY_MAX_FALLBACK_DELTA": Range(0, 1),
     "FRAUDSTREAM_CANARY_MAX_LATENCY_RATIO": Range(1),
     "FRAUDSTREAM_CANARY_LATENCY_SLACK_MS": NOT_NEGATIVE,
+    "FRAUDSTREAM_CANARY_MIN_BATCHES": AT_LEAST_ONE,
     "FRAUDSTREAM_CANARY_MAX_RATE_DELTA": Range(0, 1),
     "FRAUDSTREAM_CANARY_RATE_Z": NOT_NEGATIVE,
     "FRAUDSTREAM_CANARY_MAX_PSI": POSITIVE,

@@ -88,6 +88,27 @@ def test_gates_pass_a_canary_like_the_champion_and_wait_for_traffic_and_labels()
                    "precision_decline": "wait"}
 
 
+def test_the_latency_gate_judges_a_p99_not_one_slow_batch():
+    """One batch that met a busy core must not roll a good canary back: the p99 of 31
+    batches is their slowest. The gate waits for ``min_batches`` timings each, and then a
+    canary slower on every batch still fails."""
+    gates = Gates(min_decisions=30, min_batches=100)
+
+    def with_one_slow(n: int, seed: int) -> VariantStats:
+        s = stats(n, ms=2.0, seed=seed)
+        s.model_ms[n // 2] = 15.0
+        return s
+
+    assert by_gate(judge(stats(31, ms=2.0), with_one_slow(31, 1), gates))["latency"] == "wait"
+    assert by_gate(judge(stats(200, ms=2.0), with_one_slow(200, 1), gates))[
+        "latency"] == "pass"
+    assert by_gate(judge(stats(200, ms=2.0), stats(200, ms=15.0, seed=1), gates))[
+        "latency"] == "fail"
+    # the one slow batch among 31 is what fails it when every batch counts as a p99
+    assert by_gate(judge(stats(31, ms=2.0), with_one_slow(31, 1),
+                         Gates(min_decisions=30, min_batches=1)))["latency"] == "fail"
+
+
 def test_gates_fail_what_a_payments_team_would_roll_back():
     gates = Gates(min_decisions=500)
     champion = stats(5000)

@@ -250,10 +250,14 @@ def test_canary_rollouts_promote_a_good_version_and_roll_back_bad_ones(
                             for d in traffic.since(now_ms() - 1000)} == {(second, None)},
                    30, "the canary is the champion", workers)
 
-        # 2. and 3. A canary that declines everything, and one too slow: rolled back.
-        for k, (bad, gate) in enumerate(((declines, "decline_rate"), (slow, "latency"))):
+        # 2. and 3. A canary that declines everything, and one too slow: rolled back. The
+        # slow one's scores differ too; its other gates are opened so that the latency gate
+        # (which waits for min_batches) is the one that judges it.
+        only_latency = ["--gate", "max_psi=1000", "--gate", "max_rate_delta=1"]
+        for k, (bad, gate, extra) in enumerate(((declines, "decline_rate", []),
+                                                (slow, "latency", only_latency))):
             out = model_cli(trainer_settings, "canary", bad, "--steps", "10:120,100", *gates,
-                            "--reason", f"a bad one ({gate})")
+                            *extra, "--reason", f"a bad one ({gate})")
             assert out.returncode == 0, out.stderr
             wait_for(controller_log, f"{bad}@", 30)
             wait_until(lambda b=bad: f"{b}@" in rolled_back(controller_log), 90,
