@@ -96,8 +96,12 @@ class Pipeline:
         budget_ms: float = 50.0,
         online: OnlineStage | None = None,
         model_timeout_ms: float = 25.0,
+        decision_records: bool = True,
     ) -> None:
         self.codecs = codecs
+        #: False: the caller reads the verdicts, not the decision records (a replay, which
+        #: publishes only the shadow's): the active side's are left empty, not encoded.
+        self.decision_records = decision_records
         self.scorer = scorer
         self.limits = limits
         self.clock = clock
@@ -245,7 +249,8 @@ class Pipeline:
             reasons = verdict["reasons"]
             if flags[i]:
                 reasons = [*reasons, *flags[i]]
-            value = encode({**common, **verdict, "reasons": reasons})
+            value = (encode({**common, **verdict, "reasons": reasons})
+                     if self.decision_records else b"")
             fresh_bytes.append(value)
             out.new_entries.append((rec.partition, dedupe_key(txn), value))
             out.outcomes[verdict["decision"]] += 1

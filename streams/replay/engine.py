@@ -180,6 +180,7 @@ def build_pipeline(settings: Settings, codecs: Codecs, champion: Any, challenger
         models=ModelStage(active=champion, shadow=challenger),
         budget_ms=float("inf"),
         online=OnlineStage(store, settings.scoring.online_max_weight) if online else None,
+        decision_records=False,  # the champion's verdicts go to the report, not a topic
     ), store
 
 
