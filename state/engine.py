@@ -35,7 +35,7 @@ from fraudstream.state.features import (
     degraded_vector,
 )
 from fraudstream.state.kernel_cache import kernel
-from fraudstream.state.records import from_legacy, is_legacy
+from fraudstream.state.records import LEGACY_MARK, from_legacy, is_legacy
 
 
 class StateUnavailable(RuntimeError):
@@ -166,7 +166,8 @@ class _Columns:
         # A group: the partials of one key over the partitions an event can read. Events of
         # partitions that read the same ones share it (with a replica, or when this worker
         # owns them all: every partition does).
-        views: dict[int, int] = {}  # partition -> which of ``readable_sets`` it reads
+        # partition -> (which of ``readable_sets`` it reads, those partitions)
+        views: dict[int, tuple[int, tuple[int, ...]]] = {}
         readable_sets: dict[tuple[int, ...], int] = {}
         groups: dict[tuple[int, bytes], int] = {}
         members: list[int] = []
@@ -193,12 +194,13 @@ class _Columns:
                 if hit is None:
                     view = views.get(p)
                     if view is None:
-                        view = views[p] = readable_sets.setdefault(tuple(readable(p)),
-                                                                   len(readable_sets))
-                    g = groups.get((view, key))
+                        parts = tuple(readable(p))
+                        view = views[p] = (readable_sets.setdefault(parts, len(readable_sets)),
+                                           parts)
+                    g = groups.get((view[0], key))
                     if g is None:
-                        g = groups[(view, key)] = len(ptr) - 1
-                        members += [slot((q, key), len(slots)) for q in readable(p)]
+                        g = groups[(view[0], key)] = len(ptr) - 1
+                        members += [slot((q, key), len(slots)) for q in view[1]]
                         ptr.append(len(members))
                     hit = seen[(p, key)] = (
                         g, slot((p, key), len(slots)),  # its own, readable or not
@@ -239,7 +241,7 @@ def _concat(raw: Sequence[bytes | None], is_card: np.ndarray
     """The stored records as one float64 buffer, with each one's start and length (in
     values; 0: none, -1: unreadable). Records of the earlier JSON layout are converted."""
     sizes = np.array([len(r) if r else 0 for r in raw], dtype=np.int64)
-    if (sizes & 7).any() or any(r[0] == _LEGACY for r in raw if r):
+    if (sizes & 7).any() or any(r[0] == _LEGACY for r in raw if r):  # is_legacy, inlined
         return _concat_each(raw, is_card)
     length = sizes >> 3
     start = np.cumsum(length) - length
@@ -247,7 +249,7 @@ def _concat(raw: Sequence[bytes | None], is_card: np.ndarray
     return np.frombuffer(b"".join(filter(None, raw)), dtype="<f8"), start, length
 
 
-_LEGACY = b"["[0]  # what a record of the JSON layout starts with (records.is_legacy)
+_LEGACY = LEGACY_MARK[0]
 
 
 def _concat_each(raw: Sequence[bytes | None], is_card: np.ndarray

@@ -104,8 +104,12 @@ def sections(record: bytes) -> tuple[np.ndarray, list[np.ndarray]]:
     return a[:head_n], out
 
 
+#: What a record of the version 1 JSON layout starts with.
+LEGACY_MARK = b"["
+
+
 def is_legacy(record: bytes) -> bool:
-    return record[:1] == b"["
+    return record[:1] == LEGACY_MARK
 
 
 def from_legacy(record: bytes, card: bool) -> bytes:

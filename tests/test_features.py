@@ -185,6 +185,21 @@ def test_a_corrupt_record_starts_afresh_and_is_counted() -> None:
     assert out.corrupt == 1 and out.vectors[0]["card_count_1h"] == 1
 
 
+def test_records_the_batch_cannot_join_as_is_are_read_one_by_one() -> None:
+    """A batch's records are joined in one call unless one has a length that is no whole
+    number of values or starts like the JSON layout: then each is read on its own, and
+    only the bad ones start afresh."""
+    run = Run()
+    run.one(txn(0, T0, card="card_ok"))
+    run.store.data[(0, b"c|card_odd")] = b"\x00" * 9
+    run.store.data[(0, b"c|card_json")] = b"[not json"
+    out = run.engine.process([TxnEvent(0, 1, txn(1, T0 + 1000, card="card_ok")),
+                              TxnEvent(0, 2, txn(2, T0 + 1000, card="card_odd")),
+                              TxnEvent(0, 3, txn(3, T0 + 1000, card="card_json"))])
+    assert out.corrupt == 2
+    assert [v["card_count_1h"] for v in out.vectors] == [2, 1, 1]
+
+
 def test_a_record_whose_counts_do_not_match_its_length_starts_afresh() -> None:
     run = Run()
     for i in range(3):
