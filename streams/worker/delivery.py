@@ -180,12 +180,14 @@ class KafkaSink:
         await self.send(
             ((topic, None, key, value) for topic, records in batches for key, value in records),
             tolerant=[(topic, refused) for topic, _ in batches if topic in tolerant],
+            offsets=False,
         )
         return refused
 
     async def send(
         self, records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
         tolerant: Sequence[tuple[str, list[Refusal]]] = (),
+        offsets: bool = True,
     ) -> dict[tuple[str, int], int]:
         """Produce (topic, partition or None, key, value) records and wait until the broker
         acknowledged every one. Returns the highest offset written per (topic, partition).
@@ -193,7 +195,8 @@ class KafkaSink:
         the ``tolerant`` topics refused for good: they are appended, as (topic, index
         among that topic's records, error), to the list given with the topic. Records
         still queued after ``flush_timeout_s`` always raise (the broker is unreachable,
-        not refusing one record)."""
+        not refusing one record). ``offsets=False``: the offsets are not kept (an empty
+        dict is returned), which spares three calls per delivery report."""
         errors: list[KafkaError] = []
         last: dict[tuple[str, int], int] = {}
         refusals = dict(tolerant)
@@ -208,6 +211,12 @@ class KafkaSink:
             if offset > last.get(tp, -1):
                 last[tp] = offset
 
+        def on_error(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        default = on_delivery if offsets else on_error
+
         def tolerated(out: list[Refusal], topic: str, index: int) -> Callable[..., None]:
             def on_report(err: KafkaError | None, msg: Any) -> None:
                 if err is not None:
@@ -220,9 +229,15 @@ class KafkaSink:
         count = 0
         for topic, partition, key, value in records:
             count += 1
-            report = on_delivery
-            out = refusals.get(topic)
-            if out is not None:
+            out = refusals.get(topic) if refusals else None
+            if out is None:
+                try:  # the common case, one call (positional: -1 is the partitioner's)
+                    produce(topic, value, key, -1 if partition is None else partition, default)
+                    continue
+                except (BufferError, KafkaException):
+                    pass  # the loop below waits for room, or says why it was refused
+                report = default
+            else:
                 index = seen[topic]
                 seen[topic] = index + 1
                 report = tolerated(out, topic, index)

@@ -48,14 +48,22 @@ class RenewingProducer:
                 partition: int | None = None, on_delivery: Any = None,
                 **kwargs: Any) -> None:
         """``Producer.produce``, with the same arguments (``callback`` too)."""
-        if on_delivery is None:
+        if on_delivery is None and kwargs:
             on_delivery = kwargs.pop("callback", None)
         seq = self._seq  # produce() runs on one thread at a time (the event loop's)
         self._seq = seq + 1
-        record = (topic, value, key, partition, kwargs, on_delivery)
-        self._pending[seq] = record
-        try:
-            self._produce(seq, record)
+        if partition == -1:  # librdkafka's "unassigned": the partitioner chooses
+            partition = None
+        self._pending[seq] = (topic, value, key, partition, kwargs, on_delivery)
+        report = partial(self._delivered, seq, self._generation, on_delivery)
+        try:  # _produce() inlined: this runs once per record the worker writes
+            if kwargs:
+                self._producer.produce(topic, value, key, -1 if partition is None
+                                       else partition, on_delivery=report, **kwargs)
+            elif partition is None:
+                self._producer.produce(topic, value, key, on_delivery=report)
+            else:
+                self._producer.produce(topic, value, key, partition, on_delivery=report)
         except BaseException:
             self._pending.pop(seq, None)
             raise
