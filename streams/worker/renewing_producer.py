@@ -54,16 +54,10 @@ class RenewingProducer:
         self._seq = seq + 1
         if partition == -1:  # librdkafka's "unassigned": the partitioner chooses
             partition = None
-        self._pending[seq] = (topic, value, key, partition, kwargs, on_delivery)
-        report = partial(self._delivered, seq, self._generation, on_delivery)
-        try:  # _produce() inlined: this runs once per record the worker writes
-            if kwargs:
-                self._producer.produce(topic, value, key, -1 if partition is None
-                                       else partition, on_delivery=report, **kwargs)
-            elif partition is None:
-                self._producer.produce(topic, value, key, on_delivery=report)
-            else:
-                self._producer.produce(topic, value, key, partition, on_delivery=report)
+        record = (topic, value, key, partition, kwargs, on_delivery)
+        self._pending[seq] = record
+        try:
+            self._produce(seq, record)
         except BaseException:
             self._pending.pop(seq, None)
             raise
