@@ -127,13 +127,16 @@ class ModelStage:
             return None, None, "timeout"
         if self._pending is not None and not self._pending.done():
             return None, None, "busy"
-        future = self._pool.submit(_predict, model, X)
-        self._pending = future
         started = time.perf_counter()
         try:
-            # an infinite deadline (a replay) waits as long as the model takes
-            scores, reasons = future.result(
-                timeout=remaining if remaining != float("inf") else None)
+            if remaining == float("inf"):
+                # No deadline (a replay): the model runs on this thread, as long as it
+                # takes. The hand-off to the model's thread and back is for a deadline.
+                scores, reasons = _predict(model, X)
+            else:
+                future = self._pool.submit(_predict, model, X)
+                self._pending = future
+                scores, reasons = future.result(timeout=remaining)
             self.took_ms[model.version] = (time.perf_counter() - started) * 1000.0
         except FutureTimeout:
             return None, None, "timeout"
