@@ -134,9 +134,10 @@ def read_since(consumer: Consumer, topic: str, partitions: list[int], since_ms: 
     """The records of ``partitions`` with a Kafka timestamp from ``since_ms`` up to where
     the topic ended when the read started: the end offsets then, where the broker reports
     them right; on the embedded broker, which understates them by its last batch, a
-    partition is read until a record written after the read started, or until the topic
-    stays idle for ``idle_s`` (on a live topic records keep coming: "until idle" alone
-    would never end). Assigns ``partitions`` to ``consumer``."""
+    partition is read until a record written after the read started, until a read comes
+    back short after the last batch's first record (see :func:`last_batch_in`), or until
+    the topic stays idle for ``idle_s`` (on a live topic records keep coming: "until idle"
+    alone would never end). Assigns ``partitions`` to ``consumer``."""
     until_ms = int(time.time() * 1000)
     ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
             for p in partitions}
@@ -144,6 +145,7 @@ def read_since(consumer: Consumer, topic: str, partitions: list[int], since_ms: 
     consumer.assign([TopicPartition(topic, p, first[p]) for p in partitions])
     reading = set(partitions) if embedded else {p for p in partitions if first[p] < ends[p]}
     idle_since = time.monotonic()
+    last_batch_read: set[int] = set()
     while reading and time.monotonic() - idle_since < idle_s:
         msgs = consumer.consume(1000, 0.5)
         if msgs:
@@ -156,10 +158,26 @@ def read_since(consumer: Consumer, topic: str, partitions: list[int], since_ms: 
             if ts >= until_ms:
                 reading.discard(p)
                 continue
-            if not embedded and m.offset() + 1 >= ends[p]:
-                reading.discard(p)
+            if m.offset() + 1 >= ends[p]:
+                if embedded:
+                    last_batch_read.add(p)
+                else:
+                    reading.discard(p)
             if ts >= since_ms:
                 yield m
+        if embedded and last_batch_in(len(msgs), 1000):
+            reading -= last_batch_read
+
+
+def last_batch_in(got: int, asked: int) -> bool:
+    """Whether a ``consume(asked, timeout)`` that returned ``got`` records emptied the
+    client's queue, so that every partition whose last batch's first record has been
+    read has been read to that batch's end. The embedded broker reports a partition's end
+    offset as its last record batch's first offset plus one. The client puts the records
+    of one fetched batch on its queue together (librdkafka concatenates a fetch
+    response's records onto the partition's queue at once), and a consume that comes back
+    short has taken everything queued: the rest of that batch came with it."""
+    return got < asked
 
 
 def take_available(consumer: Consumer, wait_s: float, most: int) -> list[Message]:

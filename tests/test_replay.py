@@ -294,3 +294,43 @@ def test_event_time_bounds_pick_the_days_of_a_history_loaded_in_one_go(
     with pytest.raises(ReplayError, match="all Kafka times or all event times"):
         run_replay(settings, ReplayConfig(challenger=second, start=Bound("event", lo),
                                           end=Bound("time", hi), publish=False))
+
+
+def test_a_range_to_the_end_of_the_embedded_topics_is_read_whole_without_waiting_for_idle(
+        stack_settings, monkeypatch):
+    # The embedded broker reports a partition's end as its last batch's first offset plus
+    # one. The reader takes that batch to its end, then stops: not after an idle wait.
+    from fraudstream.streams.replay import ranges
+    from fraudstream.streams.topics import read_since
+
+    monkeypatch.setattr(ranges, "IDLE_S", 60.0)
+    settings = fresh_topics(stack_settings, 3)
+    topic = settings.topics.transactions
+    producer = Producer({**settings.kafka.client_config(), "linger.ms": 50})
+    sent = []
+    for burst in range(4):  # several batches a partition, the last of many records
+        for i in range(300):
+            key, value = f"card-{i % 7}".encode(), f"{burst}-{i}".encode()
+            producer.produce(topic, key=key, value=value)
+            sent.append(value)
+        assert producer.flush(30) == 0
+
+    started = time.monotonic()
+    reader = ranges.RangeReader(settings, ReplayConfig(challenger="-", start=Bound("offset", 0)),
+                                f"tests-{uuid.uuid4().hex[:6]}")
+    try:
+        got = [rec.value for batch in reader.batches() for _role, rec, _t in batch]
+    finally:
+        reader.close()
+    assert time.monotonic() - started < 60.0
+    assert sorted(got) == sorted(sent)
+
+    started = time.monotonic()
+    consumer = Consumer(settings.kafka.consumer_config(f"tests-{uuid.uuid4().hex[:6]}"))
+    try:
+        read = [m.value() for m in read_since(consumer, topic, [0, 1, 2], 0,
+                                               embedded=True, idle_s=60.0)]
+    finally:
+        consumer.close()
+    assert time.monotonic() - started < 60.0
+    assert sorted(read) == sorted(sent)

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from fraudstream.streams.pipeline import RawRecord
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.topics import offsets_at, read_since
+from fraudstream.streams.topics import last_batch_in, offsets_at, read_since
 
 #: Records buffered per partition before it is paused (while others catch up in time).
 MAX_BUFFERED = 20_000
@@ -204,7 +204,8 @@ class RangeReader:
         first = _seek_offsets(self.consumer, self.topic, partitions,
                               config.warmup or config.start, marks)
         # On the embedded broker the end offset understates the last batch: the range's
-        # end is then found by reading until the partition stays idle.
+        # end is then found by reading that batch to its end (see ``last_batch_in``), or
+        # until the partition stays idle.
         until_end = self.until_end = self.settings.kafka.embedded
         stops: dict[int, int | None] = {}
         for p in partitions:
@@ -227,6 +228,9 @@ class RangeReader:
                                           config.warmup, lateness) for p in partitions}
         #: Next offset to read, and the end offset when the replay started.
         self.position = dict(first)
+        #: On the embedded broker: partitions whose last batch (as the end offset says)
+        #: has been fetched since they were last paused (a pause drops what is queued).
+        self.reached: set[int] = set()
         self.ends = {p: marks[p][1] for p in partitions}
         self.consumer.assign([TopicPartition(self.topic, p, first[p]) for p in partitions])
         self.batch = config.batch
@@ -240,16 +244,19 @@ class RangeReader:
         event_time_of = self.event_time_of
         paused: set[int] = set()
         idle_since = time.monotonic()
+        asked = self.batch * 4
         while True:
             finished = all(r.done for r in self.ranges.values())
             if not finished:
-                msgs = self.consumer.consume(self.batch * 4, 0.5)
+                msgs = self.consumer.consume(asked, 0.5)
                 for m in msgs:
                     if m.error():
                         continue
                     p = m.partition()
                     r = self.ranges[p]
                     self.position[p] = m.offset() + 1
+                    if self.position[p] >= self.ends[p]:
+                        self.reached.add(p)
                     ts_type, ts = m.timestamp()
                     ts = ts if ts_type and ts >= 0 else 0
                     et = event_time_of(m.value()) if self.need_event_time else None
@@ -264,6 +271,9 @@ class RangeReader:
                 elif time.monotonic() - idle_since > IDLE_S:
                     for r in self.ranges.values():
                         r.done = True  # read to the end (or the end offset is gone)
+                if self.until_end and last_batch_in(len(msgs), asked):
+                    for p in self.reached:
+                        self.ranges[p].done = True
                 self._flow(buffers, paused)
             out = self._merge(buffers)
             for i in range(0, len(out), self.batch):
@@ -302,6 +312,7 @@ class RangeReader:
             full = len(buffers[p]) > MAX_BUFFERED
             if (r.done or full) and p not in paused:
                 paused.add(p)
+                self.reached.discard(p)
                 stop.append(TopicPartition(self.topic, p))
             elif p in paused and not r.done and len(buffers[p]) < MAX_BUFFERED // 4:
                 paused.discard(p)
