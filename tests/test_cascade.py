@@ -164,6 +164,20 @@ def test_a_failing_model_and_nan_scores_fall_back_per_event(models_registry, cod
     assert "fallback:nan" in ds[1]["reasons"] and out.fallbacks == {"nan": 1}
 
 
+def test_with_no_deadline_the_model_decides_however_slow_and_a_failure_falls_back(
+        models_registry, codecs):
+    # A replay's budget: the model scores on the calling thread, as long as it takes.
+    model = models_registry.load(models_registry.versions()[0])
+    slow = pipeline(codecs, ModelStage(active=Slow(model, sleep_s=0.3)), float("inf"))
+    out = slow.process(records(codecs, 3), nothing)
+    assert out.fallbacks == {} and {d["stage"] for d in decisions(codecs, out)} == {"model"}
+    failing = pipeline(codecs, ModelStage(active=Slow(model, fail=True)), float("inf"))
+    out = failing.process(records(codecs, 3), nothing)
+    assert out.fallbacks == {"error": 3}
+    assert all(d["fallback"] and "fallback:error" in d["reasons"]
+               for d in decisions(codecs, out))
+
+
 def test_the_shadow_is_scored_but_never_decides(models_registry, codecs):
     active, shadow = (models_registry.load(v) for v in models_registry.versions())
     out = pipeline(codecs, ModelStage(active=active, shadow=shadow)).process(
