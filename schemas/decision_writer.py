@@ -3,7 +3,9 @@
 fastavro's ``schemaless_writer`` walks the schema for every record: about 20 us a
 decision here, a tenth of the worker's cost per transaction. :class:`DecisionWriter` writes
 the same bytes for ``decision.avsc`` with its fields in a fixed order, and reuses the bytes
-of the stage-times map that every decision of a micro-batch shares. It serves only the
+of what decisions share: the stage-times map and ``decided_at`` of a micro-batch, and the
+strings of few values (reason codes, versions, stages, currencies). A timestamp of our
+era is a six-byte varint, written in one expression. It serves only the
 schema it was written for: :func:`writer_for` returns None when ``decision.avsc`` has other
 fields or types, and the codec then uses fastavro (tests/test_codec_writer.py compares the
 two on varied records). A record it does not write as is (a ``datetime`` for a timestamp,
@@ -33,12 +35,17 @@ FIELDS = (
     ("amount_ref", "?double"), ("rules_version", "?string"), ("variant", "?string"),
 )
 OUTCOMES = ("approve", "review", "decline")
+#: Encoded strings kept per writer (reason codes, versions, stages, currencies).
+STRING_CACHE = 4096
 
 
 def _long(n: int) -> bytes:
     if 0 <= n < 64:
         return _SMALL[n]
     n = (n << 1) ^ (n >> 63)
+    if 0x8_0000_0000 <= n < 0x400_0000_0000:  # six bytes: epoch ms from 1970-07 to 2039-09
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80,
+                      n >> 21 & 0x7F | 0x80, n >> 28 & 0x7F | 0x80, n >> 35))
     out = bytearray()
     while n & ~0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -61,6 +68,10 @@ class DecisionWriter:
         self._outcome = {name: _long(i) for i, name in enumerate(OUTCOMES)}
         self._map: Mapping[str, float] | None = None
         self._map_bytes = b""
+        #: Encoded strings of the fields with few values (stage, version, currency,
+        #: reason codes), and the last ``decided_at`` (a batch's decisions share it).
+        self._strings: dict[str, bytes] = {}
+        self._decided_at: tuple[int, bytes] = (-1, b"")
 
     def encode(self, d: Mapping[str, Any]) -> bytes:
         try:
@@ -74,7 +85,12 @@ class DecisionWriter:
         timings = d["timings_ms"]
         if timings is not self._map:  # a batch's decisions share one map
             self._map, self._map_bytes = timings, _double_map(timings)
+        decided_at = d["decided_at"]
+        if decided_at != self._decided_at[0]:
+            self._decided_at = (decided_at, _long(decided_at))
+        known = self._strings.get
         reasons = d["reasons"]
+        model_version, stage = d["model_version"], d["stage"]
         amount, currency, amount_ref = d.get("amount"), d.get("currency"), d.get("amount_ref")
         rules_version, variant = d.get("rules_version"), d.get("variant")
         return b"".join((
@@ -83,22 +99,33 @@ class DecisionWriter:
             _string(d["card_id"]),
             self._outcome[d["decision"]],
             _DOUBLE(d["score"]),
-            _long(len(reasons)) + b"".join(map(_string, reasons)) + b"\x00" if reasons
-            else b"\x00",
-            _string(d["model_version"]),
-            _string(d["stage"]),
+            _long(len(reasons)) + b"".join([known(r) or self._known(r) for r in reasons])
+            + b"\x00" if reasons else b"\x00",
+            known(model_version) or self._known(model_version),
+            known(stage) or self._known(stage),
             b"\x01" if d["fallback"] else b"\x00",
             self._map_bytes,
             _DOUBLE(d.get("late_ms", 0.0)),
             _long(d["event_time"]),
             _long(d["source_timestamp"]),
-            _long(d["decided_at"]),
+            self._decided_at[1],
             b"\x00" if amount is None else b"\x02" + _DOUBLE(amount),
-            b"\x00" if currency is None else b"\x02" + _string(currency),
+            b"\x00" if currency is None else b"\x02" + (known(currency)
+                                                        or self._known(currency)),
             b"\x00" if amount_ref is None else b"\x02" + _DOUBLE(amount_ref),
-            b"\x00" if rules_version is None else b"\x02" + _string(rules_version),
+            b"\x00" if rules_version is None else b"\x02" + (known(rules_version)
+                                                             or self._known(rules_version)),
             b"\x00" if variant is None else b"\x02" + _string(variant),
         ))
+
+    def _known(self, value: str) -> bytes:
+        """``value`` encoded, and kept for the next decisions (a bounded cache: cleared
+        when full, so free text in a field costs only the cache's use)."""
+        data = _string(value)  # raises on what is not a str: the record goes to fastavro
+        if len(self._strings) >= STRING_CACHE:
+            self._strings.clear()
+        self._strings[value] = data
+        return data
 
 
 def _double_map(m: Mapping[str, float]) -> bytes:

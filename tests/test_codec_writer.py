@@ -21,6 +21,10 @@ def _fastavro(header: bytes, record: dict) -> bytes:
     return out.getvalue()
 
 
+#: Times around the six-byte varints (zigzag 2**35 to 2**42): the writer's fast path.
+EDGES = (2**34 - 1, 2**34, 2**41 - 1, 2**41, -2**34, -2**34 - 1, -2**41)
+
+
 def _decisions(n: int) -> list[dict]:
     rng = random.Random(5)
     names = ["card_count_1h", "merchant_fraud_rate_7d", "R12", "fallback:timeout", "événement",
@@ -40,9 +44,9 @@ def _decisions(n: int) -> list[dict]:
             "fallback": rng.random() < 0.5,
             "timings_ms": shared if i % 5 else {},
             "late_ms": rng.choice([0.0, 12.5, 1e6]),
-            "event_time": T0_MS + rng.randrange(-10**10, 10**10),
+            "event_time": rng.choice([T0_MS + rng.randrange(-10**10, 10**10), *EDGES]),
             "source_timestamp": rng.choice([0, 63, 64, 127, 128, T0_MS, -1, -64, -65]),
-            "decided_at": T0_MS + i,
+            "decided_at": T0_MS + i // 7,  # a batch's decisions share it
             "amount": rng.choice([None, 0.01, 12, 999_999.99]),
             "currency": rng.choice([None, "EUR", "JPY"]),
             "amount_ref": rng.choice([None, 10.5, 0.0]),
@@ -58,6 +62,21 @@ def test_the_hand_written_writer_gives_fastavros_bytes():
     assert writer is not None  # the shipped schema is the one it knows
     for record in _decisions(3000):
         assert writer.encode(record) == _fastavro(header, record), record
+    for far in (2**62, -2**63, 2**63 - 1):  # the longest varints
+        record = {**_decisions(1)[0], "event_time": far, "decided_at": far}
+        assert writer.encode(record) == _fastavro(header, record)
+
+
+def test_the_writer_keeps_fastavros_bytes_when_its_string_cache_fills(monkeypatch):
+    from fraudstream.schemas import decision_writer
+
+    monkeypatch.setattr(decision_writer, "STRING_CACHE", 3)
+    header = b"\x00\x00\x00\x00\x07"
+    writer = writer_for(json.loads(schema_text("decision")), header)
+    assert writer is not None
+    for record in _decisions(500):
+        assert writer.encode(record) == _fastavro(header, record), record
+    assert len(writer._strings) <= 3
 
 
 def test_the_codec_round_trips_decisions_through_the_writer():
