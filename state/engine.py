@@ -22,7 +22,7 @@ holds it).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -280,26 +280,78 @@ def _concat_each(raw: Sequence[bytes | None], is_card: np.ndarray
 
 
 _ENTITIES = ((b"m|", "merchant_id"), (b"d|", "device_id"), (b"i|", "ip"))
+_EMPTY: Mapping[bytes, bytes] = {}
+
+
+class Records:
+    """``(partition, key) -> record``, kept as one dict of bytes keys per partition.
+
+    A dict whose keys and values are all bytes is never tracked by the garbage collector.
+    Keyed by ``(partition, key)`` tuples it was: every full collection walked it whole,
+    untracked it, and the next new key tracked it again, so a collection cost grew with
+    the state (in a replay of 1M transactions, from 3 to 11 us per record)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: dict[int, dict[bytes, bytes]] = {}
+
+    def __getitem__(self, pk: tuple[int, bytes]) -> bytes:
+        return self.parts[pk[0]][pk[1]]
+
+    def __setitem__(self, pk: tuple[int, bytes], value: bytes) -> None:
+        part = self.parts.get(pk[0])
+        if part is None:
+            part = self.parts[pk[0]] = {}
+        part[pk[1]] = value
+
+    def __contains__(self, pk: object) -> bool:
+        if not isinstance(pk, tuple) or len(pk) != 2:
+            return False
+        part = self.parts.get(pk[0])
+        return part is not None and pk[1] in part
+
+    def __len__(self) -> int:
+        return sum(map(len, self.parts.values()))
+
+    def get(self, pk: tuple[int, bytes], default: bytes | None = None) -> bytes | None:
+        part = self.parts.get(pk[0])
+        return default if part is None else part.get(pk[1], default)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        for p, part in self.parts.items():
+            for k in part:
+                yield p, k
+
+    def items(self) -> Iterator[tuple[tuple[int, bytes], bytes]]:
+        for p, part in self.parts.items():
+            for k, v in part.items():
+                yield (p, k), v
 
 
 class MemoryStore:
-    """A dict store: the offline builder's, and the reference for the contract tests."""
+    """A dict store: the offline builder's and the replay's, and the reference for the
+    contract tests."""
 
     def __init__(self, partitions: int = 1) -> None:
         self.partitions = partitions
-        self.data: dict[tuple[int, bytes], bytes] = {}
+        self.data = Records()
         self._pending: list[tuple[int, bytes, bytes]] = []
 
     def readable(self, partition: int) -> Sequence[int]:
         return range(self.partitions)
 
     def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
-        get = self.data.get
-        return [get(k) for k in keys]
+        parts, none = self.data.parts, _EMPTY
+        return [parts.get(p, none).get(k) for p, k in keys]
 
     def write(self, items: Sequence[tuple[int, bytes, bytes]]) -> None:
+        parts = self.data.parts
         for p, k, v in items:
-            self.data[(p, k)] = v
+            part = parts.get(p)
+            if part is None:
+                part = parts[p] = {}
+            part[k] = v
 
     async def flush(self) -> None:
         return None
