@@ -189,10 +189,7 @@ class RangeReader:
         self.topic = settings.topics.transactions
         self.consumer = Consumer({**settings.kafka.consumer_config(group),
                                   "enable.auto.offset.store": False,
-                                  "queued.max.messages.kbytes": 16384,
-                                  # a partition whose queue was full is fetched again
-                                  # 10 ms later, not 1 s: the merge may be waiting for it
-                                  "fetch.queue.backoff.ms": 10})
+                                  "queued.max.messages.kbytes": 16384})
         meta = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise ReplayError(f"topic {self.topic!r} not found")
