@@ -346,6 +346,18 @@ def _usual(rec: dict[str, Any], now_ms: int, max_future_ms: int, max_amount: flo
     amount_ref = amount / rate
     if amount_ref > max_amount:
         return None
+    return _transaction(txn_id, event_time, card_id, merchant_id, amount, currency, amount_ref,
+                        mcc, country, card_country, lat, lon, ip, channel, customer_id,
+                        terminal_id, device_id)
+
+
+def _transaction(txn_id: str, event_time: int, card_id: str, merchant_id: str | None,
+                 amount: float, currency: str, amount_ref: float, mcc: str | None,
+                 country: str | None, card_country: str | None, lat: float | None,
+                 lon: float | None, ip: str | None, channel: str | None,
+                 customer_id: str | None, terminal_id: str | None,
+                 device_id: str | None) -> dict[str, Any]:
+    """The normalized transaction, its keys in the one order both checks give."""
     return {
         "transaction_id": txn_id,
         "event_time": event_time,
@@ -433,25 +445,11 @@ def _checked(rec: dict[str, Any], now_ms: int, max_future_ms: int, max_amount: f
             except ValueError as exc:
                 raise ValidationError("ip", f"not an IP address: {ip!r}") from exc
 
-    out = {
-        "transaction_id": txn_id,
-        "event_time": event_time,
-        "card_id": card_id,
-        "merchant_id": merchant_id,
-        "amount": amount,
-        "currency": currency,
-        "amount_ref": amount_ref,
-        "mcc": mcc,
-        "country": country,
-        "card_country": card_country,
-        "lat": lat,
-        "lon": lon,
-        "ip": ip,
-        "channel": channel,
-        "customer_id": _string(rec, "customer_id", required=False),
-        "terminal_id": _string(rec, "terminal_id", required=False),
-        "device_id": _string(rec, "device_id", required=False),
-    }
+    out = _transaction(txn_id, event_time, card_id, merchant_id, amount, currency, amount_ref,
+                       mcc, country, card_country, lat, lon, ip, channel,
+                       _string(rec, "customer_id", required=False),
+                       _string(rec, "terminal_id", required=False),
+                       _string(rec, "device_id", required=False))
     _no_pans(out, TRANSACTION_IDS)
     return out
 
