@@ -161,50 +161,80 @@ class _Columns:
         card: list[int] = []
         mkey: list[int] = []
         tokens: list[int] = []  # 4 per event: merchant, country, device, card
-        # (partition, key) -> (its group, its own slot, the merchant's index or 0)
-        seen: dict[tuple[int, bytes], tuple[int, int, int]] = {}
         # A group: the partials of one key over the partitions an event can read. Events of
         # partitions that read the same ones share it (with a replica, or when this worker
         # owns them all: every partition does).
-        # partition -> (which of ``readable_sets`` it reads, those partitions)
-        views: dict[int, tuple[int, tuple[int, ...]]] = {}
+        # partition -> (which of ``readable_sets`` it reads, those partitions, its own
+        # position in them or -1)
+        views: dict[int, tuple[int, tuple[int, ...], int]] = {}
         readable_sets: dict[tuple[int, ...], int] = {}
         groups: dict[tuple[int, bytes], int] = {}
         members: list[int] = []
         ptr = [0]
         merchants: dict[bytes, int] = {}
         crc32 = zlib.crc32  # features.token_id, inlined (4 per event; a test holds them equal)
+        # An event's tokens and its partials seen before in the batch are looked up by the
+        # field's text, with no key built: str -> token; per partition, one dict per
+        # entity of text -> (its group, its own slot, the merchant's index or 0).
+        token: dict[str, int] = {}
+        seen: dict[int, tuple[dict[str, tuple[int, int, int]], ...]] = {}
         txs = [ev.txn for ev in txns]
         for ev in txns:
             txn, p = ev.txn, ev.partition
             cid = txn["card_id"].encode()
-            card.append(slot((p, b"c|" + cid), len(slots)))
-            device = txn.get("device_id")
-            tokens += (crc32(txn["merchant_id"].encode()), crc32(txn["country"].encode()),
-                       crc32(device.encode()) if device else 0, crc32(cid))
+            ck = (p, b"c|" + cid)
+            s = slots.get(ck)
+            if s is None:
+                s = slots[ck] = len(slots)
+            card.append(s)
+            mid, country, device = txn["merchant_id"], txn["country"], txn.get("device_id")
+            t_m = token.get(mid)
+            if t_m is None:
+                t_m = token[mid] = crc32(mid.encode())
+            t_c = token.get(country)
+            if t_c is None:
+                t_c = token[country] = crc32(country.encode())
+            if device:
+                t_d = token.get(device)
+                if t_d is None:
+                    t_d = token[device] = crc32(device.encode())
+            else:
+                t_d = 0
+            tokens += (t_m, t_c, t_d, crc32(cid))
+            by_entity = seen.get(p)
+            if by_entity is None:
+                by_entity = seen[p] = ({}, {}, {})
             m_key = 0
-            for prefix, fkey in _ENTITIES:
+            for (prefix, fkey), known in zip(_ENTITIES, by_entity, strict=True):
                 value = txn.get(fkey)
                 if not value:
                     own.append(-1)
                     grp.append(0)
                     continue
-                key = prefix + value.encode()
-                hit = seen.get((p, key))
+                hit = known.get(value)
                 if hit is None:
+                    key = prefix + value.encode()
                     view = views.get(p)
                     if view is None:
                         parts = tuple(readable(p))
                         view = views[p] = (readable_sets.setdefault(parts, len(readable_sets)),
-                                           parts)
+                                           parts, parts.index(p) if p in parts else -1)
                     g = groups.get((view[0], key))
                     if g is None:
                         g = groups[(view[0], key)] = len(ptr) - 1
-                        members += [slot((q, key), len(slots)) for q in view[1]]
+                        for q in view[1]:
+                            qk = (q, key)
+                            s = slots.get(qk)
+                            if s is None:
+                                s = slots[qk] = len(slots)
+                            members.append(s)
                         ptr.append(len(members))
-                    hit = seen[(p, key)] = (
-                        g, slot((p, key), len(slots)),  # its own, readable or not
-                        merchants.setdefault(key, len(merchants)) if prefix == b"m|" else 0)
+                    if view[2] >= 0:  # its own partial is one of the group's
+                        s = members[ptr[g] + view[2]]
+                    else:  # its own, not readable
+                        s = slot((p, key), len(slots))
+                    hit = known[value] = (
+                        g, s, merchants.setdefault(key, len(merchants)) if prefix == b"m|" else 0)
                 grp.append(hit[0])
                 own.append(hit[1])
                 if prefix == b"m|":

@@ -128,15 +128,24 @@ class TableFeatureStore:
         if not entries:
             return
         self._young.update(entries)
-        self._young_bytes += sum(len(k[1]) + (len(v) if v else 0) for k, v in entries) \
-            + _ENTRY_BYTES * len(entries)
+        self._grown(sum(len(k[1]) + (len(v) if v else 0) for k, v in entries)
+                    + _ENTRY_BYTES * len(entries))
+
+    def _grown(self, size: int) -> None:
+        """The young generation took ``size`` more bytes; a full one becomes the old one."""
+        self._young_bytes += size
         if self._young_bytes > self._half:
             self._old, self._young, self._young_bytes = self._young, {}, 0
 
     def write(self, items: Sequence[tuple[int, bytes, bytes]]) -> None:
         self.state.record(items)
-        if self._half:
-            self._keep([((p, k), v) for p, k, v in items])
+        if not self._half or not items:
+            return
+        young, size = self._young, _ENTRY_BYTES * len(items)
+        for p, k, v in items:
+            young[p, k] = v
+            size += len(k) + len(v)
+        self._grown(size)
 
     async def flush(self) -> None:
         await self.state.flush()

@@ -138,19 +138,23 @@ class FaustTableState:
         """Write the entries to the local store (one RocksDB write batch per partition);
         their changelog goes out in :meth:`flush`."""
         store = self.table.data
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-        for partition, key, value in entries:
-            by_partition.setdefault(partition, []).append((key, value))
-        for partition, items in by_partition.items():
-            if hasattr(store, "_db_for_partition"):
-                batch = WriteBatch(raw_mode=True)
-                for key, value in items:
-                    batch.put(key, value)
+        if hasattr(store, "_db_for_partition"):
+            batches: dict[int, WriteBatch] = {}
+            for partition, key, value in entries:
+                batch = batches.get(partition)
+                if batch is None:
+                    batch = batches[partition] = WriteBatch(raw_mode=True)
+                batch.put(key, value)
+            for partition, batch in batches.items():
                 self._db(partition).write(batch)
-                continue
-            with _as_event(self._event(partition)):
-                for key, value in items:
-                    store[key] = value
+        else:
+            by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+            for partition, key, value in entries:
+                by_partition.setdefault(partition, []).append((key, value))
+            for partition, items in by_partition.items():
+                with _as_event(self._event(partition)):
+                    for key, value in items:
+                        store[key] = value
         self._pending.extend(entries)
 
     async def flush(self) -> None:
