@@ -171,6 +171,82 @@ def test_a_producer_without_acknowledgements_is_replaced_and_its_records_sent_ag
     assert p.renewals == 1
 
 
+class SwitchableProducer(GoodProducer):
+    """Acknowledges like GoodProducer until ``wedged`` is set, then like WedgedProducer."""
+
+    wedged = False
+
+    def flush(self, timeout=0):
+        return WedgedProducer.flush(self, timeout) if self.wedged else super().flush(timeout)
+
+
+def test_a_whole_send_given_at_once_is_sent_again_whole_by_a_new_producer():
+    sent: list = []
+    made = iter([WedgedProducer("old", sent), GoodProducer("new", sent)])
+    p = RenewingProducer(lambda: next(made), stuck_s=0.05)
+    reports = []
+    records = [("changelog", 0, b"a", b"v"), ("changelog", 1, b"b", b"v"),
+               ("decisions", None, b"c", b"v")]
+    assert p.produce_many(records, lambda e, m: reports.append(e)) == 3
+    p.produce("decisions", value=b"v", key=b"d", on_delivery=lambda e, m: reports.append(e))
+    assert p.flush(5.0) == 0
+    assert sent == [("new", b"a"), ("new", b"b"), ("new", b"c"), ("new", b"d")]
+    assert reports == [None] * 4  # one report per record, none of the purge
+    assert p.renewals == 1
+
+
+def test_what_a_flush_confirmed_is_not_sent_again_by_a_later_renewal():
+    sent: list = []
+    first = SwitchableProducer("first", sent)
+    made = iter([first, GoodProducer("second", sent)])
+    p = RenewingProducer(lambda: next(made), stuck_s=0.05)
+    p.produce_many([("changelog", 0, b"a", b"v"), ("changelog", 0, b"b", b"v")], None)
+    assert p.flush(5.0) == 0
+    first.wedged = True
+    p.produce_many([("changelog", 0, b"c", b"v")], None)
+    assert p.flush(5.0) == 0
+    assert sent == [("first", b"a"), ("first", b"b"), ("second", b"c")]
+
+
+class SmallQueueProducer(GoodProducer):
+    """Holds at most two records (librdkafka's queue.buffering.max.messages); acknowledges
+    them, with offsets, on poll and flush."""
+
+    def __init__(self, name, log):
+        super().__init__(name, log)
+        self.offset = 0
+
+    def produce(self, topic, value=None, key=None, partition=None, on_delivery=None):
+        if len(self.queue) == 2:
+            raise BufferError("Local: Queue full")
+        self.queue.append((topic, partition, key, on_delivery))
+
+    def flush(self, timeout=0):
+        for topic, partition, key, cb in self.queue:
+            self.log.append((topic, key))
+            cb(None, SimpleNamespace(topic=lambda t=topic: t, offset=lambda o=self.offset: o,
+                                     partition=lambda p=partition: p))
+            self.offset += 1
+        self.queue = []
+        return 0
+
+    poll = flush
+
+
+def test_a_send_larger_than_the_producers_queue_is_delivered_whole_and_in_order():
+    import asyncio
+
+    from fraudstream.streams.worker.delivery import KafkaSink
+
+    sent: list = []
+    sink = KafkaSink({"bootstrap.servers": "127.0.0.1:9"})
+    sink.producer = RenewingProducer(lambda: SmallQueueProducer("only", sent), stuck_s=5.0)
+    records = [("changelog", i % 2, b"k%d" % i, b"v") for i in range(5)]
+    last = asyncio.run(sink.send(iter(records)))
+    assert sent == [("changelog", b"k%d" % i) for i in range(5)]
+    assert last == {("changelog", 0): 4, ("changelog", 1): 3}
+
+
 def test_the_stall_alert_fires_on_the_stalled_partitions_gauge(tmp_path):
     promtool = shutil.which("promtool")
     assert promtool, "make test-deps installs the prometheus package"

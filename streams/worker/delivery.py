@@ -227,6 +227,15 @@ class KafkaSink:
 
         produce = self.producer.produce
         count = 0
+        many = getattr(self.producer, "produce_many", None)  # the renewing producer's
+        if many is not None:
+            # One call for the records of topics that are not tolerant: it keeps one entry
+            # per send for a renewal, not one per record. The rest take the loop below.
+            records = list(records)
+            plain = [r for r in records if r[0] not in refusals] if refusals else records
+            count = many(plain, default)
+            records = plain[count:] + [r for r in records if r[0] in refusals] \
+                if refusals else plain[count:]
         for topic, partition, key, value in records:
             count += 1
             out = refusals.get(topic) if refusals else None
