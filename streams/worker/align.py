@@ -47,8 +47,9 @@ class Aligner:
         self.max_wait_s = max_wait_s
         self.max_held = max_held
         self.clock = clock
-        #: Partition -> held (event time, record), in offset order.
-        self.held: dict[Any, deque[tuple[int | None, Any]]] = {}
+        #: Partition -> held (event time as a float, -inf when unreadable, record), in
+        #: offset order.
+        self.held: dict[Any, deque[tuple[float, Any]]] = {}
         #: Since when a silent partition holds the others back (None: it does not).
         self.waiting_since: float | None = None
         #: Times the wait ran out and records were released regardless.
@@ -59,14 +60,14 @@ class Aligner:
         # the learner answer it. Offsets are not a filter here: after an offset reset (a
         # broker that lost its log) new records come with offsets already seen.
         buf = self.held.setdefault(tp, deque())
-        for r in records:
-            buf.append((self.time_of(tp.topic, r.value), r))
+        time_of, topic = self.time_of, tp.topic
+        buf.extend([(_key(time_of(topic, r.value)), r) for r in records])
 
     def put_back(self, tp: Any, records: Collection[Any]) -> None:
         """Hold ``records`` again, in front of what ``tp`` holds (the handler could not
         take them: they go first at the next release)."""
         buf = self.held.setdefault(tp, deque())
-        buf.extendleft(reversed([(self.time_of(tp.topic, r.value), r) for r in records]))
+        buf.extendleft(reversed([(_key(self.time_of(tp.topic, r.value)), r) for r in records]))
 
     def forget(self, keep: Collection[Any] | None = None) -> None:
         """Drop what is held for partitions not in ``keep`` (all: None), after a
@@ -105,29 +106,37 @@ class Aligner:
         held = self.held
         txn_tps = [tp for tp in held if tp.topic == self.transactions]
         label_tps = [tp for tp in held if tp.topic == self.labels]
-        txn_pending = [tp for tp in pending if tp.topic == self.transactions]
+        txn_pending = {tp for tp in pending if tp.topic == self.transactions}
         label_pending = [tp for tp in pending if tp.topic == self.labels]
-        heap = [(_key(held[tp][0][0]), tp.partition, tp) for tp in txn_tps if held[tp]]
+        heap = [(held[tp][0][0], tp.partition, tp) for tp in txn_tps if held[tp]]
         heapq.heapify(heap)
+        # Whether a pending partition has nothing held: only a release empties one, so
+        # this is known from the start and updated where a buffer runs empty.
+        txn_blocked = any(not held.get(tp) for tp in txn_pending)
+        label_blocked = any(not held.get(tp) for tp in label_pending)
+        labels = [(ltp, held[ltp]) for ltp in label_tps]
         while heap:
-            if any(not held.get(tp) for tp in txn_pending):
+            if txn_blocked:
                 return True  # it may hold a transaction before the next one
             t, _p, tp = heap[0]
-            for ltp in label_tps:
-                buf = held[ltp]
-                while buf and _key(buf[0][0]) <= t:
-                    _append(out, ltp, buf.popleft()[1])
-            if any(not held.get(ltp) for ltp in label_pending):
+            for ltp, buf in labels:
+                if buf and buf[0][0] <= t:
+                    while buf and buf[0][0] <= t:
+                        _append(out, ltp, buf.popleft()[1])
+                    if not buf and ltp in label_pending:
+                        label_blocked = True
+            if label_blocked:
                 return True  # it may hold a label due before the next transaction
             heapq.heappop(heap)
             buf = held[tp]
             _append(out, tp, buf.popleft()[1])
             if buf:
-                heapq.heappush(heap, (_key(buf[0][0]), tp.partition, tp))
+                heapq.heappush(heap, (buf[0][0], tp.partition, tp))
+            elif tp in txn_pending:
+                txn_blocked = True
         if txn_pending:
             return True  # labels wait for the transactions they may be due before
-        for ltp in label_tps:  # no transaction held, none to come: labels go
-            buf = held[ltp]
+        for ltp, buf in labels:  # no transaction held, none to come: labels go
             while buf:
                 _append(out, ltp, buf.popleft()[1])
         return False
