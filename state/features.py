@@ -120,6 +120,11 @@ class Vector(Mapping[str, float]):
     def __getitem__(self, name: str) -> float:
         return self.row[INDEX[name]]
 
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        """``Mapping.get`` in one call (it is the rules' feature read, per rule and event)."""
+        i = INDEX.get(name)
+        return default if i is None else self.row[i]
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(FEATURE_NAMES)
 
