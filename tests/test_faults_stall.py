@@ -208,6 +208,26 @@ def test_what_a_flush_confirmed_is_not_sent_again_by_a_later_renewal():
     assert sent == [("first", b"a"), ("first", b"b"), ("second", b"c")]
 
 
+def test_a_flush_during_a_send_does_not_confirm_that_send():
+    """The flush runs on another thread while the event loop's thread produces: ending
+    empty between two records of a send, it must not confirm the records still to come."""
+    sent: list = []
+
+    class FlushingMidSend(SwitchableProducer):
+        def produce(self, topic, value=None, key=None, partition=None, on_delivery=None):
+            if key == b"b":
+                assert p.flush(1.0) == 0  # "a" is delivered; "b" is not queued yet
+            super().produce(topic, value, key, partition, on_delivery)
+
+    first = FlushingMidSend("first", sent)
+    made = iter([first, GoodProducer("second", sent)])
+    p = RenewingProducer(lambda: next(made), stuck_s=0.05)
+    p.produce_many([("changelog", 0, b"a", b"v"), ("changelog", 0, b"b", b"v")], None)
+    first.wedged = True  # "b" never gets its acknowledgement from this producer
+    assert p.flush(5.0) == 0
+    assert ("second", b"b") in sent
+
+
 class SmallQueueProducer(GoodProducer):
     """Holds at most two records (librdkafka's queue.buffering.max.messages); acknowledges
     them, with offsets, on poll and flush."""

@@ -53,6 +53,9 @@ class RenewingProducer:
         self._pending: dict[int, tuple[list[_Record], Any, dict[str, Any]]] = {}
         #: Every entry below this seq is confirmed (dropped from ``_pending``).
         self._confirmed = 0
+        #: The entry being produced right now (None: none), which a flush on another
+        #: thread must not confirm: some of its records may not be queued yet.
+        self._producing: int | None = None
         #: id(callback) -> (callback, its wrapper for the current producer).
         self._reports: dict[int, tuple[Any, Callable[[Any, Any], None]]] = {}
         self._acks = 0
@@ -67,6 +70,7 @@ class RenewingProducer:
         if partition == -1:  # librdkafka's "unassigned": the partitioner chooses
             partition = None
         seq = self._seq  # produce() runs on one thread at a time (the event loop's)
+        self._producing = seq  # before the seq moves on: see flush()
         self._seq = seq + 1
         records = [(topic, partition, key, value)]
         self._pending[seq] = (records, on_delivery, kwargs)
@@ -75,15 +79,21 @@ class RenewingProducer:
         except BaseException:
             self._pending.pop(seq, None)
             raise
+        finally:
+            self._producing = None
 
     def produce_many(self, records: list[_Record], on_delivery: Any) -> int:
         """Produce (topic, partition or None, key, value) records in order, all with
         ``on_delivery``; returns how many were queued: fewer when librdkafka's queue
         filled or it refused a record, and the caller produces the rest."""
         seq = self._seq
+        self._producing = seq  # before the seq moves on: see flush()
         self._seq = seq + 1
         self._pending[seq] = (records, on_delivery, {})
-        done = self._send(records, on_delivery, {}, full="stop")
+        try:
+            done = self._send(records, on_delivery, {}, full="stop")
+        finally:
+            self._producing = None
         if done < len(records):
             self._pending[seq] = (records[:done], on_delivery, {})
         return done
@@ -142,7 +152,13 @@ class RenewingProducer:
         for ``stuck_s`` is replaced, and its records sent again, before the timeout."""
         deadline = time.monotonic() + timeout if timeout >= 0 else float("inf")
         acks, moved = self._acks, time.monotonic()
+        # What a flush ending empty confirms: the entries before the seq read now, less
+        # one still being produced on the event loop's thread (set before the seq moved
+        # past it, so read after the seq).
         produced = self._seq
+        producing = self._producing
+        if producing is not None and producing < produced:
+            produced = producing
         while True:
             left = self._producer.flush(max(0.0, min(1.0, deadline - time.monotonic())))
             if not left:
