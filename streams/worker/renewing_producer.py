@@ -69,11 +69,8 @@ class RenewingProducer:
             on_delivery = kwargs.pop("callback", None)
         if partition == -1:  # librdkafka's "unassigned": the partitioner chooses
             partition = None
-        seq = self._seq  # produce() runs on one thread at a time (the event loop's)
-        self._producing = seq  # before the seq moves on: see flush()
-        self._seq = seq + 1
         records = [(topic, partition, key, value)]
-        self._pending[seq] = (records, on_delivery, kwargs)
+        seq = self._open(records, on_delivery, kwargs)
         try:
             self._send(records, on_delivery, kwargs, full="raise")
         except BaseException:
@@ -86,10 +83,7 @@ class RenewingProducer:
         """Produce (topic, partition or None, key, value) records in order, all with
         ``on_delivery``; returns how many were queued: fewer when librdkafka's queue
         filled or it refused a record, and the caller produces the rest."""
-        seq = self._seq
-        self._producing = seq  # before the seq moves on: see flush()
-        self._seq = seq + 1
-        self._pending[seq] = (records, on_delivery, {})
+        seq = self._open(records, on_delivery, {})
         try:
             done = self._send(records, on_delivery, {}, full="stop")
         finally:
@@ -97,6 +91,17 @@ class RenewingProducer:
         if done < len(records):
             self._pending[seq] = (records[:done], on_delivery, {})
         return done
+
+    def _open(self, records: list[_Record], on_delivery: Any, kwargs: dict[str, Any]) -> int:
+        """A new entry for ``records``, marked as being produced (the caller unmarks it);
+        returns its seq. Producing runs on one thread at a time (the event loop's). The
+        mark is set before the seq moves past it: a flush reads the seq first (see
+        :meth:`flush`)."""
+        seq = self._seq
+        self._producing = seq
+        self._seq = seq + 1
+        self._pending[seq] = (records, on_delivery, kwargs)
+        return seq
 
     def _send(self, records: list[_Record], on_delivery: Any, kwargs: dict[str, Any],
               full: str) -> int:
