@@ -14,8 +14,10 @@ order). Faust keeps the group membership, partition assignment, the dedupe table
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import ssl
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -518,6 +520,10 @@ def tune_gc(gen0_threshold: int) -> None:
 
 def run_worker(settings: Settings, loglevel: str = "warning") -> None:
     """``fraudstream worker``: run until SIGINT/SIGTERM (Faust handles the signals)."""
+    # A fault in native code under a Python thread, or SIGABRT (a hung worker), writes
+    # every thread's stack to fd 2 (the log). librdkafka's threads block all signals: a
+    # fault there leaves only the kernel's line ("rdk:main[...]: segfault").
+    faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
     worker = build_worker(settings)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     tune_gc(settings.worker.gc_gen0_threshold)
