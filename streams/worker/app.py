@@ -523,7 +523,8 @@ def run_worker(settings: Settings, loglevel: str = "warning") -> None:
     # A fault in native code under a Python thread, or SIGABRT (a hung worker), writes
     # every thread's stack to fd 2 (the log). librdkafka's threads block all signals: a
     # fault there leaves only the kernel's line ("rdk:main[...]: segfault").
-    faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
+    if sys.__stderr__ is not None:  # a process started with its stderr closed has none
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
     worker = build_worker(settings)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     tune_gc(settings.worker.gc_gen0_threshold)
