@@ -444,13 +444,14 @@ def test_broker_lost_and_restarted_empty_every_new_transaction_is_decided(regist
         assert resets, log[-4000:]
         for partition, position, end, target in resets:
             assert int(position) == old[int(partition)] > int(end) and target == "0"
-        assert _metric(metrics_port, "fraudstream_offset_resets_total") >= 1
+        # A restarted worker counts only its own resets (the first may have made some).
+        assert _metric(metrics_port, "fraudstream_offset_resets_total") >= \
+            (1 if crashed else len(resets))
         if crashed:
             # A new process has a new producer: there is no stall or renewal to see.
             warnings.warn(f"the worker crashed after the broker restart and was started "
                           f"again; every transaction was decided. {crashed}", stacklevel=1)
             return
-        assert _metric(metrics_port, "fraudstream_offset_resets_total") >= len(resets)
         # the stall (the producer refused) was reported before the producer was replaced
         stalled = log.find("stalled: no progress for 3 s")
         renewed = log.find("producer: no acknowledgement for 9 s")
