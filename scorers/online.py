@@ -51,13 +51,26 @@ MIN_FRAUD = 10
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     """Average precision (the mean of the precision at each fraud, by descending score;
     tied scores count together), as scikit-learn computes it, in numpy."""
-    order = np.argsort(-score, kind="stable")
-    s, yy = score[order], y[order].astype(np.float64)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the end of each run of ties
-    tp = np.cumsum(yy)[last]
-    precision = tp / (last + 1)
-    recall_step = np.diff(np.r_[0.0, tp]) / max(tp[-1], 1.0)
-    return float(np.sum(precision * recall_step))
+    return float(average_precisions(y, np.asarray(score)[None, :])[0])
+
+
+def average_precisions(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """:func:`average_precision` of each row of ``scores`` against the same labels, in one
+    pass over the rows (the blend weight tries several at each batch of labels)."""
+    k, n = scores.shape
+    if not n:
+        return np.zeros(k)
+    order = np.argsort(-scores, axis=1)  # ties are counted as one step: any order of them
+    s = np.take_along_axis(scores, order, axis=1)
+    tp = np.cumsum(np.asarray(y, dtype=np.float64)[order], axis=1)
+    ends = np.ones((k, n), dtype=np.bool_)  # the last row of each run of tied scores
+    np.not_equal(s[:, 1:], s[:, :-1], out=ends[:, :-1])
+    # frauds above each run: the count at the end of the run before it
+    before = np.zeros((k, n))
+    before[:, 1:] = np.where(ends[:, :-1], tp[:, :-1], 0.0)
+    np.maximum.accumulate(before, axis=1, out=before)
+    recall_step = np.where(ends, (tp - before) / np.maximum(tp[:, -1:], 1.0), 0.0)
+    return ((tp / np.arange(1, n + 1)) * recall_step).sum(axis=1)
 
 
 class OnlineLearner:
@@ -131,10 +144,12 @@ class OnlineLearner:
         self.share = 0.0
         if len(yy) < MIN_EVIDENCE or yy.sum() < MIN_FRAUD or yy.sum() == len(yy):
             return self.share
-        alone = average_precision(yy, e)
-        best, best_ap = 0.0, alone + MARGIN
-        for share in GRID[1:]:
-            ap = average_precision(yy, (1 - share) * e + share * p)
+        shares = np.array(GRID)[:, None]
+        blends = (1 - shares) * e + shares * p
+        blends[0] = e  # GRID[0]: the ensemble alone
+        aps = average_precisions(yy, blends)
+        best, best_ap = 0.0, aps[0] + MARGIN
+        for share, ap in zip(GRID[1:], aps[1:].tolist(), strict=True):
             if ap > best_ap:
                 best, best_ap = share, ap
         self.share = best

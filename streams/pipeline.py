@@ -24,7 +24,7 @@ The wall clock only bounds how far in the future an event_time may be (the valid
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,8 +97,13 @@ class Pipeline:
         online: OnlineStage | None = None,
         model_timeout_ms: float = 25.0,
         decision_records: bool = True,
+        feature_log_for: Container[str] | None = None,
     ) -> None:
         self.codecs = codecs
+        #: Transaction ids whose features go to the learners' feature log; None: every
+        #: transaction's, as a worker must (it cannot know which will be labelled). A
+        #: replay knows its labels and logs only those.
+        self.feature_log_for = feature_log_for
         #: False: the caller reads the verdicts, not the decision records (a replay, which
         #: publishes only the shadow's): the active side's are left empty, not encoded.
         self.decision_records = decision_records
@@ -206,9 +211,19 @@ class Pipeline:
         verdicts, shadow = self._cascade(scores, X, out, deadline, learners, fresh)
         if (self.online is not None and fresh and X is not None
                 and not (out.features is not None and out.features.degraded)):
-            out.feature_writes.extend(self.online.log_entries(
-                [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh], X,
-                out.model_scores))
+            logged = self.feature_log_for
+            if logged is None:
+                out.feature_writes.extend(self.online.log_entries(
+                    [(r.partition, t["event_time"], t["transaction_id"]) for r, t in fresh], X,
+                    out.model_scores))
+            else:
+                rows = [i for i, (_r, t) in enumerate(fresh) if t["transaction_id"] in logged]
+                if rows:
+                    scores = out.model_scores
+                    out.feature_writes.extend(self.online.log_entries(
+                        [(fresh[i][0].partition, fresh[i][1]["event_time"],
+                          fresh[i][1]["transaction_id"]) for i in rows], X[rows],
+                        None if scores is None else scores[rows]))
         out.fresh, out.verdicts, out.shadow_verdicts = fresh, verdicts, shadow
         t5 = time.perf_counter()
 

@@ -12,6 +12,7 @@ from fraudstream.scorers.online import (
     OnlineLearner,
     OnlineStage,
     average_precision,
+    average_precisions,
     log_key,
 )
 from fraudstream.scorers.rules import RuleSet, RulesScorer
@@ -152,6 +153,45 @@ def test_average_precision_is_scikit_learns():
         y = rng.random(n) < 0.2
         score = np.round(rng.random(n) + y * 0.3, 1)  # many ties
         assert np.isclose(average_precision(y, score), average_precision_score(y, score))
+
+
+def test_average_precisions_of_several_score_rows_are_each_rows_own():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(5)
+    y = rng.random(400) < 0.25
+    rows = np.stack([np.round(rng.random(400) + y * 0.2, d) for d in (1, 2, 8)])
+    got = average_precisions(y, rows)
+    assert got.shape == (3,)
+    for ap, row in zip(got, rows, strict=True):
+        assert np.isclose(ap, average_precision_score(y, row))
+    assert average_precisions(y[:0], rows[:, :0]).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_feature_log_for_named_transactions_keeps_only_theirs(models_registry):
+    """A replay knows which transactions will be labelled: it logs only their features,
+    the same entries a worker (which logs every one) writes for them."""
+    codecs = Codecs(make_registry("mock://online-log"), TopicSettings())
+    version = models_registry.versions()[0]
+    recs = [RawRecord("transactions", 0, 1000 + i, b"k", codecs.transaction.encode(txn(i, a)),
+                      NOW) for i, a in enumerate((12.0, 640.0, 33.0, 870.0))]
+
+    def logged(feature_log_for):
+        store = MemoryStore()
+        pipeline = Pipeline(codecs, RulesScorer(RuleSet.default()), LIMITS,
+                            features=FeatureEngine(FeatureConfig(), store),
+                            models=ModelStage(active=models_registry.load(version)),
+                            budget_ms=5000.0, online=OnlineStage(store),
+                            feature_log_for=feature_log_for)
+        out = pipeline.process(recs, lambda p, keys: [None] * len(keys))
+        return {k: v for p, k, v in out.feature_writes if k.startswith(b"f|")}
+
+    every = logged(None)
+    assert len(every) == 4
+    some = logged({"o1", "o3", "never-seen"})
+    assert some == {k: every[k] for k in (log_key(NOW - 3_600_000 + i * 1000, f"o{i}")
+                                          for i in (1, 3))}
+    assert logged(set()) == {}
 
 
 def test_the_learner_earns_its_weight_on_evidence_or_gets_none():

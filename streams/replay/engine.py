@@ -215,7 +215,6 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
 
     labels: list[RawRecord] | None = None
     label_times: list[int] = []
-    labelled: set[bytes] = set()
     fed = batches = 0
     thresholds = gc.get_threshold()
     gc.set_threshold(50_000, 20, 20)  # fewer young collections: batches make many objects
@@ -237,7 +236,9 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                     tid = rec["transaction_id"]
                     result.labels[tid] = result.labels.get(tid, False) or bool(rec["is_fraud"])
                     due_at[k] = rec["label_time"] + label_delay_ms
-                labelled = {tid.encode() for tid in result.labels}
+                # The feature log serves labels looking for their features: the replay
+                # knows every label to come, so it logs only the transactions one will read.
+                pipeline.feature_log_for = result.labels
                 if by_event_time:  # as the aligner: when they start to count
                     order = sorted(range(len(labels)), key=lambda k: (due_at[k], k))
                     labels = [labels[k] for k in order]
@@ -252,10 +253,7 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                     continue
                 res = pipeline.process(records, lookup, due)
                 due = []
-                # The feature log serves labels looking for their features: the replay
-                # knows every label to come, so it keeps only the entries one will read.
-                store.write([w for w in res.feature_writes
-                             if not w[1].startswith(b"f|") or w[1].split(b"|", 2)[2] in labelled])
+                store.write(res.feature_writes)
                 seen.update(key for _p, key, _v in res.new_entries)
                 _count_rejects(result, res, codecs, settings.topics.labels)
                 if role == "warmup":
