@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -102,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a registry with an ACTIVE version (default: train two)")
     p.add_argument("--challenger", default=None, help="with --models")
     p.add_argument("--online", choices=("learn", "off"), default="learn")
+    p.add_argument("--processes", type=int, nargs="+", choices=(1, 2), default=[2],
+                   help="replay once per value on the same history (fraudstream replay "
+                        "--processes): 2 decides in a second process")
     p.add_argument("--results", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
 
@@ -131,33 +133,52 @@ def main(argv: list[str] | None = None) -> int:
                                            args.cards, args.seed)
         result["produce_s"] = time.monotonic() - t0
 
-        print("replaying...", flush=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
         env.update(settings.to_env())
-        out = workdir / "report"
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "fraudstream", "replay", "--from", "0", "--champion",
-             champion, "--challenger", challenger, "--online", args.online,
-             "--out", str(out)], cwd=ROOT, env=env)
-        wall = time.monotonic() - t0
-        # the replay is the only child waited for so far (the broker is still running)
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        if proc.returncode != 0:
-            print(f"replay failed ({proc.returncode})", file=sys.stderr)
-            return 1
-    data = json.loads((out / "result.json").read_text())
-    result |= {"wall_s": wall, "replay_s": data["seconds"], "counts": data["counts"],
-               "records_per_s": data["records_per_s"], "peak_rss_mb": peak_mb,
-               "flipped": data["flipped"], "quality": data.get("quality"),
-               "report": str(out / "report.md")}
+        runs = []
+        for i, processes in enumerate(args.processes):
+            print(f"replaying with {processes} process(es)...", flush=True)
+            out = workdir / f"report-{i}"
+            t0 = time.monotonic()
+            proc = subprocess.run(
+                [sys.executable, "-m", "fraudstream", "replay", "--from", "0", "--champion",
+                 champion, "--challenger", challenger, "--online", args.online,
+                 "--processes", str(processes), "--replay-id", f"bench-{i}",
+                 "--out", str(out)], cwd=ROOT, env=env)
+            wall = time.monotonic() - t0
+            if proc.returncode != 0:
+                print(f"replay failed ({proc.returncode})", file=sys.stderr)
+                return 1
+            data = json.loads((out / "result.json").read_text())
+            runs.append({"processes": processes, "wall_s": wall, "replay_s": data["seconds"],
+                         "counts": data["counts"], "records_per_s": data["records_per_s"],
+                         "fallbacks": data["fallbacks"], "peak_rss_mb": data["peak_rss_mb"],
+                         "stage_us_per_record": data["stage_us_per_record"],
+                         "flipped": data["flipped"], "quality": data.get("quality"),
+                         "report": str(out / "report.md")})
+    result["runs"] = runs
     print()
-    print(f"replay of {data['counts']['read']:,} transactions ({result['labels']:,} labels, "
-          f"{args.partitions} partitions, online {args.online}):")
-    print(f"  {data['seconds']:.1f} s in the replay loop, {wall:.1f} s for the process "
-          f"(start, model loading, report): {data['records_per_s']:,.0f} records/s")
-    print(f"  peak RSS of the replay process: {peak_mb:,.0f} MB")
-    print(f"  report: {out / 'report.md'}")
+    for run in runs:
+        c, rss = run["counts"], run["peak_rss_mb"]
+        print(f"replay of {c['read']:,} transactions ({result['labels']:,} labels, "
+              f"{args.partitions} partitions, online {args.online}, "
+              f"{run['processes']} process(es)):")
+        print(f"  {run['replay_s']:.1f} s in the replay loop, {run['wall_s']:.1f} s for the "
+              f"process (start, model loading, report): {run['records_per_s']:,.0f} records/s")
+        falls = run["fallbacks"]
+        champ = {k: v for k, v in falls.items() if not k.startswith("shadow")}
+        chall = {k: v for k, v in falls.items() if k.startswith("shadow")}
+        print(f"  decided {c['decided']:,}; fallbacks by cause: the champion's {champ}, "
+              f"the challenger's {chall}")
+        deciding = rss["deciding"] or 0.0
+        print(f"  peak RSS: reading process {rss['reading']:,.0f} MB"
+              + (f" + deciding process {deciding:,.0f} MB = {rss['reading'] + deciding:,.0f} MB"
+                 if rss["deciding"] is not None else ""))
+        print(f"  report: {run['report']}")
+    if len(runs) > 1:
+        same = all((r["flipped"], r["quality"]) == (runs[0]["flipped"], runs[0]["quality"])
+                   for r in runs)
+        print(f"same flips and quality in every run: {same}")
     path = args.results / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"results: {path}")

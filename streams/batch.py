@@ -73,3 +73,27 @@ class BatchResult:
     #: records are to be delivered again, not acknowledged. Taking a label twice is
     #: harmless (the learners and the merchant states skip offsets they already took).
     labels_again: int = 0
+
+
+@dataclass(slots=True)
+class Staged:
+    """A batch read, deduplicated and given its features (``Pipeline.prepare``), not yet
+    decided (``Pipeline.decide``). It pickles: a replay prepares batches in one process and
+    decides them in another."""
+
+    out: BatchResult
+    #: Valid transactions in input order; ``fresh``: those to decide (first of their id,
+    #: not decided before); ``earlier``: earlier decisions by id; ``repeats``: (index in
+    #: ``valid``, id) of repeats inside the batch; ``first_in_batch``: id -> index in fresh.
+    valid: list[tuple[RawRecord, dict[str, Any]]]
+    fresh: list[tuple[RawRecord, dict[str, Any]]]
+    earlier: dict[str, bytes]
+    repeats: list[tuple[int, str]]
+    first_in_batch: dict[str, int]
+    label_events: list[Any]
+    #: ``perf_counter`` when the batch's preparation began, and when it ended (a
+    #: system-wide clock on Linux: comparable in another process).
+    started: float
+    prepared: float
+    #: Milliseconds of decode, dedupe and features so far.
+    timings_ms: dict[str, float]

@@ -44,7 +44,7 @@ from fraudstream.state.engine import (
     TxnEvent,
 )
 from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION, INDEX
-from fraudstream.streams.batch import BatchResult, RawRecord
+from fraudstream.streams.batch import BatchResult, RawRecord, Staged
 from fraudstream.streams.dead_letters import DeadLetters
 from fraudstream.streams.settings import Settings
 
@@ -86,7 +86,7 @@ class Pipeline:
     def __init__(
         self,
         codecs: Codecs,
-        scorer: Scorer,
+        scorer: Scorer | None,
         limits: Limits,
         input_format: str = "avro",
         clock: Callable[[], float] = time.time,
@@ -107,6 +107,7 @@ class Pipeline:
         #: False: the caller reads the verdicts, not the decision records (a replay, which
         #: publishes only the shadow's): the active side's are left empty, not encoded.
         self.decision_records = decision_records
+        #: None: a pipeline that only prepares batches (a replay's reading side).
         self.scorer = scorer
         self.limits = limits
         self.clock = clock
@@ -136,6 +137,13 @@ class Pipeline:
         """Decide a batch. ``arrived``: when it reached the worker (``perf_counter``); the
         model stage gets what is left of the budget from then, and at least the model
         timeout. A decision made after the budget ran out carries ``late_ms``."""
+        return self.decide(self.prepare(records, lookup, labels), arrived)
+
+    def prepare(self, records: Sequence[RawRecord], lookup: Lookup,
+                labels: Sequence[RawRecord] = ()) -> Staged:
+        """The first half of :meth:`process`: records read and validated (the bad ones
+        rejected), repeats found, features computed (their state writes in
+        ``out.feature_writes``). Needs no scorer and no model."""
         t0 = time.perf_counter()
         out = BatchResult()
         now_ms = int(self.clock() * 1000)
@@ -174,13 +182,28 @@ class Pipeline:
             fresh.append((rec, txn))
         t2 = time.perf_counter()
 
-        vectors: Sequence[Any] | None = None
         if self.features is not None and (fresh or label_events):
             fb = self.features.process(
                 [TxnEvent(rec.partition, rec.offset, txn) for rec, txn in fresh], label_events)
             out.features = fb
             out.feature_writes = fb.writes
-            vectors = fb.vectors
+        t3 = time.perf_counter()
+        return Staged(out, valid, fresh, earlier, repeats, first_in_batch, label_events, t0,
+                      t3, {"decode": (t1 - t0) * 1000.0, "dedupe": (t2 - t1) * 1000.0,
+                       "features": (t3 - t2) * 1000.0})
+
+    def decide(self, staged: Staged, arrived: float | None = None) -> BatchResult:
+        """The second half of :meth:`process`: the online learners taught, then rules,
+        models and the decision records, for a batch :meth:`prepare` gave."""
+        out, fresh, label_events = staged.out, staged.fresh, staged.label_events
+        valid, earlier, repeats = staged.valid, staged.earlier, staged.repeats
+        first_in_batch, t0 = staged.first_in_batch, staged.started
+        if self.scorer is None:
+            raise TypeError("this pipeline only prepares batches: it has no scorer")
+        t2 = time.perf_counter()
+        waited = t2 - staged.prepared  # for another process to take it (a replay)
+        vectors: Sequence[Any] | None = (out.features.vectors if out.features is not None
+                                         else None)
         # The feature matrix, built once for the learner's log and the model (none when
         # neither will read it: no learner, no active model).
         wanted = self.online is not None or (self.models is not None and (
@@ -228,9 +251,8 @@ class Pipeline:
         t5 = time.perf_counter()
 
         timings = {
-            "decode": (t1 - t0) * 1000.0,
-            "dedupe": (t2 - t1) * 1000.0,
-            "features": (t3 - t2) * 1000.0,
+            **staged.timings_ms,
+            "features": staged.timings_ms["features"] + (t3 - t2) * 1000.0,  # and learning
             "rules": (t4 - t3) * 1000.0,
             "model": (t5 - t4) * 1000.0,
             **out.variant_ms,
@@ -239,7 +261,7 @@ class Pipeline:
         # Every decision of the batch carries the batch's stage times (``total``: arrival
         # to decisions) and how far past the budget it was made.
         now = time.perf_counter()
-        batch_timings = dict(timings, total=(now - t0) * 1000.0)
+        batch_timings = dict(timings, total=(now - t0 - waited) * 1000.0)
         late_ms = max(0.0, (now - deadline) * 1000.0) if fresh else 0.0
         if late_ms > 0.0:
             out.past_budget, out.past_budget_max_ms = len(fresh), late_ms
@@ -294,7 +316,7 @@ class Pipeline:
             else:
                 value = next(fresh_iter)
             out.decisions.append((key, value))
-        timings["total"] = (time.perf_counter() - t0) * 1000.0
+        timings["total"] = (time.perf_counter() - t0 - waited) * 1000.0
         out.timings_ms = timings
         return out
 

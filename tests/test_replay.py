@@ -229,6 +229,20 @@ def test_a_time_range_after_a_warm_up_adds_up_and_shows_the_challenger(
         challenger=second, champion=first, start=Bound("time", middle), publish=False))
     assert cold.read == in_range and cold.warmup == 0
     assert cold.decided.champion_score != result.decided.champion_score
+    # Decided in the reading process (``processes=1``), the report is the same, score for
+    # score: the second process (the default) changes where the learners, rules and
+    # models run, not what they decide.
+    one = run_replay(settings, ReplayConfig(
+        challenger=second, champion=first, start=Bound("time", middle),
+        warmup=Bound("offset", 0), publish=False, processes=1))
+    assert result.peak_rss_mb is not None and one.peak_rss_mb is None
+    a, b = result.decided, one.decided
+    assert a.transaction_ids == b.transaction_ids
+    for column in ("champion", "challenger", "champion_score", "challenger_score", "cards",
+                   "partitions", "event_times"):
+        assert bytes(getattr(a, column)) == bytes(getattr(b, column)), column
+    assert (one.read, one.warmup, one.labels_fed, one.fallbacks) == (
+        result.read, result.warmup, result.labels_fed, result.fallbacks)
 
 
 def test_a_replay_refuses_to_write_to_the_live_decisions(models_registry, stack_settings,
@@ -240,6 +254,29 @@ def test_a_replay_refuses_to_write_to_the_live_decisions(models_registry, stack_
                                           topic=settings.topics.decisions))
     with pytest.raises(ReplayError, match="no version"):
         run_replay(settings, ReplayConfig(challenger="nope", start=Bound("offset", 0)))
+
+
+def test_the_deciding_process_failing_or_dying_is_an_error_not_a_wait(
+        models_registry, stack_settings, tmp_path):
+    from fraudstream.streams.replay.decider import RemoteDecider
+
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = stack_settings.replace(scoring={"models_dir": root})
+    failing = RemoteDecider(settings, ReplayConfig(challenger="nope", start=Bound("offset", 0)),
+                            "replay-test")
+    try:
+        with pytest.raises(ReplayError, match="no version 'nope'"):
+            failing.finish()
+    finally:
+        failing.close()
+    dying = RemoteDecider(settings, ReplayConfig(challenger=second, start=Bound("offset", 0),
+                                                 publish=False), "replay-test")
+    try:
+        dying._proc.kill()
+        with pytest.raises(ReplayError, match="exited"):
+            dying.finish()
+    finally:
+        dying.close()
 
 
 @pytest.mark.timeout(120)
@@ -316,14 +353,19 @@ def test_a_range_to_the_end_of_the_embedded_topics_is_read_whole_without_waiting
         assert producer.flush(30) == 0
 
     started = time.monotonic()
-    reader = ranges.RangeReader(settings, ReplayConfig(challenger="-", start=Bound("offset", 0)),
+    reader = ranges.RangeReader(settings, ReplayConfig(challenger="-", start=Bound("offset", 0),
+                                                       batch=37),
                                 f"tests-{uuid.uuid4().hex[:6]}")
     try:
-        got = [rec.value for batch in reader.batches() for _role, rec, _t in batch]
+        batches = list(reader.batches())
     finally:
         reader.close()
     assert time.monotonic() - started < 60.0
-    assert sorted(got) == sorted(sent)
+    assert sorted(rec.value for batch in batches for _role, rec, _t in batch) == sorted(sent)
+    # Whole batches however the fetches fell (labels go in between batches, and the
+    # learners learn per batch: a batch cut by a fetch would change decisions from run to
+    # run); only the last is shorter.
+    assert [len(b) for b in batches] == [37] * (len(sent) // 37) + [len(sent) % 37]
 
     started = time.monotonic()
     consumer = Consumer(settings.kafka.consumer_config(f"tests-{uuid.uuid4().hex[:6]}"))

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=None,
                    help="model registry folder (default: FRAUDSTREAM_SCORING_MODELS_DIR)")
     p.add_argument("--batch", type=int, default=500, help="records per micro-batch")
+    p.add_argument("--processes", type=int, choices=(1, 2), default=2,
+                   help="2: decide in a second process, on a second core, while this one "
+                        "reads and computes the features; 1: all in one process")
     p.add_argument("--replay-id", default=None, help="default: time and a random suffix")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: replays/<replay id>)")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             else None,
             partitions=partitions_of(args.partitions),
             topic=args.topic, publish=not args.no_publish, online=args.online == "learn",
-            batch=args.batch)
+            batch=args.batch, processes=args.processes)
         if args.replay_id:
             config.replay_id = args.replay_id
         bar = tqdm(unit=" txn", desc=f"replay {config.replay_id}", file=sys.stderr,

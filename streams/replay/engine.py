@@ -48,6 +48,12 @@ batch), so fallbacks in a replay are the model's own (``nan``, ``error``) or deg
 features. The online learners start empty (``--online learn``, as a worker started at
 ``--from`` would) or are left out on both sides (``--online off``).
 
+Two processes (``processes=2``, the default): this one reads the range, decodes, finds
+repeats and computes the features, in the order above; a second one
+(:mod:`fraudstream.streams.replay.decider`) takes each prepared batch in turn and runs the
+rest (online learners, rules, both models, the challenger's records, the report's
+columns). The decisions are those of one process (``processes=1``), on two cores.
+
 A replay is restartable, not resumable: the same arguments give the same decisions and
 report, and a second run writes its challenger decisions again under its own id.
 """
@@ -56,23 +62,25 @@ from __future__ import annotations
 
 import bisect
 import gc
+import resource
 import time
-import zlib
-from array import array
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from confluent_kafka import Producer
-
-from fraudstream.schemas.codec import Codecs, DecodeError, decode_json, make_registry
+from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
 from fraudstream.schemas.validate import ValidationError
-from fraudstream.scorers.cascade import ModelStage
-from fraudstream.scorers.online import OnlineStage
-from fraudstream.scorers.registry import ACTIVE, Registry
 from fraudstream.state.engine import FeatureConfig, FeatureEngine, MemoryStore
-from fraudstream.streams.control.follow import rules_in_force
-from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord
+from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord, dedupe_key
+from fraudstream.streams.replay.decider import (
+    OUTCOMES,
+    REPLAY_HEADER,
+    Decided,
+    DecidedPart,
+    DecideSide,
+    RemoteDecider,
+    load_models,
+    replay_codecs,
+)
 from fraudstream.streams.replay.ranges import (
     EventTimeOf,
     RangeReader,
@@ -83,8 +91,9 @@ from fraudstream.streams.replay.ranges import (
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.worker.align import record_times
 
-REPLAY_HEADER = "fraudstream-replay-id"
-OUTCOMES = ("approve", "review", "decline", "none")
+__all__ = ["LABEL_LOOKBACK_MS", "OUTCOMES", "REPLAY_HEADER", "Decided", "ReplayResult",
+           "event_time_of", "run_replay"]
+
 #: Labels this far before the first record read are fed too: the merchant fraud features
 #: count the labels of the last 30 complete days.
 LABEL_LOOKBACK_MS = 31 * 86_400_000
@@ -92,96 +101,40 @@ LABEL_LOOKBACK_MS = 31 * 86_400_000
 FREEZE_EVERY = 5
 
 
-class Decided:
-    """Every decided transaction of the range, both sides, in columns (a million
-    transactions take about 100 bytes each, and no object per transaction for the garbage
-    collector to walk). Cards are crc32 tokens, never card numbers."""
+@dataclass(kw_only=True)
+class ReplayResult(DecidedPart):
+    """The deciding side's part (what was decided and counted), and what the reading side
+    knows: the range, the labels, the time taken."""
 
-    def __init__(self) -> None:
-        self.transaction_ids: list[str] = []
-        self.cards = array("L")
-        self.event_times = array("q")
-        self.partitions = array("l")
-        #: Outcomes as indexes into OUTCOMES ("none": the side did not decide).
-        self.champion = bytearray()
-        self.challenger = bytearray()
-        self.champion_score = array("d")
-        self.challenger_score = array("d")
-
-    def __len__(self) -> int:
-        return len(self.transaction_ids)
-
-    def add(self, transaction_id: str, card_id: str, event_time: int, partition: int,
-            champion: str, champion_score: float, challenger: str,
-            challenger_score: float) -> None:
-        self.transaction_ids.append(transaction_id)
-        self.cards.append(zlib.crc32(card_id.encode()))
-        self.event_times.append(event_time)
-        self.partitions.append(partition)
-        self.champion.append(OUTCOMES.index(champion))
-        self.champion_score.append(champion_score)
-        self.challenger.append(OUTCOMES.index(challenger))
-        self.challenger_score.append(challenger_score)
-
-
-@dataclass
-class ReplayResult:
     config: ReplayConfig
     champion: str
     challenger: str
-    decided: Decided = field(default_factory=Decided)
-    #: Records of the range: read, duplicates, bad (with reasons), warm-up.
-    read: int = 0
-    duplicates: int = 0
-    bad: Counter[str] = field(default_factory=Counter)
-    warmup: int = 0
-    fallbacks: Counter[str] = field(default_factory=Counter)
-    #: Milliseconds spent per pipeline stage (decode, dedupe, features, rules, model, total).
-    stage_ms: Counter[str] = field(default_factory=Counter)
     labels_fed: int = 0
-    bad_labels: int = 0
     #: transaction_id -> is_fraud, every label read for the range's transactions.
     labels: dict[str, bool] = field(default_factory=dict)
-    published: int = 0
     seconds: float = 0.0
     ranges: dict[int, tuple[int, int | None]] = field(default_factory=dict)
+    #: Peak RSS of the reading process (the deciding one's, when apart: ``peak_rss_mb``).
+    reading_peak_rss_mb: float = 0.0
+
+    def add(self, part: DecidedPart) -> None:
+        for f in fields(DecidedPart):
+            setattr(self, f.name, getattr(part, f.name))
 
 
-def _load_models(settings: Settings, config: ReplayConfig) -> tuple[Any, Any]:
-    registry = Registry(settings.scoring.models_dir)
-    champion = config.champion or registry.pointer(ACTIVE)
-    if champion is None:
-        raise ReplayError(f"no --champion and no ACTIVE version in {registry.root}")
-    loaded = []
-    for version in (champion, config.challenger):
-        if version not in registry.versions():
-            raise ReplayError(f"no version {version!r} in {registry.root}")
-        try:
-            loaded.append(registry.load(version))
-        except Exception as exc:  # a refused artifact: say why
-            raise ReplayError(f"version {version} cannot be loaded: {exc}") from exc
-    return loaded[0], loaded[1]
-
-
-def build_pipeline(settings: Settings, codecs: Codecs, champion: Any, challenger: Any,
-                   partitions: int, online: bool) -> tuple[Pipeline, MemoryStore]:
-    """The live worker's pipeline on a fresh in-memory state, without a deadline; the
-    caller writes each batch's ``feature_writes`` to the store, as the worker's committer
-    does."""
+def reading_pipeline(settings: Settings, codecs: Codecs, partitions: int
+                     ) -> tuple[Pipeline, MemoryStore]:
+    """The live worker's pipeline up to the features (:meth:`Pipeline.prepare`), on a
+    fresh in-memory state; the caller writes each batch's ``feature_writes`` to the
+    store, as the worker's committer does. It decides nothing: no rules, no model."""
     fs = settings.features
     store = MemoryStore(partitions)
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                       label_delay_ms=int(fs.label_delay_s * 1000)), store)
-    return Pipeline(
-        codecs, rules_in_force(settings),
-        Limits.from_settings(settings),
-        input_format=settings.codec.input_format, features=engine,
-        models=ModelStage(active=champion, shadow=challenger),
-        budget_ms=float("inf"),
-        online=OnlineStage(store, settings.scoring.online_max_weight) if online else None,
-        decision_records=False,  # the champion's verdicts go to the report, not a topic
-    ), store
+    return Pipeline(codecs, None, Limits.from_settings(settings),
+                    input_format=settings.codec.input_format, features=engine,
+                    budget_ms=float("inf")), store
 
 
 def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -> ReplayResult:
@@ -190,9 +143,10 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     if out_topic in (settings.topics.decisions, settings.topics.dlq,
                      settings.topics.transactions, settings.topics.labels):
         raise ReplayError(f"a replay never writes to {out_topic!r}: name another --topic")
-    champion, challenger = _load_models(settings, config)
-    codecs = Codecs(make_registry(settings.codec.registry_url, settings.codec.registry_username,
-                                  settings.codec.registry_password), settings.topics)
+    if config.processes not in (1, 2):
+        raise ReplayError(f"processes: 1 or 2, not {config.processes}")
+    champion, challenger = load_models(settings, config)  # refused here, before reading
+    codecs = replay_codecs(settings)
     group = f"fraudstream-replay-{config.replay_id}"
     w = settings.worker
     # An aligned worker decides in event time: so does the replay (see the module doc).
@@ -200,14 +154,10 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     reader = RangeReader(settings, config, group, event_time_of(settings, codecs),
                          by_event_time)
     label_delay_ms = int(settings.features.label_delay_s * 1000)
-    pipeline, store = build_pipeline(settings, codecs, champion, challenger,
-                              max(reader.partitions) + 1, config.online)
-    result = ReplayResult(config, champion.version, challenger.version)
+    pipeline, store = reading_pipeline(settings, codecs, max(reader.partitions) + 1)
+    result = ReplayResult(config=config, champion=champion.version,
+                          challenger=challenger.version)
     result.ranges = {p: (r.first, r.stop) for p, r in reader.ranges.items()}
-    # bounded client queues: a replay reads and writes as fast as it can
-    producer = Producer({**settings.kafka.client_config(), "linger.ms": 50,
-                         "queue.buffering.max.kbytes": 65536}) if config.publish else None
-    headers = [(REPLAY_HEADER, config.replay_id.encode())]
     seen: set[bytes] = set()  # dedupe keys decided: a repeat is counted, not decided again
 
     def lookup(_partition: int, keys: list[bytes]) -> list[bytes | None]:
@@ -219,7 +169,10 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     thresholds = gc.get_threshold()
     gc.set_threshold(50_000, 20, 20)  # fewer young collections: batches make many objects
     t0 = time.monotonic()
+    decider: DecideSide | RemoteDecider | None = None
     try:
+        decider = (RemoteDecider(settings, config, out_topic) if config.processes == 2
+                   else DecideSide(settings, config, out_topic))
         for batch in reader.batches():
             if labels is None:
                 labels = read_labels(settings, reader.partitions,
@@ -238,7 +191,7 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                     due_at[k] = rec["label_time"] + label_delay_ms
                 # The feature log serves labels looking for their features: the replay
                 # knows every label to come, so it logs only the transactions one will read.
-                pipeline.feature_log_for = result.labels
+                decider.labelled(set(result.labels))
                 if by_event_time:  # as the aligner: when they start to count
                     order = sorted(range(len(labels)), key=lambda k: (due_at[k], k))
                     labels = [labels[k] for k in order]
@@ -251,36 +204,33 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
             for role, records in _runs(batch):
                 if not records and not due:
                     continue
-                res = pipeline.process(records, lookup, due)
+                staged = pipeline.prepare(records, lookup, due)
                 due = []
-                store.write(res.feature_writes)
-                seen.update(key for _p, key, _v in res.new_entries)
-                _count_rejects(result, res, codecs, settings.topics.labels)
-                if role == "warmup":
-                    result.warmup += len(records)
-                    continue
-                _collect(result, res, len(records))
-                if producer is not None:
-                    for key, value in res.shadow:
-                        producer.produce(out_topic, key=key, value=value, headers=headers)
-                    result.published += len(res.shadow)
-                    producer.poll(0)
+                store.write(staged.out.feature_writes)
+                # the deciding side writes its own state (learners, feature log) only
+                staged.out.feature_writes = []
+                if staged.out.features is not None:
+                    staged.out.features.writes = []
+                seen.update(dedupe_key(txn) for _rec, txn in staged.fresh)
+                decider.decide(role, len(records), staged)
             if progress is not None:
                 progress(len(batch))
             batches += 1
             if batches % FREEZE_EVERY == 0:
-                # The state and the report's columns only grow: what survived a collection
-                # moves out of the collector's sight, or every full collection would walk
-                # the whole replay again (that doubled the cost per record).
+                # The state only grows: what survived a collection moves out of the
+                # collector's sight, or every full collection would walk the whole replay
+                # again (that doubled the cost per record).
                 gc.collect()
                 gc.freeze()
+        result.add(decider.finish())
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         reader.close()
-        if producer is not None and producer.flush(60) != 0:
-            raise ReplayError("challenger decisions not all delivered")
+        if isinstance(decider, RemoteDecider):
+            decider.close()
     result.seconds = time.monotonic() - t0
+    result.reading_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
@@ -305,27 +255,3 @@ def event_time_of(settings: Settings, codecs: Codecs) -> EventTimeOf:
                       codecs.transaction.event_time if avro else None)
     topic = settings.topics.transactions
     return lambda value: of(topic, value)
-
-
-def _count_rejects(result: ReplayResult, res: Any, codecs: Codecs, labels_topic: str) -> None:
-    for _key, value in res.dead_letters:
-        dl = codecs.dead_letter.decode(value)
-        if dl["source_topic"] == labels_topic:
-            result.bad_labels += 1
-        else:
-            result.bad[f"{dl['error_kind']}:{dl['field'] or '-'}"] += 1
-
-
-def _collect(result: ReplayResult, res: Any, n_records: int) -> None:
-    """The batch's new decisions of both sides, into the columns of the report."""
-    result.read += n_records
-    result.stage_ms.update(res.timings_ms)
-    result.duplicates += res.duplicates
-    result.fallbacks.update(res.fallbacks)
-    challenger = res.shadow_verdicts
-    if challenger is None:  # the challenger failed on this batch (counted in fallbacks)
-        challenger = [{"decision": "none", "score": float("nan")}] * len(res.verdicts)
-    add = result.decided.add
-    for (rec, txn), a, b in zip(res.fresh, res.verdicts, challenger, strict=True):
-        add(txn["transaction_id"], txn["card_id"], txn["event_time"], rec.partition,
-            a["decision"], a["score"], b["decision"], b["score"])

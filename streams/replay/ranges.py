@@ -78,6 +78,9 @@ class ReplayConfig:
     publish: bool = True
     online: bool = True
     batch: int = 500
+    #: 2: the decisions in a second process, on a second core (see
+    #: :mod:`fraudstream.streams.replay.decider`); 1: all in this one.
+    processes: int = 2
     replay_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-")
                            + uuid.uuid4().hex[:6])
 
@@ -238,9 +241,12 @@ class RangeReader:
     def batches(self) -> Iterator[list[tuple[str, RawRecord, float]]]:
         """(role, record, merge time): the records in event-time order across partitions
         (or Kafka timestamp order), each partition's own order kept, as a worker meets
-        them; in batches."""
+        them; in batches of ``config.batch`` records, the last one shorter. The batches do
+        not depend on how the fetches fell: labels go in between batches and the learners
+        learn per batch, so the same range gives the same decisions on every run."""
         buffers: dict[int, deque[tuple[str, RawRecord, float]]] = {
             p: deque() for p in self.partitions}
+        merged: list[tuple[str, RawRecord, float]] = []  # not yet a whole batch
         event_time_of = self.event_time_of
         paused: set[int] = set()
         idle_since = time.monotonic()
@@ -275,10 +281,13 @@ class RangeReader:
                     for p in self.reached:
                         self.ranges[p].done = True
                 self._flow(buffers, paused)
-            out = self._merge(buffers)
-            for i in range(0, len(out), self.batch):
-                yield out[i:i + self.batch]
-            if finished and not any(buffers.values()):
+            merged += self._merge(buffers)
+            last = finished and not any(buffers.values())
+            whole = len(merged) if last else len(merged) - len(merged) % self.batch
+            for i in range(0, whole, self.batch):
+                yield merged[i:i + self.batch]
+            del merged[:whole]
+            if last:
                 return
 
     def _merge(self, buffers: dict[int, deque[tuple[str, RawRecord, float]]]

@@ -63,6 +63,9 @@ def analyse(result: ReplayResult) -> dict[str, Any]:
             for side, x in (("champion", sa), ("challenger", sb))},
         "fallbacks": dict(result.fallbacks),
         "seconds": result.seconds,
+        "processes": result.config.processes,
+        "peak_rss_mb": {"reading": result.reading_peak_rss_mb,
+                        "deciding": result.peak_rss_mb},
         "stage_us_per_record": {k: 1000.0 * v / max(result.read, 1)
                                 for k, v in result.stage_ms.items()},
         "records_per_s": (result.read + result.warmup) / result.seconds
