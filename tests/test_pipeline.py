@@ -238,3 +238,32 @@ def test_avro_event_times_are_read_to_the_millisecond_whatever_the_year(unit_cod
     valid = validate_transaction(record, now_ms=ms, max_future_ms=0, max_amount=1e9,
                                  rates=Rates.load())
     assert valid["event_time"] == ms
+
+
+def test_a_prepared_batch_decided_after_a_pickle_round_trip_decides_the_same(unit_codecs):
+    """A replay prepares batches in one process and decides them in another."""
+    import pickle
+
+    def clock() -> float:
+        return (T0_MS + 60_000) / 1000
+
+    pipeline = Pipeline(unit_codecs, RulesScorer(RuleSet.default()), LIMITS, clock=clock)
+    encode = unit_codecs.transaction.encode
+    values = [encode(txn(1)), encode(txn(2, amount=9_000.0)), b"not avro", encode(txn(1)),
+              encode(txn(3, country="US"))]
+    staged = pipeline.prepare(raw(values), lambda p, keys: [None] * len(keys))
+    copy = pickle.loads(pickle.dumps(staged))
+    assert [(r.partition, r.offset, r.timestamp_ms, t) for r, t in copy.valid] == [
+        (r.partition, r.offset, r.timestamp_ms, t) for r, t in staged.valid]
+    assert [r.offset for r, _t in copy.fresh] == [0, 1, 4]  # the repeat and the bad one out
+    assert all(r.value is None for r, _t in copy.valid)  # values stay behind
+
+    def decided(result):
+        rows = [unit_codecs.decision.decode(v) for _k, v in result.decisions]
+        return [{k: v for k, v in d.items() if k != "timings_ms"} for d in rows]
+
+    there, here = pipeline.decide(copy), pipeline.decide(staged)
+    assert decided(there) == decided(here) and len(here.decisions) == 4
+    assert there.duplicates == here.duplicates == 1
+    assert len(there.dead_letters) == len(here.dead_letters) == 1
+    assert len({d["decision"] for d in decided(here)}) > 1  # not all alike
