@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing
-import pickle
 import queue
 import resource
 import traceback
@@ -221,10 +220,7 @@ class RemoteDecider:
         self._send(("labelled", transaction_ids))
 
     def decide(self, role: str, n_records: int, staged: Staged) -> None:
-        # Pickled here, not by the queue's feeder thread: that thread would need the
-        # interpreter lock while this one computes the next batch's features, and the
-        # pipe would stand idle (the deciding process waiting) until it got it.
-        self._send(("batch", role, n_records, pickle.dumps(staged, protocol=5)))
+        self._send(("batch", role, n_records, staged))
 
     def finish(self) -> DecidedPart:
         self._send(("end",))
@@ -276,7 +272,7 @@ def _serve(settings: Settings, config: ReplayConfig, out_topic: str, inbox: Any,
         while True:
             message = inbox.get()
             if message[0] == "batch":
-                side.decide(message[1], message[2], pickle.loads(message[3]))
+                side.decide(*message[1:])
             elif message[0] == "labelled":
                 side.labelled(message[1])
             else:
