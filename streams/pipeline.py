@@ -242,11 +242,11 @@ class Pipeline:
             else:
                 rows = [i for i, (_r, t) in enumerate(fresh) if t["transaction_id"] in logged]
                 if rows:
-                    scores = out.model_scores
+                    ensemble = out.model_scores
                     out.feature_writes.extend(self.online.log_entries(
                         [(fresh[i][0].partition, fresh[i][1]["event_time"],
                           fresh[i][1]["transaction_id"]) for i in rows], X[rows],
-                        None if scores is None else scores[rows]))
+                        None if ensemble is None else ensemble[rows]))
         out.fresh, out.verdicts, out.shadow_verdicts = fresh, verdicts, shadow
         t5 = time.perf_counter()
 
