@@ -125,12 +125,14 @@ class DecideSide:
     """Decides prepared batches in order and keeps the report's part of them."""
 
     def __init__(self, settings: Settings, config: ReplayConfig, out_topic: str,
-                 freeze: bool = False) -> None:
+                 models: tuple[Any, Any] | None = None, freeze: bool = False) -> None:
+        """``models``: the champion and the challenger, if the caller loaded them (else
+        :func:`load_models` loads them)."""
         #: Freeze the collector's survivors now and then (in a process of its own; in the
         #: reader's, the reader does).
         self.freeze = freeze
         self.codecs = codecs = replay_codecs(settings)
-        champion, challenger = load_models(settings, config)
+        champion, challenger = models or load_models(settings, config)
         self.store = store = MemoryStore()  # the learners and their feature log
         self.pipeline = Pipeline(
             codecs, rules_in_force(settings), Limits.from_settings(settings),
@@ -265,7 +267,9 @@ class RemoteDecider:
 
 def _serve(settings: Settings, config: ReplayConfig, out_topic: str, inbox: Any,
            outbox: Any) -> None:
-    """The child process: decide every batch received, then send back the part."""
+    """The child process: decide every batch received, then send back the part. What it
+    unpickles comes from the queue its parent, this replay, filled: prepared batches of
+    decoded and validated transactions, never a record's bytes from a topic."""
     try:
         gc.set_threshold(50_000, 20, 20)  # as the reading side: batches make many objects
         side = DecideSide(settings, config, out_topic, freeze=True)

@@ -64,7 +64,7 @@ import bisect
 import gc
 import resource
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
@@ -72,6 +72,7 @@ from fraudstream.schemas.validate import ValidationError
 from fraudstream.state.engine import FeatureConfig, FeatureEngine, MemoryStore
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord, dedupe_key
 from fraudstream.streams.replay.decider import (
+    FREEZE_EVERY,
     OUTCOMES,
     REPLAY_HEADER,
     Decided,
@@ -97,8 +98,6 @@ __all__ = ["LABEL_LOOKBACK_MS", "OUTCOMES", "REPLAY_HEADER", "Decided", "ReplayR
 #: Labels this far before the first record read are fed too: the merchant fraud features
 #: count the labels of the last 30 complete days.
 LABEL_LOOKBACK_MS = 31 * 86_400_000
-#: Batches between two freezes of the garbage collector's survivors.
-FREEZE_EVERY = 5
 
 
 @dataclass(kw_only=True)
@@ -145,7 +144,8 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
         raise ReplayError(f"a replay never writes to {out_topic!r}: name another --topic")
     if config.processes not in (1, 2):
         raise ReplayError(f"processes: 1 or 2, not {config.processes}")
-    champion, challenger = load_models(settings, config)  # refused here, before reading
+    models = load_models(settings, config)  # refused here, before reading
+    champion, challenger = (m.version for m in models)
     codecs = replay_codecs(settings)
     group = f"fraudstream-replay-{config.replay_id}"
     w = settings.worker
@@ -155,8 +155,7 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                          by_event_time)
     label_delay_ms = int(settings.features.label_delay_s * 1000)
     pipeline, store = reading_pipeline(settings, codecs, max(reader.partitions) + 1)
-    result = ReplayResult(config=config, champion=champion.version,
-                          challenger=challenger.version)
+    result = ReplayResult(config=config, champion=champion, challenger=challenger)
     result.ranges = {p: (r.first, r.stop) for p, r in reader.ranges.items()}
     seen: set[bytes] = set()  # dedupe keys decided: a repeat is counted, not decided again
 
@@ -171,8 +170,11 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     t0 = time.monotonic()
     decider: DecideSide | RemoteDecider | None = None
     try:
-        decider = (RemoteDecider(settings, config, out_topic) if config.processes == 2
-                   else DecideSide(settings, config, out_topic))
+        # The deciding process loads the versions named here, not ACTIVE again (it may
+        # have moved meanwhile); in this process, the models already loaded.
+        decider = (RemoteDecider(settings, replace(config, champion=champion), out_topic)
+                   if config.processes == 2 else DecideSide(settings, config, out_topic, models))
+        del models
         for batch in reader.batches():
             if labels is None:
                 labels = read_labels(settings, reader.partitions,
