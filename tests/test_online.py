@@ -9,6 +9,7 @@ from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import (
     LEARNER_KEY,
+    REWEIGH_AFTER,
     OnlineLearner,
     OnlineStage,
     average_precision,
@@ -239,3 +240,59 @@ def test_a_label_delivered_twice_in_one_batch_is_learned_once():
     stage.learn([*labels, labels[1], labels[2]], {0}, writes)  # a seek back, mid-batch
     assert stage.learned == 3
     assert OnlineLearner.loads(writes[-1][2]).labels == 3
+
+
+def test_a_chosen_weight_is_chosen_again_after_enough_new_labels():
+    """The learner improves the ensemble, then the two swap: the share holds while fewer
+    than REWEIGH_AFTER new labels came, then falls to 0 on the evidence; it survives a
+    store round trip on the way."""
+    rng = np.random.default_rng(5)
+    n = 600
+    y = rng.random(n) < 0.15
+    good = np.clip(0.6 * y + rng.normal(0.2, 0.15, n), 0, 1)
+    noise = rng.random(n)
+    learner = OnlineLearner()
+    learner.weigh(noise, good, y.tolist())
+    assert learner.share > 0
+    chosen = learner.share
+    # the learner turns useless: a few labels keep the choice...
+    swap_y = rng.random(2 * REWEIGH_AFTER) < 0.5
+    swap_good = np.clip(0.6 * swap_y + rng.normal(0.2, 0.15, len(swap_y)), 0, 1)
+    swap_noise = rng.random(len(swap_y))
+    k = REWEIGH_AFTER - 1
+    learner.weigh(swap_good[:k], swap_noise[:k], swap_y[:k].tolist())
+    assert learner.share == chosen
+    learner = OnlineLearner.loads(learner.dumps())
+    assert learner.share == chosen and learner.unweighed == k
+    # ...and the next one reaches REWEIGH_AFTER: chosen again, on the whole evidence
+    learner.weigh(swap_good[k:k + 1], swap_noise[k:k + 1], swap_y[k:k + 1].tolist())
+    assert learner.unweighed == 0
+    expected = OnlineLearner()
+    expected.weigh(learner.evidence[:, 0], learner.evidence[:, 1],
+                   learner.evidence[:, 2].astype(bool).tolist())
+    assert learner.share == expected.share
+
+
+def test_a_learner_kept_in_memory_is_used_only_while_the_store_holds_its_record():
+    """The stage keeps each partition's learner between batches. After a batch whose
+    writes never reached the store (a failed commit), its labels are learned again from
+    what the store holds, not on top of the learner in memory."""
+    from fraudstream.state.engine import LabelEvent
+
+    store = MemoryStore()
+    stage = OnlineStage(store)
+    X = np.random.default_rng(3).normal(size=(30, len(FEATURE_NAMES))).astype(np.float32)
+    store.write(OnlineStage.log_entries([(0, NOW, f"r{i}") for i in range(30)], X))
+    labels = [LabelEvent(0, i, {"transaction_id": f"r{i}", "event_time": NOW,
+                                "is_fraud": i % 3 == 0}) for i in range(30)]
+    writes: list = []
+    first = stage.learn(labels[:10], {0}, writes)[0]
+    store.write(writes)
+    again = stage.learn(labels[10:20], {0}, writes := [])[0]
+    assert again is first and again.labels == 20  # in memory, and what the store holds
+    store.write(writes)
+    lost = stage.learn(labels[20:25], {0}, [])[0]  # its writes never reach the store
+    assert lost is first and lost.labels == 25
+    redo = stage.learn(labels[20:30], {0}, writes := [])[0]
+    assert redo is not lost and redo.labels == 30
+    assert OnlineLearner.loads(writes[-1][2]).labels == 30
