@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                          "counts": data["counts"], "records_per_s": data["records_per_s"],
                          "fallbacks": data["fallbacks"], "peak_rss_mb": data["peak_rss_mb"],
                          "stage_us_per_record": data["stage_us_per_record"],
+                         "by_tenth": data["by_tenth"],
                          "flipped": data["flipped"], "quality": data.get("quality"),
                          "report": str(out / "report.md")})
     result["runs"] = runs
@@ -174,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  peak RSS: reading process {rss['reading']:,.0f} MB"
               + (f" + deciding process {deciding:,.0f} MB = {rss['reading'] + deciding:,.0f} MB"
                  if rss["deciding"] is not None else ""))
+        tenths = run["by_tenth"]
+        if tenths:
+            rates = [t["records_per_s"] for t in tenths]
+            print("  records/s by tenth of the range: "
+                  + ", ".join(f"{r:,.0f}" for r in rates)
+                  + f"; slowest/fastest {min(rates) / max(rates):.2f}, last/first "
+                  f"{rates[-1] / rates[0]:.2f}")
+            print("  labels learned by tenth: " + ", ".join(f"{t['labels']:,}" for t in tenths))
         print(f"  report: {run['report']}")
     if len(runs) > 1:
         same = all((r["flipped"], r["quality"]) == (runs[0]["flipped"], runs[0]["quality"])

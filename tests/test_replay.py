@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from fraudstream.scorers.registry import Registry
 from fraudstream.streams.replay.engine import REPLAY_HEADER, run_replay
 from fraudstream.streams.replay.ranges import Bound, ReplayConfig, ReplayError
-from fraudstream.streams.replay.report import write_report
+from fraudstream.streams.replay.report import by_tenth, write_report
 from fraudstream.streams.settings import Settings, TopicSettings
 from fraudstream.streams.topics import ensure_topics
 from fraudstream.streams.traffic.generator import arrival_events, generate_history
@@ -376,3 +376,22 @@ def test_a_range_to_the_end_of_the_embedded_topics_is_read_whole_without_waiting
         consumer.close()
     assert time.monotonic() - started < 60.0
     assert sorted(read) == sorted(sent)
+
+
+def test_the_rate_by_tenth_shows_where_a_replay_slowed():
+    """Marks after each batch of 100 records: 1 ms a record for the first half, 2 ms for
+    the second, labels fed only in the second. Each tenth gets its own rate and labels;
+    a replay shorter than ten batches gets one entry per batch."""
+    marks, t, labels = [], 0.0, 0
+    for k in range(1, 21):
+        t += 0.1 if k <= 10 else 0.2
+        labels += 0 if k <= 10 else 7
+        marks.append((100 * k, labels, t))
+    tenths = by_tenth(marks)
+    assert [x["records"] for x in tenths] == [200] * 10
+    assert [round(x["records_per_s"]) for x in tenths] == [1000] * 5 + [500] * 5
+    assert [x["labels"] for x in tenths] == [0] * 5 + [14] * 5
+    short = by_tenth([(500, 0, 1.0), (700, 3, 2.0)])
+    assert [(x["records"], x["labels"], x["records_per_s"]) for x in short] == [
+        (500, 0, 500.0), (200, 3, 200.0)]
+    assert by_tenth([]) == []

@@ -115,6 +115,8 @@ class ReplayResult(DecidedPart):
     ranges: dict[int, tuple[int, int | None]] = field(default_factory=dict)
     #: Peak RSS of the reading process (the deciding one's, when apart: ``peak_rss_mb``).
     reading_peak_rss_mb: float = 0.0
+    #: (records read, labels fed, seconds) after each batch: the rate over the run.
+    marks: list[tuple[int, int, float]] = field(default_factory=list)
 
     def add(self, part: DecidedPart) -> None:
         for f in fields(DecidedPart):
@@ -164,7 +166,7 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
 
     labels: list[RawRecord] | None = None
     label_times: list[int] = []
-    fed = batches = 0
+    fed = batches = read = 0
     thresholds = gc.get_threshold()
     gc.set_threshold(50_000, 20, 20)  # fewer young collections: batches make many objects
     t0 = time.monotonic()
@@ -217,6 +219,8 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
                 decider.decide(role, len(records), staged)
             if progress is not None:
                 progress(len(batch))
+            read += len(batch)
+            result.marks.append((read, result.labels_fed, time.monotonic() - t0))
             batches += 1
             if batches % FREEZE_EVERY == 0:
                 # The state only grows: what survived a collection moves out of the

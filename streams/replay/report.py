@@ -70,6 +70,7 @@ def analyse(result: ReplayResult) -> dict[str, Any]:
                                 for k, v in result.stage_ms.items()},
         "records_per_s": (result.read + result.warmup) / result.seconds
         if result.seconds else math.nan,
+        "by_tenth": by_tenth(result.marks),
     }
     labels = result.labels
     y = np.fromiter((labels.get(t, False) for t in d.transaction_ids), dtype=bool,
@@ -227,6 +228,30 @@ def write_report(result: ReplayResult, folder: Path) -> dict[str, Any]:
                      f"({d.challenger_score[i]:.3f}) | "
                      f"{'' if label is None else ('fraud' if label else 'genuine')} |")
     lines += ["", f"Replayed in {data['seconds']:.1f} s ({data['records_per_s']:,.0f} "
-              "transaction records/s, warm-up included).", ""]
+              "transaction records/s, warm-up included)."]
+    if data["by_tenth"]:
+        lines += ["By tenth of the records read, records/s (labels learned): "
+                  + ", ".join(f"{t['records_per_s']:,.0f} ({t['labels']:,})"
+                              for t in data["by_tenth"]) + "."]
+    lines.append("")
     (folder / "report.md").write_text("\n".join(lines))
     return data
+
+
+def by_tenth(marks: list[tuple[int, int, float]]) -> list[dict[str, float]]:
+    """Records per second and labels fed in each tenth of the records read, from the
+    (records, labels, seconds) marks taken after each batch: whether the rate holds over
+    the run, and how the labels (learned on the deciding side) grow as it goes."""
+    if not marks:
+        return []
+    total = marks[-1][0]
+    out, start = [], (0, 0, 0.0)
+    for k in range(1, 11):
+        end = next(m for m in marks if m[0] >= total * k / 10)
+        if end[0] > start[0]:
+            seconds = end[2] - start[2]
+            out.append({"records": end[0] - start[0], "labels": end[1] - start[1],
+                        "records_per_s": (end[0] - start[0]) / seconds if seconds > 0
+                        else math.nan})
+            start = end
+    return out
