@@ -147,7 +147,9 @@ def read_since(consumer: Consumer, topic: str, partitions: list[int], since_ms: 
     idle_since = time.monotonic()
     last_batch_read: set[int] = set()
     while reading and time.monotonic() - idle_since < idle_s:
-        msgs = consumer.consume(1000, 0.5)
+        # once every partition's last batch is reached, the rest of it is queued: a read
+        # that does not wait tells the end
+        msgs = consumer.consume(1000, 0.0 if embedded and reading <= last_batch_read else 0.5)
         if msgs:
             idle_since = time.monotonic()
         for m in msgs:

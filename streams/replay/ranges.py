@@ -258,7 +258,11 @@ class RangeReader:
         while True:
             finished = all(r.done for r in self.ranges.values())
             if not finished:
-                msgs = self.consumer.consume(asked, 0.5)
+                # Every partition's last batch reached: the rest of it is queued, so a
+                # read that does not wait tells the end (no 0.5 s wait at the end).
+                ended = self.until_end and all(
+                    r.done or p in self.reached for p, r in self.ranges.items())
+                msgs = self.consumer.consume(asked, 0.0 if ended else 0.5)
                 for m in msgs:
                     if m.error():
                         continue
