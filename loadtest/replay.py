@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{r:,.0f}" for r in rates)
                   + f"; slowest/fastest {min(rates) / max(rates):.2f}, last/first "
                   f"{rates[-1] / rates[0]:.2f}")
-            print("  labels learned by tenth: " + ", ".join(f"{t['labels']:,}" for t in tenths))
+            print("  labels fed by tenth (to the features and the learners): "
+                  + ", ".join(f"{t['labels']:,}" for t in tenths))
         print(f"  report: {run['report']}")
     if len(runs) > 1:
         same = all((r["flipped"], r["quality"]) == (runs[0]["flipped"], runs[0]["quality"])

@@ -230,7 +230,7 @@ def write_report(result: ReplayResult, folder: Path) -> dict[str, Any]:
     lines += ["", f"Replayed in {data['seconds']:.1f} s ({data['records_per_s']:,.0f} "
               "transaction records/s, warm-up included)."]
     if data["by_tenth"]:
-        lines += ["By tenth of the records read, records/s (labels learned): "
+        lines += ["By tenth of the records read, records/s (labels fed): "
                   + ", ".join(f"{t['records_per_s']:,.0f} ({t['labels']:,})"
                               for t in data["by_tenth"]) + "."]
     lines.append("")
