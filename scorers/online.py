@@ -148,7 +148,9 @@ class OnlineLearner:
     def weigh(self, ensemble: np.ndarray, prior: np.ndarray, y: Sequence[bool]) -> float:
         """Add evidence (the ensemble's scores of labelled transactions, the learner's
         predictions for them before learning them, their labels; rows with no ensemble
-        score are left out) and choose the weight's share again; returns it."""
+        score are left out) and choose the weight's share again, once the evidence allows a
+        choice and :data:`REWEIGH_AFTER` rows have come since the last one; returns the
+        share."""
         rows = np.column_stack([ensemble, prior, np.asarray(y, dtype=np.float64)])
         rows = rows[np.isfinite(rows[:, 0])]
         self.evidence = np.vstack([self.evidence, rows])[-EVIDENCE:]
