@@ -126,6 +126,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backlog-batches", type=float,
                         default=WorkerSettings().backlog_batches,
                         help="FRAUDSTREAM_WORKER_BACKLOG_BATCHES of the worker")
+    parser.add_argument("--backlog-batch-max", type=int,
+                        default=WorkerSettings().backlog_batch_max,
+                        help="FRAUDSTREAM_WORKER_BACKLOG_BATCH_MAX of the worker")
     parser.add_argument("--align-wait-ms", type=float,
                         default=WorkerSettings().align_wait_ms,
                         help="FRAUDSTREAM_WORKER_ALIGN_WAIT_MS of the worker (0: no "
@@ -191,7 +194,8 @@ def main() -> int:
     budget = args.budget_ms
     result: dict[str, Any] = {
         "events": args.events, "partitions": args.partitions, "seed": args.seed,
-        "batch_max": args.batch_max, "budget_ms": budget,
+        "batch_max": args.batch_max, "backlog_batch_max": args.backlog_batch_max,
+        "budget_ms": budget,
         "models": str(args.models) if args.models else None,
         "step_seconds": args.step_seconds if args.steps else None,
         "broker": "shared" if args.shared_broker else "fresh per run",
@@ -216,6 +220,7 @@ def main() -> int:
                 broker, reg, workdir, "bench", args.partitions,
                 worker={"batch_max": args.batch_max, "batch_share": args.batch_share,
                         "backlog_batches": args.backlog_batches,
+                        "backlog_batch_max": args.backlog_batch_max,
                         "align_wait_ms": args.align_wait_ms,
                         "metrics_port": free_port()},
                 scoring={"models_dir": args.models or workdir / "no-models",

@@ -96,6 +96,7 @@ class Pipeline:
         budget_ms: float = 50.0,
         online: OnlineStage | None = None,
         model_timeout_ms: float = 25.0,
+        model_timeout_rows: int = 500,
         decision_records: bool = True,
         feature_log_for: Container[str] | None = None,
     ) -> None:
@@ -115,9 +116,11 @@ class Pipeline:
         self.log_features = log_features
         self.models = models
         self.budget_ms = budget_ms
-        #: The least time a model call gets, even for a batch already past its budget;
-        #: a call that takes longer is abandoned (fallback ``timeout``).
+        #: The least time a model call on up to ``model_timeout_rows`` rows gets, even for
+        #: a batch already past its budget; a larger batch (a backlog's) gets as much per
+        #: row. A call that takes longer is abandoned (fallback ``timeout``).
         self.model_timeout_s = model_timeout_ms / 1000.0
+        self.model_timeout_rows = max(1, model_timeout_rows)
         self.online = online
         self.dead_letters = DeadLetters(codecs.dead_letter, limits.dead_letter_max_bytes)
         #: Partition -> newest event_time decided there (valid transactions, duplicates
@@ -347,7 +350,7 @@ class Pipeline:
             degraded = X is None or (out.features is not None and out.features.degraded)
             out.variant_ms = models.serve_canary(
                 canary, verdicts, [t["card_id"] for _, t in fresh], None if degraded else X,
-                scores, deadline, self.model_timeout_s,
+                scores, deadline, self._model_floor(len(scores)),
                 lambda p: self._blend(learners, partitions, X, p, canary), self._rules,
                 out.fallbacks)
         shadow_model = models.shadow if models is not None and scored else None
@@ -364,6 +367,11 @@ class Pipeline:
         sp, _ = self._blend(learners, partitions, X, sp, shadow_model)
         return verdicts, verdicts_of(shadow_model, scores, sp, sreasons, "shadow",
                                      out.fallbacks, "shadow_", self._rules)
+
+    def _model_floor(self, rows: int) -> float:
+        """The least time a model call on ``rows`` rows gets: the model timeout, for up to
+        ``model_timeout_rows`` rows, and as much per row beyond."""
+        return self.model_timeout_s * max(1.0, rows / self.model_timeout_rows)
 
     def _rules(self, score: Score, stage: str, cause: str | None) -> dict[str, Any]:
         return {"decision": str(score.outcome), "score": float(score.score),
@@ -399,7 +407,7 @@ class Pipeline:
             out.fallbacks["degraded"] += len(scores)
             return [rules(s, "rules", "degraded") for s in scores], False
         assert X is not None
-        p, reasons, cause = models.run(model, X, deadline, self.model_timeout_s)
+        p, reasons, cause = models.run(model, X, deadline, self._model_floor(len(X)))
         monitor = models.drift_monitor(model)
         if p is None or reasons is None:
             assert cause is not None

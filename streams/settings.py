@@ -154,9 +154,12 @@ class WorkerSettings:
     batch_min: int = 32
     #: Share of the scoring budget one batch may take from its arrival to its decisions.
     batch_share: float = 0.5
-    #: Batches take batch_max records while the input holds more than this many
-    #: budget-sized batches (a backlog); below it they keep to their size.
+    #: Batches take up to backlog_batch_max records while the input holds more than this
+    #: many budget-sized batches (a backlog); below it they keep to their size.
     backlog_batches: float = 1.0
+    #: Most records in one batch of a backlog. Those records are late already; a batch
+    #: pays a fixed wait for the broker's acknowledgements, which larger batches share.
+    backlog_batch_max: int = 2000
     #: Event-time alignment: hand the partitions of transactions (and labels) on merged in
     #: event time, waiting at most this long for a partition that may hold earlier
     #: records (0: off, records go on as fetched).
@@ -260,8 +263,9 @@ class ScoringSettings:
     #: Time from a batch's arrival at the worker to its decisions. Batches are sized to
     #: meet it; a decision made later still comes from the model and carries late_ms.
     budget_ms: float = 50.0
-    #: The least time a model call gets, even for a batch already past its budget; a
-    #: model slower than both is abandoned and the rules decide (fallback timeout).
+    #: The least time a model call on a batch of up to the worker's batch_max records
+    #: gets, even past the budget; a larger batch (a backlog's) gets as much per record.
+    #: A model slower than both is abandoned and the rules decide (fallback timeout).
     model_timeout_ms: float = 25.0
     #: How often the worker checks the registry's pointers (a promotion needs no restart).
     reload_interval_s: float = 2.0
@@ -499,6 +503,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_WORKER_BATCH_MIN": AT_LEAST_ONE,
     "FRAUDSTREAM_WORKER_BATCH_SHARE": Range(0, 1, low_open=True),
     "FRAUDSTREAM_WORKER_BACKLOG_BATCHES": NOT_NEGATIVE,
+    "FRAUDSTREAM_WORKER_BACKLOG_BATCH_MAX": AT_LEAST_ONE,
     "FRAUDSTREAM_WORKER_ALIGN_WAIT_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_MAX_FUTURE_MS": NOT_NEGATIVE,
     "FRAUDSTREAM_WORKER_MAX_AMOUNT": POSITIVE,

@@ -152,6 +152,30 @@ def test_a_stalled_model_on_a_late_batch_is_abandoned_at_the_model_timeout(
     assert out.fallbacks == {"timeout": 3}
 
 
+def test_a_late_batch_larger_than_the_timeout_rows_gets_as_much_time_per_row(
+        models_registry, codecs):
+    """A backlog's batches hold more rows than FRAUDSTREAM_WORKER_BATCH_MAX; the model
+    timeout is for that many rows, so a healthy model is not cut off for the batch's size,
+    and a stalled one is still abandoned at the scaled timeout."""
+    model = models_registry.load(models_registry.versions()[0])
+    slow = Slow(model, sleep_s=0.2)
+    p = Pipeline(codecs, RulesScorer(RuleSet.default()), LIMITS,
+                 features=FeatureEngine(FeatureConfig(), MemoryStore()),
+                 models=ModelStage(active=slow), budget_ms=50.0,
+                 model_timeout_ms=100.0, model_timeout_rows=4)
+    out = p.process(records(codecs, 4), nothing, arrived=time.perf_counter() - 1.0)
+    assert out.fallbacks == {"timeout": 4}  # 0.2 s against 0.1 s for 4 rows
+    time.sleep(0.3)  # the abandoned call ends
+    out = p.process(records(codecs, 16, start=4), nothing, arrived=time.perf_counter() - 1.0)
+    assert not out.fallbacks  # 16 rows get 0.4 s
+    assert {d["stage"] for d in decisions(codecs, out)} == {"model"}
+    slow.sleep_s = 2.0
+    t0 = time.perf_counter()
+    out = p.process(records(codecs, 16, start=20), nothing, arrived=t0 - 1.0)
+    took = time.perf_counter() - t0
+    assert out.fallbacks == {"timeout": 16} and 0.4 <= took < 1.2, took
+
+
 def test_a_failing_model_and_nan_scores_fall_back_per_event(models_registry, codecs):
     model = models_registry.load(models_registry.versions()[0])
     out = pipeline(codecs, ModelStage(active=Slow(model, fail=True))).process(

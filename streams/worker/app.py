@@ -249,6 +249,7 @@ def build_worker(settings: Settings) -> Worker:
         models=models,
         budget_ms=settings.scoring.budget_ms,
         model_timeout_ms=settings.scoring.model_timeout_ms,
+        model_timeout_rows=w.batch_max,
         online=OnlineStage(feature_store, settings.scoring.online_max_weight)
         if settings.scoring.online else None,
     )
@@ -307,7 +308,7 @@ def build_worker(settings: Settings) -> Worker:
         return {tp for tp, _ in batch if tp.topic == labels_topic}
 
     sizer = BatchSizer(settings.scoring.budget_ms, w.batch_share, w.batch_min, w.batch_max,
-                       backlog_batches=w.backlog_batches)
+                       backlog_batches=w.backlog_batches, backlog_maximum=w.backlog_batch_max)
 
     async def handle(batch: Sequence[tuple[Any, Sequence[Any]]], arrived: float
                      ) -> set[Any] | None:

@@ -14,12 +14,13 @@ the default 50 ms budget and 0.5 share, batches hold about 166 records; at 20 us
 records are allowed and ``maximum`` caps it.
 
 A backlog is the exception: while the input partitions hold more records than
-``backlog_batches`` sized batches (:meth:`BatchSizer.set_lag`), batches take ``maximum``
-records. Those records are
-late already, by their wait in Kafka, and a batch has a fixed cost (two acknowledgements
-from the broker) that small batches pay more often: measured on a 40,000-record backlog,
-budget-sized batches drained 3,448/s and batches of 500 5,367/s, the model deciding all
-of them both times. The larger batches' decisions carry how late they are (``late_ms``).
+``backlog_batches`` sized batches (:meth:`BatchSizer.set_lag`), batches take
+``backlog_maximum`` records. Those records are late already, by their wait in Kafka, and a
+batch has a fixed cost (the broker's acknowledgements, one after another) that small
+batches pay more often: measured on a 40,000-record backlog, budget-sized batches drained
+3,448/s and batches of 500 5,367/s, the model deciding all of them both times (docs/
+performance.md gives the measurements behind the default of 2,000). The larger batches'
+decisions carry how late they are (``late_ms``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 class BatchSizer:
     def __init__(self, budget_ms: float, share: float, minimum: int, maximum: int,
-                 alpha: float = 0.2, backlog_batches: float = 1.0) -> None:
+                 alpha: float = 0.2, backlog_batches: float = 1.0,
+                 backlog_maximum: int | None = None) -> None:
         self.target_s = budget_ms * share / 1000.0
         self.minimum = max(1, min(minimum, maximum))
         self.maximum = maximum
+        #: Records in a batch of a backlog (default: ``maximum``).
+        self.backlog_maximum = maximum if backlog_maximum is None else max(1, backlog_maximum)
         self.alpha = alpha
         self.backlog_batches = backlog_batches
         #: Seconds per record, learned; None until a first batch was measured.
@@ -40,7 +44,7 @@ class BatchSizer:
 
     def size(self) -> int:
         """Records to take in the next batch."""
-        return self.maximum if self.backlog else self._size
+        return self.backlog_maximum if self.backlog else self._size
 
     @property
     def backlog(self) -> bool:
