@@ -154,11 +154,12 @@ class WorkerSettings:
     batch_min: int = 32
     #: Share of the scoring budget one batch may take from its arrival to its decisions.
     batch_share: float = 0.5
-    #: Batches take up to backlog_batch_max records while the input holds more than this
-    #: many budget-sized batches (a backlog); below it they keep to their size.
+    #: Batches take batch_max records while the input holds more than this many
+    #: budget-sized batches (a backlog); below it they keep to their size.
     backlog_batches: float = 1.0
-    #: Most records in one batch of a backlog. Those records are late already; a batch
-    #: pays a fixed wait for the broker's acknowledgements, which larger batches share.
+    #: Batches take this many records while more than this many wait (a long backlog).
+    #: Those records are late already; a batch pays a fixed wait for the broker's
+    #: acknowledgements, which larger batches share.
     backlog_batch_max: int = 2000
     #: Event-time alignment: hand the partitions of transactions (and labels) on merged in
     #: event time, waiting at most this long for a partition that may hold earlier

@@ -55,14 +55,16 @@ def test_a_backlog_takes_the_largest_batches_until_it_is_gone():
 
 
 def test_a_backlog_batch_takes_its_own_maximum_and_live_batches_keep_theirs():
-    """FRAUDSTREAM_WORKER_BACKLOG_BATCH_MAX: late records share a batch's fixed wait over
-    more of them; live traffic stays within batch_max and the budget."""
+    """FRAUDSTREAM_WORKER_BACKLOG_BATCH_MAX: records long late share a batch's fixed wait
+    over more of them; live traffic, and a burst of less than that, stay within batch_max."""
     sizer = BatchSizer(budget_ms=50.0, share=0.5, minimum=32, maximum=500,
                        backlog_maximum=2000)
     sizer.observe(100, 100 * 10e-6)  # cheap records: the budget would allow 2,500
     assert sizer.size() == 500
     sizer.set_lag("transactions-0", 5_000)
     assert sizer.backlog and sizer.size() == 2000
+    sizer.set_lag("transactions-0", 1_500)  # a live burst, or a backlog's last records
+    assert sizer.backlog and sizer.size() == 500
     sizer.set_lag("transactions-0", 0)
     assert sizer.size() == 500
 

@@ -14,13 +14,14 @@ the default 50 ms budget and 0.5 share, batches hold about 166 records; at 20 us
 records are allowed and ``maximum`` caps it.
 
 A backlog is the exception: while the input partitions hold more records than
-``backlog_batches`` sized batches (:meth:`BatchSizer.set_lag`), batches take
-``backlog_maximum`` records. Those records are late already, by their wait in Kafka, and a
-batch has a fixed cost (the broker's acknowledgements, one after another) that small
-batches pay more often: measured on a 40,000-record backlog, budget-sized batches drained
-3,448/s and batches of 500 5,367/s, the model deciding all of them both times (docs/
-performance.md gives the measurements behind the default of 2,000). The larger batches'
-decisions carry how late they are (``late_ms``).
+``backlog_batches`` sized batches (:meth:`BatchSizer.set_lag`), batches take ``maximum``
+records, and ``backlog_maximum`` while more than that many wait. Those records are late
+already, by their wait in Kafka, and a batch has a fixed cost (the broker's
+acknowledgements, one after another) that small batches pay more often. Measured on a
+40,000-record backlog, budget-sized batches drained 3,448/s and batches of 500 5,367/s;
+on 50,000, batches of 2,000 drained 1.35x a bare Faust consumer against 1.03x for 500
+(medians of five pairs; docs/performance.md, "Backlog batches"). The model decided all of
+them every time. The larger batches' decisions carry how late they are (``late_ms``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ class BatchSizer:
         self._lag: dict[object, int] = {}
 
     def size(self) -> int:
-        """Records to take in the next batch."""
-        return self.backlog_maximum if self.backlog else self._size
+        """Records to take in the next batch: the budget's size; ``maximum`` in a backlog,
+        and ``backlog_maximum`` while more than that many records wait. A live burst of a
+        few batches' worth is cleared in batches of ``maximum``, so the batches of live
+        traffic keep their time; only records already long late fill the largest ones."""
+        if not self.backlog:
+            return self._size
+        waiting = sum(self._lag.values())
+        return self.backlog_maximum if waiting > self.backlog_maximum else self.maximum
 
     @property
     def backlog(self) -> bool:
