@@ -19,8 +19,8 @@ records, and ``backlog_maximum`` while more than that many wait. Those records a
 already, by their wait in Kafka, and a batch has a fixed cost (the broker's
 acknowledgements, one after another) that small batches pay more often. Measured on a
 40,000-record backlog, budget-sized batches drained 3,448/s and batches of 500 5,367/s;
-on 50,000, batches of 2,000 drained 1.35x a bare Faust consumer against 1.03x for 500
-(medians of five pairs; docs/performance.md, "Backlog batches"). The model decided all of
+on 50,000, batches of 2,000 drained 1.41x a bare Faust consumer against 1.12x for 500
+(medians of seven pairs; docs/performance.md, "Backlog batches"). The model decided all of
 them every time. The larger batches' decisions carry how late they are (``late_ms``).
 """
 
