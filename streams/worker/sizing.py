@@ -34,7 +34,7 @@ class BatchSizer:
         self.target_s = budget_ms * share / 1000.0
         self.minimum = max(1, min(minimum, maximum))
         self.maximum = maximum
-        #: Records in a batch of a backlog (default: ``maximum``).
+        #: Records in a batch while more than this many wait (default: ``maximum``).
         self.backlog_maximum = maximum if backlog_maximum is None else max(1, backlog_maximum)
         self.alpha = alpha
         self.backlog_batches = backlog_batches
