@@ -10,8 +10,10 @@ topic and partition, model version).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: Dense around the 50 ms budget.
@@ -188,8 +190,9 @@ class WorkerMetrics:
             self.decisions.labels(outcome, stage).inc(n)
         for (variant, outcome, fallback), n in result.variants.items():
             self.variant_decisions.labels(variant, outcome, str(fallback).lower()).inc(n)
-        for ts in result.source_timestamps:
-            self.latency.observe(max(0.0, (now_ms - ts) / 1000.0))
+        if result.source_timestamps:
+            observe_many(self.latency, np.maximum(
+                0.0, (now_ms - np.asarray(result.source_timestamps, dtype=np.float64)) / 1000.0))
         fb = result.features
         if fb is not None:
             if fb.late:
@@ -230,3 +233,19 @@ class WorkerMetrics:
         self.canary_share.set(rollout.share if rollout is not None else 0.0)
         if rollout is not None:
             self.canary.labels(rollout.version, rollout.champion, rollout.status).set(1)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, one update per bucket: a batch's
+    decision latencies cost one call, not one per decision (per-value observes took ~4% of
+    a draining worker's time). Same buckets (a value goes to the first bound it does not
+    exceed) and sum; through the client's own value objects, so exposition is unchanged."""
+    v = np.asarray(values, dtype=np.float64)
+    if not v.size:
+        return
+    bounds = histogram._upper_bounds  # the client's: ascending, the last one +Inf
+    counts = np.bincount(np.searchsorted(bounds, v, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(v.sum()))
+    for bucket, n in zip(histogram._buckets, counts.tolist(), strict=False):
+        if n:
+            bucket.inc(n)
