@@ -42,6 +42,9 @@ _RUN_BYTES = re.compile(rb"[0-9](?:[ -]?[0-9])*")
 _RUN_SPACED = re.compile(r"[0-9](?: ?[0-9])*")
 _THIRTEEN = re.compile(r"[0-9](?:[ -]?[0-9]){12}")
 _THIRTEEN_BYTES = re.compile(rb"[0-9](?:[ -]?[0-9]){12}")
+#: What every match of ``_THIRTEEN`` starts with: a digit and 12 more digits, spaces or
+#: dashes. Half the cost of ``_THIRTEEN`` on identifiers without such a run (most).
+_LONG_RUN = re.compile(r"[0-9][0-9 -]{12}")
 #: Unicode categories refused in any string field: controls (NUL, ESC, newline, C1),
 #: format characters (right-to-left overrides, zero-width, BOM), lone surrogates, and the
 #: line and paragraph separators.
@@ -311,8 +314,9 @@ def _usual(rec: dict[str, Any], now_ms: int, max_future_ms: int, max_amount: flo
     txn_id, card_id, merchant_id, currency, country, channel = required
     # one search per identifier: over them joined it would cost 4x (the search gives up
     # at once on a string shorter than 13)
-    if any(map(_THIRTEEN.search, [v for v in (txn_id, card_id, merchant_id, customer_id,
-                                              terminal_id, device_id, ip) if v is not None])):
+    ids = [v for v in (txn_id, card_id, merchant_id, customer_id, terminal_id, device_id, ip)
+           if v is not None]
+    if any(map(_LONG_RUN.search, ids)) and any(map(_THIRTEEN.search, ids)):
         return None
     # ASCII from here: isalpha and isupper are [A-Z], isdigit is [0-9]
     if not (len(currency) == 3 and currency.isalpha() and currency.isupper()
