@@ -13,7 +13,9 @@ import numpy as np
 from fraudstream.state.engine import FeatureBatch
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a frozen dataclass is built through object.__setattr__ (1.0 µs against
+# 0.23 µs, one per record on the hot path). Treat it as read-only.
+@dataclass(slots=True)
 class RawRecord:
     topic: str
     partition: int
