@@ -48,16 +48,24 @@ class BatchSizer:
         and ``backlog_maximum`` while more than that many records wait. A live burst of a
         few batches' worth is cleared in batches of ``maximum``, so the batches of live
         traffic keep their time; only records already long late fill the largest ones."""
-        if not self.backlog:
+        waiting = self.waiting
+        if not self._is_backlog(waiting):
             return self._size
-        waiting = sum(self._lag.values())
         return self.backlog_maximum if waiting > self.backlog_maximum else self.maximum
+
+    @property
+    def waiting(self) -> int:
+        """Records behind the end of the input partitions, as of the last batches."""
+        return sum(self._lag.values())
 
     @property
     def backlog(self) -> bool:
         """More records wait in the input than ``backlog_batches`` budget-sized batches
         take."""
-        return sum(self._lag.values()) > self.backlog_batches * self._size
+        return self._is_backlog(self.waiting)
+
+    def _is_backlog(self, waiting: int) -> bool:
+        return waiting > self.backlog_batches * self._size
 
     def set_lag(self, partition: object, lag: int) -> None:
         """Records behind the end of ``partition``, as of the batch just handled."""
