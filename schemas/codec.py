@@ -32,6 +32,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from fastavro.read import SchemaResolutionError
 
 if TYPE_CHECKING:
+    from fraudstream.schemas.transaction_fast import CheckedReader
     from fraudstream.schemas.transaction_reader import Reader
 
 SCHEMA_DIR = Path(__file__).resolve().parent
@@ -89,11 +90,14 @@ class AvroCodec:
         # one per record on the input topic: read by hand when the writer schema is ours
         self._read: Reader | None = None
         self._peek: Any = None
+        self._checked: Any = None
         if name == "transaction":
+            from fraudstream.schemas.transaction_fast import read_checked
             from fraudstream.schemas.transaction_reader import peek_event_time, reader_for
 
             self._read = reader_for(json.loads(schema_text(name)))
             self._peek = peek_event_time
+            self._checked = read_checked if self._read is not None else None
         # writer schema id -> parsed writer schema (None: same as ours, no resolution)
         self._writers: dict[int, Any] = {self.schema_id: None}
         self._unknown: dict[int, float] = {}  # schema id -> when the registry said no
@@ -118,6 +122,15 @@ class AvroCodec:
                 if end == len(data):
                     return record
         return self._fastavro_decode(data)
+
+    def checked_reader(self) -> tuple[bytes, CheckedReader] | None:
+        """For the transaction codec: the header of a record in our own schema, and
+        :func:`fraudstream.schemas.transaction_fast.read_checked` for its body (what
+        ``validate_transaction(self.decode(data), ...)`` returns for the common record, in
+        one pass, or None: decode and validate it that way). None for other codecs."""
+        if self._checked is None:
+            return None
+        return self._header, self._checked
 
     def event_time(self, data: bytes) -> int | None:
         """A transaction's ``event_time`` read without decoding the rest, for a record in
