@@ -32,6 +32,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from fastavro.read import SchemaResolutionError
 
 if TYPE_CHECKING:
+    from fraudstream.schemas.decision_writer import DecisionWriter
     from fraudstream.schemas.transaction_fast import CheckedReader
     from fraudstream.schemas.transaction_reader import Reader
 
@@ -80,6 +81,8 @@ class AvroCodec:
         self.schema = parsed_schema(name)
         self.schema_id = registry.register_schema(subject, Schema(schema_text(name), "AVRO"))
         self._header = _HEADER.pack(MAGIC, self.schema_id)
+        #: The decision codec's hand-written writer (None: fastavro writes every record).
+        self.writer: DecisionWriter | None = None
         if name == "decision":  # one per transaction: written by hand when the schema allows
             from fraudstream.schemas.decision_writer import writer_for
 
@@ -87,6 +90,7 @@ class AvroCodec:
                                 fallback=self._fastavro_encode)
             if writer is not None:
                 self.encode = writer.encode  # type: ignore[method-assign]
+                self.writer = writer
         # one per record on the input topic: read by hand when the writer schema is ours
         self._read: Reader | None = None
         self._peek: Any = None

@@ -81,33 +81,65 @@ class DecisionWriter:
                 raise
             return self.fallback(d)
 
+    def encode_decided(self, txn: Mapping[str, Any], verdict: Mapping[str, Any],
+                       reasons: list[str], source_timestamp: int, amount_ref: float,
+                       timings_ms: Mapping[str, float], late_ms: float, decided_at: int,
+                       rules_version: str | None) -> bytes:
+        """The bytes of ``encode({**common, **verdict, "reasons": reasons})``, where
+        ``common`` holds ``txn``'s transaction_id, card_id, event_time, amount and
+        currency and the other arguments under their names, without building either
+        dict (the worker's decision, one per transaction)."""
+        try:
+            return self._write(
+                txn["transaction_id"], txn["card_id"], verdict["decision"], verdict["score"],
+                reasons, verdict["model_version"], verdict["stage"], verdict["fallback"],
+                timings_ms, late_ms, txn["event_time"], source_timestamp, decided_at,
+                txn["amount"], txn["currency"], amount_ref, rules_version,
+                verdict.get("variant"))
+        except Exception:
+            if self.fallback is None:
+                raise
+            return self.fallback({
+                "transaction_id": txn["transaction_id"], "card_id": txn["card_id"],
+                "timings_ms": timings_ms, "late_ms": late_ms, "event_time": txn["event_time"],
+                "source_timestamp": source_timestamp, "decided_at": decided_at,
+                "amount": txn["amount"], "currency": txn["currency"], "amount_ref": amount_ref,
+                "rules_version": rules_version, **verdict, "reasons": reasons})
+
     def _encode(self, d: Mapping[str, Any]) -> bytes:
-        timings = d["timings_ms"]
+        return self._write(
+            d["transaction_id"], d["card_id"], d["decision"], d["score"], d["reasons"],
+            d["model_version"], d["stage"], d["fallback"], d["timings_ms"],
+            d.get("late_ms", 0.0), d["event_time"], d["source_timestamp"], d["decided_at"],
+            d.get("amount"), d.get("currency"), d.get("amount_ref"), d.get("rules_version"),
+            d.get("variant"))
+
+    def _write(self, transaction_id: str, card_id: str, decision: str, score: float,
+               reasons: list[str], model_version: str, stage: str, fallback: bool,
+               timings: Mapping[str, float], late_ms: float, event_time: int,
+               source_timestamp: int, decided_at: int, amount: float | None,
+               currency: str | None, amount_ref: float | None, rules_version: str | None,
+               variant: str | None) -> bytes:
         if timings is not self._map:  # a batch's decisions share one map
             self._map, self._map_bytes = timings, _double_map(timings)
-        decided_at = d["decided_at"]
         if decided_at != self._decided_at[0]:
             self._decided_at = (decided_at, _long(decided_at))
         known = self._strings.get
-        reasons = d["reasons"]
-        model_version, stage = d["model_version"], d["stage"]
-        amount, currency, amount_ref = d.get("amount"), d.get("currency"), d.get("amount_ref")
-        rules_version, variant = d.get("rules_version"), d.get("variant")
         return b"".join((
             self.header,
-            _string(d["transaction_id"]),
-            _string(d["card_id"]),
-            self._outcome[d["decision"]],
-            _DOUBLE(d["score"]),
+            _string(transaction_id),
+            _string(card_id),
+            self._outcome[decision],
+            _DOUBLE(score),
             _long(len(reasons)) + b"".join([known(r) or self._known(r) for r in reasons])
             + b"\x00" if reasons else b"\x00",
             known(model_version) or self._known(model_version),
             known(stage) or self._known(stage),
-            b"\x01" if d["fallback"] else b"\x00",
+            b"\x01" if fallback else b"\x00",
             self._map_bytes,
-            _DOUBLE(d.get("late_ms", 0.0)),
-            _long(d["event_time"]),
-            _long(d["source_timestamp"]),
+            _DOUBLE(late_ms),
+            _long(event_time),
+            _long(source_timestamp),
             self._decided_at[1],
             b"\x00" if amount is None else b"\x02" + _DOUBLE(amount),
             b"\x00" if currency is None else b"\x02" + (known(currency)

@@ -117,3 +117,56 @@ def test_what_the_writer_does_not_take_as_is_goes_to_fastavro():
     with pytest.raises(Exception) as theirs:
         _fastavro(b"", incomplete)
     assert type(mine.value) is type(theirs.value)
+
+
+_COMMON = ("transaction_id", "card_id", "timings_ms", "late_ms", "event_time",
+           "source_timestamp", "decided_at", "amount", "currency", "amount_ref",
+           "rules_version")
+_VERDICT = ("decision", "score", "model_version", "stage", "fallback", "variant")
+
+
+def _parts(record: dict) -> tuple[dict, dict, list[str]]:
+    """A decision as the worker holds it: the transaction, the verdict and the reasons."""
+    txn = {k: record[k] for k in ("transaction_id", "card_id", "event_time", "amount",
+                                  "currency")}
+    verdict = {k: record[k] for k in _VERDICT if k != "variant" or record[k] is not None}
+    verdict["reasons"] = ["ignored: the reasons argument wins"]
+    return txn, verdict, record["reasons"]
+
+
+def _decided(writer: DecisionWriter, record: dict) -> bytes:
+    txn, verdict, reasons = _parts(record)
+    return writer.encode_decided(txn, verdict, reasons, record["source_timestamp"],
+                                 record["amount_ref"], record["timings_ms"], record["late_ms"],
+                                 record["decided_at"], record["rules_version"])
+
+
+def test_a_decision_written_from_its_parts_is_the_merged_records_bytes():
+    """The worker writes a decision from the transaction and the verdict, with no dict
+    built: the bytes are those of the merged record, through the writer or fastavro."""
+    codec = Codecs(make_registry("mock://writer-parts"), TopicSettings()).decision
+    assert codec.writer is not None
+    for record in _decisions(2000):
+        txn, verdict, reasons = _parts(record)
+        merged = {**{k: record[k] for k in _COMMON}, **verdict, "reasons": reasons}
+        assert _decided(codec.writer, record) == codec.encode(merged) \
+            == _fastavro(codec.writer.header, merged), record
+
+
+def test_a_decision_from_parts_the_writer_does_not_take_goes_to_fastavro():
+    import datetime as dt
+
+    import pytest
+
+    codec = Codecs(make_registry("mock://writer-parts-fallback"), TopicSettings()).decision
+    assert codec.writer is not None
+    record = _decisions(1)[0]
+    when = dt.datetime.fromtimestamp(T0_MS / 1000, tz=dt.UTC)
+    as_date = {**record, "event_time": when}
+    assert _decided(codec.writer, as_date) == _decided(codec.writer,
+                                                       {**record, "event_time": T0_MS})
+    with pytest.raises(Exception) as mine:
+        _decided(codec.writer, {**record, "decision": "maybe"})  # not an outcome
+    with pytest.raises(Exception) as theirs:
+        _fastavro(b"", {**record, "decision": "maybe"})
+    assert type(mine.value) is type(theirs.value)
