@@ -32,6 +32,7 @@ from fraudstream.schemas.validate import (
     _THIRTEEN,
     CHANNELS,
     MIN_EVENT_TIME_MS,
+    _priced,
 )
 
 #: (data, start of the body, latest event time taken, max amount, rates) -> the
@@ -215,29 +216,6 @@ def read_checked(data: bytes, p: int, latest_ms: int, max_amount: float,
                if v is not None]
         if any(map(_LONG_RUN.search, ids)) and any(map(_THIRTEEN.search, ids)):
             return None
-    rate = rates.rate(currency)
-    if rate is None:
-        return None
-    amount_ref = amount / rate
-    if amount_ref > max_amount:
-        return None
-    # the keys in validate._transaction's order
-    return {
-        "transaction_id": txn_id,
-        "event_time": event_time,
-        "card_id": card_id,
-        "merchant_id": merchant_id,
-        "amount": amount,
-        "currency": currency,
-        "amount_ref": amount_ref,
-        "mcc": mcc,
-        "country": country,
-        "card_country": card_country,
-        "lat": lat,
-        "lon": lon,
-        "ip": ip,
-        "channel": channel,
-        "customer_id": customer_id,
-        "terminal_id": terminal_id,
-        "device_id": device_id,
-    }
+    return _priced(txn_id, event_time, card_id, merchant_id, amount, currency, mcc, country,
+                   card_country, lat, lon, ip, channel, customer_id, terminal_id, device_id,
+                   rates, max_amount)

@@ -344,6 +344,20 @@ def _usual(rec: dict[str, Any], now_ms: int, max_future_ms: int, max_amount: flo
         if type(lat) is not float or type(lon) is not float \
                 or not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
             return None
+    return _priced(txn_id, event_time, card_id, merchant_id, amount, currency, mcc, country,
+                   card_country, lat, lon, ip, channel, customer_id, terminal_id, device_id,
+                   rates, max_amount)
+
+
+def _priced(txn_id: str, event_time: int, card_id: str, merchant_id: str, amount: float,
+            currency: str, mcc: str | None, country: str, card_country: str | None,
+            lat: float | None, lon: float | None, ip: str | None, channel: str,
+            customer_id: str | None, terminal_id: str | None, device_id: str | None,
+            rates: Rates, max_amount: float) -> dict[str, Any] | None:
+    """The last step of a common path (:func:`_usual`, and the one-pass read of
+    schemas/transaction_fast.py): the amount in the reference currency, and the normalized
+    transaction; None when the currency has no rate or the amount is over the maximum
+    (:func:`_checked` then names which)."""
     rate = rates.rate(currency)
     if rate is None:
         return None
