@@ -305,8 +305,6 @@ class Pipeline:
                 value = b""
             fresh_bytes.append(value)
             out.new_entries.append((rec.partition, dedupe_key(txn), value))
-            out.outcomes[verdict["decision"]] += 1
-            out.stage_outcomes[(verdict["stage"], verdict["decision"])] += 1
             if "variant" in verdict:
                 out.variants[(verdict["variant"], verdict["decision"], verdict["fallback"])] += 1
             out.source_timestamps.append(rec.timestamp_ms)
@@ -314,10 +312,19 @@ class Pipeline:
                 out.shadow.append((txn["transaction_id"].encode(), encode({
                     **self._common(txn, rec.timestamp_ms, amount_ref, batch_timings, late_ms,
                                    decided_at, rules_version), **shadow[i]})))
+        outcomes = [v["decision"] for v in verdicts]
+        out.outcomes.update(outcomes)
+        out.stage_outcomes.update(zip([v["stage"] for v in verdicts], outcomes, strict=True))
         if self.log_features and out.features is not None:
             out.feature_log = self._feature_log(fresh, out.features)
 
         # Emit in input order: every valid record gets exactly one decision record.
+        if not earlier and not repeats:  # each valid record is fresh, in the same order
+            out.decisions.extend(zip([t["transaction_id"].encode() for _r, t in valid],
+                                     fresh_bytes, strict=True))
+            timings["total"] = (time.perf_counter() - t0 - waited) * 1000.0
+            out.timings_ms = timings
+            return out
         fresh_iter = iter(fresh_bytes)
         repeat_idx = {i for i, _ in repeats}
         for i, (_rec, txn) in enumerate(valid):
