@@ -59,6 +59,26 @@ def _string(value: str) -> bytes:
     return _long(len(data)) + data
 
 
+def decision_fields(txn: Mapping[str, Any], source_timestamp: int, amount_ref: float,
+                    timings_ms: Mapping[str, float], late_ms: float, decided_at: int,
+                    rules_version: str | None) -> dict[str, Any]:
+    """A decision's fields that are not its verdict's (decision, score, reasons, model and
+    stage, fallback, variant): the record is ``{**decision_fields(...), **verdict}``."""
+    return {
+        "transaction_id": txn["transaction_id"],
+        "card_id": txn["card_id"],
+        "timings_ms": timings_ms,
+        "late_ms": late_ms,
+        "event_time": txn["event_time"],
+        "source_timestamp": source_timestamp,
+        "decided_at": decided_at,
+        "amount": txn["amount"],
+        "currency": txn["currency"],
+        "amount_ref": amount_ref,
+        "rules_version": rules_version,
+    }
+
+
 class DecisionWriter:
     def __init__(self, header: bytes,
                  fallback: Callable[[Mapping[str, Any]], bytes] | None = None) -> None:
@@ -85,10 +105,9 @@ class DecisionWriter:
                        reasons: list[str], source_timestamp: int, amount_ref: float,
                        timings_ms: Mapping[str, float], late_ms: float, decided_at: int,
                        rules_version: str | None) -> bytes:
-        """The bytes of ``encode({**common, **verdict, "reasons": reasons})``, where
-        ``common`` holds ``txn``'s transaction_id, card_id, event_time, amount and
-        currency and the other arguments under their names, without building either
-        dict (the worker's decision, one per transaction)."""
+        """The bytes of ``encode({**decision_fields(txn, ...), **verdict, "reasons":
+        reasons})``, without building either dict (the worker's decision, one per
+        transaction)."""
         try:
             return self._write(
                 txn["transaction_id"], txn["card_id"], verdict["decision"], verdict["score"],
@@ -100,11 +119,9 @@ class DecisionWriter:
             if self.fallback is None:
                 raise
             return self.fallback({
-                "transaction_id": txn["transaction_id"], "card_id": txn["card_id"],
-                "timings_ms": timings_ms, "late_ms": late_ms, "event_time": txn["event_time"],
-                "source_timestamp": source_timestamp, "decided_at": decided_at,
-                "amount": txn["amount"], "currency": txn["currency"], "amount_ref": amount_ref,
-                "rules_version": rules_version, **verdict, "reasons": reasons})
+                **decision_fields(txn, source_timestamp, amount_ref, timings_ms, late_ms,
+                                  decided_at, rules_version),
+                **verdict, "reasons": reasons})
 
     def _encode(self, d: Mapping[str, Any]) -> bytes:
         return self._write(

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
+from fraudstream.schemas.decision_writer import decision_fields
 from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import ValidationError, validate_label, validate_transaction
 from fraudstream.scorers.base import Score, Scorer
@@ -298,9 +299,9 @@ class Pipeline:
                                               amount_ref, batch_timings, late_ms, decided_at,
                                               rules_version)
             elif self.decision_records:
-                value = encode({**self._common(txn, rec.timestamp_ms, amount_ref,
-                                               batch_timings, late_ms, decided_at,
-                                               rules_version), **verdict, "reasons": reasons})
+                value = encode({**decision_fields(txn, rec.timestamp_ms, amount_ref,
+                                                  batch_timings, late_ms, decided_at,
+                                                  rules_version), **verdict, "reasons": reasons})
             else:
                 value = b""
             fresh_bytes.append(value)
@@ -310,8 +311,8 @@ class Pipeline:
             out.source_timestamps.append(rec.timestamp_ms)
             if shadow is not None:
                 out.shadow.append((txn["transaction_id"].encode(), encode({
-                    **self._common(txn, rec.timestamp_ms, amount_ref, batch_timings, late_ms,
-                                   decided_at, rules_version), **shadow[i]})))
+                    **decision_fields(txn, rec.timestamp_ms, amount_ref, batch_timings,
+                                      late_ms, decided_at, rules_version), **shadow[i]})))
         outcomes = [v["decision"] for v in verdicts]
         out.outcomes.update(outcomes)
         out.stage_outcomes.update(zip([v["stage"] for v in verdicts], outcomes, strict=True))
@@ -322,45 +323,24 @@ class Pipeline:
         if not earlier and not repeats:  # each valid record is fresh, in the same order
             out.decisions.extend(zip([t["transaction_id"].encode() for _r, t in valid],
                                      fresh_bytes, strict=True))
-            timings["total"] = (time.perf_counter() - t0 - waited) * 1000.0
-            out.timings_ms = timings
-            return out
-        fresh_iter = iter(fresh_bytes)
-        repeat_idx = {i for i, _ in repeats}
-        for i, (_rec, txn) in enumerate(valid):
-            txn_id = txn["transaction_id"]
-            key = txn_id.encode()
-            if txn_id in earlier:
-                value = earlier[txn_id]
-                out.duplicates += 1
-            elif i in repeat_idx:
-                value = fresh_bytes[first_in_batch[txn_id]]
-                out.duplicates += 1
-            else:
-                value = next(fresh_iter)
-            out.decisions.append((key, value))
+        else:
+            fresh_iter = iter(fresh_bytes)
+            repeat_idx = {i for i, _ in repeats}
+            for i, (_rec, txn) in enumerate(valid):
+                txn_id = txn["transaction_id"]
+                key = txn_id.encode()
+                if txn_id in earlier:
+                    value = earlier[txn_id]
+                    out.duplicates += 1
+                elif i in repeat_idx:
+                    value = fresh_bytes[first_in_batch[txn_id]]
+                    out.duplicates += 1
+                else:
+                    value = next(fresh_iter)
+                out.decisions.append((key, value))
         timings["total"] = (time.perf_counter() - t0 - waited) * 1000.0
         out.timings_ms = timings
         return out
-
-    @staticmethod
-    def _common(txn: dict[str, Any], source_timestamp: int, amount_ref: float,
-                timings_ms: dict[str, float], late_ms: float, decided_at: int,
-                rules_version: str | None) -> dict[str, Any]:
-        """A decision's fields that are not the verdict's."""
-        return {
-            "transaction_id": txn["transaction_id"],
-            "card_id": txn["card_id"],
-            "timings_ms": timings_ms,
-            "late_ms": late_ms,
-            "event_time": txn["event_time"],
-            "source_timestamp": source_timestamp,
-            "decided_at": decided_at,
-            "amount": txn["amount"],
-            "currency": txn["currency"],
-            "amount_ref": amount_ref,
-            "rules_version": rules_version,
-        }
 
     def _read(self, rec: RawRecord, now_ms: int) -> dict[str, Any]:
         return validate_transaction(
