@@ -115,6 +115,9 @@ def print_summary(result: dict, what: str) -> None:
               f"p99 {_ms(lt['to_decided_p99_ms'])}); lag grew: {lt['lag_grew']}; worker batch "
               f"time p50 {_ms(lt['worker_batch_p50_ms'])}, p99 {_ms(lt['worker_batch_p99_ms'])}; "
               f"CPU %: {_cpu(lt)}; {describe(lt.get('decided_by'))}")
+        print("  by third of the run: worker batch p99 "
+              f"{_thirds(lt, 'worker_batch_p99_by_third_ms')}, end-to-end p50 "
+              f"{_thirds(lt, 'p50_by_third_ms')}")
     elif result["steps"]:
         print()
         print(f"latency at 70% of saturation: not run ({result.get('latency_at_70pct_note')})")
@@ -172,3 +175,10 @@ def finish(result: dict, runs: Runs, samplers: list[RssSampler], out_dir: Path, 
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     print_summary(result, what)
     print(f"results: {out_dir}/ (result.json, {', '.join(result['plots'])})")
+
+
+def _thirds(run: dict, key: str) -> str:
+    """A run's three values of ``key`` (one per third of its time), as "a / b / c ms"."""
+    values = run.get(key) or []
+    return " / ".join(_ms(v) for v in values) if values else "-"
+
