@@ -178,7 +178,7 @@ def finish(result: dict, runs: Runs, samplers: list[RssSampler], out_dir: Path, 
 
 
 def _thirds(run: dict, key: str) -> str:
-    """A run's three values of ``key`` (one per third of its time), as "a / b / c ms"."""
+    """A run's three values of ``key`` (one per third of its time), as "a ms / b ms / c ms"."""
     values = run.get(key) or []
     return " / ".join(_ms(v) for v in values) if values else "-"
 
