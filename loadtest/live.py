@@ -121,20 +121,22 @@ def _latency_stats(lat: list[float], decided: list[float]) -> dict:
             "to_decided_p99_ms": percentile(decided, 0.99)}
 
 
-def _by_third(recs: list, start: float, seconds: float) -> dict:
+def _by_third(sent: list[float], lat: list[float], batch: list[float], start: float,
+              seconds: float) -> dict:
     """The worker's batch time p99 and the end-to-end p50 over each third of a run, by
-    when each transaction was sent: at a steady rate, a rise from the first third to the
-    last is the run's history (on the embedded broker, the record batches it holds), not
-    the rate."""
-    thirds: list[list] = [[], [], []]
-    for r in recs:
-        thirds[min(2, max(0, int((r[1] - start) * 3 / seconds)))].append(r)
-    return {
-        "worker_batch_p99_by_third_ms": [percentile([r[4] for r in t], 0.99) if t else None
-                                         for t in thirds],
-        "p50_by_third_ms": [percentile([(r[0] - r[1]) * 1000.0 for r in t], 0.50) if t
-                            else None for t in thirds],
-    }
+    when each transaction was sent (``sent``, parallel to ``lat`` and ``batch``): at a
+    steady rate, a rise from the first third to the last is the run's history (on the
+    embedded broker, the record batches it holds), not the rate."""
+    third = [min(2, max(0, int((s - start) * 3 / seconds))) for s in sent]
+
+    def by_third(values: list[float], q: float) -> list[float | None]:
+        parts: list[list[float]] = [[], [], []]
+        for k, v in zip(third, values, strict=True):
+            parts[k].append(v)
+        return [percentile(part, q) if part else None for part in parts]
+
+    return {"worker_batch_p99_by_third_ms": by_third(batch, 0.99),
+            "p50_by_third_ms": by_third(lat, 0.50)}
 
 
 class LiveTraffic:
@@ -295,7 +297,7 @@ class LiveTraffic:
             "worker_batch_p50_ms": percentile(batch, 0.50) if batch else None,
             "worker_batch_p99_ms": percentile(batch, 0.99) if batch else None,
             "worker_features_p50_ms": percentile(features, 0.50) if features else None,
-            **_by_third(recs, start, seconds),
+            **_by_third([r[1] for r in recs], lat, batch, start, seconds),
             "sender_late_p99_ms": percentile(late, 0.99) * 1000.0 if late else None,
             "sender_late_max_ms": max(late) * 1000.0 if late else None,
             "cpu_pct": cpu,

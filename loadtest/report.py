@@ -181,4 +181,3 @@ def _thirds(run: dict, key: str) -> str:
     """A run's three values of ``key`` (one per third of its time), as "a ms / b ms / c ms"."""
     values = run.get(key) or []
     return " / ".join(_ms(v) for v in values) if values else "-"
-

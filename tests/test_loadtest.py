@@ -137,18 +137,15 @@ def test_the_quix_peer_keeps_a_count_per_card_on_the_embedded_broker(
 def test_a_run_is_split_in_thirds_by_send_time_to_show_its_history():
     from fraudstream.loadtest.live import _by_third
 
-    start = 1_000.0  # records: (received, sent, decided_at, fallback, batch_ms, ...)
-    recs = []
-    for i in range(300):  # one send every 0.1 s over a 30 s run
-        sent = start + i * 0.1
-        slow = i >= 200  # the last third: batches of 80 ms, decisions 0.5 s late
-        recs.append((sent + (0.5 if slow else 0.05), sent, sent, False,
-                     80.0 if slow else 10.0 + i % 3, 1.0, "model"))
-    got = _by_third(recs, start, 30.0)
+    start = 1_000.0
+    sent = [start + i * 0.1 for i in range(300)]  # one send every 0.1 s over a 30 s run
+    # the last third: batches of 80 ms, decisions 0.5 s late
+    lat = [500.0 if i >= 200 else 50.0 for i in range(300)]
+    batch = [80.0 if i >= 200 else 10.0 + i % 3 for i in range(300)]
+    got = _by_third(sent, lat, batch, start, 30.0)
     assert got["worker_batch_p99_by_third_ms"][:2] == [12.0, 12.0]
     assert got["worker_batch_p99_by_third_ms"][2] == 80.0
     assert [round(v) for v in got["p50_by_third_ms"]] == [50, 50, 500]
     # a record sent at the very end (or a hair before the start) counts in its edge third
-    edge = _by_third([(start + 31, start + 30.0, 0, False, 5.0, 1.0, "model"),
-                      (start, start - 0.001, 0, False, 7.0, 1.0, "model")], start, 30.0)
+    edge = _by_third([start + 30.0, start - 0.001], [1000.0, 1.0], [5.0, 7.0], start, 30.0)
     assert edge["worker_batch_p99_by_third_ms"] == [7.0, None, 5.0]
