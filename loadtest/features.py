@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import random
 import shutil
@@ -74,35 +75,54 @@ def _partition(card_id: str, partitions: int) -> int:
 
 
 def _run(store: Any, txns: list[dict[str, Any]], batch: int, partitions: int,
-         warm: float = 1 / 3) -> dict[str, float]:
+         warm: float = 1 / 3) -> dict[str, Any]:
     """Median µs/event of process+write and of flush, after a warm-up third: CPU time of
     this thread (background threads of librdkafka and RocksDB excluded), and wall time."""
-    engine = FeatureEngine(FeatureConfig(), store)
-    compute: list[float] = []
-    flush: list[float] = []
-    wall: list[float] = []
+    return _run_many([store], txns, batch, partitions, warm)[0]
+
+
+def _run_many(stores: list[Any], txns: list[dict[str, Any]], batch: int, partitions: int,
+              warm: float = 1 / 3) -> list[dict[str, Any]]:
+    """:func:`_run` for several stores in one process, each batch through each store in
+    turn (the first one alternating): the machine's noise falls on all of them alike.
+    With two, ``ratio`` is the median over batches of the second's time over the
+    first's."""
+    engines = [FeatureEngine(FeatureConfig(), store) for store in stores]
+    digests = [hashlib.sha256() for _ in stores]  # backends must agree bit for bit
+    times: list[dict[str, list[float]]] = [
+        {"compute": [], "wall": [], "flush": []} for _ in stores]
     loop = asyncio.new_event_loop()
-    refresh = getattr(store, "refresh", None)
-    for i in range(0, len(txns), batch):
+    for n, i in enumerate(range(0, len(txns), batch)):
         chunk = txns[i:i + batch]
         events = [TxnEvent(_partition(t["card_id"], partitions), i + j, t)
                   for j, t in enumerate(chunk)]
-        w0, t0 = time.perf_counter(), time.thread_time()
-        if refresh:
-            refresh()
-        out = engine.process(events)
-        store.write(out.writes)
-        w1, t1 = time.perf_counter(), time.thread_time()
-        loop.run_until_complete(store.flush())
-        t2 = time.thread_time()
-        if i >= len(txns) * warm:
-            compute.append((t1 - t0) / len(chunk) * 1e6)
-            wall.append((w1 - w0) / len(chunk) * 1e6)
-            flush.append((t2 - t1) / len(chunk) * 1e6)
+        order = range(len(stores)) if n % 2 == 0 else reversed(range(len(stores)))
+        for k in order:
+            store, engine = stores[k], engines[k]
+            w0, t0 = time.perf_counter(), time.thread_time()
+            refresh = getattr(store, "refresh", None)
+            if refresh:
+                refresh()
+            out = engine.process(events)
+            store.write(out.writes)
+            digests[k].update(out.matrix.tobytes())
+            w1, t1 = time.perf_counter(), time.thread_time()
+            loop.run_until_complete(store.flush())
+            t2 = time.thread_time()
+            if i >= len(txns) * warm:
+                times[k]["compute"].append((t1 - t0) / len(chunk) * 1e6)
+                times[k]["wall"].append((w1 - w0) / len(chunk) * 1e6)
+                times[k]["flush"].append((t2 - t1) / len(chunk) * 1e6)
     loop.close()
-    return {"compute_us_per_event": statistics.median(compute),
-            "compute_wall_us_per_event": statistics.median(wall),
-            "flush_us_per_event": statistics.median(flush), "batches": len(compute)}
+    results: list[dict[str, Any]] = [
+        {"compute_us_per_event": statistics.median(t["compute"]),
+         "compute_wall_us_per_event": statistics.median(t["wall"]),
+         "flush_us_per_event": statistics.median(t["flush"]), "batches": len(t["compute"]),
+         "features_sha256": d.hexdigest()} for t, d in zip(times, digests, strict=True)]
+    if len(stores) == 2:
+        results[1]["ratio"] = statistics.median(
+            b / a for a, b in zip(times[0]["compute"], times[1]["compute"], strict=True))
+    return results
 
 
 def _card_bytes(store: Any, cards: list[str], partitions: int) -> float:
@@ -121,22 +141,34 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(txns)} transactions, {len(cards)} cards, batches of {args.batch}, "
           f"{args.repeat} rounds", file=sys.stderr)
     results: dict[str, Any] = {"events": len(txns), "cards": len(cards), "batch": args.batch,
-                               "rounds": {b: [] for b in args.backends}}
+                               "rounds": {b: [] for b in (
+                                   ["rocksdb-all", "rocksdb"] if args.paired
+                                   else args.backends)}}
     partitions = args.partitions
     for _round in range(args.repeat):  # backends interleaved: the machine's noise is shared
+        if args.paired:  # one process, batches alternated: rocksdb-all, then rocksdb
+            with tempfile.TemporaryDirectory() as tmp:
+                every, held = _rocksdb_costs(txns, cards, args, Path(tmp), [False, True])
+            results["rounds"]["rocksdb-all"].append(every)
+            results["rounds"]["rocksdb"].append(held)
+            continue
         for backend in args.backends:
             with tempfile.TemporaryDirectory() as tmp:
                 if backend == "memory":
                     store: Any = MemoryStore(partitions)
                     r = _run(store, txns, args.batch, partitions)
                     r["card_bytes"] = _card_bytes(store, cards, partitions)
-                elif backend == "rocksdb":
-                    r = _rocksdb_cost(txns, cards, args, Path(tmp))
+                elif backend in ("rocksdb", "rocksdb-all"):
+                    r = _rocksdb_cost(txns, cards, args, Path(tmp),
+                                      presence=backend == "rocksdb")
                 else:
                     r = _redis_cost(txns, cards, args, Path(tmp))
             results["rounds"][backend].append(r)
+    digests = {x["features_sha256"] for rounds in results["rounds"].values() for x in rounds}
+    results["features_equal"] = len(digests) == 1
     for backend, rounds in results["rounds"].items():
-        r = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+        r = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]
+             if k != "features_sha256"}
         results[backend] = r
         each = ", ".join(f"{x['compute_us_per_event']:.0f}" for x in rounds)
         print(f"{backend:8s} features {r['compute_us_per_event']:7.1f} µs/event CPU "
@@ -146,11 +178,29 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
               + (f", cache hits {r['cache_hit_rate']:.0%}" if "cache_hit_rate" in r else "")
               + f"  (medians of {each})",
               file=sys.stderr)
+    if args.paired:
+        ratios = [x["ratio"] for x in results["rounds"]["rocksdb"]]
+        results["presence_ratio"] = statistics.median(ratios)
+        print(f"rocksdb over rocksdb-all, per batch in one process: median "
+              f"{results['presence_ratio']:.3f} (rounds: "
+              + ", ".join(f"{r:.3f}" for r in ratios) + ")", file=sys.stderr)
+    print("feature matrices " + ("equal in every backend and round" if
+                                 results["features_equal"] else
+                                 f"DIFFER: {len(digests)} different ones"), file=sys.stderr)
     return results
 
 
 def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Namespace,
-                  tmp: Path) -> dict[str, Any]:
+                  tmp: Path, presence: bool = True) -> dict[str, Any]:
+    """The worker's store; ``presence`` False (backend ``rocksdb-all``): a device's and an
+    IP's partials read from every partition, as before the presence index."""
+    return _rocksdb_costs(txns, cards, args, tmp, [presence])[0]
+
+
+def _rocksdb_costs(txns: list[dict[str, Any]], cards: list[str], args: argparse.Namespace,
+                   tmp: Path, presences: list[bool]) -> list[dict[str, Any]]:
+    """:func:`_rocksdb_cost` for stores of each ``presences`` setting, batches alternated
+    in one process (a table each, one app, one broker)."""
     import faust
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -164,25 +214,30 @@ def _rocksdb_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.N
         uid = uuid.uuid4().hex[:8]
         app = faust.App(f"bench-{uid}", broker=f"kafka://{broker.bootstrap}",
                         store="rocksdb://", datadir=str(tmp / "faust"))
-        table = app.Table("state", default=None, key_type=bytes, value_type=bytes,
-                          partitions=args.partitions,
-                          options=rocksdb_options(Settings.from_env().worker))  # as the worker
-        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-        for fut in admin.create_topics([NewTopic(table.changelog_topic.get_topic_name(),
-                                                 args.partitions, 1)]).values():
-            fut.result(15)
         sink = KafkaSink({"bootstrap.servers": broker.bootstrap})
-        state = FaustTableState(table, f"transactions-{uid}", sink, end_marker=True)
-        store = TableFeatureStore(state, owned=lambda: range(args.partitions),
-                                  cache_mb=args.cache_mb)
-        out = _run(store, txns, args.batch, args.partitions)
-        reads = store.cache_hits + store.cache_misses
-        out["cache_hit_rate"] = store.cache_hits / reads if reads else 0.0
-        out["card_bytes"] = _card_bytes(store, cards, args.partitions)
-        for db in table.data._dbs.values():
-            db.close()
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        tables, stores = [], []
+        for k, presence in enumerate(presences):
+            table = app.Table(f"state{k}", default=None, key_type=bytes, value_type=bytes,
+                              partitions=args.partitions,
+                              options=rocksdb_options(Settings.from_env().worker))
+            for fut in admin.create_topics([NewTopic(table.changelog_topic.get_topic_name(),
+                                                     args.partitions, 1)]).values():
+                fut.result(15)
+            state = FaustTableState(table, f"transactions-{uid}-{k}", sink, end_marker=True)
+            tables.append(table)
+            stores.append(TableFeatureStore(state, owned=lambda: range(args.partitions),
+                                            cache_mb=args.cache_mb, presence=presence))
+        results = _run_many(stores, txns, args.batch, args.partitions)
+        for store, out in zip(stores, results, strict=True):
+            reads = store.cache_hits + store.cache_misses
+            out["cache_hit_rate"] = store.cache_hits / reads if reads else 0.0
+            out["card_bytes"] = _card_bytes(store, cards, args.partitions)
+        for table in tables:
+            for db in table.data._dbs.values():
+                db.close()
         sink.producer.flush(5)
-        return out
+        return results
 
 
 def _redis_cost(txns: list[dict[str, Any]], cards: list[str], args: argparse.Namespace,
@@ -384,7 +439,13 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("cost", help="feature cost per event, per backend")
-    c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"])
+    c.add_argument("--backends", nargs="+", default=["memory", "rocksdb", "redis"],
+                   choices=["memory", "rocksdb", "rocksdb-all", "redis"],
+                   help="rocksdb-all: RocksDB reading a device's and an IP's partials from "
+                   "every partition (FRAUDSTREAM_FEATURES_PRESENCE=false)")
+    c.add_argument("--paired", action="store_true",
+                   help="rocksdb and rocksdb-all in one process, batches alternated, and "
+                   "their per-batch time ratio (--backends ignored)")
     c.add_argument("--redis-url", default="")
     c.add_argument("--repeat", type=int, default=3, help="rounds over the backends")
     c.add_argument("--cache-mb", type=float, default=FeatureSettings().cache_mb,

@@ -12,7 +12,9 @@ Keys: ``c|<card_id>`` (a card lives in its transactions' partition), and per sou
 partition ``m|<merchant_id>``, ``d|<device_id>``, ``i|<ip>``: partial records, which only
 the owner of that partition writes, so workers never race on a key. A merchant's (device's,
 IP's) features add up the partials of every partition the store can read
-(:meth:`StateStore.readable`).
+(:meth:`StateStore.readable`). A store with a ``presence`` attribute
+(:class:`~fraudstream.state.presence.Presence`) says which of them may hold a device's or
+an IP's partial; the others are not read.
 
 Delivered twice: each record remembers the highest source offset it applied; an event at
 or below it is not counted again (its features are computed from the state that already
@@ -24,6 +26,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,6 +38,7 @@ from fraudstream.state.features import (
     degraded_vector,
 )
 from fraudstream.state.kernel_cache import kernel
+from fraudstream.state.presence import Presence
 from fraudstream.state.records import LEGACY_MARK, from_legacy, is_legacy
 
 
@@ -109,7 +113,8 @@ class FeatureEngine:
     def process(self, txns: Sequence[TxnEvent],
                 labels: Sequence[LabelEvent] = ()) -> FeatureBatch:
         out = FeatureBatch()
-        cols = _Columns(txns, labels, self.store.readable, self.config)
+        cols = _Columns(txns, labels, self.store.readable, self.config,
+                        getattr(self.store, "presence", None))
         out.labels_unattributed = cols.labels_unattributed
         keys = list(cols.slots)
         try:
@@ -140,7 +145,8 @@ class _Columns:
     of numbers."""
 
     def __init__(self, txns: Sequence[TxnEvent], labels: Sequence[LabelEvent],
-                 readable: Any, config: FeatureConfig) -> None:
+                 readable: Any, config: FeatureConfig, presence: Presence | None = None,
+                 ) -> None:
         slots: dict[tuple[int, bytes], int] = {}
         self.slots = slots
         slot = slots.setdefault  # slot(key, len(slots)): the key's slot, made if new
@@ -171,8 +177,16 @@ class _Columns:
         views: dict[int, tuple[int, tuple[int, ...], int]] = {}
         readable_sets: dict[tuple[int, ...], int] = {}
         groups: dict[tuple[int, bytes], int] = {}
-        members: list[int] = []
-        ptr = [0]
+        members: list[list[int]] = []  # per group, its partials' slots
+        # A device's or IP's group holds only the partitions that may have its partial
+        # (``presence``), and the partials the batch's own events write, added as they
+        # come (their counts add up in any order).
+        # Presence.word, inlined: a bucket's word, the partitions indexed that may hold it
+        words, wmask = (presence.words, presence.mask) if presence is not None else (None, 0)
+        unindexed = presence.unindexed if presence is not None else 0
+        held_at_start: dict[bytes, int] = {}
+        written: dict[bytes, int] = {}  # key -> partitions whose partial the batch makes
+        key_groups: dict[bytes, list[tuple[int, tuple[int, ...]]]] = {}
         merchants: dict[bytes, int] = {}
         crc32 = zlib.crc32  # features.token_id, inlined (4 per event; a test holds them equal)
         # An event's tokens and its partials seen before in the batch are looked up by the
@@ -222,19 +236,40 @@ class _Columns:
                         view = views[p] = (readable_sets.setdefault(parts, len(readable_sets)),
                                            parts, parts.index(p) if p in parts else -1)
                     g = groups.get((view[0], key))
+                    if words is None or prefix == b"m|":
+                        held = -1
+                    else:  # read once per batch: the replica's thread may add bits
+                        added = held_at_start.get(key)
+                        if added is None:
+                            added = held_at_start[key] = words[crc32(key) & wmask]
+                        added |= written.get(key, 0)
+                        held = added | unindexed
                     if g is None:
-                        g = groups[(view[0], key)] = len(ptr) - 1
+                        g = groups[(view[0], key)] = len(members)
+                        group = []
                         for q in view[1]:
-                            qk = (q, key)
-                            s = slots.get(qk)
-                            if s is None:
-                                s = slots[qk] = len(slots)
-                            members.append(s)
-                        ptr.append(len(members))
-                    if view[2] >= 0:  # its own partial is one of the group's
-                        s = members[ptr[g] + view[2]]
-                    else:  # its own, not readable
+                            if held >> q & 1:
+                                qk = (q, key)
+                                s = slots.get(qk)
+                                if s is None:
+                                    s = slots[qk] = len(slots)
+                                group.append(s)
+                        members.append(group)
+                        if held != -1:
+                            key_groups.setdefault(key, []).append((g, view[1]))
+                    if held == -1:
+                        # the group has every readable partition's partial
+                        s = members[g][view[2]] if view[2] >= 0 else slot((p, key), len(slots))
+                    else:
                         s = slot((p, key), len(slots))
+                        if not added >> p & 1:  # a partial the store may not hold yet
+                            written[key] = written.get(key, 0) | 1 << p
+                            if not unindexed >> p & 1:
+                                # Groups of the key made so far left it out: every one
+                                # that reads this partition reads it, from this event on.
+                                for g2, parts in key_groups[key]:
+                                    if p in parts and s not in members[g2]:
+                                        members[g2].append(s)
                     hit = known[value] = (
                         g, s, merchants.setdefault(key, len(merchants)) if prefix == b"m|" else 0)
                 grp.append(hit[0])
@@ -242,6 +277,10 @@ class _Columns:
                 if prefix == b"m|":
                     m_key = hit[2]
             mkey.append(m_key)
+        if written:  # the next batches read the partials this one makes
+            presence.add_masks(written)  # type: ignore[union-attr]
+        ptr = np.zeros(len(members) + 1, dtype=np.int64)
+        np.cumsum([len(m) for m in members], out=ptr[1:])
         cards = np.array(card, dtype=np.int64)
         self.is_card = np.zeros(len(slots), dtype=np.bool_)
         self.is_card[cards] = True
@@ -256,8 +295,9 @@ class _Columns:
                         np.array(own, dtype=np.int64).reshape(n, 3),
                         np.array(grp, dtype=np.int64).reshape(n, 3),
                         np.array(mkey, dtype=np.int64),
-                        len(merchants), np.array(ptr, dtype=np.int64),
-                        np.array(members, dtype=np.int64))
+                        len(merchants), ptr,
+                        np.fromiter(chain.from_iterable(members), dtype=np.int64,
+                                    count=int(ptr[-1])))
 
     def label_columns(self) -> tuple[np.ndarray, ...]:
         a = np.array(self._labels, dtype=np.int64).reshape(-1, 4)

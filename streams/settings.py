@@ -242,6 +242,10 @@ class FeatureSettings:
     #: count every partition's events whichever worker decides (false: only the
     #: partitions this worker holds).
     replica: bool = True
+    #: RocksDB backend: read a device's or an IP's partials only from the partitions
+    #: that may hold one (an index of up to 32 MB, built from the store at each assignment
+    #: and by the replica); false reads every partition's. Used with 3 to 64 partitions.
+    presence: bool = True
     #: RocksDB block cache of that replica (its records live on disk).
     replica_cache_mb: int = 64
     #: At a rebalance, how long a worker waits for its replica to read the changelog to

@@ -15,6 +15,7 @@ import hashlib
 import random
 import struct
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from fraudstream.state import engine as engine_module
 from fraudstream.state.engine import FeatureBatch, FeatureEngine, LabelEvent, MemoryStore, TxnEvent
 from fraudstream.state.features import HOUR_MS, MAX_RECENT, MAX_SEEN, FeatureConfig
 from fraudstream.state.offline import offline_features
+from fraudstream.state.presence import Presence
 from fraudstream.state.records import sections
 from fraudstream.streams.traffic.generator import arrival_events, generate_history
 from fraudstream.streams.traffic.world import GeneratorConfig
@@ -225,3 +227,49 @@ def test_edge_paths_are_unchanged(kernel_build: str) -> None:
     for part in digests(results):
         h.update(part.encode())
     assert h.hexdigest() == EXPECTED_EDGE
+
+
+class _PresenceStore(MemoryStore):
+    """A memory store that tells the engine which partitions hold each device and IP
+    (:mod:`fraudstream.state.presence`), as the worker's RocksDB store does, and reads as
+    a worker owning ``owned`` does (an event of another partition reads its own too). It
+    starts empty, and the engine adds the partials it makes."""
+
+    def __init__(self, partitions: int, bits: int | None, owned: tuple[int, ...] = ()
+                 ) -> None:
+        super().__init__(partitions)
+        self.presence = None if bits is None else Presence(partitions, bits)
+        if self.presence is not None:
+            self.presence.set_indexed((1 << partitions) - 1)  # it starts empty
+        self.owned = owned
+        self.reads = 0
+
+    def readable(self, partition: int) -> Sequence[int]:
+        if not self.owned:
+            return range(self.partitions)
+        return self.owned if partition in self.owned else (partition, *self.owned)
+
+    def read(self, keys: Sequence[tuple[int, bytes]]) -> list[bytes | None]:
+        self.reads += len(keys)
+        return super().read(keys)
+
+
+
+@pytest.mark.parametrize("bits", [22, 3], ids=["few-collisions", "every-bucket-shared"])
+def test_reading_only_the_partitions_that_hold_a_device_or_ip_changes_no_bit(
+        bits: int, kernel_build: str) -> None:
+    """Reading a device's and an IP's partials only from the partitions that may hold one
+    gives the pinned bits, with far fewer reads; keys that share a bucket only add reads."""
+    every = _PresenceStore(PARTITIONS, None)
+    assert run_digest(every) == (EXPECTED_VECTORS, EXPECTED_COUNTERS, EXPECTED_WRITTEN_KEYS)
+    held = _PresenceStore(PARTITIONS, bits)
+    assert run_digest(held) == (EXPECTED_VECTORS, EXPECTED_COUNTERS, EXPECTED_WRITTEN_KEYS)
+    assert (held.reads < every.reads * 0.8) if bits == 22 else held.reads <= every.reads
+
+
+def test_partial_ownership_with_presence_gives_the_same_bits(kernel_build: str) -> None:
+    """A worker owning some partitions (an event of another partition reads its own partial
+    and the owned ones') gets the same features with the presence index as without it."""
+    without = run_digest(_PresenceStore(PARTITIONS, None, owned=(1, 2)))
+    assert run_digest(_PresenceStore(PARTITIONS, 22, owned=(1, 2))) == without
+    assert without[0] != EXPECTED_VECTORS  # it does read fewer partitions than all

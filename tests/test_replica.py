@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from fraudstream.state.engine import FeatureEngine, MemoryStore, TxnEvent
 from fraudstream.state.features import FeatureConfig
+from fraudstream.state.presence import Presence
 from fraudstream.streams.worker.delivery import KafkaSink
 from fraudstream.streams.worker.feature_store import TableFeatureStore
 from fraudstream.streams.worker.replica import EntityReplica
@@ -85,12 +86,20 @@ def test_the_replica_keeps_every_partitions_entity_records_and_nothing_else(brok
     again = EntityReplica(tmp_path / "replica", _config(broker), topic, PARTITIONS, cache_mb=8)
     assert again.position == positions
     producer.produce(topic, key=b"m|shop", value=b"m0-new", partition=0)
+    producer.produce(topic, key=b"d|new", value=b"d1-new", partition=1)
     producer.flush(15)
+    presence = Presence(PARTITIONS)
+    presence.set_indexed((1 << PARTITIONS) - 1)  # what the index says, only
+    again.index_into(presence)
     again.start()
     try:
-        assert again.ready.wait(30)
+        assert again.ready.wait(30) and again.indexed.wait(30)
+        # The devices and IPs it held before the restart, and those applied since.
+        assert _wait(lambda: presence.holders(b"d|new") >> 1 & 1, 10)
+        assert all(presence.holders(b"i|10.0.0.1") >> p & 1 for p in range(PARTITIONS))
+        assert all(presence.holders(b"d|dev") >> p & 1 for p in (0, 1))
         assert _wait(lambda: again.read([(0, b"m|shop")]) == [b"m0-new"], 10)
-        assert again.applied == 1
+        assert again.applied == 2
         assert again.read([(1, b"m|shop"), (2, b"m|shop")]) == [b"m1-new", b"m2"]
     finally:
         again.stop()
@@ -127,6 +136,7 @@ class _Worker:
             self.replica.start()
 
     def decide(self, events: list[TxnEvent]) -> list[Any]:
+        self.store.refresh()  # as the worker does before each batch
         batch = self.engine.process(events)
         self.store.write(batch.writes)
         asyncio.run(self.store.flush())

@@ -115,8 +115,10 @@ def _decide(settings: Settings, codecs: Any, tmp_path: Path, workers: int,
         ids = {codecs.transaction.decode(v)["transaction_id"].encode() for *_, v in records}
         decided = consume_all(settings, settings.topics.decisions, EVENTS, 180, settle_s=1.0,
                               keys=ids)
+        # Without a kill every transaction has its feature record: wait for each one (the
+        # last may come seconds after most under load), not for a count.
         logged = consume_all(settings, settings.topics.features, EVENTS - MAX_UNLOGGED, 60,
-                             settle_s=2.0)
+                             settle_s=2.0, keys=None if add_and_kill else ids)
         sent = consume_all(settings, settings.topics.transactions, EVENTS, 60, settle_s=0.5)
         txns = [codecs.transaction.decode(v) for *_, v in records]
         entries = consume_all(settings, f"{settings.worker.app_id}-state-changelog", EVENTS,

@@ -544,7 +544,7 @@ def test_the_record_cache_reads_the_table_again_after_a_rebalance(request, tmp_p
     assert store.read([key]) == [record(1.0)] and store.cache_hits == hits + 1
     # Partition 2 went to another worker, which wrote the record; then it came back.
     store.state.record([(2, b"m|shop", record(2.0))])
-    store.forget()  # what the rebalance hook does (forget_on_rebalance)
+    store.rebalanced()  # what the rebalance hook does (forget_on_rebalance)
     assert store.read([key]) == [record(2.0)]
     store.state.record([(2, b"m|shop", record(3.0))])
     owned.discard(3)  # the assignment changed between two batches

@@ -207,7 +207,8 @@ def build_worker(settings: Settings) -> Worker:
             replica = install_replica(app, settings, table.changelog_topic.get_topic_name(),
                                       partitions, metrics)
         feature_store = TableFeatureStore(state, owned=lambda: _owned(app, settings),
-                                          cache_mb=fs.cache_mb, replica=replica)
+                                          cache_mb=fs.cache_mb, replica=replica,
+                                          partitions=partitions, presence=fs.presence)
         forget_on_rebalance(app, feature_store)
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),

@@ -16,14 +16,19 @@ events of its own partitions only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from itertools import repeat
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat, takewhile
 from typing import Any
 
 from fraudstream.state.features import DAY_MS
+from fraudstream.state.presence import MAX_PARTITIONS, MIN_PARTITIONS, TRACKED, Presence
 from fraudstream.state.records import record_max_ts
 from fraudstream.streams.worker.replica import EntityReplica
 from fraudstream.streams.worker.table_state import FaustTableState, _as_event
+
+log = logging.getLogger("fraudstream.features")
 
 _MISS = object()
 #: What a cached entry costs besides its key and value (dict slot, tuple, bytes headers).
@@ -44,7 +49,8 @@ class TableFeatureStore:
     cached record is at most one batch older than the replica."""
 
     def __init__(self, state: FaustTableState, owned: Callable[[], Sequence[int]],
-                 cache_mb: float = 0.0, replica: EntityReplica | None = None) -> None:
+                 cache_mb: float = 0.0, replica: EntityReplica | None = None,
+                 partitions: int | None = None, presence: bool = True) -> None:
         self.state = state
         self._owned_fn = owned
         self._owned: tuple[int, ...] = ()
@@ -58,6 +64,19 @@ class TableFeatureStore:
         self._young_bytes = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        #: Which partitions may hold a device's or an IP's partial, so the engine reads
+        #: only those (:mod:`fraudstream.state.presence`). Owned partitions are indexed
+        #: from the local store when assigned, the others by the replica.
+        self.presence: Presence | None = None
+        n = partitions or (replica.partitions if replica is not None else None) \
+            or getattr(state.table, "partitions", None)
+        if (presence and n and MIN_PARTITIONS <= n <= MAX_PARTITIONS
+                and hasattr(state.table.data, "_db_for_partition")):
+            self.presence = Presence(n)
+            if replica is not None:
+                replica.index_into(self.presence)
+        self._scanned: set[int] = set()
+        self.scanned_keys = 0
 
     def refresh(self) -> None:
         """Re-read which partitions this worker owns (call once per batch)."""
@@ -66,6 +85,45 @@ class TableFeatureStore:
             self.forget()
         self._owned = owned
         self._owned_set = frozenset(owned)
+        if self.presence is not None:
+            self._index_owned()
+
+    def rebalanced(self, newly_assigned: Iterable[int] | None = None) -> None:
+        """A rebalance happened: the stores of the partitions newly assigned (None: of
+        every partition) may have been written by another worker since this one read
+        them. Their device and IP keys are indexed again before the next batch."""
+        self.forget()
+        if newly_assigned is None:
+            self._scanned.clear()
+        else:
+            self._scanned.difference_update(newly_assigned)
+
+    def _index_owned(self) -> None:
+        """Add the device and IP keys of owned partitions not indexed yet (just assigned,
+        recovered by Faust) to :attr:`presence`, and tell it which partitions it knows:
+        the owned ones, and the others once the replica indexed them."""
+        presence, owned = self.presence, self._owned_set
+        assert presence is not None
+        self._scanned &= owned
+        todo = sorted(owned - self._scanned)
+        if todo:
+            t0, n = time.perf_counter(), 0
+            for p in todo:
+                db = self.state._db(p)
+                for prefix in TRACKED:
+                    keys = list(takewhile(lambda k, f=prefix: k[:2] == f,
+                                          db.keys(from_key=prefix)))
+                    presence.add(p, keys)
+                    n += len(keys)
+                self._scanned.add(p)
+            self.scanned_keys += n
+            log.info("presence: %d device and IP keys of partitions %s indexed in %.2f s",
+                     n, todo, time.perf_counter() - t0)
+        known = sum(1 << p for p in owned)
+        replica = self.replica
+        if replica is not None and replica.indexed.is_set():
+            known |= (1 << replica.partitions) - 1
+        presence.set_indexed(known)
 
     def forget(self) -> None:
         """Empty the cache (partitions were assigned or revoked: a store may change)."""
@@ -221,13 +279,16 @@ def _idle(record: bytes, before: float) -> bool:
 
 
 def forget_on_rebalance(app: Any, store: TableFeatureStore) -> None:
-    """Empty ``store``'s cache at every rebalance, before Faust recovers the partitions
-    assigned (their records may have been written by another worker meanwhile)."""
+    """Empty ``store``'s cache, and what it indexed of its partitions' devices and IPs, at
+    every rebalance, before Faust recovers the partitions assigned (their records may
+    have been written by another worker meanwhile)."""
     recovery = app.tables.recovery
     original = recovery.on_rebalance
 
     async def on_rebalance(*args: Any, **kwargs: Any) -> None:
-        store.forget()
+        # (assigned, revoked, newly_assigned, generation_id): topic partitions
+        newly = args[2] if len(args) > 2 else kwargs.get("newly_assigned")
+        store.rebalanced(None if newly is None else {tp.partition for tp in newly})
         await original(*args, **kwargs)
 
     recovery.on_rebalance = on_rebalance

@@ -30,11 +30,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from fraudstream.state.presence import TRACKED, Presence
 from fraudstream.streams.topics import take_available
 
 log = logging.getLogger("fraudstream.replica")
@@ -94,6 +96,10 @@ class EntityReplica:
         #: Keys applied since :meth:`take_changed` last ran (None: more than _MAX_CHANGED).
         self._changed: list[tuple[int, bytes]] | None = []
         self._lock = threading.Lock()
+        #: Where the device and IP keys held go (:meth:`index_into`); set once it holds
+        #: every key this replica holds.
+        self._presence: Presence | None = None
+        self.indexed = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="entity-replica", daemon=True)
 
@@ -110,7 +116,30 @@ class EntityReplica:
             changed, self._changed = self._changed, []
         return changed
 
+    def index_into(self, presence: Presence) -> None:
+        """Add the device and IP keys of every partition to ``presence``: those held now
+        (read by the tailing thread, which sets :attr:`indexed` once done), then each
+        one applied."""
+        with self._lock:
+            self._presence = presence
+
     # -- the tailing thread ---------------------------------------------------------------
+
+    def _index(self) -> None:
+        """Add every device and IP key held to the presence asked for (in the tailing
+        thread, so no record is applied meanwhile)."""
+        with self._lock:
+            presence = self._presence
+        if presence is None or self.indexed.is_set():
+            return
+        for p in range(self.partitions):
+            head = _head(p)
+            for prefix in TRACKED:
+                start = head + prefix
+                keys = [k[2:] for k in takewhile(lambda k, f=start: k[:4] == f,
+                                                 self._db.keys(from_key=start))]
+                presence.add(p, keys)
+        self.indexed.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -144,6 +173,7 @@ class EntityReplica:
         try:
             consumer.assign(self._starts(consumer))
             while not self._stop.is_set():
+                self._index()
                 msgs = take_available(consumer, 0.1, 10_000)
                 if msgs:
                     self._apply(msgs)
@@ -211,6 +241,12 @@ class EntityReplica:
                 oldest_ms = ts
         for p in touched:
             batch.put(_OFFSET_KEY + _head(p), str(position[p]).encode())
+        presence = self._presence
+        if presence is not None and changed:
+            # Before the write: a reader that then finds no record reads a stale replica,
+            # never one that skips a record it holds.
+            for p, key in changed:
+                presence.add(p, (key,))
         if touched:
             self._db.write(batch)
         if changed:
