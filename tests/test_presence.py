@@ -43,6 +43,7 @@ def test_a_key_added_is_held_by_its_partition_and_unindexed_partitions_hold_ever
     assert _bits(presence.holders(b"d|other")) <= {2, 3}  # a shared bucket at most
     presence.set_indexed(ALL & ~(1 << 1))  # partition 1: written elsewhere, not indexed
     assert _bits(presence.holders(b"d|dev")) == {1, 2}
+    assert _bits(presence.word(b"d|dev")) == {2}  # what the engine reads: indexed only
     with pytest.raises(ValueError):
         Presence(MAX_PARTITIONS + 1)
 
