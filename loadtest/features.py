@@ -88,6 +88,7 @@ def _run_many(stores: list[Any], txns: list[dict[str, Any]], batch: int, partiti
     With two, ``ratio`` is the median over batches of the second's time over the
     first's."""
     engines = [FeatureEngine(FeatureConfig(), store) for store in stores]
+    refreshes = [getattr(store, "refresh", None) for store in stores]
     digests = [hashlib.sha256() for _ in stores]  # backends must agree bit for bit
     times: list[dict[str, list[float]]] = [
         {"compute": [], "wall": [], "flush": []} for _ in stores]
@@ -98,9 +99,8 @@ def _run_many(stores: list[Any], txns: list[dict[str, Any]], batch: int, partiti
                   for j, t in enumerate(chunk)]
         order = range(len(stores)) if n % 2 == 0 else reversed(range(len(stores)))
         for k in order:
-            store, engine = stores[k], engines[k]
+            store, engine, refresh = stores[k], engines[k], refreshes[k]
             w0, t0 = time.perf_counter(), time.thread_time()
-            refresh = getattr(store, "refresh", None)
             if refresh:
                 refresh()
             out = engine.process(events)

@@ -83,4 +83,4 @@ class Presence:
 
     def holders(self, key: bytes) -> int:
         """A bit mask of the partitions that may hold ``key``."""
-        return self.words[crc32(key) & self.mask] | self.unindexed
+        return self.word(key) | self.unindexed

@@ -19,13 +19,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import repeat, takewhile
+from itertools import repeat
 from typing import Any
 
 from fraudstream.state.features import DAY_MS
 from fraudstream.state.presence import MAX_PARTITIONS, MIN_PARTITIONS, TRACKED, Presence
 from fraudstream.state.records import record_max_ts
-from fraudstream.streams.worker.replica import EntityReplica
+from fraudstream.streams.worker.replica import EntityReplica, prefixed_keys
 from fraudstream.streams.worker.table_state import FaustTableState, _as_event
 
 log = logging.getLogger("fraudstream.features")
@@ -111,8 +111,7 @@ class TableFeatureStore:
             for p in todo:
                 db = self.state._db(p)
                 for prefix in TRACKED:
-                    keys = list(takewhile(lambda k, f=prefix: k[:2] == f,
-                                          db.keys(from_key=prefix)))
+                    keys = prefixed_keys(db, prefix)
                     presence.add(p, keys)
                     n += len(keys)
                 self._scanned.add(p)

@@ -56,6 +56,12 @@ def _head(partition: int) -> bytes:
     return partition.to_bytes(2, "big")
 
 
+def prefixed_keys(db: Any, prefix: bytes) -> list[bytes]:
+    """The keys of the RocksDB ``db`` that start with ``prefix``, in order."""
+    n = len(prefix)
+    return list(takewhile(lambda k: k[:n] == prefix, db.keys(from_key=prefix)))
+
+
 def _open(path: Path, cache_mb: int) -> Any:
     from rocksdict import BlockBasedOptions, Cache, Options, Rdict
 
@@ -135,10 +141,7 @@ class EntityReplica:
         for p in range(self.partitions):
             head = _head(p)
             for prefix in TRACKED:
-                start = head + prefix
-                keys = [k[2:] for k in takewhile(lambda k, f=start: k[:4] == f,
-                                                 self._db.keys(from_key=start))]
-                presence.add(p, keys)
+                presence.add(p, [k[2:] for k in prefixed_keys(self._db, head + prefix)])
         self.indexed.set()
 
     def start(self) -> None:
