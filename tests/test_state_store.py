@@ -79,6 +79,7 @@ def kafka_sink(broker) -> Iterator[KafkaSink]:
 
 def _rocksdb_store(request: pytest.FixtureRequest, tmp_path: Path, cache_mb: float = 0.0,
                    owned: Callable[[], Any] = lambda: range(PARTITIONS),
+                   recovering: Callable[[], bool] = lambda: False,
                    ) -> Iterator[TableFeatureStore]:
     broker = request.getfixturevalue("broker")
     sink = request.getfixturevalue("kafka_sink")
@@ -94,7 +95,7 @@ def _rocksdb_store(request: pytest.FixtureRequest, tmp_path: Path, cache_mb: flo
     for fut in futures.values():
         fut.result(15)
     state = FaustTableState(table, f"transactions-{uid}", sink, end_marker=True)
-    store = TableFeatureStore(state, owned=owned, cache_mb=cache_mb)
+    store = TableFeatureStore(state, owned=owned, cache_mb=cache_mb, recovering=recovering)
     store.refresh()
     yield store
     for db in table.data._dbs.values():
@@ -551,6 +552,25 @@ def test_the_record_cache_reads_the_table_again_after_a_rebalance(request, tmp_p
     store.refresh()
     assert store.read([key]) == [record(3.0)]
     stores.close()
+
+
+def test_a_partition_restored_from_the_changelog_is_indexed_only_once_whole(request, tmp_path):
+    """A device's partials are read only from the partitions the presence index names.
+    Indexed halfway through Faust's restore, a partition would never be read for the
+    devices restored after: it counts as holding every key until the restore ends."""
+    recovering = True
+    store = next(_rocksdb_store(request, tmp_path, recovering=lambda: recovering))
+    presence = store.presence
+    assert presence is not None
+    store.rebalanced({1})  # partition 1 newly assigned: Faust restores it
+    store.refresh()  # a batch during the restore (none should come; the index must hold)
+    store.state.record([(1, b"d|phone", record(1.0))])  # restored after that batch
+    assert presence.holders(b"d|phone") >> 1 & 1
+    recovering = False
+    store.refresh()
+    every = (1 << PARTITIONS) - 1
+    assert presence.holders(b"d|phone") & every == 1 << 1  # indexed: only where it lives
+    assert presence.holders(b"d|tablet") & every == 0
 
 
 def test_a_partition_revoked_and_given_back_opens_again(request, tmp_path):

@@ -75,6 +75,8 @@ class Aligner:
         for tp in list(self.held):
             if keep is None or tp not in keep:
                 del self.held[tp]
+        if keep is None:
+            self.waiting_since = None
 
     def count(self, tp: Any) -> int:
         buf = self.held.get(tp)

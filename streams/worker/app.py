@@ -208,7 +208,8 @@ def build_worker(settings: Settings) -> Worker:
                                       partitions, metrics)
         feature_store = TableFeatureStore(state, owned=lambda: _owned(app, settings),
                                           cache_mb=fs.cache_mb, replica=replica,
-                                          partitions=partitions, presence=fs.presence)
+                                          partitions=partitions, presence=fs.presence,
+                                          recovering=lambda: getattr(app, "in_recovery", False))
         forget_on_rebalance(app, feature_store)
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),

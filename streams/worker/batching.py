@@ -64,7 +64,29 @@ class BatchConsumer(faust_aiokafka.Consumer):
     #: None: records go on in the order fetched.
     aligner: Any = None
 
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        """Drop every record fetched and not handed out yet, then Faust's revocation.
+
+        After a rebalance Faust seeks every assigned partition back to its committed
+        offset, and resumes it only once its table partitions are recovered. A record held
+        from before (by the aligner, or handed back) would otherwise be handed out while
+        the store is still being restored, its features read from a partial store (seen:
+        a merchant's day count 76 short), and then again once fetched anew."""
+        self._drop_held()
+        await super().on_partitions_revoked(revoked)
+
+    def _drop_held(self) -> None:
+        self._revocations = self._revocations + 1
+        if self.aligner is not None:
+            self.aligner.forget()
+        self._align_next.clear()
+        self._again.clear()
+
+    #: Revocations seen: a fetch that spans one is not handed on, nor handed back.
+    _revocations: int = 0
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        epoch = self._revocations
         size = self.batch_max
         if self.sizer is not None:
             try:
@@ -76,8 +98,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
             self._cap_fetch(None if getattr(self.app, "in_recovery", False) else size)
         records, active = await self._wait_next_records(timeout)
         fetched_at = time.perf_counter()
-        if records is None or self.should_stop:
-            return
+        if records is None or self.should_stop or self._revocations != epoch:
+            return  # (a rebalance meanwhile: they are fetched again from the committed offsets)
         if not self.flow_active:
             if self.aligner is not None:
                 self.aligner.forget()  # they will be read again from there
@@ -99,6 +121,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
         again: dict[TP, list[Any]] = {}
         for chunk in _chunks(ours, size):
             assert self.batch_handler is not None
+            if self._revocations != epoch:
+                break  # revoked while the handler ran: the rest is fetched again
             if again:  # a partition handed back waits whole: later records stay behind it
                 for tp, recs in chunk:
                     if tp in again:
@@ -116,7 +140,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     self._ack_range(tp, recs[0].offset, recs[-1].offset)
             if progress is not None:
                 progress.handled(chunk)  # handed back is progress too: they are retried
-        if again:
+        if again and self._revocations == epoch:
             self._hand_back(again)
         to_message = self._to_message
         for tp, recs in others:

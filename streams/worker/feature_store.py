@@ -50,8 +50,12 @@ class TableFeatureStore:
 
     def __init__(self, state: FaustTableState, owned: Callable[[], Sequence[int]],
                  cache_mb: float = 0.0, replica: EntityReplica | None = None,
-                 partitions: int | None = None, presence: bool = True) -> None:
+                 partitions: int | None = None, presence: bool = True,
+                 recovering: Callable[[], bool] = lambda: False) -> None:
         self.state = state
+        #: Whether Faust is restoring table partitions from the changelog: an owned
+        #: partition is indexed only once its store is whole.
+        self._recovering = recovering
         self._owned_fn = owned
         self._owned: tuple[int, ...] = ()
         self._owned_set: frozenset[int] = frozenset()
@@ -105,7 +109,9 @@ class TableFeatureStore:
         presence, owned = self.presence, self._owned_set
         assert presence is not None
         self._scanned &= owned
-        todo = sorted(owned - self._scanned)
+        # A store still being restored would be indexed without the keys restored later,
+        # and a key left out is never read there: read such partitions everywhere for now.
+        todo = [] if self._recovering() else sorted(owned - self._scanned)
         if todo:
             t0, n = time.perf_counter(), 0
             for p in todo:
@@ -118,7 +124,7 @@ class TableFeatureStore:
             self.scanned_keys += n
             log.info("presence: %d device and IP keys of partitions %s indexed in %.2f s",
                      n, todo, time.perf_counter() - t0)
-        known = sum(1 << p for p in owned)
+        known = sum(1 << p for p in self._scanned)
         replica = self.replica
         if replica is not None and replica.indexed.is_set():
             known |= (1 << replica.partitions) - 1
