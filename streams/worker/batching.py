@@ -63,6 +63,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
     #: Merges the batch topics in event time (:class:`fraudstream.streams.worker.align.Aligner`);
     #: None: records go on in the order fetched.
     aligner: Any = None
+    #: Times what was held was dropped: a fetch that spans one is not handed on, nor
+    #: handed back.
+    _revocations: int = 0
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         """Drop every record fetched and not handed out yet, then Faust's revocation.
@@ -76,14 +79,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
         await super().on_partitions_revoked(revoked)
 
     def _drop_held(self) -> None:
-        self._revocations = self._revocations + 1
+        """Forget what is held (at a revocation, or a seek back to the committed
+        offsets), and end the current fetch's hand-out (:attr:`_revocations`)."""
+        self._revocations += 1
         if self.aligner is not None:
             self.aligner.forget()
         self._align_next.clear()
         self._again.clear()
-
-    #: Revocations seen: a fetch that spans one is not handed on, nor handed back.
-    _revocations: int = 0
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
         epoch = self._revocations
@@ -101,10 +103,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if records is None or self.should_stop or self._revocations != epoch:
             return  # (a rebalance meanwhile: they are fetched again from the committed offsets)
         if not self.flow_active:
-            if self.aligner is not None:
-                self.aligner.forget()  # they will be read again from there
-                self._align_next.clear()
-            self._again.clear()
+            self._drop_held()  # they will be read again from there
             await self.perform_seek()  # as Faust does: back to the committed offsets
             return
         ours: list[tuple[TP, Sequence[Any]]] = []
