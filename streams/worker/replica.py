@@ -38,6 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from fraudstream.state.presence import TRACKED, Presence
 from fraudstream.streams.topics import take_available
+from fraudstream.streams.worker.restore import holds_offset
 
 log = logging.getLogger("fraudstream.replica")
 
@@ -48,8 +49,6 @@ _OFFSET_KEY = b"\x00offset|"
 _RETRY_S = 2.0
 #: Changed keys kept for readers' caches before they are told to drop everything.
 _MAX_CHANGED = 200_000
-#: How far past the reported end a stored position may be (one record batch, at most).
-_END_SLACK = 100_000
 
 
 def _head(partition: int) -> bytes:
@@ -194,8 +193,9 @@ class EntityReplica:
             low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), 15.0)
             stored = self.position[p]
             # The embedded broker may report the base offset of the last record batch as
-            # the end: a position up to one batch past it is not a topic made again.
-            if stored is not None and not low <= stored + 1 <= high + _END_SLACK:
+            # the end: past it, a fetch tells whether the topic was made again.
+            if stored is not None and (stored + 1 < low or (
+                    stored >= high and not holds_offset(consumer, self.topic, p, stored))):
                 log.warning("entity replica: %s[%d] holds offsets %d..%d, the replica had "
                             "read to %d: reading the partition again from its start",
                             self.topic, p, low, high, stored)

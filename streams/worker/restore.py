@@ -41,6 +41,14 @@ def restore_partition(db: Any, offset_key: bytes, consumer_config: dict[str, Any
                          "fetch.max.bytes": 16 << 20, "queued.max.messages.kbytes": 32768})
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 15.0)
+        if (persisted is not None and persisted >= high
+                and not holds_offset(consumer, topic, partition, persisted)):
+            # Faust would seek past the end and never read what was written since.
+            log.warning("%s[%d] ends before offset %d, which this store had applied: the "
+                        "topic was made again (a broker that lost its data); reading it "
+                        "from its start over the local store", topic, partition, persisted)
+            persisted = low - 1
+            db.put(offset_key, str(persisted).encode())  # where Faust's recovery starts
         start = max(low, persisted + 1 if persisted is not None else low)
         if high - start < MIN_RECORDS:
             return 0
@@ -82,6 +90,25 @@ def restore_partition(db: Any, offset_key: bytes, consumer_config: dict[str, Any
         return applied
     finally:
         consumer.close()
+
+
+def holds_offset(consumer: Any, topic: str, partition: int, offset: int,
+                 timeout_s: float = 3.0) -> bool:
+    """Whether ``topic``/``partition`` still holds ``offset`` or a later record (the
+    record at ``offset`` may be compacted away). For a position at or past the reported
+    end: the embedded broker reports the base offset of the last record batch as the end,
+    so only a fetch tells a partition that holds it from one made again since. No record
+    within ``timeout_s`` (the end, or past it: the broker answers such a fetch with
+    nothing) counts as not held. Leaves ``consumer`` unassigned."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for m in consumer.consume(1, 0.2):
+                return m.error() is None and m.offset() >= offset
+        return False
+    finally:
+        consumer.unassign()
 
 
 class Restoring:
