@@ -322,20 +322,37 @@ def test_https_and_bearer_tokens_from_a_file(stack_settings, tmp_path):
                      tls_certfile=str(cert), tls_keyfile=str(key)).start()
     try:
         trusted = ssl.create_default_context(cafile=str(cert))
-        txns = _transactions(3, seed=10)
-        for txn, token, status in ((txns[0], "new-token", 200), (txns[1], "old-token", 200),
-                                   (txns[2], TOKEN, 401), (txns[2], "", 401)):
+        txns = iter(_transactions(40, seed=10))
+
+        def status_of(token: str) -> int:
             req = urllib.request.Request(
-                f"https://127.0.0.1:{api.port}/v1/decisions", data=json.dumps(_body(txn)).encode(),
+                f"https://127.0.0.1:{api.port}/v1/decisions",
+                data=json.dumps(_body(next(txns))).encode(),
                 headers={"Authorization": f"Bearer {token}", "X-Fraudstream-Timeout-Ms": "200"})
             try:
                 with urllib.request.urlopen(req, context=trusted, timeout=5) as r:
-                    got = r.status
                     # no worker runs: the broker took it, nobody decided it in time
                     assert r.headers["X-Fraudstream-Decision-Source"] == "standin"
+                    return r.status
             except urllib.error.HTTPError as exc:
-                got = exc.code
-            assert got == status, (token, got)
+                return exc.code
+
+        for token, status in (("new-token", 200), ("old-token", 200), (TOKEN, 401), ("", 401)):
+            assert status_of(token) == status, token
+        # The rotation's end, while the API runs: the file now holds only the new token.
+        rotated = tmp_path / "tokens.next"
+        rotated.write_text("new-token\n")
+        os.replace(rotated, tokens)
+        wait_until(lambda: status_of("old-token") == 401, 10.0, "the old token refused",
+                   [api])
+        assert status_of("new-token") == 200
+        assert "fraudstream_api_tokens 1.0" in api.metrics()
+        # A file emptied by mistake is not taken: the API never runs with no token.
+        tokens.write_text("")
+        wait_until(lambda: "fraudstream_api_tokens_file_stale 1.0" in api.metrics(), 10.0,
+                   "the emptied file refused", [api])
+        assert status_of("new-token") == 200 and status_of("") == 401
+        assert "new-token" not in api.log.read_text(errors="replace")
         with pytest.raises(OSError):  # plain HTTP is not served on that port
             urllib.request.urlopen(f"http://127.0.0.1:{api.port}/healthz", timeout=2)
     finally:

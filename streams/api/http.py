@@ -13,7 +13,8 @@ codes, metrics; the decision itself comes from :mod:`fraudstream.streams.api.ser
 - 400: the body is not a JSON object, or the timeout header is not a number in range;
   422: a field is missing or wrong, in the words of the dead-letter reasons
   (``{"error": "validation", "field": ..., "reason": ...}``), card numbers masked;
-- 401: no bearer token, or not one of the configured ones (``WWW-Authenticate``);
+- 401: no bearer token, or not one of those in force (``WWW-Authenticate``; the tokens
+  file is read again when it changes: :mod:`fraudstream.streams.api.auth`);
 - 429: too many requests in flight; 503: the broker did not take the transaction in time.
   Both with ``Retry-After``.
 
@@ -23,10 +24,9 @@ The caller's deadline is the header ``X-Fraudstream-Timeout-Ms`` (default
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -43,6 +43,7 @@ from fraudstream.schemas.validate import (
     mask_pans,
     validate_transaction,
 )
+from fraudstream.streams.api.auth import BearerTokens
 from fraudstream.streams.api.service import Answer, DecisionService, Overloaded, Unavailable
 from fraudstream.streams.settings import Settings
 
@@ -58,7 +59,7 @@ class ApiMetrics:
     """``fraudstream_api_*``: requests by status, latency by where the answer came from,
     stand-ins, requests in flight, decisions read."""
 
-    def __init__(self, service: DecisionService) -> None:
+    def __init__(self, service: DecisionService, tokens: BearerTokens) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("fraudstream_api_requests", "Requests answered, by HTTP "
@@ -76,29 +77,12 @@ class ApiMetrics:
               "for", registry=r).set_function(lambda: service.matched)
         Gauge("fraudstream_api_reader_ready", "1 once the decisions reader is positioned",
               registry=r).set_function(lambda: float(service.reading.is_set()))
-
-
-def load_tokens(settings: Settings) -> list[bytes]:
-    """The configured bearer tokens (setting and file); raises OSError for an unreadable
-    file."""
-    tokens = [t.strip() for t in settings.api.tokens.split(",") if t.strip()]
-    if settings.api.tokens_file:
-        with open(settings.api.tokens_file, encoding="utf-8") as f:
-            tokens += [line.strip() for line in f
-                       if line.strip() and not line.lstrip().startswith("#")]
-    return [t.encode() for t in tokens]
-
-
-def authorized(header: str | None, tokens: Sequence[bytes]) -> bool:
-    """A ``Bearer`` header holding one of ``tokens``: every token is compared, each in
-    constant time, so the time taken tells nothing of which or how much matched."""
-    if not header or not header.startswith("Bearer "):
-        return False
-    presented = header[7:].strip().encode()
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(presented, token)
-    return ok
+        # A scrape looks at the tokens file too, so an idle API shows a change not taken.
+        Gauge("fraudstream_api_tokens", "Bearer tokens in force (the setting's and the "
+              "tokens file's)", registry=r).set_function(lambda: len(tokens.current()))
+        Gauge("fraudstream_api_tokens_file_stale", "1 while the tokens file's last change "
+              "was not taken (unreadable, or no token left): the tokens before it stay",
+              registry=r).set_function(lambda: float(tokens.file_stale()))
 
 
 #: (status, headers, body) of an answer.
@@ -174,7 +158,7 @@ class DecisionsHandler:
     :class:`FastPath` sends this route here directly; FastAPI serves the rest and /docs."""
 
     def __init__(self, settings: Settings, service: DecisionService, metrics: ApiMetrics,
-                 tokens: Sequence[bytes], encode: Callable[[dict[str, Any]], bytes],
+                 tokens: BearerTokens, encode: Callable[[dict[str, Any]], bytes],
                  rates: Rates) -> None:
         self.settings = settings
         self.api = settings.api
@@ -204,7 +188,7 @@ class DecisionsHandler:
         self.metrics.latency.labels(source).observe(time.perf_counter() - t0)
 
     async def __call__(self, headers: dict[str, str], body: bytes, t0: float) -> Reply:
-        if self.tokens and not authorized(headers.get("authorization"), self.tokens):
+        if not self.tokens.authorized(headers.get("authorization")):
             self.answered(401, "error", t0)
             return _refused(401, "unauthorized", "a valid bearer token is required",
                             headers={"www-authenticate": 'Bearer realm="fraudstream"'})
@@ -273,7 +257,7 @@ class FastPath:
 
 
 def create_app(settings: Settings, service: DecisionService, metrics: ApiMetrics,
-               tokens: Sequence[bytes], encode: Callable[[dict[str, Any]], bytes],
+               tokens: BearerTokens, encode: Callable[[dict[str, Any]], bytes],
                rates: Rates, on_start: Callable[[], None] = lambda: None,
                on_stop: Callable[[], None] = lambda: None) -> FastPath:
     """The ASGI app: :class:`FastPath` in front of FastAPI (lifespan, /docs, probes)."""

@@ -39,13 +39,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if bool(api.tls_certfile) != bool(api.tls_keyfile):
         raise StartError("FRAUDSTREAM_API_TLS_CERTFILE and FRAUDSTREAM_API_TLS_KEYFILE "
                          "come together")
-    from fraudstream.streams.api.http import load_tokens
+    from fraudstream.streams.api.auth import BearerTokens
 
     try:
-        tokens = load_tokens(settings)
-    except OSError as exc:
+        tokens = BearerTokens([t.strip().encode() for t in api.tokens.split(",") if t.strip()],
+                              api.tokens_file, api.anonymous)
+    except (OSError, UnicodeDecodeError) as exc:
         raise StartError(f"FRAUDSTREAM_API_TOKENS_FILE={api.tokens_file}: {exc}") from None
-    if not tokens and not api.anonymous:
+    if not tokens.tokens and not api.anonymous:
         raise StartError("no bearer token configured: set FRAUDSTREAM_API_TOKENS or "
                          "FRAUDSTREAM_API_TOKENS_FILE (or FRAUDSTREAM_API_ANONYMOUS=true "
                          "behind a gateway that authenticates)")
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return in_force[0]
 
     service = DecisionService(settings, codecs, rules)
-    metrics = ApiMetrics(service)
+    metrics = ApiMetrics(service, tokens)
     probes = Probes()
     heartbeat = Heartbeat(lambda: service.loop)
 
