@@ -276,9 +276,8 @@ class Codecs:
         }
         for name in SCHEMAS:
             setattr(self, name, AvroCodec(registry, name, subjects[name]))
-        registry.register_schema(
-            f"{topics.decisions_shadow}-value", Schema(schema_text("decision"), "AVRO")
-        )
+        for same in (topics.decisions_shadow, topics.decisions_standins):
+            registry.register_schema(f"{same}-value", Schema(schema_text("decision"), "AVRO"))
 
     transaction: AvroCodec
     label: AvroCodec

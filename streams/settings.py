@@ -98,6 +98,9 @@ class TopicSettings:
     labels: str = "labels"
     decisions: str = "decisions"
     decisions_shadow: str = "decisions.shadow"
+    #: The stand-ins `fraudstream api` answered with (no streamed decision in time): what
+    #: the caller acted on, next to the streamed decision on `decisions`.
+    decisions_standins: str = "decisions.standins"
     drift: str = "drift"
     dlq: str = "transactions.dlq"
     #: Feature vectors per transaction_id, when FRAUDSTREAM_FEATURES_LOG is true.

@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 
 from fraudstream.schemas.codec import Codecs
+from fraudstream.streams.api.service import json_ready
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_ports
 from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings
@@ -242,6 +243,17 @@ def test_a_stopped_worker_gives_stand_ins_within_the_deadline_then_the_stream_de
         again = _run(_post_all(api, [_body(txns[0])]))[0]
         assert again[2] == answers[0][2] and again[1]["x-fraudstream-replayed"] == "true"
         assert 'fraudstream_api_standins_total{cause="timeout"} 60.0' in api.metrics()
+        # What each caller acted on is on decisions.standins, once (the retry added none),
+        # as it was answered.
+        standins: dict[bytes, list[Any]] = {}
+        for m in consume_all(stack_settings, stack_settings.topics.decisions_standins, 60,
+                             30, settle_s=1.0):
+            standins.setdefault(m.key(), []).append(json_ready(codecs.decision.decode(m.value())))
+        assert set(standins) == ids and {len(v) for v in standins.values()} == {1}
+        for (_status, _headers, decision, _elapsed), txn in zip(answers, txns, strict=True):
+            assert standins[txn["transaction_id"].encode()][0] == decision
+        assert "fraudstream_api_standins_published 60.0" in api.metrics()
+        assert "fraudstream_api_standins_unpublished 0.0" in api.metrics()
         # The dashboard's API row has data, scraped by a real Prometheus.
         prom, prom_url = start_prometheus(tmp_path, [f"127.0.0.1:{api.metrics_port}"])
         try:

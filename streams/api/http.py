@@ -77,6 +77,12 @@ class ApiMetrics:
               "for", registry=r).set_function(lambda: service.matched)
         Gauge("fraudstream_api_reader_ready", "1 once the decisions reader is positioned",
               registry=r).set_function(lambda: float(service.reading.is_set()))
+        Gauge("fraudstream_api_standins_published", "Stand-ins the broker took on "
+              "decisions.standins since start", registry=r).set_function(
+            lambda: service.standins_published)
+        Gauge("fraudstream_api_standins_unpublished", "Stand-ins answered but not on "
+              "decisions.standins (refused, or timed out) since start",
+              registry=r).set_function(lambda: service.standins_unpublished)
         # A scrape looks at the tokens file too, so an idle API shows a change not taken.
         Gauge("fraudstream_api_tokens", "Bearer tokens in force (the setting's and the "
               "tokens file's)", registry=r).set_function(lambda: len(tokens.current()))

@@ -18,7 +18,9 @@ What a request gets (:meth:`DecisionService.decide`):
 - when the broker acknowledged the transaction but no decision came in time: a stand-in
   decided locally by the rules in force without velocity features, flagged ``fallback``
   with ``fallback:timeout`` among its reasons. The streamed decision still follows on
-  ``decisions`` for the record;
+  ``decisions`` for the record, and the stand-in (what the caller acted on) goes to
+  ``decisions.standins``, keyed by transaction like ``decisions``, once per answer
+  remembered (a retry answered from memory publishes nothing);
 - when the broker did not acknowledge the transaction in time, or refused it:
   :class:`Unavailable` (a 503): nothing was decided for the caller to rely on;
 - past ``max_pending`` requests in flight: :class:`Overloaded` (a 429), at once;
@@ -129,6 +131,10 @@ class DecisionService:
         #: Decisions read, and of them those a request here was waiting for.
         self.read = 0
         self.matched = 0
+        #: Stand-ins the broker took on ``decisions.standins``, and those it did not
+        #: (refused, or not taken within the producer's timeout: logged each).
+        self.standins_published = 0
+        self.standins_unpublished = 0
 
     # -- lifecycle (outside the loop) ------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -314,7 +320,31 @@ class DecisionService:
         if first is not None:
             return first
         self._remember(txn_id, answer)
+        if answer.source == "standin":  # after this answer is sent, not before
+            self.loop.call_soon(self._publish_standin, answer.decision)  # type: ignore[union-attr]
         return answer
+
+    def _publish_standin(self, decision: dict[str, Any]) -> None:
+        assert self._producer is not None
+        txn_id = decision["transaction_id"]
+
+        def delivered(err: Any, _msg: Any) -> None:  # in the deliveries thread
+            if err is None:
+                self.standins_published += 1
+            else:
+                self._standin_lost(txn_id, str(err))
+
+        try:
+            self._producer.produce(self.settings.topics.decisions_standins,
+                                   value=self.codecs.decision.encode(decision),
+                                   key=txn_id.encode(), on_delivery=delivered)
+        except (BufferError, KafkaException) as exc:
+            self._standin_lost(txn_id, str(exc))
+
+    def _standin_lost(self, txn_id: str, why: str) -> None:
+        self.standins_unpublished += 1
+        log.error("api: the stand-in answered for transaction %s is not on %s: %s", txn_id,
+                  self.settings.topics.decisions_standins, why)
 
     def _standin(self, txn: dict[str, Any], marks: dict[str, float]) -> Answer:
         scorer = self.rules()

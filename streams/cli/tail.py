@@ -110,7 +110,7 @@ def parse_time(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("topic", help="topic name: decisions, transactions.dlq, transactions, "
-                                 "labels, drift, decisions.shadow")
+                                 "labels, drift, decisions.shadow, decisions.standins")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
                    help="jsonl: one JSON object a line; csv: a header of the schema's "
                         "fields, then a row a record (default: jsonl)")
@@ -227,6 +227,7 @@ def _codec(codecs: Codecs, settings: Settings, topic: str) -> AvroCodec | None:
         topics.labels: codecs.label,
         topics.decisions: codecs.decision,
         topics.decisions_shadow: codecs.decision,
+        topics.decisions_standins: codecs.decision,
         topics.dlq: codecs.dead_letter,
         topics.drift: codecs.drift_event,
         topics.features: codecs.feature_vector,
@@ -264,7 +265,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     codec = _codec(codecs, settings, args.topic)
     if codec is None:
         known = (settings.topics.transactions, settings.topics.labels, settings.topics.decisions,
-                 settings.topics.decisions_shadow, settings.topics.dlq, settings.topics.drift,
+                 settings.topics.decisions_shadow, settings.topics.decisions_standins,
+                 settings.topics.dlq, settings.topics.drift,
                  settings.topics.features)
         print(f"fraudstream tail: unknown topic {args.topic!r}; one of {', '.join(known)}",
               file=sys.stderr)
