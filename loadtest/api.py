@@ -13,8 +13,9 @@ the API, on this machine's clock). What the API adds is the first minus the seco
 HTTP exchange, validation, the produce call, reading the decision back and answering.
 It prints, per rate, p50/p99 of both and of what is added, how far past its deadline the
 slowest answer was, the answers by source (stream, stand-in, 429, 503), who decided the
-streamed decisions (model, rules, fallback by cause), and the CPU seconds of each
-process. Every process shares the machine's cores with the load generator.
+streamed decisions (model, rules, fallback by cause), how many of the stand-ins answered
+are on ``decisions.standins``, and the CPU seconds of each process. Every process shares
+the machine's cores with the load generator.
 """
 
 from __future__ import annotations
@@ -240,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                                  stack.codecs.transaction.decode)
             dec_ts = _timestamps(settings, settings.topics.decisions, ids,
                                  stack.codecs.decision.decode)
+            standin_ids = {r["id"].encode() for _, step, _, _ in steps for r in step
+                           if r["status"] == 200 and r["source"] == "standin"}
+            on_standins = set(_timestamps(settings, settings.topics.decisions_standins,
+                                          standin_ids, stack.codecs.decision.decode,
+                                          timeout_s=10.0))
         finally:
             stop_process(api, 15.0)
             stop_process(worker, 30.0)
@@ -248,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
               "model": not args.rules_only, "steps": []}
     for rate, step, wall, cpu in steps:
         rep = _report(step, txn_ts, dec_ts, deadline_s)
+        # every stand-in answered is to be on decisions.standins (the caller's record)
+        rep["standins_published"] = sum(1 for r in step if r["id"].encode() in on_standins)
         rep.update(rate=rate, seconds=round(wall, 1),
                    cpu_s={k: round(v, 1) for k, v in cpu.items()})
         result["steps"].append(rep)
