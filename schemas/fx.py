@@ -30,6 +30,11 @@ class RatesError(ValueError):
     """A rates file that cannot be used; the message names the file and the key."""
 
 
+#: How far (relative) a currency's rate may move between the table a model was trained
+#: with and the one serving it before the worker names it at load.
+RATES_MOVED = 0.10
+
+
 @dataclass(frozen=True)
 class Rates:
     """Units of each currency per one unit of ``reference``, as of ``version``."""
@@ -46,6 +51,24 @@ class Rates:
     def to_reference(self, amount: float, currency: str) -> float:
         """``amount`` of ``currency`` in the reference currency; KeyError when unknown."""
         return amount / self.units_per_ref[currency]
+
+    def moved_from(self, trained: Rates, tolerance: float = RATES_MOVED) -> str | None:
+        """A sentence when amounts convert materially otherwise with this table than with
+        ``trained`` (the one a model learned from): another reference currency, or a
+        currency of both whose rate moved by more than ``tolerance`` (relative). A new
+        version with the day's small moves says nothing: tables are replaced daily."""
+        if self.reference != trained.reference:
+            return (f"amounts in {self.reference} here (table {self.version}), in "
+                    f"{trained.reference} in training (table {trained.version})")
+        moves = sorted(((abs(self.units_per_ref[c] / r - 1.0), c)
+                        for c, r in trained.units_per_ref.items() if c in self.units_per_ref),
+                       reverse=True)
+        big = [(m, c) for m, c in moves if m > tolerance]
+        if not big:
+            return None
+        named = ", ".join(f"{c} {m:.0%}" for m, c in big[:5])
+        return (f"table {self.version} here, {trained.version} in training: "
+                f"{len(big)} rates moved by more than {tolerance:.0%} ({named})")
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "") -> Rates:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fraudstream.schemas.fx import Rates, RatesError
 from fraudstream.scorers.artifact import (
     ArtifactError,
     check_probe,
@@ -60,6 +61,8 @@ class ModelScorer:
         #: The feature settings its training history was computed with (ms), as far as
         #: its metadata says: {"label_delay_ms", "allowed_lateness_ms"}.
         self.trained_features: dict[str, int] = {}
+        #: The rates table its history's amounts were converted with, if its metadata says.
+        self.trained_rates: Rates | None = None
 
     @classmethod
     def load(cls, path: Path) -> ModelScorer:
@@ -133,16 +136,27 @@ class ModelScorer:
         config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         scorer.trained_features = {k: int(config[k]) for k in (
             "label_delay_ms", "allowed_lateness_ms") if isinstance(config.get(k), int | float)}
+        if meta.get("rates") is not None:
+            try:
+                scorer.trained_rates = Rates.from_mapping(meta["rates"], f"{version} metadata")
+            except (RatesError, AttributeError) as exc:
+                raise ArtifactError(f"{version}: metadata.json mangles rates ({exc})") from None
         return scorer
 
-    def feature_mismatch(self, label_delay_ms: int, allowed_lateness_ms: int) -> str | None:
+    def feature_mismatch(self, label_delay_ms: int, allowed_lateness_ms: int,
+                         rates: Rates | None = None) -> str | None:
         """A sentence when this worker computes features with other settings than the
-        training history was (the model is then served numbers it did not learn from)."""
+        training history was, or converts amounts with another rates table (the model is
+        then served numbers it did not learn from)."""
         serving = {"label_delay_ms": label_delay_ms, "allowed_lateness_ms": allowed_lateness_ms}
         names = {"label_delay_ms": "FRAUDSTREAM_FEATURES_LABEL_DELAY_S",
                  "allowed_lateness_ms": "FRAUDSTREAM_FEATURES_ALLOWED_LATENESS_S"}
         diffs = [f"{names[k]}={serving[k] / 1000:g} here, {v / 1000:g} in training"
                  for k, v in self.trained_features.items() if v != serving[k]]
+        if rates is not None and self.trained_rates is not None:
+            moved = rates.moved_from(self.trained_rates)
+            if moved:
+                diffs.append(f"FRAUDSTREAM_WORKER_RATES_PATH: {moved}")
         if not diffs:
             return None
         return (f"{self.version} was trained on features computed with other settings "

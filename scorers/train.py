@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.artifact import ArtifactError, check_probe, choose_probe, write_sums
 from fraudstream.scorers.metrics import summary
 from fraudstream.scorers.train_report import write_report
@@ -66,6 +67,9 @@ class TrainConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     #: Explicit event-time windows (:mod:`fraudstream.scorers.windows`); None: fractions.
     windows: Windows | None = None
+    #: The rates table the history's amounts were converted with (``amount_ref``), kept
+    #: in the metadata: a worker whose table differs materially says so at load.
+    rates: Rates | None = None
 
 
 #: Rows gathered before they are stacked into one block of the feature matrix.
@@ -463,7 +467,10 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         },
         "data": {"sha256": data_hash, "transactions": len(ds),
                  "labels": ds.stats.labels, "fraud_rate": float(ds.y.mean())},
-        "config": {k: v for k, v in asdict(config).items() if k != "features"}
+        "rates": None if config.rates is None else {
+            "version": config.rates.version, "reference": config.rates.reference,
+            "rates": config.rates.units_per_ref},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("features", "rates")}
         | {"allowed_lateness_ms": config.features.allowed_lateness_ms,
            "label_delay_ms": config.features.label_delay_ms},
         "libraries": _versions(),

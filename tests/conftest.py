@@ -270,13 +270,15 @@ def _events(seed: int, days: float, per_day: int) -> list[tuple[str, dict]]:
 @pytest.fixture(scope="session")
 def models_registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Two trained versions (different seeds) in a model registry folder."""
+    from fraudstream.schemas.fx import Rates
     from fraudstream.scorers import train as T
     from fraudstream.scorers.registry import Registry
     from fraudstream.scorers.rules import RuleSet, RulesScorer
 
     root = tmp_path_factory.mktemp("models")
-    for seed in (5, 6):
-        T.train(_events(seed, 8.0, 2500), root, T.TrainConfig(trees=40, seed=seed),
+    for seed in (5, 6):  # _events converts amounts with the shipped rates table
+        T.train(_events(seed, 8.0, 2500), root,
+                T.TrainConfig(trees=40, seed=seed, rates=Rates.load()),
                 f"{seed:02d}" * 32, RulesScorer(RuleSet.default()))
         time.sleep(1.0)  # versions are named by the second
     return Registry(root)

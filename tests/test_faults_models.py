@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.schemas.fx import Rates
 from fraudstream.scorers import train as T
 from fraudstream.scorers.artifact import SUMS, write_sums
 from fraudstream.scorers.cascade import ModelStage
@@ -388,3 +389,41 @@ def test_a_model_trained_with_other_feature_settings_is_flagged_at_load(
         ModelWatcher(reg, ModelStage(), features=(7 * 86_400_000, same[1])).check()
     assert f"{version} was trained on features computed with other settings" in caplog.text
     assert "FRAUDSTREAM_FEATURES_LABEL_DELAY_S=604800 here" in caplog.text
+
+
+def test_a_model_trained_with_a_rates_table_that_moved_materially_is_flagged_at_load(
+        models_registry, tmp_path, caplog):
+    """Amounts are features: a worker whose rates table gives another reference currency,
+    or moved a currency by more than 10%, names it when it loads the version. A newer
+    table with the day's small moves (tables are replaced daily) says nothing."""
+    root = tmp_path / "models"
+    version = copy_version(models_registry, root)
+    reg = Registry(root)
+    reg.promote(version)
+    meta = json.loads((root / version / "metadata.json").read_text())
+    same = (meta["config"]["label_delay_ms"], meta["config"]["allowed_lateness_ms"])
+    trained = Rates.load()
+    assert meta["rates"]["version"] == trained.version
+
+    def table(version: str, reference: str = trained.reference, **moved: float) -> Rates:
+        units = {**trained.units_per_ref, **moved}
+        if reference != trained.reference:
+            units = {c: u / units[reference] for c, u in units.items()}
+        return Rates(version, reference, units)
+
+    ngn, usd = trained.units_per_ref["NGN"], trained.units_per_ref["USD"]
+    for serving, said in (
+            (trained, None),
+            (table("next-day", NGN=ngn * 1.02, USD=usd * 0.99), None),
+            (table("devalued", NGN=ngn * 1.6), "1 rates moved by more than 10% (NGN 60%)"),
+            (table("in-dollars", reference="USD"), "amounts in USD here (table in-dollars), "
+                                                   f"in {trained.reference} in training")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ModelWatcher(reg, ModelStage(), features=same, rates=serving).check()
+        if said is None:
+            assert "in training" not in caplog.text, serving.version
+        else:
+            assert f"{version} was trained on features computed with other settings" \
+                in caplog.text
+            assert said in caplog.text, caplog.text

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.train import TrainConfig, train
 from fraudstream.state.features import FeatureConfig
@@ -87,7 +88,8 @@ def retrain(settings: Settings, config: RetrainConfig, models_dir: Path,
     fs = settings.features
     features = FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                              label_delay_ms=int(fs.label_delay_s * 1000))
-    meta = train(events, models_dir, replace(config.train, features=features),
+    rates = Rates.load(settings.worker.rates_path)  # as topic_events converts amounts
+    meta = train(events, models_dir, replace(config.train, features=features, rates=rates),
                  data_hash(settings, config), rules_in_force(settings), phase=phase)
     if config.upload:
         upload(settings, Registry(models_dir), meta["version"])

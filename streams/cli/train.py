@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.scorers.train import TrainConfig, TrainingError, data_sha256, train
 from fraudstream.scorers.windows import WindowError, from_flags
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     config = TrainConfig(
         valid_frac=args.valid_frac, test_frac=args.test_frac, review_rate=args.review_rate,
         decline_precision=args.decline_precision, trees=args.trees, seed=args.seed,
-        windows=windows,
+        windows=windows, rates=Rates.load(settings.worker.rates_path),
         features=FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                                label_delay_ms=int(fs.label_delay_s * 1000)),
     )

@@ -104,7 +104,8 @@ def ensure_model(world: DemoWorld, cache: Path, rules_path: Path, rates: Rates,
     events = arrival_events(txns, labels, rates)
     del txns
     config = TrainConfig(features=FeatureConfig(), review_rate=world.review_rate,
-                         decline_precision=world.decline_precision)
+                         decline_precision=world.decline_precision,
+                         rates=rates)
     with tqdm(total=sum(1 for k, _ in events if k == "transaction"), desc="features",
               unit=" txn", disable=quiet, file=sys.stderr, mininterval=1.0) as bar:
         meta = train(events, tmp, config, hashlib.sha256(world.key(rates, rules.version)

@@ -235,10 +235,11 @@ def build_worker(settings: Settings) -> Worker:
     sc = settings.scoring
     models = ModelStage(drift=DriftConfig(sc.drift_window, sc.drift_psi_threshold,
                                           sc.drift_js_threshold))
-    watcher = ModelWatcher(registry, models, metrics,
-                           (engine.config.label_delay_ms, engine.config.allowed_lateness_ms))
-    watcher.check()
     limits = Limits.from_settings(settings)
+    watcher = ModelWatcher(registry, models, metrics,
+                           (engine.config.label_delay_ms, engine.config.allowed_lateness_ms),
+                           limits.rates)
+    watcher.check()
     log.warning("amounts in %s, rates table %s (%d currencies)", limits.rates.reference,
                 limits.rates.version, len(limits.rates.units_per_ref))
     pipeline = Pipeline(

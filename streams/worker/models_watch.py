@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.onnx_model import ArtifactError
 from fraudstream.scorers.registry import ACTIVE, SHADOW, Registry
@@ -36,13 +37,16 @@ UNAVAILABLE = "model_unavailable"
 class ModelWatcher:
     def __init__(self, registry: Registry, stage: ModelStage,
                  metrics: WorkerMetrics | None = None,
-                 features: tuple[int, int] | None = None) -> None:
+                 features: tuple[int, int] | None = None,
+                 rates: Rates | None = None) -> None:
         self.registry = registry
         self.stage = stage
         self.metrics = metrics
         #: This worker's (label delay, allowed lateness) in ms, checked against what each
         #: loaded version was trained with.
         self.features = features
+        #: The rates table this worker converts amounts with.
+        self.rates = rates
         #: Per pointer: what was last acted on (target and its files' fingerprint).
         self._seen: dict[str, Any] = {ACTIVE: None, SHADOW: None}
         #: Per pointer: the version it names that was refused, if any.
@@ -94,7 +98,7 @@ class ModelWatcher:
             # (the same files again, touched or restored: the one in memory stays)
             setattr(self.stage, attr, model)
             log.warning("models: %s is now %s", pointer, version)
-            mismatch = (model.feature_mismatch(*self.features)
+            mismatch = (model.feature_mismatch(*self.features, self.rates)
                         if self.features is not None else None)
             if mismatch:
                 log.warning("models: %s", mismatch)
