@@ -419,11 +419,16 @@ def test_a_model_trained_with_a_rates_table_that_moved_materially_is_flagged_at_
             (table("in-dollars", reference="USD"), "amounts in USD here (table in-dollars), "
                                                    f"in {trained.reference} in training")):
         caplog.clear()
+        metrics = WorkerMetrics()
         with caplog.at_level(logging.WARNING):
-            ModelWatcher(reg, ModelStage(), features=same, rates=serving).check()
+            ModelWatcher(reg, ModelStage(), metrics, features=same, rates=serving).check()
+        flagged = metrics.registry.get_sample_value(
+            "fraudstream_model_trained_otherwise", {"role": "active", "version": version})
         if said is None:
             assert "in training" not in caplog.text, serving.version
+            assert flagged is None
         else:
             assert f"{version} was trained on features computed with other settings" \
                 in caplog.text
             assert said in caplog.text, caplog.text
+            assert flagged == 1.0  # what the FraudstreamModelTrainedOtherwise alert reads

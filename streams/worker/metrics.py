@@ -86,6 +86,11 @@ class WorkerMetrics:
             "Model versions a registry pointer names that this worker refused (value 1, the "
             "reason in its log); the model serving before, if any, keeps serving.",
             ["role", "version"], registry=r)
+        self.model_trained_otherwise = Gauge(
+            "fraudstream_model_trained_otherwise",
+            "Model versions serving here that were trained on features computed with other "
+            "settings, or on amounts converted with a rates table that moved materially "
+            "since (value 1, what differs in the log).", ["role", "version"], registry=r)
         self.rules = Gauge(
             "fraudstream_rules_info", "The rules version in force (value 1): the latest "
             "published on the control topic, else the rules file's.", ["version"], registry=r)
@@ -215,6 +220,13 @@ class WorkerMetrics:
         for pointer, version in refused.items():
             if version:
                 self.model_refused.labels(pointer.lower(), version).set(1)
+
+    def set_trained_otherwise(self, otherwise: dict[str, str | None]) -> None:
+        """``otherwise``: pointer name -> the version serving trained otherwise, or None."""
+        self.model_trained_otherwise.clear()
+        for pointer, version in otherwise.items():
+            if version:
+                self.model_trained_otherwise.labels(pointer.lower(), version).set(1)
 
     def set_rules(self, version: str) -> None:
         self.rules.clear()

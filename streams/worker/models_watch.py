@@ -13,6 +13,11 @@ What a worker does with each state of a pointer:
   ``fallback=true``, reason ``fallback:model_unavailable``, counted in
   ``fraudstream_fallbacks_total{cause="model_unavailable"}``.
 
+A version that loads but was trained on features computed with other settings, or on
+amounts converted with a rates table that moved materially since, serves; the log says
+what differs and ``fraudstream_model_trained_otherwise{role,version}`` is 1 while it
+serves.
+
 A refused version is tried again when the pointer or any of its files change (size or
 mtime, read every check), so restoring the files or promoting again needs no restart. A
 serving version whose files change is checked again too: if it is now refused, the copy
@@ -51,6 +56,9 @@ class ModelWatcher:
         self._seen: dict[str, Any] = {ACTIVE: None, SHADOW: None}
         #: Per pointer: the version it names that was refused, if any.
         self.refused: dict[str, str | None] = {ACTIVE: None, SHADOW: None}
+        #: Per pointer: the version serving that was trained with other feature settings
+        #: or a rates table that moved materially (logged why), if any.
+        self.otherwise: dict[str, str | None] = {ACTIVE: None, SHADOW: None}
 
     def check(self) -> None:
         for pointer in (ACTIVE, SHADOW):
@@ -59,6 +67,7 @@ class ModelWatcher:
             self.metrics.set_models(getattr(self.stage.active, "version", None),
                                     getattr(self.stage.shadow, "version", None))
             self.metrics.set_refused(self.refused)
+            self.metrics.set_trained_otherwise(self.otherwise)
 
     def _check(self, pointer: str) -> None:
         target = self.registry.pinned(pointer)
@@ -70,6 +79,7 @@ class ModelWatcher:
         if target is None:
             setattr(self.stage, attr, None)
             self.refused[pointer] = None
+            self.otherwise[pointer] = None
             if pointer == ACTIVE:
                 self.stage.unavailable = None
             log.warning("models: no %s version: %s", pointer,
@@ -100,6 +110,7 @@ class ModelWatcher:
             log.warning("models: %s is now %s", pointer, version)
             mismatch = (model.feature_mismatch(*self.features, self.rates)
                         if self.features is not None else None)
+            self.otherwise[pointer] = version if mismatch else None
             if mismatch:
                 log.warning("models: %s", mismatch)
         if pointer == ACTIVE:  # after the swap: no batch sees neither model nor cause
