@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer
 from fraudstream.schemas.control import ControlRecord
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.rules import RuleSet
-from fraudstream.streams.control.topic import publish
+from fraudstream.streams.control.topic import latest, publish
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all
 from tests.conftest import ROOT, T0_MS, produce
@@ -126,3 +126,32 @@ def test_two_workers_without_a_shared_folder_serve_a_published_version(
     reader.close()
     print(f"published version served by both workers {took:.1f} s after the command "
           "started")
+
+
+def test_a_new_champion_is_refused_while_a_rollout_is_judged_against_the_old_one(
+        models_registry, stack_settings):
+    """A canary's gates compare its version with the champion it started against: `model
+    publish` of another active version during the rollout is refused (abort first); a
+    shadow, which the gates do not read, may change."""
+    settings = stack_settings.replace(scoring={"models_dir": models_registry.root})
+    first, second = models_registry.versions()[:2]
+    out = model_cli(settings, "publish", first, "--reason", "champion")
+    assert out.returncode == 0, out.stderr
+    out = model_cli(settings, "canary", second, "--reason", "try the new one")
+    assert out.returncode == 0, out.stderr
+
+    out = model_cli(settings, "publish", second, "--reason", "skip the canary")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"of {second} against {first} is running" in out.stderr
+    assert "abort it first" in out.stderr
+    state = latest(settings, "model")
+    assert state is not None and state.document["active"] == first
+    out = model_cli(settings, "publish", second, "--shadow", "--reason", "watch it too")
+    assert out.returncode == 0, out.stderr
+
+    out = model_cli(settings, "canary", "--abort", "--reason", "replaced by hand")
+    assert out.returncode == 0, out.stderr
+    out = model_cli(settings, "publish", second, "--reason", "by hand, after the abort")
+    assert out.returncode == 0, out.stderr
+    state = latest(settings, "model")
+    assert state is not None and state.document["active"] == second

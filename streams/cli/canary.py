@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, settings: Settings, registry: Registry) -> int
         return 2
 
 
-def _current(settings: Settings) -> Rollout | None:
+def current_rollout(settings: Settings) -> Rollout | None:
     """The latest rollout; None when there is none, or when the latest cannot be read
     (said on stderr: workers refused it and serve the champion only)."""
     record = latest(settings, "canary")
@@ -134,7 +134,7 @@ def start(settings: Settings, registry: Registry, version: str, steps: tuple[Ste
                           "(fraudstream model publish V)")
     if version == champion:
         raise CanaryError(f"{version} is already the active version")
-    running = _current(settings)
+    running = current_rollout(settings)
     if running is not None and running.status == "running":
         raise CanaryError(f"rollout {running.rollout} of {running.version} is running: "
                           "--abort it first")
@@ -160,7 +160,7 @@ def start(settings: Settings, registry: Registry, version: str, steps: tuple[Ste
 def abort(settings: Settings, by: str, reason: str) -> int:
     from fraudstream.streams.control.rollout import publish_rollout
 
-    running = _current(settings)
+    running = current_rollout(settings)
     if running is None or running.status != "running":
         raise CanaryError("no rollout is running")
     publish_rollout(settings, running.moved(int(time.time() * 1000), status="aborted"), by,
@@ -172,7 +172,7 @@ def abort(settings: Settings, by: str, reason: str) -> int:
 def status(settings: Settings) -> int:
     from fraudstream.streams.control.rollout import StepReader, codecs_for
 
-    r = _current(settings)
+    r = current_rollout(settings)
     if r is None:
         print("no rollout in force")
         return 0

@@ -70,6 +70,17 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
     if not args.reason.strip():
         print("fraudstream model: --reason must say why", file=sys.stderr)
         return 2
+    if not args.shadow:
+        from fraudstream.streams.cli.canary import current_rollout
+
+        running = current_rollout(settings)
+        if running is not None and running.status == "running":
+            # The rollout's gates judge its version against the champion it started with.
+            print(f"fraudstream model: rollout {running.rollout} of {running.version} "
+                  f"against {running.champion} is running: a new active version would "
+                  "change the champion it is judged against; abort it first (fraudstream "
+                  "model canary --abort --reason ...)", file=sys.stderr)
+            return 2
     try:
         upload(settings, registry, args.version)
     except (ArtifactError, ArtifactTransferError, OSError) as exc:
