@@ -310,6 +310,9 @@ class CanarySettings:
     max_precision_drop: float = 0.05
     #: Where `fraudstream controller` serves its /metrics (0: a free port).
     controller_metrics_port: int = 9465
+    #: One controller acts among its replicas (a lease through a Kafka group): a standby
+    #: takes over this long after the holder died (at once when it stops cleanly).
+    controller_lease_session_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -574,6 +577,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_AUTOPILOT_POLL_S": POSITIVE,
     "FRAUDSTREAM_AUTOPILOT_METRICS_PORT": Range(0, 65535),
     "FRAUDSTREAM_CANARY_CONTROLLER_METRICS_PORT": Range(0, 65_535),
+    "FRAUDSTREAM_CANARY_CONTROLLER_LEASE_SESSION_S": Range(6, 300),  # the broker's bounds
     "FRAUDSTREAM_API_PORT": Range(0, 65_535),
     "FRAUDSTREAM_API_TIMEOUT_MS": POSITIVE,
     "FRAUDSTREAM_API_MAX_TIMEOUT_MS": POSITIVE,

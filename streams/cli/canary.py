@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -205,10 +206,21 @@ def status(settings: Settings) -> int:
 
 def run_controller(args: argparse.Namespace, settings: Settings) -> int:
     """``fraudstream controller``: drive rollouts until SIGINT/SIGTERM."""
+    from fraudstream.streams.control.lease import Lease
     from fraudstream.streams.control.rollout import Controller, RolloutMetrics
     from fraudstream.streams.processes import serve_until_signalled
 
     metrics = RolloutMetrics()
     port = args.metrics_port if args.metrics_port is not None \
         else settings.canary.controller_metrics_port
-    return serve_until_signalled(metrics.registry, port, Controller(settings, metrics).run)
+    lease = Lease(settings, "controller", settings.canary.controller_lease_session_s)
+    controller = Controller(settings, metrics, lease=lease)
+
+    def run(stop: threading.Event) -> None:
+        lease.start()
+        try:
+            controller.run(stop)
+        finally:
+            lease.stop()  # leaves the group: a standby takes over at once
+
+    return serve_until_signalled(metrics.registry, port, run)

@@ -38,6 +38,7 @@ from fraudstream.scorers.canary import (
     VariantStats,
     judge,
 )
+from fraudstream.streams.control.lease import Lease
 from fraudstream.streams.control.topic import control_consumer, latest, publish, read_to_end
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import offsets_at
@@ -172,6 +173,8 @@ class RolloutMetrics:
                              "(promoted, rolled_back, aborted).", ["outcome"], registry=r)
         for outcome in ("promoted", "rolled_back", "aborted"):
             self.ended.labels(outcome)  # at 0 from the start: the first one is an increase
+        self.lease = Gauge("fraudstream_controller_lease_held", "1 on the controller that "
+                           "acts, 0 on a standby replica.", registry=r)
 
     def update(self, rollout: Rollout | None, results: list[GateResult],
                stats: dict[str, VariantStats] | None) -> None:
@@ -187,9 +190,12 @@ class RolloutMetrics:
 
 class Controller:
     def __init__(self, settings: Settings, metrics: RolloutMetrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, lease: Lease | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or RolloutMetrics()
+        #: Held by one controller among replicas: only that one judges and moves rollouts
+        #: (None: this one always acts).
+        self.lease = lease
         self.clock = clock
         self.codecs = codecs_for(settings)
         self.rollout: Rollout | None = None
@@ -236,7 +242,10 @@ class Controller:
             if msg.error() is None and msg.key() == b"canary":
                 self._read(msg)
         r = self.rollout
-        if r is None or r.status != "running":
+        acting = self.lease is None or self.lease.held
+        self.metrics.lease.set(float(acting))
+        if r is None or r.status != "running" or not acting:
+            # (a standby keeps reading the rollout's state: it takes over where it is)
             self._close_reader()
             self.metrics.update(r, [], None)
             return
