@@ -364,6 +364,9 @@ class AutopilotSettings:
     models_dir: Path = Path("autopilot-models")
     #: Where it serves its /metrics (0: a free port).
     metrics_port: int = 9466
+    #: One autopilot acts among replicas (a lease through a Kafka group): a standby takes
+    #: over this long after the holder died, and resumes from its events.
+    lease_session_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -576,6 +579,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_AUTOPILOT_MIN_SHADOW_DECISIONS": NOT_NEGATIVE,
     "FRAUDSTREAM_AUTOPILOT_POLL_S": POSITIVE,
     "FRAUDSTREAM_AUTOPILOT_METRICS_PORT": Range(0, 65535),
+    "FRAUDSTREAM_AUTOPILOT_LEASE_SESSION_S": Range(6, 300),  # the broker's bounds
     "FRAUDSTREAM_CANARY_CONTROLLER_METRICS_PORT": Range(0, 65_535),
     "FRAUDSTREAM_CANARY_CONTROLLER_LEASE_SESSION_S": Range(6, 300),  # the broker's bounds
     "FRAUDSTREAM_API_PORT": Range(0, 65_535),

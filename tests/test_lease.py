@@ -1,6 +1,6 @@
-"""One rollout controller acts among replicas (streams/control/lease.py), on the embedded
-broker: two real `fraudstream controller` processes, one holding the lease; it stops, the
-other takes over; it dies (SIGKILL), the first takes over after the session."""
+"""One rollout controller, one autopilot, acts among replicas (streams/control/lease.py),
+on the embedded broker, with real processes: one holds the lease; it stops or dies
+(SIGKILL), a standby takes over."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fraudstream.streams.autopilot.events import read_events
 from fraudstream.streams.embedded.broker import free_ports
 from fraudstream.streams.processes import die_with_parent, stop_process
 from fraudstream.streams.settings import Settings
@@ -25,16 +26,20 @@ pytestmark = pytest.mark.e2e
 SESSION_S = 6.0
 
 
-def _held(port: int) -> float | None:
+def _metric(port: int, name: str) -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             text = r.read().decode()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("fraudstream_controller_lease_held "):
+        if line.startswith(f"{name} "):
             return float(line.split()[1])
     return None
+
+
+def _held(port: int) -> float | None:
+    return _metric(port, "fraudstream_controller_lease_held")
 
 
 def _controller(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -87,6 +92,48 @@ def test_one_controller_acts_and_a_standby_takes_over_when_it_stops_or_dies(
         wait_until(lambda: _held(ports[2]) == 1.0, SESSION_S + 30, "the third took over",
                    ())
         assert time.monotonic() - started < SESSION_S + 15, tails()
+    finally:
+        for p in procs:
+            stop_process(p, 15.0)
+
+
+def _autopilot(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "fraudstream", "autopilot",
+                                 "--metrics-port", str(port)], env=env_of(settings), cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+
+def test_one_autopilot_acts_and_a_standby_resumes_from_its_events_when_it_dies(
+        stack_settings, tmp_path):
+    """Two autopilots on one deployment: only the lease holder resumes (its "started"
+    event) and acts; killed, the other takes over and resumes from the events."""
+    settings = stack_settings.replace(autopilot={"lease_session_s": SESSION_S,
+                                                 "models_dir": tmp_path / "challengers",
+                                                 "poll_s": 1.0})
+    ensure_topics(settings)
+    ports = free_ports(2)
+    logs = [tmp_path / f"autopilot-{k}.log" for k in range(2)]
+    procs = [_autopilot(settings, ports[k], logs[k]) for k in range(2)]
+
+    def held(k: int) -> float | None:
+        return _metric(ports[k], "fraudstream_autopilot_lease_held")
+
+    def started() -> int:
+        return sum(e.kind == "started" for e in read_events(settings))
+
+    try:
+        wait_until(lambda: sorted(held(k) or 0.0 for k in range(2)) == [0.0, 1.0], 60,
+                   "one autopilot holds the lease", ())
+        wait_until(lambda: started() == 1, 30, "the holder resumed", ())
+        time.sleep(SESSION_S)
+        assert started() == 1  # the standby did not
+        holder = [held(k) for k in range(2)].index(1.0)
+        procs[holder].send_signal(signal.SIGKILL)
+        procs[holder].wait(10)
+        wait_until(lambda: held(1 - holder) == 1.0, SESSION_S + 30, "the standby took over",
+                   ())
+        wait_until(lambda: started() == 2, 30, "it resumed from the events", ())
     finally:
         for p in procs:
             stop_process(p, 15.0)

@@ -46,6 +46,7 @@ from fraudstream.streams.autopilot.events import (
     resume,
 )
 from fraudstream.streams.autopilot.retrain import RetrainConfig, Retrained, retrain
+from fraudstream.streams.control.lease import Lease
 from fraudstream.streams.control.rollout import codecs_for
 from fraudstream.streams.control.topic import latest, publish
 from fraudstream.streams.replay.engine import REPLAY_HEADER
@@ -56,6 +57,10 @@ from fraudstream.streams.topics import offsets_at, read_since
 log = logging.getLogger("fraudstream.autopilot")
 BY = "autopilot"
 PHASES = ("idle", "training", "shadow", "canary")
+
+
+class LeaseLost(Exception):
+    """Another autopilot holds the lease now: this one must not publish what it made."""
 
 
 class AutopilotMetrics:
@@ -75,6 +80,8 @@ class AutopilotMetrics:
                              ["side", "measure"], registry=r)
         self.training_seconds = Gauge("fraudstream_autopilot_training_seconds",
                                       "How long the last training took.", registry=r)
+        self.lease = Gauge("fraudstream_autopilot_lease_held", "1 on the autopilot that "
+                           "acts, 0 on a standby replica.", registry=r)
 
     def set_phase(self, phase: str) -> None:
         for p in PHASES:
@@ -134,8 +141,11 @@ class EvidenceReader:
 
 class Autopilot:
     def __init__(self, settings: Settings, metrics: AutopilotMetrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, lease: Lease | None = None) -> None:
         self.settings = settings
+        #: Held by one autopilot among replicas: only that one resumes and acts (None:
+        #: this one always does).
+        self.lease = lease
         self.a = settings.autopilot
         self.policy = Policy.of(self.a)
         self.codecs = codecs_for(settings)
@@ -151,16 +161,30 @@ class Autopilot:
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
+        recovered = False
         while not stop.is_set():
-            try:
-                self._recover()
-                break
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("autopilot: %s; trying again in 5 s", exc)
-                stop.wait(5.0)
-        while not stop.is_set():
+            if self.lease is not None and not self.lease.held:
+                # A standby: it resumes from the events once it holds the lease, where
+                # the holder before it left off.
+                self.metrics.lease.set(0.0)
+                self._close_reader()
+                recovered = False
+                self.lease.wait(1.0)
+                continue
+            self.metrics.lease.set(1.0)
+            if not recovered:
+                try:
+                    self._recover()
+                    recovered = True
+                except (KafkaException, RuntimeError) as exc:
+                    log.warning("autopilot: %s; trying again in 5 s", exc)
+                    stop.wait(5.0)
+                continue
             try:
                 self.turn()
+            except LeaseLost as exc:
+                log.warning("autopilot: %s; standing by", exc)
+                continue
             except (KafkaException, RuntimeError, LookupError) as exc:
                 log.warning("autopilot: %s; trying again in 5 s", exc)
                 self._close_reader()
@@ -270,6 +294,8 @@ class Autopilot:
                            "test": done.meta["metrics"]["test"],
                            "not_used": dict(done.errors)})
             self._compare(done, champion)
+        except LeaseLost:
+            raise  # not a failed training: another autopilot acts now
         except (TrainingError, ReplayError, RuntimeError, OSError) as exc:
             s.training_failed_at = self._now()
             self._emit("training_failed", " ".join(str(exc).split()))
@@ -322,7 +348,15 @@ class Autopilot:
         self.metrics.set_phase("shadow")
 
     # ------------------------------------------------------------------ shadow, canary
+    def _still_acting(self) -> None:
+        """Before a change workers act on: a lease lost meanwhile (during a training)
+        stops this turn (:class:`LeaseLost`, past the training's own error handling);
+        the holder now resumes from the events."""
+        if self.lease is not None and not self.lease.held:
+            raise LeaseLost("the lease was lost during this turn: nothing published")
+
     def _publish_models(self, active: str, shadow: str | None, reason: str) -> None:
+        self._still_acting()
         publish(self.settings, ControlRecord.make(
             "model", active, {"active": active, "shadow": shadow}, BY, self._now(), reason))
 
@@ -372,6 +406,7 @@ class Autopilot:
     def _start_canary(self, version: str, made: int, fallbacks: int) -> None:
         from fraudstream.streams.cli.canary import gates_of, parse_steps, start
 
+        self._still_acting()
         s, c = self.state, self.settings.canary
         steps = parse_steps(self.a.canary_steps or c.steps, c.step_duration_s)
         try:

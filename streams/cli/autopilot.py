@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from datetime import UTC, datetime
 
 from fraudstream.streams.autopilot.events import Event
@@ -32,13 +33,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                                     else ""))
         return 0
     from fraudstream.streams.autopilot.loop import Autopilot, AutopilotMetrics
+    from fraudstream.streams.control.lease import Lease
     from fraudstream.streams.processes import serve_until_signalled
 
     metrics = AutopilotMetrics()
-    pilot = Autopilot(settings, metrics)
+    lease = Lease(settings, "autopilot", settings.autopilot.lease_session_s)
+    pilot = Autopilot(settings, metrics, lease=lease)
     port = args.metrics_port if args.metrics_port is not None \
         else settings.autopilot.metrics_port
-    return serve_until_signalled(metrics.registry, port, pilot.run)
+
+    def run(stop: threading.Event) -> None:
+        lease.start()
+        try:
+            pilot.run(stop)
+        finally:
+            lease.stop()  # leaves the group: a standby takes over
+
+    return serve_until_signalled(metrics.registry, port, run)
 
 
 def line(e: Event) -> str:
