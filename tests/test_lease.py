@@ -21,7 +21,7 @@ from fraudstream.streams.topics import ensure_topics
 from tests.conftest import ROOT
 from tests.test_canary_e2e import env_of, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # 60 s together: make test-slow
 
 SESSION_S = 6.0
 
@@ -42,11 +42,17 @@ def _held(port: int) -> float | None:
     return _metric(port, "fraudstream_controller_lease_held")
 
 
-def _controller(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _started(command: str, settings: Settings, port: int,
+             log: Path) -> subprocess.Popen[bytes]:
+    """``fraudstream <command>`` (controller, autopilot) with its /metrics on ``port``."""
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fraudstream", "controller",
+        return subprocess.Popen([sys.executable, "-m", "fraudstream", command,
                                  "--metrics-port", str(port)], env=env_of(settings), cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+
+
+def _controller(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    return _started("controller", settings, port, log)
 
 
 def test_one_controller_acts_and_a_standby_takes_over_when_it_stops_or_dies(
@@ -97,13 +103,6 @@ def test_one_controller_acts_and_a_standby_takes_over_when_it_stops_or_dies(
             stop_process(p, 15.0)
 
 
-def _autopilot(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fraudstream", "autopilot",
-                                 "--metrics-port", str(port)], env=env_of(settings), cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-
-
 def test_one_autopilot_acts_and_a_standby_resumes_from_its_events_when_it_dies(
         stack_settings, tmp_path):
     """Two autopilots on one deployment: only the lease holder resumes (its "started"
@@ -114,7 +113,7 @@ def test_one_autopilot_acts_and_a_standby_resumes_from_its_events_when_it_dies(
     ensure_topics(settings)
     ports = free_ports(2)
     logs = [tmp_path / f"autopilot-{k}.log" for k in range(2)]
-    procs = [_autopilot(settings, ports[k], logs[k]) for k in range(2)]
+    procs = [_started("autopilot", settings, ports[k], logs[k]) for k in range(2)]
 
     def held(k: int) -> float | None:
         return _metric(ports[k], "fraudstream_autopilot_lease_held")
