@@ -335,8 +335,12 @@ class DecisionService:
                 self._standin_lost(txn_id, str(err))
 
         try:
-            self._producer.produce(self.settings.topics.decisions_standins,
-                                   value=self.codecs.decision.encode(decision),
+            value = self.codecs.decision.encode(decision)
+        except Exception as exc:  # fastavro's errors: counted and logged, never raised here
+            self._standin_lost(txn_id, f"cannot encode it: {type(exc).__name__}: {exc}")
+            return
+        try:
+            self._producer.produce(self.settings.topics.decisions_standins, value=value,
                                    key=txn_id.encode(), on_delivery=delivered)
         except (BufferError, KafkaException) as exc:
             self._standin_lost(txn_id, str(exc))
