@@ -1,14 +1,15 @@
-"""One acting process per role (the rollout controller) among replicas: a lease held
-through Kafka group membership.
+"""One acting process per role (the rollout controller, the autopilot) among replicas: a
+lease held through Kafka group membership.
 
 Every candidate joins the consumer group ``<app id>-<role>-lease``, subscribed to the
 control topic, which has one partition: the group gives that partition to exactly one
 member, and that member holds the lease (the sticky assignment keeps it there when
 another joins). The others stand by, and one of them takes over when the holder leaves
 the group: once the group has rebalanced after a clean stop (about 6 s on the embedded
-broker, which holds joins), or after ``FRAUDSTREAM_CANARY_CONTROLLER_LEASE_SESSION_S``
-more when it died. Records read this way are dropped: the group is for the assignment
-only, and commits nothing.
+broker, which holds joins), or after the role's session setting more when it died
+(``FRAUDSTREAM_CANARY_CONTROLLER_LEASE_SESSION_S``,
+``FRAUDSTREAM_AUTOPILOT_LEASE_SESSION_S``). Records read this way are dropped: the group
+is for the assignment only, and commits nothing.
 
 This is not a fence: a holder paused longer than the session (a SIGSTOP, a machine that
 froze) may act once more after another took over, before it hears it lost the lease.
