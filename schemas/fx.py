@@ -60,10 +60,9 @@ class Rates:
         if self.reference != trained.reference:
             return (f"amounts in {self.reference} here (table {self.version}), in "
                     f"{trained.reference} in training (table {trained.version})")
-        moves = sorted(((abs(self.units_per_ref[c] / r - 1.0), c)
-                        for c, r in trained.units_per_ref.items() if c in self.units_per_ref),
-                       reverse=True)
-        big = [(m, c) for m, c in moves if m > tolerance]
+        moves = ((abs(self.units_per_ref[c] / r - 1.0), c)
+                 for c, r in trained.units_per_ref.items() if c in self.units_per_ref)
+        big = sorted(((m, c) for m, c in moves if m > tolerance), reverse=True)
         if not big:
             return None
         named = ", ".join(f"{c} {m:.0%}" for m, c in big[:5])

@@ -311,7 +311,8 @@ class CanarySettings:
     #: Where `fraudstream controller` serves its /metrics (0: a free port).
     controller_metrics_port: int = 9465
     #: One controller acts among its replicas (a lease through a Kafka group): a standby
-    #: takes over this long after the holder died (at once when it stops cleanly).
+    #: takes over this long after the holder died (once the group rebalanced when it
+    #: stopped cleanly).
     controller_lease_session_s: float = 10.0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from datetime import UTC, datetime
 
 from fraudstream.streams.autopilot.events import Event
@@ -41,15 +40,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     pilot = Autopilot(settings, metrics, lease=lease)
     port = args.metrics_port if args.metrics_port is not None \
         else settings.autopilot.metrics_port
-
-    def run(stop: threading.Event) -> None:
-        lease.start()
-        try:
-            pilot.run(stop)
-        finally:
-            lease.stop()  # leaves the group: a standby takes over
-
-    return serve_until_signalled(metrics.registry, port, run)
+    return serve_until_signalled(metrics.registry, port, lease.around(pilot.run))
 
 
 def line(e: Event) -> str:

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import math
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -215,12 +214,4 @@ def run_controller(args: argparse.Namespace, settings: Settings) -> int:
         else settings.canary.controller_metrics_port
     lease = Lease(settings, "controller", settings.canary.controller_lease_session_s)
     controller = Controller(settings, metrics, lease=lease)
-
-    def run(stop: threading.Event) -> None:
-        lease.start()
-        try:
-            controller.run(stop)
-        finally:
-            lease.stop()  # leaves the group: a standby takes over at once
-
-    return serve_until_signalled(metrics.registry, port, run)
+    return serve_until_signalled(metrics.registry, port, lease.around(controller.run))

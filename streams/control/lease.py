@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
@@ -67,6 +68,18 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(15.0)
+
+    def around(self, run: Callable[[threading.Event], None]
+               ) -> Callable[[threading.Event], None]:
+        """``run(stop)`` with this lease's group joined for as long as it runs, and left
+        when it returns (a standby takes over without waiting out a session)."""
+        def leased(stop: threading.Event) -> None:
+            self.start()
+            try:
+                run(stop)
+            finally:
+                self.stop()
+        return leased
 
     def _assigned(self, _consumer: Any, partitions: list[Any]) -> None:
         if partitions and not self._held.is_set():
