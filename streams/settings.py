@@ -391,6 +391,10 @@ class ApiSettings:
     #: Answers remembered for retries (by transaction_id); older retries are answered
     #: from the workers' dedupe state through the stream.
     remember: int = 100_000
+    #: How far back a starting instance reads ``decisions.standins``: a retry sent here
+    #: of a transaction another instance answered with a stand-in in that time gets that
+    #: stand-in (each instance reads every stand-in as it is published, too).
+    standins_lookback_s: float = 900.0
     #: How long the decisions reader's fetch may wait at the broker (the embedded broker
     #: always waits this long: it bounds the API's added latency there).
     fetch_max_wait_ms: int = 2
@@ -589,6 +593,7 @@ RANGES: dict[str, Range] = {
     "FRAUDSTREAM_API_MAX_PENDING": AT_LEAST_ONE,
     "FRAUDSTREAM_API_RETRY_AFTER_S": AT_LEAST_ONE,
     "FRAUDSTREAM_API_REMEMBER": NOT_NEGATIVE,
+    "FRAUDSTREAM_API_STANDINS_LOOKBACK_S": Range(0, 7 * 86_400),
     "FRAUDSTREAM_API_FETCH_MAX_WAIT_MS": Range(0, 300_000),
     "FRAUDSTREAM_API_METRICS_PORT": Range(0, 65_535),
 }

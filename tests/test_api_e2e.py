@@ -270,6 +270,74 @@ def test_a_stopped_worker_gives_stand_ins_within_the_deadline_then_the_stream_de
         api.stop()
 
 
+def test_a_retry_sent_to_another_instance_gets_the_stand_in_first_answered(
+        stack_settings, codecs: Codecs, start_worker, tmp_path):
+    """Behind a load balancer a caller's retry may reach another API instance: it must
+    get the stand-in the caller acted on, not the streamed decision that followed it."""
+    worker = start_worker()
+    a = ApiProcess(stack_settings, tmp_path / "a.log").start()
+    b = ApiProcess(stack_settings, tmp_path / "b.log").start()
+    late: ApiProcess | None = None
+    try:
+        assert {x[0] for x in _run(_post_all(a, [_body(t) for t in _transactions(10, 6)],
+                                             timeout_ms=10_000))} == {200}
+        assert worker.proc is not None
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        try:
+            txns = _transactions(40, seed=7)
+            answers = _run(_post_all(a, [_body(t) for t in txns[:30]], timeout_ms=300))
+
+            # The same transaction at A (300 ms) and B (5 s) at once: B answers with A's
+            # stand-in as soon as it reads it, not at its own deadline.
+            async def both() -> tuple[list[Any], list[Any]]:
+                async with aiohttp.ClientSession() as s:
+                    bodies = [_body(t) for t in txns[30:]]
+                    at_a = asyncio.gather(*(_post(s, a, x, timeout_ms=300) for x in bodies))
+                    at_b = asyncio.gather(*(_post(s, b, x, timeout_ms=5000) for x in bodies))
+                    return list(await at_a), list(await at_b)
+
+            at_a, at_b = _run(both())
+        finally:
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+        assert {x[1]["x-fraudstream-decision-source"] for x in answers + at_a} == {"standin"}
+        for first, other in zip(at_a, at_b, strict=True):
+            assert other[0] == 200 and other[2] == first[2], (other, b.tail())
+            assert other[3] < 2.0, other[3]  # not held to its own 5 s deadline
+        # The streamed decisions follow; then every retry at B, and at an instance started
+        # after it all, gets A's stand-in, from memory: nothing is produced for it again.
+        ids = {t["transaction_id"].encode() for t in txns}
+        consume_all(stack_settings, stack_settings.topics.decisions, 50, 60, settle_s=0.5,
+                    keys=ids)
+        late = ApiProcess(stack_settings, tmp_path / "late.log").start()
+        for api in (b, late):
+            retried = _run(_post_all(api, [_body(t) for t in txns[:30]]))
+            for first, again in zip(answers, retried, strict=True):
+                assert again[0] == 200 and again[2] == first[2], (again, api.tail())
+                assert again[1]["x-fraudstream-decision-source"] == "standin"
+                assert again[1]["x-fraudstream-replayed"] == "true"
+        assert "fraudstream_api_standins_adopted 40.0" in b.metrics()
+        assert "fraudstream_api_standins_adopted 40.0" in late.metrics()
+        for api in (a, b, late):
+            assert "fraudstream_api_standins_conflicting 0.0" in api.metrics()
+            assert "fraudstream_api_standins_unreadable 0.0" in api.metrics()
+        # No retry reached a worker: the topic holds the 50 decisions, and the first
+        # decision again (same bytes) for each of the 10 that B produced as well.
+        published = consume_all(stack_settings, stack_settings.topics.decisions, 60, 30,
+                                settle_s=1.0)
+        values: dict[bytes, set[bytes]] = {}
+        for m in published:
+            values.setdefault(m.key(), set()).add(m.value())
+        assert len(published) == 60 and len(values) == 50
+        assert {len(v) for v in values.values()} == {1}
+        # B's own requests were produced (a duplicate the workers decided once), but it
+        # answered none with a stand-in of its own.
+        assert 'fraudstream_api_standins_total{cause="timeout"}' not in b.metrics()
+    finally:
+        for api in (a, b, late):
+            if api is not None:
+                api.stop()
+
+
 def test_load_beyond_capacity_is_refused_at_once_not_queued(
         stack_settings, start_worker, tmp_path):
     worker = start_worker()

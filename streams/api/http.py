@@ -83,6 +83,16 @@ class ApiMetrics:
         Gauge("fraudstream_api_standins_unpublished", "Stand-ins answered but not on "
               "decisions.standins (refused, or timed out) since start",
               registry=r).set_function(lambda: service.standins_unpublished)
+        Gauge("fraudstream_api_standins_adopted", "Stand-ins read on decisions.standins "
+              "and remembered for retries (another instance's) since start",
+              registry=r).set_function(lambda: service.standins_adopted)
+        Gauge("fraudstream_api_standins_conflicting", "Stand-ins read on "
+              "decisions.standins for a transaction this instance answered otherwise "
+              "first (its caller and another instance's got different verdicts)",
+              registry=r).set_function(lambda: service.standins_conflicting)
+        Gauge("fraudstream_api_standins_unreadable", "Records on decisions.standins that "
+              "could not be read as decisions (logged)",
+              registry=r).set_function(lambda: service.standins_unreadable)
         # A scrape looks at the tokens file too, so an idle API shows a change not taken.
         Gauge("fraudstream_api_tokens", "Bearer tokens in force (the setting's and the "
               "tokens file's)", registry=r).set_function(lambda: len(tokens.current()))

@@ -25,9 +25,23 @@ What a request gets (:meth:`DecisionService.decide`):
   :class:`Unavailable` (a 503): nothing was decided for the caller to rely on;
 - past ``max_pending`` requests in flight: :class:`Overloaded` (a 429), at once;
 - a retry of a transaction_id answered here: the first answer, remembered; one still in
-  flight: the same answer as the first request, when it comes. A retry this instance
-  does not remember (another instance, or forgotten) goes to the stream again, where the
-  workers' dedupe state returns the first decision.
+  flight: the same answer as the first request, when it comes.
+- a retry of a transaction another instance answered with a stand-in: that stand-in.
+  Every instance reads ``decisions.standins`` next to ``decisions`` (from
+  ``standins_lookback_s`` back at start) and remembers the stand-ins it reads, so a caller
+  whose retry a load balancer sends elsewhere gets what it was first answered with, not
+  the streamed decision that followed. A request waiting here for that transaction is
+  answered with it as soon as it is read.
+- any other retry this instance does not remember (forgotten, or answered from the stream
+  by another instance) goes to the stream again, where the workers' dedupe state returns
+  the first decision, the same bytes.
+
+What this does not close: a retry that reaches another instance within the moment
+between a stand-in's answer and its record being read there (a produce and a fetch, a
+few milliseconds) is decided again; and two instances that each answer a stand-in for
+the same transaction (a caller that retried before its first deadline) answered their
+callers each with their own. Both are counted where they show (``standins_conflicting``:
+a stand-in read for a transaction this instance answered otherwise).
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from fraudstream.scorers.rules import RulesScorer
 from fraudstream.streams.settings import Settings
-from fraudstream.streams.topics import take_available
+from fraudstream.streams.topics import offsets_at, take_available
 
 log = logging.getLogger("fraudstream.api")
 
@@ -83,7 +97,8 @@ class _Pending:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.acked: asyncio.Future[str | None] = loop.create_future()  # None, or the error
-        self.decided: asyncio.Future[tuple[bytes, int, int]] = loop.create_future()
+        #: The streamed decision (value, partition, offset), or another instance's stand-in.
+        self.decided: asyncio.Future[tuple[bytes, int, int] | Answer] = loop.create_future()
         self.started = time.perf_counter()
 
 
@@ -95,6 +110,12 @@ def _set(fut: asyncio.Future[Any], value: Any) -> None:
 def _set_all(results: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for fut, value in results:
         _set(fut, value)
+
+
+def _verdict(decision: dict[str, Any]) -> tuple[Any, ...]:
+    """What a caller acts on in a decision: two stand-ins of the same rules agree on it."""
+    return (decision.get("decision"), decision.get("score"), decision.get("stage"),
+            decision.get("model_version"), decision.get("rules_version"))
 
 
 def json_ready(decision: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +156,14 @@ class DecisionService:
         #: (refused, or not taken within the producer's timeout: logged each).
         self.standins_published = 0
         self.standins_unpublished = 0
+        #: Stand-ins read on ``decisions.standins``: remembered for retries (another
+        #: instance's, or one this instance had forgotten), answered otherwise here
+        #: first (another outcome, score, stage or version), and unreadable (logged).
+        self.standins_adopted = 0
+        self.standins_conflicting = 0
+        self.standins_unreadable = 0
+        #: Stand-ins older than this Kafka timestamp are not read (set when positioned).
+        self._standins_since = 0
 
     # -- lifecycle (outside the loop) ------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -180,19 +209,29 @@ class DecisionService:
         while not self._stop.is_set():
             self._producer.poll(0.05)
 
-    def _position(self) -> None:
-        """Assign every partition of ``decisions`` at its high watermark, read now: a
-        decision of a transaction produced after this is never missed."""
+    def _partitions(self, topic: str) -> list[int]:
         assert self._consumer is not None
-        topic = self.settings.topics.decisions
         meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise LookupError(f"topic {topic!r} not found")
+        return sorted(meta.partitions)
+
+    def _position(self) -> None:
+        """Assign every partition of ``decisions`` at its high watermark, read now: a
+        decision of a transaction produced after this is never missed; and every
+        partition of ``decisions.standins`` from ``standins_lookback_s`` ago."""
+        assert self._consumer is not None
+        topics = self.settings.topics
         parts = []
-        for p in sorted(meta.partitions):
-            _low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                              timeout=10)
-            parts.append(TopicPartition(topic, p, high))
+        for p in self._partitions(topics.decisions):
+            _low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topics.decisions, p), timeout=10)
+            parts.append(TopicPartition(topics.decisions, p, high))
+        since = int((self.clock() - self.api.standins_lookback_s) * 1000)
+        partitions = self._partitions(topics.decisions_standins)
+        starts = offsets_at(self._consumer, topics.decisions_standins, partitions, since)
+        parts += [TopicPartition(topics.decisions_standins, p, starts[p]) for p in partitions]
+        self._standins_since = since
         self._consumer.assign(parts)
 
     def _reader(self) -> None:
@@ -205,21 +244,63 @@ class DecisionService:
                 log.warning("api: cannot position the decisions reader yet: %s", exc)
                 self._stop.wait(1.0)
         consumer, pending = self._consumer, self._pending
+        standins_topic = self.settings.topics.decisions_standins
         while not self._stop.is_set():
             msgs = take_available(consumer, 0.1, 5000)
             self.reader_beat = time.monotonic()
-            self.read += len(msgs)
-            found = []
+            found, standins = [], []
             for m in msgs:
                 if m.error() is not None:  # partition EOF is not enabled: a real error
                     log.warning("api: decisions reader: %s", m.error())
                     continue
+                if m.topic() == standins_topic:
+                    standin = self._read_standin(m)
+                    if standin is not None:
+                        standins.append(standin)
+                    continue
+                self.read += 1
                 waiting = pending.get(m.key())
                 if waiting is not None:
                     found.append((waiting.decided, (m.value(), m.partition(), m.offset())))
             if found:  # one wake-up of the event loop for all of them
                 self.matched += len(found)
                 self.loop.call_soon_threadsafe(_set_all, found)  # type: ignore[union-attr]
+            if standins:
+                self.loop.call_soon_threadsafe(self._adopt, standins)  # type: ignore[union-attr]
+
+    def _read_standin(self, m: Any) -> tuple[str, Answer] | None:
+        """A record of ``decisions.standins`` as the answer it was (in the reader thread);
+        None for one older than the lookback, or unreadable (counted and logged)."""
+        if m.timestamp()[1] < self._standins_since:
+            return None  # the broker's lookup by time is coarse: it may start earlier
+        try:
+            decision = json_ready(self.codecs.decision.decode(m.value()))
+            txn_id = decision["transaction_id"]
+        except Exception as exc:  # a record another writer put there: never raised here
+            self.standins_unreadable += 1
+            log.error("api: unreadable record at %s[%d]@%d: %s: %s", m.topic(),
+                      m.partition(), m.offset(), type(exc).__name__, exc)
+            return None
+        return txn_id, Answer(decision, "standin", replayed=True)
+
+    def _adopt(self, standins: list[tuple[str, Answer]]) -> None:
+        """Stand-ins read on ``decisions.standins`` (on the loop): remembered for retries,
+        and the answer of a request here waiting for that transaction. A transaction
+        this instance answered first keeps its answer."""
+        for txn_id, answer in standins:
+            first = self._answers.get(txn_id)
+            if first is not None:
+                if _verdict(first.decision) != _verdict(answer.decision):
+                    self.standins_conflicting += 1
+                    log.warning("api: transaction %s was answered here with %s (%s) and "
+                                "elsewhere with a stand-in (%s)", txn_id, first.source,
+                                first.decision.get("decision"), answer.decision["decision"])
+                continue
+            self.standins_adopted += 1
+            self._remember(txn_id, answer)
+            waiting = self._pending.get(txn_id.encode())
+            if waiting is not None:
+                _set(waiting.decided, answer)
 
     # -- requests (on the loop) ------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -280,11 +361,13 @@ class DecisionService:
         # it takes well under this margin.
         wait = deadline - 0.003 - time.perf_counter()
         try:
-            value, partition, offset = await asyncio.wait_for(asyncio.shield(pending.decided),
-                                                              max(0.0, wait))
+            value = await asyncio.wait_for(asyncio.shield(pending.decided), max(0.0, wait))
         except TimeoutError:
             return self._finish(key, txn_id, pending, self._standin(txn, marks))
+        if isinstance(value, Answer):  # another instance's stand-in, read meanwhile
+            return self._finish(key, txn_id, pending, value)
         marks["decision"] = (time.perf_counter() - t0) * 1000.0
+        value, partition, offset = value
         return self._finish(key, txn_id, pending, Answer(
             json_ready(self.codecs.decision.decode(value)), "stream",
             hashlib.sha256(value).hexdigest(), partition, offset, marks))
@@ -320,7 +403,7 @@ class DecisionService:
         if first is not None:
             return first
         self._remember(txn_id, answer)
-        if answer.source == "standin":  # after this answer is sent, not before
+        if answer.source == "standin" and not answer.replayed:  # after it is sent, not before
             self.loop.call_soon(self._publish_standin, answer.decision)  # type: ignore[union-attr]
         return answer
 
