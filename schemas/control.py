@@ -18,13 +18,24 @@ The value::
 ``sha256`` covers the document in canonical JSON (sorted keys, no spaces): a record whose
 document does not match it is refused as corrupt. What a document must hold is the reader
 of its kind's business (:mod:`fraudstream.scorers.rules_file` for rules).
+
+**Fenced changes.** A publisher reads the state in force, makes its change from it, and
+names that state in ``prev`` (its :meth:`ControlRecord.ref`; ``""``: none was published).
+Every reader replays the audit records in the topic's order (one partition) through
+:class:`Heads`: a record whose ``prev`` is no longer the state in force of its kind was made
+from a state another change replaced meanwhile, so it is *superseded*: no reader applies it,
+and the publisher, reading the topic back, is told so. Two operators publishing at once, or
+a controller that lost its lease while frozen, cannot overwrite a change they did not see.
+The audit records, each under a key of its own, are what readers replay: compaction keeps
+all of them, while the state key keeps only the last record written, superseded or not. A
+record without ``prev`` (written before fencing, or by hand) applies as it comes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 KINDS = ("rules", "model", "canary")
@@ -50,6 +61,8 @@ class ControlRecord:
     published_by: str
     published_at: int  # epoch ms
     reason: str
+    #: The state this change was made from (see the module doc); None: unfenced.
+    prev: str | None = None
 
     @classmethod
     def make(cls, kind: str, version: str, document: Any, published_by: str,
@@ -63,9 +76,49 @@ class ControlRecord:
     def audit_key(self) -> bytes:
         return f"{AUDIT_PREFIX}{self.kind}/{self.published_at:013d}/{self.sha256[:12]}".encode()
 
+    def ref(self) -> str:
+        """What names this change: its audit key."""
+        return self.audit_key().decode()
+
+    def after(self, head: ControlRecord | None) -> ControlRecord:
+        """This change, fenced: made from ``head``, the state of its kind in force."""
+        return replace(self, prev=ref_of(head))
+
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"),
+        fields = asdict(self)
+        if self.prev is None:
+            del fields["prev"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False).encode()
+
+
+def ref_of(record: ControlRecord | None) -> str:
+    return "" if record is None else record.ref()
+
+
+APPLIED, REPEATED, SUPERSEDED = "applied", "repeated", "superseded"
+
+
+class Heads:
+    """The state of each kind in force, as every reader of the topic agrees on it: offer
+    each audit record in the topic's order (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._head: dict[str, ControlRecord] = {}
+
+    def get(self, kind: str) -> ControlRecord | None:
+        return self._head.get(kind)
+
+    def offer(self, record: ControlRecord) -> str:
+        """APPLIED (now the state of its kind), REPEATED (the change in force, read
+        again) or SUPERSEDED (made from a state no longer in force: not applied)."""
+        head = self._head.get(record.kind)
+        if head is not None and head.ref() == record.ref():
+            return REPEATED
+        if record.prev is not None and record.prev != ref_of(head):
+            return SUPERSEDED
+        self._head[record.kind] = record
+        return APPLIED
 
 
 def decode(value: bytes | None) -> ControlRecord:
@@ -90,9 +143,19 @@ def decode(value: bytes | None) -> ControlRecord:
         raise ControlError("field 'document' missing")
     if digest(data["document"]) != data["sha256"]:
         raise ControlError("the document does not match its sha256 (corrupt or edited)")
+    prev = data.get("prev")
+    if prev is not None and not isinstance(prev, str):
+        raise ControlError("field 'prev' not a string")
     return ControlRecord(data["kind"], data["version"], data["sha256"], data["document"],
-                         data["published_by"], data["published_at"], data["reason"])
+                         data["published_by"], data["published_at"], data["reason"], prev)
 
 
 def is_audit(key: bytes | None) -> bool:
     return key is not None and key.startswith(AUDIT_PREFIX.encode())
+
+
+def audit_kind(key: bytes) -> str:
+    """The kind an audit key names (``audit/<kind>/...``), for a record that cannot be read;
+    ``unknown`` for none of :data:`KINDS`."""
+    kind = key[len(AUDIT_PREFIX):].split(b"/", 1)[0].decode("utf-8", "replace")
+    return kind if kind in KINDS else "unknown"

@@ -14,6 +14,7 @@ from fraudstream.scorers.drift import drift_event
 from fraudstream.streams.autopilot.events import read_events, resume
 from fraudstream.streams.autopilot.loop import Autopilot, EvidenceReader
 from fraudstream.streams.control.rollout import publish_rollout
+from fraudstream.streams.control.topic import latest
 from fraudstream.streams.topics import ensure_topics
 from tests.conftest import T0_MS
 
@@ -78,16 +79,18 @@ def test_the_wait_for_a_canary_ends_with_its_outcome_or_a_rollout_started_over_i
     pilot.state = resume([])
     pilot.state.phase, pilot.state.version, pilot.state.champion = "canary", "vA", "v0"
     pilot.state.phase_at = now
-    publish_rollout(settings, rollout("vA", now + 1), "controller", "step 1 running")
+    publish_rollout(settings, rollout("vA", now + 1), "controller", "step 1 running",
+                    latest(settings, "canary"))
     pilot.turn()
     assert pilot.state.phase == "canary"  # still running: still waiting
     publish_rollout(settings, rollout("vA", now + 1, "promoted"), "controller",
-                    "every step passed: promoted")
+                    "every step passed: promoted", latest(settings, "canary"))
     pilot.turn()
     assert pilot.state.phase == "idle"
     # waiting for vB's canary: someone starts another rollout by hand
     pilot.state.phase, pilot.state.version, pilot.state.phase_at = "canary", "vB", now + 2
-    publish_rollout(settings, rollout("vC", now + 3), "ana@fraud-ops", "by hand")
+    publish_rollout(settings, rollout("vC", now + 3), "ana@fraud-ops", "by hand",
+                    latest(settings, "canary"))
     pilot.turn()
     assert pilot.state.phase == "idle"
     events = read_events(settings)

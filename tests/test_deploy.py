@@ -726,9 +726,13 @@ def role_problems(doc: dict[str, Any], container: dict[str, Any], settings: Sett
     if note.get("prometheus.io/scrape") != "true" or note.get("prometheus.io/port") != str(port):
         problems.append(f"{where}: prometheus.io annotations do not scrape port {port}")
     if role in ("controller", "autopilot"):
-        if doc["kind"] != "Deployment" or spec.get("replicas") != 1 or \
-                (spec.get("strategy") or {}).get("type") != "Recreate":
-            problems.append(f"{where}: one {role} only: a Deployment, replicas 1, Recreate")
+        # controllers hold a lease and fence their moves: a standby replica takes over;
+        # the autopilot keeps a ReadWriteOnce volume and unfenced events: one, Recreate
+        replicas, strategy = ((2, "RollingUpdate") if role == "controller"
+                              else (1, "Recreate"))
+        if doc["kind"] != "Deployment" or spec.get("replicas") != replicas or \
+                (spec.get("strategy") or {}).get("type") != strategy:
+            problems.append(f"{where}: a Deployment, replicas {replicas}, {strategy}")
         probe = container.get("livenessProbe") or {}
         if probe_port(probe, container) != port:
             problems.append(f"{where}: liveness probe not on the metrics port {port}")
@@ -912,12 +916,13 @@ def test_checks_refuse_broken_kubernetes_manifests() -> None:
     def no_such_command(docs):  # noqa: ANN001, ANN202
         _worker(docs)["args"] = ["wroker"]
 
-    def second_controller(docs):  # noqa: ANN001, ANN202
-        next(d for _n, d in docs if d["kind"] == "Deployment")["spec"]["replicas"] = 2
+    def second_autopilot(docs):  # noqa: ANN001, ANN202
+        next(d for _n, d in docs if d["kind"] == "Deployment" and
+             d["metadata"]["name"] == "fraudstream-autopilot")["spec"]["replicas"] = 2
 
     for change in (misspelled_field, unknown_setting, bad_value, too_many_replicas,
                    wrong_probe_port, moved_metrics_port, wrong_group, keda_typo,
-                   no_such_command, second_controller):
+                   no_such_command, second_autopilot):
         assert broken(change), f"{change.__name__}: not caught"
 
 

@@ -63,6 +63,10 @@ class LeaseLost(Exception):
     """Another autopilot holds the lease now: this one must not publish what it made."""
 
 
+class ChampionChanged(RuntimeError):
+    """The active version changed (by hand) since the challenger was judged against it."""
+
+
 class AutopilotMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -341,7 +345,13 @@ class Autopilot:
             return
         self._emit("accepted", f"beats {champion} on the replayed window", version=done.version,
                    details=details)
-        self._publish_models(champion, done.version, f"autopilot: {done.version} in shadow")
+        try:
+            self._publish_models(f"autopilot: {done.version} in shadow", shadow=done.version,
+                                 champion=champion)
+        except ChampionChanged as exc:
+            s.rollout_ended_at = self._now()
+            self._emit("rejected", str(exc), version=done.version)
+            return
         event = self._emit("shadow_started", f"for {self.a.shadow_s:g} s on every worker",
                            version=done.version)
         s.phase, s.version, s.champion, s.phase_at = "shadow", done.version, champion, event.at
@@ -355,10 +365,24 @@ class Autopilot:
         if self.lease is not None and not self.lease.held:
             raise LeaseLost("the lease was lost during this turn: nothing published")
 
-    def _publish_models(self, active: str, shadow: str | None, reason: str) -> None:
+    def _publish_models(self, reason: str, shadow: str | None, champion: str | None = None,
+                        unless: str | None = None) -> None:
+        """The model state in force with ``shadow`` as its shadow version, made from that
+        state and fenced (a change published meanwhile supersedes this one: a RuntimeError,
+        and the turn is tried again). With ``champion``: only while it is still the active
+        version (else :class:`ChampionChanged`). With ``unless``: nothing when the shadow
+        in force is no longer that version (someone replaced it)."""
         self._still_acting()
+        head = latest(self.settings, "model")
+        doc = dict(head.document) if head is not None else {"active": None, "shadow": None}
+        if champion is not None and doc.get("active") != champion:
+            raise ChampionChanged(f"the active version is now {doc.get('active')}, not "
+                                  f"{champion} it was judged against")
+        if unless is not None and doc.get("shadow") != unless:
+            return
+        doc["shadow"] = shadow
         publish(self.settings, ControlRecord.make(
-            "model", active, {"active": active, "shadow": shadow}, BY, self._now(), reason))
+            "model", str(doc["active"]), doc, BY, self._now(), reason).after(head))
 
     def _shadow_turn(self) -> None:
         s, a = self.state, self.a
@@ -372,7 +396,8 @@ class Autopilot:
             why = f"shadow: {made} decisions in {a.shadow_s:g} s, below {a.min_shadow_decisions}"
         elif fallbacks / made > limit:
             why = f"shadow: {fallbacks} of {made} decisions fell back, above {limit:.1%}"
-        self._publish_models(s.champion, None, f"autopilot: {s.version} out of shadow")
+        self._publish_models(f"autopilot: {s.version} out of shadow", shadow=None,
+                             unless=s.version)
         if why is not None:
             s.rollout_ended_at = self._now()
             self._emit("rejected", why, version=s.version, champion=s.champion)

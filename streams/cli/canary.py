@@ -19,6 +19,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from fraudstream.schemas.control import ControlRecord
 from fraudstream.scorers.canary import (
     CanaryError,
     GateResult,
@@ -29,7 +30,7 @@ from fraudstream.scorers.canary import (
 )
 from fraudstream.scorers.onnx_model import ArtifactError
 from fraudstream.scorers.registry import Registry
-from fraudstream.streams.control.topic import latest
+from fraudstream.streams.control.topic import heads, latest
 from fraudstream.streams.settings import Settings
 
 GATE_NAMES = [f.name for f in dataclasses.fields(Gates)]
@@ -108,10 +109,9 @@ def run(args: argparse.Namespace, settings: Settings, registry: Registry) -> int
         return 2
 
 
-def current_rollout(settings: Settings) -> Rollout | None:
-    """The latest rollout; None when there is none, or when the latest cannot be read
+def rollout_of(record: ControlRecord | None) -> Rollout | None:
+    """The rollout in a state record; None when there is none, or when it cannot be read
     (said on stderr: workers refused it and serve the champion only)."""
-    record = latest(settings, "canary")
     if record is None:
         return None
     try:
@@ -122,19 +122,27 @@ def current_rollout(settings: Settings) -> Rollout | None:
         return None
 
 
+def current_rollout(settings: Settings) -> Rollout | None:
+    """The rollout in force (see :func:`rollout_of`)."""
+    return rollout_of(latest(settings, "canary"))
+
+
 def start(settings: Settings, registry: Registry, version: str, steps: tuple[Step, ...],
           gates: Gates, by: str, reason: str) -> int:
+    from fraudstream.streams.cli.rules import exit_code
     from fraudstream.streams.control.artifacts import ArtifactTransferError, upload
     from fraudstream.streams.control.rollout import publish_rollout
 
-    state = latest(settings, "model")
+    now_in_force = heads(settings)
+    state = now_in_force.get("model")
     champion = state.document.get("active") if state is not None else None
     if champion is None:
         raise CanaryError("no active version published: a canary is judged against one "
                           "(fraudstream model publish V)")
     if version == champion:
         raise CanaryError(f"{version} is already the active version")
-    running = current_rollout(settings)
+    head = now_in_force.get("canary")
+    running = rollout_of(head)
     if running is not None and running.status == "running":
         raise CanaryError(f"rollout {running.rollout} of {running.version} is running: "
                           "--abort it first")
@@ -146,11 +154,10 @@ def start(settings: Settings, registry: Registry, version: str, steps: tuple[Ste
     now = int(time.time() * 1000)
     rollout = Rollout(rollout=f"{version}@{now}", version=version, champion=champion,
                       steps=steps, gates=gates, step=0, step_started_at=now)
-    try:
-        publish_rollout(settings, rollout, by, reason)
-    except RuntimeError as exc:
-        print(f"fraudstream model canary: {exc}", file=sys.stderr)
-        return 3
+    code = exit_code("model canary", lambda: publish_rollout(settings, rollout, by, reason,
+                                                            head))
+    if code:
+        return code
     print(f"rollout {rollout.rollout}: {version} on {steps[0].share:.0%} of cards against "
           f"{champion}; steps {', '.join(f'{s.share:.0%}' for s in steps)} (the controller, "
           "`fraudstream controller`, moves it)")
@@ -158,13 +165,17 @@ def start(settings: Settings, registry: Registry, version: str, steps: tuple[Ste
 
 
 def abort(settings: Settings, by: str, reason: str) -> int:
+    from fraudstream.streams.cli.rules import exit_code
     from fraudstream.streams.control.rollout import publish_rollout
 
-    running = current_rollout(settings)
+    head = latest(settings, "canary")
+    running = rollout_of(head)
     if running is None or running.status != "running":
         raise CanaryError("no rollout is running")
-    publish_rollout(settings, running.moved(int(time.time() * 1000), status="aborted"), by,
-                    reason)
+    code = exit_code("model canary", lambda: publish_rollout(
+        settings, running.moved(int(time.time() * 1000), status="aborted"), by, reason, head))
+    if code:
+        return code
     print(f"rollout {running.rollout} aborted: {running.champion} serves every card")
     return 0
 

@@ -17,15 +17,23 @@ import heapq
 import socket
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fraudstream.schemas.control import ControlError, ControlRecord, decode, is_audit
+from fraudstream.schemas.control import (
+    SUPERSEDED,
+    ControlError,
+    ControlRecord,
+    Heads,
+    decode,
+    is_audit,
+)
 from fraudstream.scorers.onnx_model import ArtifactError
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.rules import RuleSet
 from fraudstream.scorers.rules_file import inline_document, read_toml
-from fraudstream.streams.control.topic import latest
+from fraudstream.streams.control.topic import heads, latest
 from fraudstream.streams.settings import Settings
 
 
@@ -46,16 +54,24 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return history(settings)
 
 
-def _not_sent(settings: Settings, record: ControlRecord, command: str) -> bool:
-    """Publish ``record``; True (and one line on stderr) when it was not written."""
-    from fraudstream.streams.control.topic import publish
+def exit_code(command: str, write: Callable[[], None]) -> int:
+    """Run ``write`` (a publication): 0, or (with one line on stderr) 3 when it was not
+    written, 4 when it was superseded (another change of its kind came first)."""
+    from fraudstream.streams.control.topic import SUPERSEDED_EXIT, Superseded
 
     try:
-        publish(settings, record)
+        write()
     except RuntimeError as exc:
         print(f"fraudstream {command}: {exc}", file=sys.stderr)
-        return True
-    return False
+        return SUPERSEDED_EXIT if isinstance(exc, Superseded) else 3
+    return 0
+
+
+def _not_sent(settings: Settings, record: ControlRecord, command: str) -> int:
+    """Publish ``record`` (see :func:`exit_code`)."""
+    from fraudstream.streams.control.topic import publish
+
+    return exit_code(command, lambda: publish(settings, record))
 
 
 def _who(by: str | None) -> str:
@@ -70,10 +86,11 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
     if not args.reason.strip():
         print("fraudstream model: --reason must say why", file=sys.stderr)
         return 2
+    now_in_force = heads(settings)
     if not args.shadow:
-        from fraudstream.streams.cli.canary import current_rollout
+        from fraudstream.streams.cli.canary import rollout_of
 
-        running = current_rollout(settings)
+        running = rollout_of(now_in_force.get("canary"))
         if running is not None and running.status == "running":
             # The rollout's gates judge its version against the champion it started with.
             print(f"fraudstream model: rollout {running.rollout} of {running.version} "
@@ -86,17 +103,18 @@ def publish_model(args: argparse.Namespace, settings: Settings, registry: Regist
     except (ArtifactError, ArtifactTransferError, OSError) as exc:
         print(f"fraudstream model: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
-    state = latest(settings, "model")
+    state = now_in_force.get("model")
     doc = dict(state.document) if state is not None else {"active": None, "shadow": None}
     doc["shadow" if args.shadow else "active"] = args.version
     if doc["active"] is None:
         print("fraudstream model: no active version published yet: publish one without "
               "--shadow first", file=sys.stderr)
         return 2
-    if _not_sent(settings, ControlRecord.make("model", args.version, doc, _who(args.by),
-                                          int(time.time() * 1000), args.reason.strip()),
-             "model"):
-        return 3
+    code = _not_sent(settings, ControlRecord.make(
+        "model", args.version, doc, _who(args.by), int(time.time() * 1000),
+        args.reason.strip()).after(state), "model")
+    if code:
+        return code
     print(f"models in force: active {doc['active']}, shadow {doc['shadow'] or 'none'} "
           f"(published to {settings.topics.control})")
     return 0
@@ -112,9 +130,11 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         print("fraudstream rules: --reason must say why", file=sys.stderr)
         return 2
     record = ControlRecord.make("rules", ruleset.version, document, _who(args.by),
-                                int(time.time() * 1000), args.reason.strip())
-    if _not_sent(settings, record, "rules"):
-        return 3
+                                int(time.time() * 1000), args.reason.strip()
+                                ).after(latest(settings, "rules"))
+    code = _not_sent(settings, record, "rules")
+    if code:
+        return code
     print(f"rules {ruleset.version} ({len(ruleset.rules)} rules, sha256 "
           f"{record.sha256[:12]}) published to {settings.topics.control}")
     return 0
@@ -127,6 +147,7 @@ def history(settings: Settings, kinds: tuple[str, ...] | None = None,
     from fraudstream.streams.control.topic import control_consumer, read_to_end
 
     rows: list[tuple[int, str]] = []
+    replayed = Heads()
     try:
         consumer = control_consumer(settings, f"history-{int(time.time() * 1000)}")
     except LookupError:
@@ -140,11 +161,14 @@ def history(settings: Settings, kinds: tuple[str, ...] | None = None,
             except ControlError as exc:
                 print(f"offset {msg.offset()}: not a control record: {exc}", file=sys.stderr)
                 continue
+            superseded = replayed.offer(rec) == SUPERSEDED
             if kinds is None or rec.kind in kinds:
                 at = datetime.fromtimestamp(rec.published_at / 1000, tz=UTC)
                 rows.append((rec.published_at, f"{at.isoformat(timespec='seconds')}\t"
                              f"{rec.kind}\t{rec.version}\t{rec.sha256[:12]}\t"
-                             f"{rec.published_by}\t{rec.reason}"))
+                             f"{rec.published_by}\t{rec.reason}"
+                             + ("\t(superseded: another change came first; not applied)"
+                                if superseded else "")))
     finally:
         if consumer is not None:
             consumer.close()

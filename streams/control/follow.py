@@ -8,7 +8,9 @@ serves only while nothing was published). Then a thread follows the topic and ha
 accepted change to the batch loop (:meth:`ControlFollower.take`). A record that cannot be
 applied (not a control record, a document that fails validation, a blocklist file not
 inlined, a value like a raw card number, a digest that does not match) is refused with a
-warning naming it, and counted; the rules in force stay.
+warning naming it, and counted; the rules in force stay. Changes are read as the audit
+records replay them (:class:`~fraudstream.schemas.control.Heads`): a change made from a
+state that another change replaced first is superseded, refused and counted the same way.
 
 A canary rollout (key ``canary``, :mod:`fraudstream.scorers.canary`) is applied the same
 way: the canary version fetched and loaded in the follower's thread, then handed to the
@@ -27,7 +29,16 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message
 
-from fraudstream.schemas.control import ControlError, ControlRecord, decode, is_audit
+from fraudstream.schemas.control import (
+    REPEATED,
+    SUPERSEDED,
+    ControlError,
+    ControlRecord,
+    Heads,
+    audit_kind,
+    decode,
+    is_audit,
+)
 from fraudstream.scorers.canary import Rollout
 from fraudstream.scorers.registry import ACTIVE, SHADOW, Registry
 from fraudstream.scorers.rules import RuleSet, RulesScorer
@@ -59,6 +70,8 @@ class ControlFollower:
         self.refused: Counter[str] = Counter()
         #: Rules versions applied from the topic, in order.
         self.applied: list[str] = []
+        #: The changes in force, as every reader of the topic replays them.
+        self.heads = Heads()
         self._models_msgs: list[Message] = []
         self._canary_msg: Message | None = None
         #: The rollout to serve and its canary version, loaded (None, None: no canary).
@@ -142,25 +155,42 @@ class ControlFollower:
     def _accept(self, msg: Message, announce: bool = True
                 ) -> tuple[RulesScorer, str, ControlRecord] | None:
         key = msg.key()
-        if key == b"model" and self.models:
+        if not is_audit(key):  # the state copy: its audit record is the change
+            return None
+        where = f"{self.topic} offset {msg.offset()}"
+        try:
+            record = decode(msg.value())
+        except ControlError as exc:
+            kind = audit_kind(key)
+            if kind == "rules" or self.models:
+                self.refused[kind] += 1
+                log.warning("control: refused the %s record at %s: %s; what is in force "
+                            "stays", kind, where, exc)
+            return None
+        verdict = self.heads.offer(record)
+        if verdict == REPEATED or record.kind != "rules" and not self.models:
+            return None
+        if verdict == SUPERSEDED:
+            self.refused[record.kind] += 1
+            log.warning("control: the %s change %s at %s (by %s: %s) was made from a state "
+                        "another change replaced first: not applied", record.kind,
+                        record.version, where, record.published_by, record.reason)
+            return None
+        if record.kind == "model":
             if announce:
                 self._apply_models(msg)
             else:
                 self._models_msgs.append(msg)  # at start: the latest that applies
             return None
-        if key == b"canary" and self.models:
+        if record.kind == "canary":
             if announce:
                 self._apply_canary(msg)
             else:
                 self._canary_msg = msg  # at start: the latest
             return None
-        if is_audit(key) or key != b"rules":
-            return None
-        where = f"{self.topic} offset {msg.offset()}"
         try:
-            record = decode(msg.value())
             ruleset = RuleSet.from_document(record.document, source=where)
-        except (ControlError, RulesError) as exc:
+        except RulesError as exc:
             self.refused["rules"] += 1
             log.warning("control: refused the rules at %s: %s; the rules in force stay",
                         where, exc)

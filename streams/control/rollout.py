@@ -5,8 +5,9 @@ the moment a gate fails (:mod:`fraudstream.scorers.canary`).
 It holds no state of its own: the rollout and its step are the latest ``canary`` record on
 the control topic, and a step's evidence is re-read from the ``decisions`` and ``labels``
 topics from the step's start. A restarted controller (or a second one after the first
-died) picks up where the topic says. Run one per deployment: two would both act on a
-failed gate or a finished step, and the second record would repeat the first.
+died) picks up where the topic says. Replicas hold a lease (one acts); each move is
+also made from the rollout state it read and fenced on the topic, so a move from a state
+that changed meanwhile (an abort, another controller) is superseded and applies nowhere.
 
 Each move is a record on the control topic (audit trail included), with the gate results
 that caused it in ``verdict``: ``running`` at the next step, ``promoted`` (after the model
@@ -28,7 +29,14 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fraudstream.schemas.codec import Codecs, DecodeError, decode_json, make_registry
-from fraudstream.schemas.control import ControlError, ControlRecord, decode
+from fraudstream.schemas.control import (
+    APPLIED,
+    ControlError,
+    ControlRecord,
+    Heads,
+    decode,
+    is_audit,
+)
 from fraudstream.scorers.canary import (
     CANARY,
     CHAMPION,
@@ -39,7 +47,13 @@ from fraudstream.scorers.canary import (
     judge,
 )
 from fraudstream.streams.control.lease import Lease
-from fraudstream.streams.control.topic import control_consumer, latest, publish, read_to_end
+from fraudstream.streams.control.topic import (
+    Superseded,
+    control_consumer,
+    latest,
+    publish,
+    read_to_end,
+)
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import offsets_at
 
@@ -142,20 +156,31 @@ def next_state(rollout: Rollout, results: list[GateResult], stats: dict[str, Var
             f"step {rollout.step + 1} ({rollout.share:.0%}) passed: now {nxt:.0%} of cards")
 
 
-def publish_rollout(settings: Settings, rollout: Rollout, by: str, reason: str) -> None:
+def publish_rollout(settings: Settings, rollout: Rollout, by: str, reason: str,
+                    after: ControlRecord | None) -> None:
+    """The rollout's new state, made from ``after`` (the rollout state in force when it was
+    decided): :class:`~fraudstream.streams.control.topic.Superseded` if another change of
+    the rollout came first."""
     publish(settings, ControlRecord.make("canary", rollout.version, rollout.to_document(), by,
-                                         int(time.time() * 1000), reason))
+                                         int(time.time() * 1000), reason).after(after))
 
 
-def promote(settings: Settings, rollout: Rollout, reason: str) -> None:
+def promote(settings: Settings, rollout: Rollout, reason: str,
+            after: ControlRecord | None) -> None:
     """The model state with the canary as the active version, then the rollout promoted
-    (workers stop the split; their model watcher makes the canary the active version)."""
+    (workers stop the split; their model watcher makes the canary the active version).
+    The model state is made from the one in force, and is not published while the
+    champion in force is not the one the rollout was judged against."""
     state = latest(settings, "model")
-    shadow = state.document.get("shadow") if state is not None else None
+    now = dict(state.document) if state is not None else {"active": None, "shadow": None}
+    shadow = now.get("shadow")
     doc = {"active": rollout.version, "shadow": None if shadow == rollout.version else shadow}
-    publish(settings, ControlRecord.make("model", rollout.version, doc, BY,
-                                         int(time.time() * 1000), reason))
-    publish_rollout(settings, rollout, BY, reason)
+    record = ControlRecord.make("model", rollout.version, doc, BY, int(time.time() * 1000),
+                                reason).after(state)
+    if now.get("active") != rollout.champion:
+        raise Superseded(record, state)
+    publish(settings, record)
+    publish_rollout(settings, rollout, BY, reason, after)
 
 
 class RolloutMetrics:
@@ -201,6 +226,9 @@ class Controller:
         self.rollout: Rollout | None = None
         self._reader: StepReader | None = None
         self._said = time.monotonic()
+        #: The control topic's changes as every reader replays them; the rollout state in
+        #: force is its ``canary`` head, which a move is made from.
+        self.heads = Heads()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -215,8 +243,7 @@ class Controller:
             return
         try:
             for msg in read_to_end(consumer, 30.0):  # the state now, before acting on it
-                if msg.key() == b"canary":
-                    self._read(msg)
+                self._read(msg)
             while not stop.is_set():
                 try:
                     self._turn(consumer)
@@ -239,7 +266,7 @@ class Controller:
         on what arrived, and move the rollout when it should."""
         running = self.rollout is not None and self.rollout.status == "running"
         for msg in consumer.consume(100, 0.05 if running else 1.0):
-            if msg.error() is None and msg.key() == b"canary":
+            if msg.error() is None:
                 self._read(msg)
         r = self.rollout
         acting = self.lease is None or self.lease.held
@@ -263,9 +290,26 @@ class Controller:
             log.warning("controller: step %d: %s; %s", r.step + 1, ", ".join(
                 f"{v} {s.decisions} decisions" for v, s in reader.stats.items()),
                 "; ".join(g.line() for g in results if g.status != "wait") or "gates waiting")
-        moved = next_state(r, results, reader.stats, int(self.clock() * 1000))
+        moved = self._baseline_moved(r) or next_state(r, results, reader.stats,
+                                                       int(self.clock() * 1000))
         if moved is not None:
             self._move(*moved)
+
+    def _baseline_moved(self, r: Rollout) -> tuple[Rollout, str] | None:
+        """A running rollout whose champion is no longer the active version in force:
+        aborted (someone published another active version by hand), or promoted when the
+        active version is already its canary (a promotion whose rollout record was not
+        written)."""
+        model = self.heads.get("model")
+        doc = model.document if model is not None else None
+        active = doc.get("active") if isinstance(doc, dict) else None
+        if active is None or active == r.champion:
+            return None
+        now = int(self.clock() * 1000)
+        if active == r.version:
+            return r.moved(now, status="promoted"), "promoted: the model state names it active"
+        return (r.moved(now, status="aborted"), f"aborted: the active version is now "
+                f"{active}, not the champion {r.champion} it was judged against")
 
     def _close_reader(self) -> None:
         if self._reader is not None:
@@ -273,9 +317,17 @@ class Controller:
             self._reader = None
 
     def _read(self, msg: Any) -> None:
+        if not is_audit(msg.key()):
+            return  # a state copy: its audit record is the change
         try:
-            rollout = Rollout.from_document(decode(msg.value()).document)
-        except (ControlError, CanaryError) as exc:
+            record = decode(msg.value())
+        except ControlError:
+            return
+        if self.heads.offer(record) != APPLIED or record.kind != "canary":
+            return
+        try:
+            rollout = Rollout.from_document(record.document)
+        except CanaryError as exc:
             log.warning("controller: unreadable rollout at offset %d: %s", msg.offset(), exc)
             return
         before = self.rollout
@@ -283,15 +335,25 @@ class Controller:
                 and before.rollout == rollout.rollout:
             self.metrics.ended.labels("aborted").inc()
             log.warning("controller: rollout %s aborted: %s", rollout.rollout,
-                        decode(msg.value()).reason)
+                        record.reason)
         self.rollout = rollout
 
     def _move(self, rollout: Rollout, why: str) -> None:
         log.warning("controller: rollout %s %s", rollout.rollout, why)
-        if rollout.status == "promoted":
-            promote(self.settings, rollout, why)
-        else:
-            publish_rollout(self.settings, rollout, BY, why)
+        after = self.heads.get("canary")
+        model = self.heads.get("model")
+        try:
+            if rollout.status == "promoted" and (model is None or not isinstance(
+                    model.document, dict) or model.document.get("active") != rollout.version):
+                promote(self.settings, rollout, why, after)
+            else:
+                publish_rollout(self.settings, rollout, BY, why, after)
+        except Superseded as exc:
+            # another change came first (an abort, a rollout started by hand, another
+            # controller): judge again from what is in force
+            log.warning("controller: rollout %s: not moved: %s", rollout.rollout, exc)
+            self._close_reader()
+            return
         if rollout.status != "running":
             self.metrics.ended.labels(rollout.status).inc()
         self.rollout = rollout

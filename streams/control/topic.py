@@ -3,7 +3,10 @@
 A change is published as two records (:mod:`fraudstream.schemas.control`): the audit
 record under its own key, then the state record under its kind. Readers assign every
 partition and read from the start: the topic is small (compacted where the broker
-compacts; the embedded broker keeps everything) and holds no consumer group.
+compacts; the embedded broker keeps everything) and holds no consumer group. They replay
+the audit records through :class:`~fraudstream.schemas.control.Heads`; a fenced change is
+read back after it is written, so its publisher learns whether it is in force
+(:class:`Superseded` when another change came first).
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ from collections.abc import Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer
 
-from fraudstream.schemas.control import ControlError, ControlRecord, decode
+from fraudstream.schemas.control import (
+    SUPERSEDED,
+    ControlError,
+    ControlRecord,
+    Heads,
+    decode,
+    is_audit,
+)
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.topics import assign_all, ensure_topics
 
@@ -22,13 +32,79 @@ from fraudstream.streams.topics import assign_all, ensure_topics
 IDLE_S = 0.5
 
 
+#: The exit code of a command whose change was superseded: read again, then try again.
+SUPERSEDED_EXIT = 4
+
+
+class Superseded(RuntimeError):
+    """A fenced change was written, but another change of its kind came first: it is not
+    in force anywhere. Read the state again and decide again."""
+
+    def __init__(self, record: ControlRecord, head: ControlRecord | None) -> None:
+        self.record, self.head = record, head
+        first = (f"{head.version} by {head.published_by} ({head.reason})" if head is not None
+                 else "none")
+        super().__init__(f"the {record.kind} state changed while this change was made (now "
+                         f"in force: {first}); nothing of this change is applied: read "
+                         "the state again and publish again if it still should be")
+
+
 def publish(settings: Settings, record: ControlRecord, timeout_s: float = 15.0) -> None:
     """The record, acknowledged by the broker (acks=all); creates the topic if needed.
-    Raises RuntimeError naming what failed."""
+    A fenced record (``prev`` set) is then read back: :class:`Superseded` when another
+    change of its kind came first. Raises RuntimeError naming what failed."""
     value = record.encode()
     write_acked(settings, settings.topics.control,
                 ((key, value) for key in (record.audit_key(), record.state_key())),
                 timeout_s, linger_ms=0)
+    if record.prev is not None:
+        _confirm(settings, record, 30.0)
+
+
+def _confirm(settings: Settings, record: ControlRecord, timeout_s: float) -> None:
+    heads = Heads()
+    mine = record.audit_key()
+    consumer = control_consumer(settings, f"confirm-{time.time_ns()}")
+    try:
+        for msg in read_to_end(consumer, timeout_s):
+            rec = _audit_record(msg)
+            if rec is None:
+                continue
+            verdict = heads.offer(rec)
+            if msg.key() == mine:
+                if verdict == SUPERSEDED:
+                    raise Superseded(record, heads.get(record.kind))
+                return
+    finally:
+        consumer.close()
+    raise RuntimeError(f"the {record.kind} change was written but not read back within "
+                       f"{timeout_s:g} s: whether it is in force is unknown (see history)")
+
+
+def _audit_record(msg: Message) -> ControlRecord | None:
+    if not is_audit(msg.key()):
+        return None
+    try:
+        return decode(msg.value())
+    except ControlError:
+        return None
+
+
+def heads(settings: Settings) -> Heads:
+    """The state of every kind in force on the control topic (none: nothing published)."""
+    found = Heads()
+    try:
+        consumer = control_consumer(settings, f"state-{time.time_ns()}")
+    except LookupError:
+        return found
+    try:
+        for msg in read_to_end(consumer, 30.0):
+            rec = _audit_record(msg)
+            if rec is not None:
+                found.offer(rec)
+    finally:
+        consumer.close()
+    return found
 
 
 def write_acked(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]],
@@ -71,22 +147,9 @@ def control_consumer(settings: Settings, name: str, topic: str | None = None) ->
 
 
 def latest(settings: Settings, kind: str) -> ControlRecord | None:
-    """The latest readable state of ``kind`` on the control topic (None: none published)."""
-    try:
-        consumer = control_consumer(settings, f"state-{int(time.time() * 1000)}")
-    except LookupError:
-        return None
-    found = None
-    try:
-        for msg in read_to_end(consumer, 30.0):
-            if msg.key() == kind.encode():
-                try:
-                    found = decode(msg.value())
-                except ControlError:
-                    continue
-    finally:
-        consumer.close()
-    return found
+    """The state of ``kind`` in force on the control topic (None: none published); a
+    change to it is made ``.after()`` this."""
+    return heads(settings).get(kind)
 
 
 def read_to_end(consumer: Consumer, timeout_s: float) -> Iterator[Message]:

@@ -1,0 +1,122 @@
+"""Fenced changes on the control topic: a change is made from the state in force and names
+it; one made from a state that another change replaced meanwhile applies nowhere, and
+its publisher is told. Two operators at once, or a controller that read the rollout
+before someone aborted it, cannot overwrite a change they did not see."""
+
+from __future__ import annotations
+
+import pytest
+
+from fraudstream.schemas.control import (
+    APPLIED,
+    REPEATED,
+    SUPERSEDED,
+    ControlError,
+    ControlRecord,
+    Heads,
+    decode,
+)
+from fraudstream.scorers.canary import Gates, Rollout, Step
+from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RuleSet
+from fraudstream.scorers.rules_file import inline_document, read_toml
+from fraudstream.streams.control.follow import ControlFollower
+from fraudstream.streams.control.rollout import Controller, publish_rollout
+from fraudstream.streams.control.topic import (
+    Superseded,
+    control_consumer,
+    latest,
+    publish,
+    read_to_end,
+)
+from tests.conftest import T0_MS
+from tests.test_control import cli
+
+
+def rules(version: str, at: int, by: str = "ana@ops") -> ControlRecord:
+    """A rules change a worker applies: the default rules under another version."""
+    document = inline_document(read_toml(DEFAULT_RULES_PATH), DEFAULT_RULES_PATH.parent)
+    return ControlRecord.make("rules", version, {**document, "version": version}, by, at,
+                              f"set {version}")
+
+
+def test_a_fenced_change_applies_only_over_the_state_it_was_made_from():
+    heads = Heads()
+    r1 = rules("r1", T0_MS)  # unfenced: written before fencing, or by hand
+    assert heads.offer(r1) == APPLIED
+    a, b = rules("a", T0_MS + 1).after(r1), rules("b", T0_MS + 2).after(r1)
+    assert heads.offer(a) == APPLIED
+    assert heads.offer(b) == SUPERSEDED  # made from r1, which a replaced
+    assert heads.get("rules") == a
+    assert heads.offer(rules("first", T0_MS + 3).after(None)) == SUPERSEDED  # one exists
+    assert heads.offer(a) == REPEATED
+    c = rules("c", T0_MS + 4).after(a)
+    assert heads.offer(c) == APPLIED and heads.get("rules") == c
+    # kinds are fenced each on its own
+    model = ControlRecord.make("model", "v1", {"active": "v1", "shadow": None}, "ops",
+                               T0_MS + 5, "first model").after(None)
+    assert heads.offer(model) == APPLIED and heads.get("rules") == c
+    # the fence travels in the record; an unfenced record carries none
+    assert decode(c.encode()) == c and decode(c.encode()).prev == a.ref()
+    assert b'"prev"' not in r1.encode() and decode(r1.encode()).prev is None
+    assert decode(model.encode()).prev == ""
+    with pytest.raises(ControlError, match="prev"):
+        decode(c.encode().replace(f'"prev":"{a.ref()}"'.encode(), b'"prev":5'))
+
+
+@pytest.mark.e2e
+def test_the_second_of_two_publishers_from_one_state_is_superseded_everywhere(
+        stack_settings):
+    settings = stack_settings
+    publish(settings, rules("r1", T0_MS).after(latest(settings, "rules")))
+    seen = latest(settings, "rules")
+    assert seen is not None and seen.version == "r1"
+    # Two analysts read r1 and each publish their change from it.
+    publish(settings, rules("from-ana", T0_MS + 1, "ana@ops").after(seen))
+    with pytest.raises(Superseded, match="from-ana by ana@ops") as exc:
+        publish(settings, rules("from-bo", T0_MS + 2, "bo@ops").after(seen))
+    assert exc.value.head is not None and exc.value.head.version == "from-ana"
+    # The state key holds the last record written (bo's); every reader replays the
+    # audit records, so none takes bo's change.
+    assert latest(settings, "rules").version == "from-ana"
+    follower = ControlFollower(settings, models=False)
+    try:
+        assert follower.initial(RuleSet.default()).ruleset.version == "from-ana"
+        assert follower.refused["rules"] == 1
+    finally:
+        follower.stop()
+    # Bo reads again and publishes from what is in force: it applies.
+    publish(settings, rules("from-bo", T0_MS + 3, "bo@ops").after(latest(settings, "rules")))
+    assert latest(settings, "rules").version == "from-bo"
+    out = cli(settings, "history")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [("superseded" in line) for line in lines] == [False, False, True, False], lines
+    assert "from-bo" in lines[2] and "bo@ops" in lines[2]
+
+
+@pytest.mark.e2e
+def test_a_controller_that_read_a_rollout_before_an_abort_does_not_move_it(stack_settings):
+    settings = stack_settings
+    publish(settings, ControlRecord.make("model", "v0", {"active": "v0", "shadow": None},
+                                         "ops", T0_MS, "champion").after(None))
+    running = Rollout(rollout=f"v1@{T0_MS}", version="v1", champion="v0",
+                      steps=(Step(0.1, 60.0), Step(1.0, 0.0)), gates=Gates(), step=0,
+                      step_started_at=T0_MS)
+    publish_rollout(settings, running, "ana@ops", "canary of v1", latest(settings, "canary"))
+    controller = Controller(settings)
+    consumer = control_consumer(settings, "test-controller")
+    try:
+        for msg in read_to_end(consumer, 30.0):
+            controller._read(msg)
+    finally:
+        consumer.close()
+    assert controller.rollout == running
+    # The controller stalls; meanwhile an operator aborts the rollout.
+    aborted = running.moved(T0_MS + 1, status="aborted")
+    publish_rollout(settings, aborted, "bo@ops", "abort: complaints",
+                    latest(settings, "canary"))
+    # It wakes and moves the rollout from what it read: the move applies nowhere.
+    controller._move(running.moved(T0_MS + 2, step=1), "step 1 passed")
+    in_force = latest(settings, "canary")
+    assert in_force is not None and Rollout.from_document(in_force.document) == aborted
+    assert controller.rollout == running  # not the move: it judges again from the topic
