@@ -256,6 +256,36 @@ def test_a_replay_refuses_to_write_to_the_live_decisions(models_registry, stack_
         run_replay(settings, ReplayConfig(challenger="nope", start=Bound("offset", 0)))
 
 
+def test_a_replay_on_another_machine_takes_the_champion_in_force_and_fetches_the_versions(
+        models_registry, stack_settings, codecs, tmp_path):
+    """An ML engineer replays on a laptop whose models folder is empty: the champion is the
+    version every worker serves (the control topic's), and both versions come from the
+    artifacts topic, checked as a worker checks them."""
+    from fraudstream.schemas.control import ControlRecord
+    from fraudstream.streams.control.artifacts import upload
+    from fraudstream.streams.control.topic import publish
+
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = fresh_topics(stack_settings, 3, scoring={"models_dir": root})
+    for version in (first, second):
+        upload(settings, Registry(root), version)
+    # The workers serve ``second``; this folder's own ACTIVE pointer says ``first``.
+    publish(settings, ControlRecord.make("model", second, {"active": second, "shadow": None},
+                                         "ops", T0_MS, "in force").after(None))
+    events = history(31, 0.5, 600)
+    produce_arrivals(settings, codecs, events)
+    laptop = tmp_path / "laptop-models"
+    result = run_replay(settings.replace(scoring={"models_dir": laptop}), ReplayConfig(
+        challenger=first, start=Bound("offset", 0), publish=False))
+    assert (result.champion, result.challenger) == (second, first)
+    assert sorted(Registry(laptop).versions()) == sorted([first, second])
+    assert result.decided.champion_score and len(result.decided.transaction_ids) == sum(
+        1 for kind, _ in events if kind == "transaction")
+    with pytest.raises(ReplayError, match="none to fetch"):
+        run_replay(settings.replace(scoring={"models_dir": laptop}), ReplayConfig(
+            challenger="v-never-sent", start=Bound("offset", 0), publish=False))
+
+
 def test_the_deciding_process_failing_or_dying_is_an_error_not_a_wait(
         models_registry, stack_settings, tmp_path):
     from fraudstream.streams.replay.decider import RemoteDecider

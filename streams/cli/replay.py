@@ -29,8 +29,12 @@ def partitions_of(text: str | None) -> list[int] | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_range_arguments(p)
-    p.add_argument("--challenger", required=True, help="model version to try")
-    p.add_argument("--champion", default=None, help="default: the registry's ACTIVE version")
+    p.add_argument("--challenger", required=True,
+                   help="model version to try (fetched from the artifacts topic when the "
+                        "registry folder lacks it)")
+    p.add_argument("--champion", default=None,
+                   help="default: the active version in force on the control topic, else "
+                        "the registry's ACTIVE version")
     p.add_argument("--warmup-from", default=None,
                    help="offset or time before --from: state is built from there, "
                         "without deciding")

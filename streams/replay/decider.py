@@ -33,7 +33,9 @@ from fraudstream.scorers.online import OnlineStage
 from fraudstream.scorers.registry import ACTIVE, Registry
 from fraudstream.state.engine import MemoryStore
 from fraudstream.streams.batch import Staged
+from fraudstream.streams.control.artifacts import ArtifactTransferError, download
 from fraudstream.streams.control.follow import rules_in_force
+from fraudstream.streams.control.topic import latest
 from fraudstream.streams.pipeline import Limits, Pipeline
 from fraudstream.streams.replay.ranges import ReplayConfig, ReplayError
 from fraudstream.streams.settings import Settings
@@ -97,17 +99,36 @@ class DecidedPart:
     peak_rss_mb: float | None = None
 
 
+def champion_in_force(settings: Settings, registry: Registry) -> str | None:
+    """The champion a replay compares against unless one is named: the active version in
+    force on the control topic (what every worker serves), else the registry's ACTIVE
+    version (a deployment that promotes in one shared folder)."""
+    state = latest(settings, "model")
+    doc = state.document if state is not None else None
+    active = doc.get("active") if isinstance(doc, dict) else None
+    return active if isinstance(active, str) else registry.pointer(ACTIVE)
+
+
 def load_models(settings: Settings, config: ReplayConfig) -> tuple[Any, Any]:
-    """The champion (the registry's ACTIVE version unless named) and the challenger;
-    :class:`ReplayError` if either is missing or refused."""
+    """The champion (:func:`champion_in_force` unless named) and the challenger, each
+    fetched from the artifacts topic when the registry folder lacks it (a replay on
+    another machine than the training); :class:`ReplayError` if either is missing or
+    refused."""
     registry = Registry(settings.scoring.models_dir)
-    champion = config.champion or registry.pointer(ACTIVE)
+    champion = config.champion or champion_in_force(settings, registry)
     if champion is None:
-        raise ReplayError(f"no --champion and no ACTIVE version in {registry.root}")
+        raise ReplayError(f"no --champion, no model state published on "
+                          f"{settings.topics.control} and no ACTIVE version in "
+                          f"{registry.root}")
     loaded = []
     for version in (champion, config.challenger):
         if version not in registry.versions():
-            raise ReplayError(f"no version {version!r} in {registry.root}")
+            try:
+                registry.root.mkdir(parents=True, exist_ok=True)
+                download(settings, version, registry.root)
+            except (ArtifactTransferError, LookupError) as exc:
+                raise ReplayError(f"no version {version!r} in {registry.root}, and none "
+                                  f"to fetch: {exc}") from None
         try:
             loaded.append(registry.load(version))
         except Exception as exc:  # a refused artifact: say why
