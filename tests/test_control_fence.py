@@ -5,6 +5,8 @@ before someone aborted it, cannot overwrite a change they did not see."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from fraudstream.schemas.control import (
@@ -120,3 +122,36 @@ def test_a_controller_that_read_a_rollout_before_an_abort_does_not_move_it(stack
     in_force = latest(settings, "canary")
     assert in_force is not None and Rollout.from_document(in_force.document) == aborted
     assert controller.rollout == running  # not the move: it judges again from the topic
+
+
+@pytest.mark.e2e
+def test_a_rollout_whose_champion_was_replaced_by_hand_is_aborted_not_judged(stack_settings):
+    settings = stack_settings
+    publish(settings, ControlRecord.make("model", "v0", {"active": "v0", "shadow": None},
+                                         "ops", T0_MS, "champion").after(None))
+    running = Rollout(rollout=f"v1@{T0_MS}", version="v1", champion="v0",
+                      steps=(Step(0.1, 60.0), Step(1.0, 0.0)), gates=Gates(), step=0,
+                      step_started_at=T0_MS)
+    publish_rollout(settings, running, "ana@ops", "canary of v1", latest(settings, "canary"))
+    # Published while the rollout runs (the CLI refuses it, but it raced the canary's
+    # start, or came from an older release): v9 is now the active version.
+    publish(settings, ControlRecord.make("model", "v9", {"active": "v9", "shadow": None},
+                                         "bo@ops", T0_MS + 1, "hotfix model"))
+    controller = Controller(settings, clock=lambda: (T0_MS + 2) / 1000)
+    consumer = control_consumer(settings, "test-controller")
+    try:
+        for msg in read_to_end(consumer, 30.0):
+            controller._read(msg)
+    finally:
+        consumer.close()
+    moved = controller._baseline_moved(running)
+    assert moved is not None and moved[0].status == "aborted" and "v9" in moved[1]
+    controller._move(*moved)
+    in_force = latest(settings, "canary")
+    assert in_force is not None and Rollout.from_document(in_force.document).status == \
+        "aborted"
+    assert latest(settings, "model").version == "v9"  # the promotion never overwrote it
+    # A rollout whose canary is already the active version (a promotion whose rollout
+    # record was not written) is promoted, without a second model state.
+    again = controller._baseline_moved(dataclasses.replace(running, version="v9"))
+    assert again is not None and again[0].status == "promoted"
