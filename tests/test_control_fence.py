@@ -122,6 +122,10 @@ def test_a_controller_that_read_a_rollout_before_an_abort_does_not_move_it(stack
     in_force = latest(settings, "canary")
     assert in_force is not None and Rollout.from_document(in_force.document) == aborted
     assert controller.rollout == running  # not the move: it judges again from the topic
+    # Nor does a promotion: the aborted canary never becomes the active version.
+    controller._move(running.moved(T0_MS + 3, status="promoted", step=1), "promoted")
+    assert latest(settings, "model").document["active"] == "v0"
+    assert Rollout.from_document(latest(settings, "canary").document) == aborted
 
 
 @pytest.mark.e2e

@@ -2,7 +2,7 @@
 steps, judging each one on the live decisions and labels of the step, and rolls it back
 the moment a gate fails (:mod:`fraudstream.scorers.canary`).
 
-It holds no state of its own: the rollout and its step are the latest ``canary`` record on
+It holds no state of its own: the rollout and its step are the ``canary`` state in force on
 the control topic, and a step's evidence is re-read from the ``decisions`` and ``labels``
 topics from the step's start. A restarted controller (or a second one after the first
 died) picks up where the topic says. Replicas hold a lease (one acts); each move is
@@ -36,6 +36,7 @@ from fraudstream.schemas.control import (
     Heads,
     decode,
     is_audit,
+    ref_of,
 )
 from fraudstream.scorers.canary import (
     CANARY,
@@ -50,7 +51,7 @@ from fraudstream.streams.control.lease import Lease
 from fraudstream.streams.control.topic import (
     Superseded,
     control_consumer,
-    latest,
+    heads,
     publish,
     read_to_end,
 )
@@ -169,9 +170,12 @@ def promote(settings: Settings, rollout: Rollout, reason: str,
             after: ControlRecord | None) -> None:
     """The model state with the canary as the active version, then the rollout promoted
     (workers stop the split; their model watcher makes the canary the active version).
-    The model state is made from the one in force, and is not published while the
-    champion in force is not the one the rollout was judged against."""
-    state = latest(settings, "model")
+    The model state is made from the one in force, and is published only while the
+    champion in force is the one the rollout was judged against and the rollout is still
+    the state ``after`` (an abort read here stops the promotion before the model state;
+    one that lands between the two writes leaves the model promoted: said in the log)."""
+    in_force = heads(settings)
+    state, rollout_now = in_force.get("model"), in_force.get("canary")
     now = dict(state.document) if state is not None else {"active": None, "shadow": None}
     shadow = now.get("shadow")
     doc = {"active": rollout.version, "shadow": None if shadow == rollout.version else shadow}
@@ -179,8 +183,18 @@ def promote(settings: Settings, rollout: Rollout, reason: str,
                                 reason).after(state)
     if now.get("active") != rollout.champion:
         raise Superseded(record, state)
+    moved = ControlRecord.make("canary", rollout.version, rollout.to_document(), BY,
+                               int(time.time() * 1000), reason).after(after)
+    if ref_of(rollout_now) != ref_of(after):
+        raise Superseded(moved, rollout_now)
     publish(settings, record)
-    publish_rollout(settings, rollout, BY, reason, after)
+    try:
+        publish(settings, moved)
+    except Superseded:
+        log.error("controller: rollout %s: the model state names %s active, but the "
+                  "rollout changed before its promotion was written", rollout.rollout,
+                  rollout.version)
+        raise
 
 
 class RolloutMetrics:
