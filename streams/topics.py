@@ -6,7 +6,6 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -113,31 +112,6 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0,
                     raise
     meta = admin.list_topics(timeout=timeout_s).topics
     return {t: len(meta[t].partitions) for t in names if t in meta}
-
-
-def client_part(config: dict[str, Any]) -> dict[str, Any]:
-    """The cluster's part of a client configuration (address, security): what an admin
-    client made from a consumer's configuration takes."""
-    return {k: v for k, v in config.items()
-            if k in ("bootstrap.servers", "security.protocol")
-            or k.startswith(("sasl.", "ssl."))}
-
-
-def topic_id(config: dict[str, Any], topic: str, timeout_s: float = 10.0) -> str | None:
-    """The id the broker gave ``topic`` when it made it: a topic deleted and made again,
-    or made again by a broker that lost its data, has another, whatever its offsets.
-    None when the broker does not say (no topic ids, no such topic, no answer in time)."""
-    from confluent_kafka import TopicCollection
-
-    admin = AdminClient(client_part(config))
-    try:
-        found = admin.describe_topics(TopicCollection([topic]),
-                                      request_timeout=timeout_s)[topic].result(timeout_s)
-    except (KafkaException, TimeoutError) as exc:
-        logging.getLogger("fraudstream.topics").info("no topic id for %s: %s", topic, exc)
-        return None
-    tid = None if found.topic_id is None else str(found.topic_id)
-    return None if not tid or set(tid) <= {"A", "="} else tid  # the all-zero id: unknown
 
 
 def offsets_at(consumer: Consumer, topic: str, partitions: list[int], time_ms: int,

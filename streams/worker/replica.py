@@ -16,10 +16,9 @@ oldest of them waited since it was appended to the changelog (after the replica 
 at start); the worker exports it as ``fraudstream_entity_replica_delay_seconds``.
 
 Restarts: each partition's last applied offset is stored in the replica's own RocksDB,
-in the write batch of its records, so a restarted worker goes on from there. A topic with
-another id than the one stored with those offsets, or a stored offset past the
-partition's end (the topic was made again) or before its start (records deleted before
-they were read), starts that partition afresh from its first record.
+in the write batch of its records, so a restarted worker goes on from there. A stored
+offset past the partition's end (the topic was made again) or before its start (records
+deleted before they were read) starts that partition afresh from its first record.
 
 Memory: the records live on disk; the process holds RocksDB's block cache and write
 buffers (``cache_mb`` and two 16 MB buffers) and librdkafka's fetch queue (16 MB).
@@ -38,7 +37,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from fraudstream.state.presence import TRACKED, Presence
-from fraudstream.streams.topics import take_available, topic_id
+from fraudstream.streams.topics import take_available
 from fraudstream.streams.worker.restore import holds_offset
 
 log = logging.getLogger("fraudstream.replica")
@@ -47,8 +46,6 @@ log = logging.getLogger("fraudstream.replica")
 ENTITY_PREFIXES = (b"m|", b"d|", b"i|")
 #: Where a partition's last applied offset is stored (no entity key starts with NUL).
 _OFFSET_KEY = b"\x00offset|"
-#: The id of the topic those offsets belong to (under no partition's head in use).
-_TOPIC_ID_KEY = b"\xff\xfftopic-id"
 _RETRY_S = 2.0
 #: Changed keys kept for readers' caches before they are told to drop everything.
 _MAX_CHANGED = 200_000
@@ -192,17 +189,12 @@ class EntityReplica:
 
         starts = []
         reset = WriteBatch(raw_mode=True)
-        current_id = topic_id(self._config, self.topic)
-        raw = self._db.get(_TOPIC_ID_KEY)
-        stored_id = raw.decode() if raw is not None else None
-        other_id = None not in (stored_id, current_id) and stored_id != current_id
         for p in range(self.partitions):
             low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), 15.0)
             stored = self.position[p]
-            # Another topic id: made again, however far it grew since. The embedded broker
-            # may report the base offset of the last record batch as the end: past it, a
-            # fetch tells whether the topic was made again.
-            if stored is not None and (other_id or stored + 1 < low or (
+            # The embedded broker may report the base offset of the last record batch as
+            # the end: past it, a fetch tells whether the topic was made again.
+            if stored is not None and (stored + 1 < low or (
                     stored >= high and not holds_offset(consumer, self.topic, p, stored))):
                 log.warning("entity replica: %s[%d] holds offsets %d..%d, the replica had "
                             "read to %d: reading the partition again from its start",
@@ -213,8 +205,6 @@ class EntityReplica:
             if high <= (stored + 1 if stored is not None else low):
                 self._caught_up[p] = True
             starts.append(TopicPartition(self.topic, p, start))
-        if current_id is not None and current_id != stored_id:
-            reset.put(_TOPIC_ID_KEY, current_id.encode())
         if not reset.is_empty():
             self._db.write(reset)
         self._check_ready()

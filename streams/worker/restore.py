@@ -18,12 +18,9 @@ import ctypes
 import logging
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
-
-from fraudstream.streams.topics import topic_id
 
 log = logging.getLogger("fraudstream.restore")
 
@@ -33,36 +30,25 @@ _WRITE_EVERY = 20_000
 
 
 def restore_partition(db: Any, offset_key: bytes, consumer_config: dict[str, Any],
-                      topic: str, partition: int, idle_s: float = 1.0,
-                      marker: Path | None = None, current_id: str | None = None) -> int:
+                      topic: str, partition: int, idle_s: float = 1.0) -> int:
     """Apply ``topic``/``partition`` from the offset after the one ``db`` holds under
-    ``offset_key`` to the end; returns how many records were applied. ``marker``: a file
-    beside the store that keeps the id of the topic its offsets belong to, and
-    ``current_id`` the topic's id now (:func:`~fraudstream.streams.topics.topic_id`)."""
+    ``offset_key`` to the end; returns how many records were applied."""
     from rocksdict import WriteBatch
 
     raw = db.get(offset_key)
     persisted = int(raw) if raw is not None else None
-    stored_id = marker.read_text().strip() if marker is not None and marker.exists() else None
     consumer = Consumer({**consumer_config, "enable.partition.eof": True,
                          "fetch.max.bytes": 16 << 20, "queued.max.messages.kbytes": 32768})
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 15.0)
-        other_id = None not in (stored_id, current_id) and stored_id != current_id
-        if persisted is not None and (other_id or (
-                persisted >= high and not holds_offset(consumer, topic, partition, persisted))):
-            # Faust would seek past the end and never read what was written since, or,
-            # on a topic made again that grew past the offset, skip its first records.
-            why = ("has another topic id than the one this store's offsets belong to"
-                   if other_id else f"ends before offset {persisted}, which this store had "
-                   "applied")
-            log.warning("%s[%d] %s: the topic was made again (a broker that lost its data, "
-                        "or deleted and made again); reading it from its start over the "
-                        "local store", topic, partition, why)
+        if (persisted is not None and persisted >= high
+                and not holds_offset(consumer, topic, partition, persisted)):
+            # Faust would seek past the end and never read what was written since.
+            log.warning("%s[%d] ends before offset %d, which this store had applied: the "
+                        "topic was made again (a broker that lost its data); reading it "
+                        "from its start over the local store", topic, partition, persisted)
             persisted = low - 1
             db.put(offset_key, str(persisted).encode())  # where Faust's recovery starts
-        if marker is not None and current_id is not None and current_id != stored_id:
-            marker.write_text(current_id + "\n")
         start = max(low, persisted + 1 if persisted is not None else low)
         if high - start < MIN_RECORDS:
             return 0
@@ -164,12 +150,9 @@ def _restore_all(store: Any, table: Any, partitions: Iterable[int],
     topic = table.changelog_topic.get_topic_name()
     t0 = time.monotonic()
     total = 0
-    current_id = topic_id(consumer_config, topic)
     for p in partitions:
         total += restore_partition(store._db_for_partition(p), store.offset_key,
-                                   consumer_config, topic, p, marker=Path(
-                                       f"{store.partition_path(p)}.changelog-id"),
-                                   current_id=current_id)
+                                   consumer_config, topic, p)
     if total:
         took = time.monotonic() - t0
         log.info("restored %d changelog records of %s in %.1f s (%.0f/s)", total, topic,
