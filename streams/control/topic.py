@@ -58,10 +58,12 @@ def publish(settings: Settings, record: ControlRecord, timeout_s: float = 15.0) 
                 ((key, value) for key in (record.audit_key(), record.state_key())),
                 timeout_s, linger_ms=0)
     if record.prev is not None:
-        _confirm(settings, record, 30.0)
+        confirm(settings, record, 30.0)
 
 
-def _confirm(settings: Settings, record: ControlRecord, timeout_s: float) -> None:
+def confirm(settings: Settings, record: ControlRecord, timeout_s: float) -> None:
+    """Read the topic back up to ``record``: returns when it is in force there,
+    :class:`Superseded` when another change of its kind came first."""
     heads = Heads()
     mine = record.audit_key()
     consumer = control_consumer(settings, f"confirm-{time.time_ns()}")
