@@ -171,10 +171,14 @@ class ControlFollower:
         if verdict == REPEATED or record.kind != "rules" and not self.models:
             return None
         if verdict == SUPERSEDED:
-            self.refused[record.kind] += 1
-            log.warning("control: the %s change %s at %s (by %s: %s) was made from a state "
-                        "another change replaced first: not applied", record.kind,
-                        record.version, where, record.published_by, record.reason)
+            # Counted as it happens; at start (the history read again) only logged: its
+            # publisher was told, and every restart would raise the alert again.
+            if announce:
+                self.refused[record.kind] += 1
+            log.log(logging.WARNING if announce else logging.INFO,
+                    "control: the %s change %s at %s (by %s: %s) was made from a state "
+                    "another change replaced first: not applied", record.kind,
+                    record.version, where, record.published_by, record.reason)
             return None
         if record.kind == "model":
             if announce:
