@@ -92,6 +92,13 @@ class ControlRecord:
                           ensure_ascii=False).encode()
 
 
+def active_version(state: ControlRecord | None) -> str | None:
+    """The active version a model state names (None: no state, or none named)."""
+    doc = state.document if state is not None else None
+    active = doc.get("active") if isinstance(doc, dict) else None
+    return active if isinstance(active, str) else None
+
+
 def ref_of(record: ControlRecord | None) -> str:
     return "" if record is None else record.ref()
 

@@ -110,22 +110,34 @@ def test_the_second_of_two_publishers_from_one_state_is_superseded_everywhere(
     assert "from-bo" in lines[2] and "bo@ops" in lines[2]
 
 
-@pytest.mark.e2e
-def test_a_controller_that_read_a_rollout_before_an_abort_does_not_move_it(stack_settings):
-    settings = stack_settings
+def _running_rollout(settings) -> Rollout:  # noqa: ANN001
+    """Champion v0 in force, and a rollout of v1 against it at its first step."""
     publish(settings, ControlRecord.make("model", "v0", {"active": "v0", "shadow": None},
                                          "ops", T0_MS, "champion").after(None))
     running = Rollout(rollout=f"v1@{T0_MS}", version="v1", champion="v0",
                       steps=(Step(0.1, 60.0), Step(1.0, 0.0)), gates=Gates(), step=0,
                       step_started_at=T0_MS)
     publish_rollout(settings, running, "ana@ops", "canary of v1", latest(settings, "canary"))
-    controller = Controller(settings)
+    return running
+
+
+def _controller_that_read(settings) -> Controller:  # noqa: ANN001
+    """A controller (its clock just after T0) that read the control topic to its end."""
+    controller = Controller(settings, clock=lambda: (T0_MS + 2) / 1000)
     consumer = control_consumer(settings, "test-controller")
     try:
         for msg in read_to_end(consumer, 30.0):
             controller._read(msg)
     finally:
         consumer.close()
+    return controller
+
+
+@pytest.mark.e2e
+def test_a_controller_that_read_a_rollout_before_an_abort_does_not_move_it(stack_settings):
+    settings = stack_settings
+    running = _running_rollout(settings)
+    controller = _controller_that_read(settings)
     assert controller.rollout == running
     # The controller stalls; meanwhile an operator aborts the rollout.
     aborted = running.moved(T0_MS + 1, status="aborted")
@@ -145,23 +157,12 @@ def test_a_controller_that_read_a_rollout_before_an_abort_does_not_move_it(stack
 @pytest.mark.e2e
 def test_a_rollout_whose_champion_was_replaced_by_hand_is_aborted_not_judged(stack_settings):
     settings = stack_settings
-    publish(settings, ControlRecord.make("model", "v0", {"active": "v0", "shadow": None},
-                                         "ops", T0_MS, "champion").after(None))
-    running = Rollout(rollout=f"v1@{T0_MS}", version="v1", champion="v0",
-                      steps=(Step(0.1, 60.0), Step(1.0, 0.0)), gates=Gates(), step=0,
-                      step_started_at=T0_MS)
-    publish_rollout(settings, running, "ana@ops", "canary of v1", latest(settings, "canary"))
+    running = _running_rollout(settings)
     # Published while the rollout runs (the CLI refuses it, but it raced the canary's
     # start, or came from an older release): v9 is now the active version.
     publish(settings, ControlRecord.make("model", "v9", {"active": "v9", "shadow": None},
                                          "bo@ops", T0_MS + 1, "hotfix model"))
-    controller = Controller(settings, clock=lambda: (T0_MS + 2) / 1000)
-    consumer = control_consumer(settings, "test-controller")
-    try:
-        for msg in read_to_end(consumer, 30.0):
-            controller._read(msg)
-    finally:
-        consumer.close()
+    controller = _controller_that_read(settings)
     moved = controller._baseline_moved(running)
     assert moved is not None and moved[0].status == "aborted" and "v9" in moved[1]
     controller._move(*moved)

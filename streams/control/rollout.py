@@ -34,6 +34,7 @@ from fraudstream.schemas.control import (
     ControlError,
     ControlRecord,
     Heads,
+    active_version,
     decode,
     is_audit,
     ref_of,
@@ -157,13 +158,19 @@ def next_state(rollout: Rollout, results: list[GateResult], stats: dict[str, Var
             f"step {rollout.step + 1} ({rollout.share:.0%}) passed: now {nxt:.0%} of cards")
 
 
+def rollout_record(rollout: Rollout, by: str, reason: str,
+                   after: ControlRecord | None) -> ControlRecord:
+    """The rollout's new state as a change made from ``after``."""
+    return ControlRecord.make("canary", rollout.version, rollout.to_document(), by,
+                              int(time.time() * 1000), reason).after(after)
+
+
 def publish_rollout(settings: Settings, rollout: Rollout, by: str, reason: str,
                     after: ControlRecord | None) -> None:
     """The rollout's new state, made from ``after`` (the rollout state in force when it was
     decided): :class:`~fraudstream.streams.control.topic.Superseded` if another change of
     the rollout came first."""
-    publish(settings, ControlRecord.make("canary", rollout.version, rollout.to_document(), by,
-                                         int(time.time() * 1000), reason).after(after))
+    publish(settings, rollout_record(rollout, by, reason, after))
 
 
 def promote(settings: Settings, rollout: Rollout, reason: str,
@@ -183,8 +190,7 @@ def promote(settings: Settings, rollout: Rollout, reason: str,
                                 reason).after(state)
     if now.get("active") != rollout.champion:
         raise Superseded(record, state)
-    moved = ControlRecord.make("canary", rollout.version, rollout.to_document(), BY,
-                               int(time.time() * 1000), reason).after(after)
+    moved = rollout_record(rollout, BY, reason, after)
     if ref_of(rollout_now) != ref_of(after):
         raise Superseded(moved, rollout_now)
     publish(settings, record)
@@ -314,9 +320,7 @@ class Controller:
         aborted (someone published another active version by hand), or promoted when the
         active version is already its canary (a promotion whose rollout record was not
         written)."""
-        model = self.heads.get("model")
-        doc = model.document if model is not None else None
-        active = doc.get("active") if isinstance(doc, dict) else None
+        active = active_version(self.heads.get("model"))
         if active is None or active == r.champion:
             return None
         now = int(self.clock() * 1000)
@@ -355,10 +359,9 @@ class Controller:
     def _move(self, rollout: Rollout, why: str) -> None:
         log.warning("controller: rollout %s %s", rollout.rollout, why)
         after = self.heads.get("canary")
-        model = self.heads.get("model")
         try:
-            if rollout.status == "promoted" and (model is None or not isinstance(
-                    model.document, dict) or model.document.get("active") != rollout.version):
+            if rollout.status == "promoted" and \
+                    active_version(self.heads.get("model")) != rollout.version:
                 promote(self.settings, rollout, why, after)
             else:
                 publish_rollout(self.settings, rollout, BY, why, after)

@@ -28,6 +28,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from fraudstream.schemas.codec import Codecs, make_registry
+from fraudstream.schemas.control import active_version
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import OnlineStage
 from fraudstream.scorers.registry import ACTIVE, Registry
@@ -103,10 +104,7 @@ def champion_in_force(settings: Settings, registry: Registry) -> str | None:
     """The champion a replay compares against unless one is named: the active version in
     force on the control topic (what every worker serves), else the registry's ACTIVE
     version (a deployment that promotes in one shared folder)."""
-    state = latest(settings, "model")
-    doc = state.document if state is not None else None
-    active = doc.get("active") if isinstance(doc, dict) else None
-    return active if isinstance(active, str) else registry.pointer(ACTIVE)
+    return active_version(latest(settings, "model")) or registry.pointer(ACTIVE)
 
 
 def load_models(settings: Settings, config: ReplayConfig) -> tuple[Any, Any]:
