@@ -4,7 +4,8 @@ worker applies, and the audit trail of who changed it, when and why.
 One record per change, JSON, written twice by the publisher: under the key of what it sets
 (``rules``: a rules document; ``model``: ``{"active": version, "shadow": version or
 null}``, whose files travel on the artifacts topic; ``canary``: a rollout and its step,
-:mod:`fraudstream.scorers.canary`), so that a compacted topic keeps the
+:mod:`fraudstream.scorers.canary`; ``rates``: an exchange-rates table as its file reads,
+:mod:`fraudstream.schemas.fx`), so that a compacted topic keeps the
 latest, and under a key of its own (``audit/<kind>/<published_at>/<sha256 prefix>``), so
 that compaction keeps every change for the history. A worker applies the latest record of
 each kind that it accepts.
@@ -38,7 +39,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-KINDS = ("rules", "model", "canary")
+KINDS = ("rules", "model", "canary", "rates")
 AUDIT_PREFIX = "audit/"
 
 

@@ -75,6 +75,10 @@ class Rates:
         version = data.get("version")
         if not isinstance(version, str) or not version.strip():
             raise RatesError(f"{where}'version' must be a non-empty string")
+        from fraudstream.schemas.validate import contains_pan  # (validate imports this)
+
+        if contains_pan(version):  # it goes to logs and metrics
+            raise RatesError(f"{where}'version' holds what looks like a raw card number")
         reference = data.get("reference")
         if not isinstance(reference, str) or not _CODE.match(reference):
             raise RatesError(f"{where}'reference' must be an ISO 4217 code, got {reference!r}")

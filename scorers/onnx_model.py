@@ -156,7 +156,7 @@ class ModelScorer:
         if rates is not None and self.trained_rates is not None:
             moved = rates.moved_from(self.trained_rates)
             if moved:
-                diffs.append(f"FRAUDSTREAM_WORKER_RATES_PATH: {moved}")
+                diffs.append(f"the rates table in force: {moved}")
         if not diffs:
             return None
         return (f"{self.version} was trained on features computed with other settings "

@@ -172,7 +172,9 @@ class WorkerSettings:
     #: Larger amounts (in the rates table's reference currency) go to the DLQ as absurd.
     max_amount: float = 1_000_000.0
     #: Exchange rates into the reference currency (EUR): every amount the features, rules
-    #: and models use is converted with it; a currency it lacks goes to the DLQ.
+    #: and models use is converted with it while no table is published on the control
+    #: topic (``fraudstream rates publish``); a currency the table in force lacks goes to
+    #: the DLQ.
     rates_path: Path = Path(__file__).resolve().parent.parent / "schemas" / "rates.toml"
     commit_interval_s: float = 1.0
     dedupe_retention_days: float = 7.0

@@ -79,10 +79,12 @@ def metric(port: int, series: str) -> float | None:
     return None
 
 
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+def cli(settings: Settings, *args: str, command: str = "rules"
+        ) -> subprocess.CompletedProcess:
+    """``fraudstream <command> <args>`` with ``settings``, as an operator runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
     env.update(settings.to_env())
-    return subprocess.run([sys.executable, "-m", "fraudstream", "rules", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "fraudstream", command, *args], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 

@@ -391,17 +391,25 @@ def test_a_model_trained_with_other_feature_settings_is_flagged_at_load(
     assert "FRAUDSTREAM_FEATURES_LABEL_DELAY_S=604800 here" in caplog.text
 
 
-def test_a_model_trained_with_a_rates_table_that_moved_materially_is_flagged_at_load(
-        models_registry, tmp_path, caplog):
-    """Amounts are features: a worker whose rates table gives another reference currency,
-    or moved a currency by more than 10%, names it when it loads the version. A newer
-    table with the day's small moves (tables are replaced daily) says nothing."""
+def promoted_copy(models_registry: Path, tmp_path: Path
+                  ) -> tuple[Registry, str, tuple[int, int], dict]:
+    """A copy of the trained version, promoted: its registry, version, the feature settings
+    it was trained with (label delay, lateness) and its metadata."""
     root = tmp_path / "models"
     version = copy_version(models_registry, root)
     reg = Registry(root)
     reg.promote(version)
     meta = json.loads((root / version / "metadata.json").read_text())
-    same = (meta["config"]["label_delay_ms"], meta["config"]["allowed_lateness_ms"])
+    return reg, version, (meta["config"]["label_delay_ms"],
+                          meta["config"]["allowed_lateness_ms"]), meta
+
+
+def test_a_model_trained_with_a_rates_table_that_moved_materially_is_flagged_at_load(
+        models_registry, tmp_path, caplog):
+    """Amounts are features: a worker whose rates table gives another reference currency,
+    or moved a currency by more than 10%, names it when it loads the version. A newer
+    table with the day's small moves (tables are replaced daily) says nothing."""
+    reg, version, same, meta = promoted_copy(models_registry, tmp_path)
     trained = Rates.load()
     assert meta["rates"]["version"] == trained.version
 
@@ -432,3 +440,30 @@ def test_a_model_trained_with_a_rates_table_that_moved_materially_is_flagged_at_
                 in caplog.text
             assert said in caplog.text, caplog.text
             assert flagged == 1.0  # what the FraudstreamModelTrainedOtherwise alert reads
+
+
+def test_a_rates_table_published_while_a_model_serves_is_checked_against_its_training(
+        models_registry, tmp_path, caplog):
+    """A table put in force without a restart (``fraudstream rates publish``) is checked as
+    one read at start: flagged once it moved materially from the training's, cleared when a
+    table close to it comes back."""
+    reg, version, same, meta = promoted_copy(models_registry, tmp_path)
+    trained = Rates.load()
+    metrics = WorkerMetrics()
+    watcher = ModelWatcher(reg, ModelStage(), metrics, features=same, rates=trained)
+    watcher.check()
+
+    def flagged() -> float | None:
+        return metrics.registry.get_sample_value(
+            "fraudstream_model_trained_otherwise", {"role": "active", "version": version})
+
+    assert flagged() is None
+    ngn = trained.units_per_ref["NGN"]
+    with caplog.at_level(logging.WARNING):
+        watcher.rates_changed(Rates("devalued", trained.reference,
+                                    {**trained.units_per_ref, "NGN": ngn * 1.6}))
+    assert "1 rates moved by more than 10% (NGN 60%)" in caplog.text
+    assert flagged() == 1.0
+    watcher.rates_changed(Rates("next-day", trained.reference,
+                                {**trained.units_per_ref, "NGN": ngn * 1.02}))
+    assert flagged() is None

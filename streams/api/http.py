@@ -175,13 +175,14 @@ class DecisionsHandler:
 
     def __init__(self, settings: Settings, service: DecisionService, metrics: ApiMetrics,
                  tokens: BearerTokens, encode: Callable[[dict[str, Any]], bytes],
-                 rates: Rates) -> None:
+                 rates: Callable[[], Rates]) -> None:
         self.settings = settings
         self.api = settings.api
         self.service = service
         self.metrics = metrics
         self.tokens = tokens
         self.encode = encode
+        #: The rates table in force (the control topic's, else the rates file's).
         self.rates = rates
         self.retry = {"retry-after": str(self.api.retry_after_s)}
         self.default_s = self.api.timeout_ms / 1000.0
@@ -210,7 +211,7 @@ class DecisionsHandler:
                             headers={"www-authenticate": 'Bearer realm="fraudstream"'})
         try:
             deadline = t0 + self.timeout_of(headers)
-            txn = read_transaction(body, self.settings, self.rates,
+            txn = read_transaction(body, self.settings, self.rates(),
                                    int(self.service.clock() * 1000))
         except ValidationError as exc:
             self.answered(422, "error", t0)
@@ -274,7 +275,7 @@ class FastPath:
 
 def create_app(settings: Settings, service: DecisionService, metrics: ApiMetrics,
                tokens: BearerTokens, encode: Callable[[dict[str, Any]], bytes],
-               rates: Rates, on_start: Callable[[], None] = lambda: None,
+               rates: Callable[[], Rates], on_start: Callable[[], None] = lambda: None,
                on_stop: Callable[[], None] = lambda: None) -> FastPath:
     """The ASGI app: :class:`FastPath` in front of FastAPI (lifespan, /docs, probes)."""
     handler = DecisionsHandler(settings, service, metrics, tokens, encode, rates)

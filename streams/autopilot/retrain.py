@@ -20,13 +20,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.train import TrainConfig, train
 from fraudstream.state.features import FeatureConfig
 from fraudstream.streams.autopilot.source import topic_events
 from fraudstream.streams.control.artifacts import upload
-from fraudstream.streams.control.follow import rules_in_force
+from fraudstream.streams.control.follow import in_force
 from fraudstream.streams.control.rollout import codecs_for
 from fraudstream.streams.replay.ranges import Bound, ReplayConfig
 from fraudstream.streams.settings import Settings
@@ -80,17 +79,18 @@ def retrain(settings: Settings, config: RetrainConfig, models_dir: Path,
     t0 = time.monotonic()
     codecs = codecs_for(settings)
     errors: Counter[str] = Counter()
+    # What the workers decide with now: amounts converted with the rates table in force.
+    rules, rates = in_force(settings)
     events = topic_events(
         settings, codecs,
         ReplayConfig(challenger="-", start=config.start, end=config.end,
                      partitions=config.partitions),
-        errors, progress)
+        errors, progress, rates=rates)
     fs = settings.features
     features = FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                              label_delay_ms=int(fs.label_delay_s * 1000))
-    rates = Rates.load(settings.worker.rates_path)  # as topic_events converts amounts
     meta = train(events, models_dir, replace(config.train, features=features, rates=rates),
-                 data_hash(settings, config), rules_in_force(settings), phase=phase)
+                 data_hash(settings, config), rules, phase=phase)
     if config.upload:
         upload(settings, Registry(models_dir), meta["version"])
     return Retrained(meta, models_dir / meta["version"], errors, time.monotonic() - t0)

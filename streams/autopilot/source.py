@@ -40,15 +40,17 @@ Event = tuple[str, dict[str, Any]]
 
 
 def topic_events(settings: Settings, codecs: Codecs, config: ReplayConfig,
-                 errors: Counter[str], progress: Any = None) -> Iterator[Event]:
+                 errors: Counter[str], progress: Any = None, rates: Rates | None = None,
+                 ) -> Iterator[Event]:
     """Validated ``("transaction", dict)`` and ``("label", dict)`` events of the range.
     ``config`` takes the replay's bounds (``start``, ``end``, ``partitions``, ``batch``);
     unusable records are counted in ``errors`` by ``"<topic> <field>: <reason>"``.
-    ``progress(n)`` after each batch of n records."""
+    ``progress(n)`` after each batch of n records. Amounts convert with ``rates`` (default:
+    the rates file's table)."""
     avro = settings.codec.input_format == "avro"
     decode = codecs.transaction.decode if avro else decode_json
     decode_label = codecs.label.decode if avro else decode_json
-    rates = Rates.load(settings.worker.rates_path)
+    rates = rates if rates is not None else Rates.load(settings.worker.rates_path)
     max_amount = settings.worker.max_amount
     group = f"fraudstream-retrain-{config.replay_id}"
     reader = RangeReader(settings, config, group, event_time_of(settings, codecs),

@@ -77,6 +77,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 in_force[0] = newer
         return in_force[0]
 
+    rates_in_force = [follower.rates]
+
+    def rates() -> Rates:
+        """The table requests are read with: the control topic's, as a worker's."""
+        newer = follower.take_rates()
+        if newer is not None:
+            rates_in_force[0] = newer  # (read on the event loop only)
+        return rates_in_force[0]
+
     service = DecisionService(settings, codecs, rules)
     metrics = ApiMetrics(service, tokens)
     probes = Probes()
@@ -101,7 +110,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:
         raise StartError(f"FRAUDSTREAM_API_METRICS_PORT={port}: {exc}") from None
     app = create_app(settings, service, metrics, tokens, encoder(settings, codecs),
-                     Rates.load(settings.worker.rates_path), on_start=follower.start,
+                     rates, on_start=follower.start,
                      on_stop=follower.stop)
     # The request coroutines and the Kafka threads share one interpreter: a short switch
     # interval lets a decision read by the reader thread reach its request sooner.

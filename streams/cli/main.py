@@ -147,6 +147,15 @@ def _cmd_rules(args: argparse.Namespace, settings: Settings) -> int:
     return run(args, settings)
 
 
+def _cmd_rates(args: argparse.Namespace, settings: Settings) -> int:
+    from fraudstream.streams.worker.preflight import check_services
+
+    check_services(settings)  # broker and registry, or one line
+    from fraudstream.streams.cli.rates import run
+
+    return run(args, settings)
+
+
 def _cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from fraudstream.streams.worker.preflight import check_services
 
@@ -237,6 +246,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     with_module("rules", "publish rules and blocklists to every worker, or list what was "
                 "published", "cli.rules", _cmd_rules)
+    with_module("rates", "publish the exchange-rates table to every worker and API "
+                "instance, or list what was published", "cli.rates", _cmd_rates)
     p = sub.add_parser("controller", help="move canary rollouts through their steps, and "
                        "roll them back when a gate fails")
     p.add_argument("--metrics-port", type=int, default=None,

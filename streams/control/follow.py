@@ -17,6 +17,12 @@ way: the canary version fetched and loaded in the follower's thread, then handed
 batch loop with the rollout's step (:meth:`ControlFollower.take_canary`), so a step, a
 rollback or an abort changes which cards the canary serves from the next batch. A rollout
 record that cannot be applied stops the canary: the champion serves every card.
+
+An exchange-rates table (key ``rates``, :mod:`fraudstream.schemas.fx`) is checked as the
+rates file is, and handed over the same way (:meth:`ControlFollower.take_rates`): amounts
+of the next batch convert with it. A table in another reference currency than the rates
+file's is refused: the amounts in the feature state, the rules' thresholds and the models
+are in that one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from fraudstream.schemas.control import (
     decode,
     is_audit,
 )
+from fraudstream.schemas.fx import Rates, RatesError
 from fraudstream.scorers.canary import Rollout
 from fraudstream.scorers.registry import ACTIVE, SHADOW, Registry
 from fraudstream.scorers.rules import RuleSet, RulesScorer
@@ -76,9 +83,16 @@ class ControlFollower:
         self._canary_msg: Message | None = None
         #: The rollout to serve and its canary version, loaded (None, None: no canary).
         self._canary_pending: tuple[Rollout | None, Any] | None = None
+        #: The rates table in force (after :meth:`initial`: the latest accepted on the
+        #: topic, else the rates file's), and one accepted since the last :meth:`take_rates`.
+        self.rates: Rates | None = None
+        self._rates_pending: Rates | None = None
 
-    def initial(self, from_file: RuleSet) -> RulesScorer:
-        """The rules to start with: the latest accepted on the topic, else the file's."""
+    def initial(self, from_file: RuleSet, rates: Rates | None = None) -> RulesScorer:
+        """The rules to start with: the latest accepted on the topic, else the file's; and
+        :attr:`rates` likewise (``rates``: the rates file's table, loaded if not given)."""
+        self.rates = rates if rates is not None else Rates.load(
+            self.settings.worker.rates_path)
         try:
             self._consumer = control_consumer(self.settings, "control")
         except (LookupError, KafkaException) as exc:
@@ -119,6 +133,12 @@ class ControlFollower:
         with self._lock:
             scorer, self._pending = self._pending, None
         return scorer
+
+    def take_rates(self) -> Rates | None:
+        """The rates table accepted since the last call, if any (between two batches)."""
+        with self._lock:
+            table, self._rates_pending = self._rates_pending, None
+        return table
 
     def take_canary(self) -> tuple[Rollout | None, Any] | None:
         """The rollout (and its loaded canary) changed since the last call, if it did."""
@@ -162,13 +182,13 @@ class ControlFollower:
             record = decode(msg.value())
         except ControlError as exc:
             kind = audit_kind(key)
-            if kind == "rules" or self.models:
+            if kind in _EVERYONE or self.models:
                 self.refused[kind] += 1
                 log.warning("control: refused the %s record at %s: %s; what is in force "
                             "stays", kind, where, exc)
             return None
         verdict = self.heads.offer(record)
-        if verdict == REPEATED or record.kind != "rules" and not self.models:
+        if verdict == REPEATED or record.kind not in _EVERYONE and not self.models:
             return None
         if verdict == SUPERSEDED:
             # Counted as it happens; at start (the history read again) only logged: its
@@ -191,6 +211,9 @@ class ControlFollower:
                 self._apply_canary(msg)
             else:
                 self._canary_msg = msg  # at start: the latest
+            return None
+        if record.kind == "rates":
+            self._apply_rates(record, where, announce)
             return None
         try:
             ruleset = RuleSet.from_document(record.document, source=where)
@@ -239,6 +262,38 @@ class ControlFollower:
                     _iso(record.published_at), record.reason)
         return True
 
+    def _apply_rates(self, record: ControlRecord, where: str, announce: bool) -> None:
+        """A rates table: checked as the rates file is, in the reference currency of the
+        table in force (the file's, see the module doc); then in force (at start) or handed
+        to the batch loop."""
+        assert self.rates is not None  # set by initial() before any record is read
+        try:
+            document = record.document
+            if not isinstance(document, dict):
+                raise RatesError("the document is not a table")
+            table = Rates.from_mapping(document, where)
+            if table.reference != self.rates.reference:
+                raise RatesError(
+                    f"amounts in {table.reference}, but this deployment's are in "
+                    f"{self.rates.reference} (its feature state, rules and models): another "
+                    "reference currency takes a new rates file and retrained models")
+        except RatesError as exc:
+            self.refused["rates"] += 1
+            log.warning("control: refused the rates table at %s: %s; the rates in force "
+                        "stay", where, exc)
+            return
+        moved = table.moved_from(self.rates)
+        self.rates = table
+        if announce:
+            with self._lock:
+                self._rates_pending = table
+        log.log(logging.WARNING if announce else logging.INFO,
+                "rates: table %s (%d currencies) from %s, published by %s at %s (%s)%s%s",
+                table.version, len(table.units_per_ref), where, record.published_by,
+                _iso(record.published_at), record.reason,
+                "; in force from the next batch" if announce else "",
+                f"; against the table before: {moved}" if moved else "")
+
     def _apply_canary(self, msg: Message) -> None:
         """The rollout in force: its canary version fetched (if need be), loaded and
         checked here, off the batch loop, then handed over with the step."""
@@ -269,6 +324,10 @@ class ControlFollower:
                     rollout.champion, where)
 
 
+#: The kinds every follower applies; the others (model states, rollouts) only a worker's.
+_EVERYONE = ("rules", "rates")
+
+
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
 
@@ -277,8 +336,17 @@ def rules_in_force(settings: Settings) -> RulesScorer:
     """The rules a worker starting now would decide with (the latest accepted on the
     control topic, else the rules file's), without following the topic or touching the
     models folder: for a replay."""
+    return in_force(settings)[0]
+
+
+def in_force(settings: Settings) -> tuple[RulesScorer, Rates]:
+    """The rules and the rates table a worker starting now would decide with (the latest
+    accepted on the control topic, else the files'), without following the topic or
+    touching the models folder: for a replay or a retraining."""
     follower = ControlFollower(settings, models=False)
     try:
-        return follower.initial(RuleSet.load(settings.scoring.rules_path))
+        rules = follower.initial(RuleSet.load(settings.scoring.rules_path))
+        assert follower.rates is not None
+        return rules, follower.rates
     finally:
         follower.stop()

@@ -22,7 +22,7 @@ import traceback
 import zlib
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from confluent_kafka import Producer
@@ -35,7 +35,7 @@ from fraudstream.scorers.registry import ACTIVE, Registry
 from fraudstream.state.engine import MemoryStore
 from fraudstream.streams.batch import Staged
 from fraudstream.streams.control.artifacts import ArtifactTransferError, download
-from fraudstream.streams.control.follow import rules_in_force
+from fraudstream.streams.control.follow import in_force
 from fraudstream.streams.control.topic import latest
 from fraudstream.streams.pipeline import Limits, Pipeline
 from fraudstream.streams.replay.ranges import ReplayConfig, ReplayError
@@ -153,8 +153,9 @@ class DecideSide:
         self.codecs = codecs = replay_codecs(settings)
         champion, challenger = models or load_models(settings, config)
         self.store = store = MemoryStore()  # the learners and their feature log
+        rules, rates = in_force(settings)  # what the workers decide with now
         self.pipeline = Pipeline(
-            codecs, rules_in_force(settings), Limits.from_settings(settings),
+            codecs, rules, replace(Limits.from_settings(settings), rates=rates),
             input_format=settings.codec.input_format,
             models=ModelStage(active=champion, shadow=challenger),
             budget_ms=float("inf"),

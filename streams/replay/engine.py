@@ -70,6 +70,7 @@ from typing import Any
 from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
 from fraudstream.schemas.validate import ValidationError
 from fraudstream.state.engine import FeatureConfig, FeatureEngine, MemoryStore
+from fraudstream.streams.control.follow import in_force
 from fraudstream.streams.pipeline import Limits, Pipeline, RawRecord, dedupe_key
 from fraudstream.streams.replay.decider import (
     FREEZE_EVERY,
@@ -133,7 +134,9 @@ def reading_pipeline(settings: Settings, codecs: Codecs, partitions: int
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                       label_delay_ms=int(fs.label_delay_s * 1000)), store)
-    return Pipeline(codecs, None, Limits.from_settings(settings),
+    # Amounts converted as the workers convert them now: with the rates table in force.
+    limits = replace(Limits.from_settings(settings), rates=in_force(settings)[1])
+    return Pipeline(codecs, None, limits,
                     input_format=settings.codec.input_format, features=engine,
                     budget_ms=float("inf")), store
 

@@ -20,13 +20,14 @@ import ssl
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from fraudstream.schemas.codec import Codecs, decode_json, make_registry
+from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.drift import DriftConfig
 from fraudstream.scorers.online import OnlineStage
@@ -175,7 +176,8 @@ def build_worker(settings: Settings) -> Worker:
     # The rules in force: the latest published on the control topic, else the file's;
     # later publications are swapped in between two batches (streams/control/follow.py).
     follower = ControlFollower(settings)
-    scorer = follower.initial(RuleSet.load(settings.scoring.rules_path))
+    scorer = follower.initial(RuleSet.load(settings.scoring.rules_path),
+                              Rates.load(w.rates_path))
     table = app.Table(
         "state",
         default=None,
@@ -235,7 +237,8 @@ def build_worker(settings: Settings) -> Worker:
     sc = settings.scoring
     models = ModelStage(drift=DriftConfig(sc.drift_window, sc.drift_psi_threshold,
                                           sc.drift_js_threshold))
-    limits = Limits.from_settings(settings)
+    # The rates table in force: the latest accepted on the control topic, else the file's.
+    limits = replace(Limits.from_settings(settings), rates=follower.rates)
     watcher = ModelWatcher(registry, models, metrics,
                            (engine.config.label_delay_ms, engine.config.allowed_lateness_ms),
                            limits.rates)
@@ -289,6 +292,7 @@ def build_worker(settings: Settings) -> Worker:
                 if value == value:  # not NaN
                     metrics.online_quality.labels(str(partition), name).set(value)
     metrics.set_rules(scorer.ruleset.version)
+    metrics.set_rates(limits.rates)
     refused_seen: dict[str, int] = {}
 
     def control_counts() -> None:
@@ -352,6 +356,11 @@ def build_worker(settings: Settings) -> Worker:
         if rules is not None:
             pipeline.scorer = rules
             metrics.set_rules(rules.ruleset.version)
+        rates = follower.take_rates()
+        if rates is not None:
+            pipeline.limits = replace(pipeline.limits, rates=rates)
+            watcher.rates_changed(rates)
+            metrics.set_rates(rates)
         canary = follower.take_canary()
         if canary is not None:
             models.rollout, models.canary = canary

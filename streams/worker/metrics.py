@@ -94,6 +94,10 @@ class WorkerMetrics:
         self.rules = Gauge(
             "fraudstream_rules_info", "The rules version in force (value 1): the latest "
             "published on the control topic, else the rules file's.", ["version"], registry=r)
+        self.rates = Gauge(
+            "fraudstream_rates_info", "The exchange-rates table in force (value 1): the "
+            "latest published on the control topic, else the rates file's.",
+            ["version", "reference"], registry=r)
         self.control_refused = Counter(
             "fraudstream_control_refused", "Control records this worker refused (the reason "
             "in its log); what was in force stays.", ["kind"], registry=r)
@@ -227,6 +231,10 @@ class WorkerMetrics:
         for pointer, version in otherwise.items():
             if version:
                 self.model_trained_otherwise.labels(pointer.lower(), version).set(1)
+
+    def set_rates(self, rates: Any) -> None:
+        self.rates.clear()
+        self.rates.labels(rates.version, rates.reference).set(1)
 
     def set_rules(self, version: str) -> None:
         self.rules.clear()

@@ -69,6 +69,21 @@ class ModelWatcher:
             self.metrics.set_refused(self.refused)
             self.metrics.set_trained_otherwise(self.otherwise)
 
+    def rates_changed(self, rates: Rates) -> None:
+        """A new rates table in force: each model serving is checked against it again (a
+        table whose rates moved materially from its training's is named, as at load)."""
+        self.rates = rates
+        for pointer, attr in ((ACTIVE, "active"), (SHADOW, "shadow")):
+            model = getattr(self.stage, attr)
+            if model is None or self.features is None:
+                continue
+            mismatch = model.feature_mismatch(*self.features, rates)
+            if mismatch and self.otherwise[pointer] is None:
+                log.warning("models: %s %s: %s", pointer, model.version, mismatch)
+            self.otherwise[pointer] = model.version if mismatch else None
+        if self.metrics is not None:
+            self.metrics.set_trained_otherwise(self.otherwise)
+
     def _check(self, pointer: str) -> None:
         target = self.registry.pinned(pointer)
         seen = (target, self.registry.fingerprint(target[0]) if target else None)
