@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--rules-only", action="store_true", help="no model: the rules decide")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--api-fetch-wait-ms", type=int, default=None,
+                   help="the API's decisions reader's fetch wait (default: "
+                        "FRAUDSTREAM_API_FETCH_MAX_WAIT_MS's default)")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--py-spy", type=Path, default=None,
                    help="record the API process with py-spy (raw format) during each step")
@@ -192,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     ports = free_ports(2)
+    fetch_wait = ({} if args.api_fetch_wait_ms is None
+                  else {"fetch_max_wait_ms": args.api_fetch_wait_ms})
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker, EmbeddedRegistry() as reg:
         stack = fresh_stack(broker, reg, workdir, "api-bench", partitions=args.partitions,
                             scoring=scoring, api={"tokens": TOKEN, "port": ports[0],
-                                                  "metrics_port": ports[1]})
+                                                  "metrics_port": ports[1], **fetch_wait})
         settings = stack.settings
         worker = _spawn(["-m", "fraudstream", "worker"], settings, workdir / "worker.log")
         api = _spawn(["-m", "fraudstream", "api"], settings, workdir / "api.log")

@@ -155,3 +155,51 @@ def test_a_new_champion_is_refused_while_a_rollout_is_judged_against_the_old_one
     assert out.returncode == 0, out.stderr
     state = latest(settings, "model")
     assert state is not None and state.document["active"] == second
+
+
+def test_promote_shadow_and_rollback_change_the_published_state_once_there_is_one(
+        models_registry, stack_settings, tmp_path):
+    """A folder's pointers are undone by the published model state at its worker's next
+    start: once one is published, `promote`, `shadow` and `rollback` publish their change
+    (with a reason), and `rollback` goes back in the published history."""
+    first, second = models_registry.versions()[:2]
+    local = tmp_path / "ops-laptop"  # the operator's folder holds only the second version
+    shutil.copytree(models_registry.root / second, local / second)
+    ops = stack_settings.replace(scoring={"models_dir": local})
+    trainer = stack_settings.replace(scoring={"models_dir": models_registry.root})
+
+    # Nothing published yet: the folder is the state, as on a single machine.
+    out = model_cli(ops, "promote", second)
+    assert out.returncode == 0 and Registry(local).pointer("ACTIVE") == second, out.stderr
+    assert latest(ops, "model") is None
+
+    out = model_cli(trainer, "publish", first, "--reason", "champion", "--by", "ml@team")
+    assert out.returncode == 0, out.stderr
+    out = model_cli(ops, "promote", second)
+    assert out.returncode == 2 and "--reason" in out.stderr, out.stderr
+    assert latest(ops, "model").document == {"active": first, "shadow": None}
+
+    out = model_cli(ops, "promote", second, "--reason", "better AP", "--by", "ana@ops")
+    assert out.returncode == 0, out.stderr
+    assert latest(ops, "model").document == {"active": second, "shadow": None}
+    out = model_cli(ops, "shadow", first, "--reason", "keep watching it")
+    assert out.returncode == 0, out.stderr  # not in this folder: on the artifacts topic
+    assert latest(ops, "model").document == {"active": second, "shadow": first}
+    out = model_cli(ops, "shadow", "--off", "--reason", "enough")
+    assert out.returncode == 0, out.stderr
+    assert latest(ops, "model").document == {"active": second, "shadow": None}
+
+    out = model_cli(ops, "rollback", "--reason", "declines doubled", "--by", "sre@ops")
+    assert out.returncode == 0, out.stderr
+    assert latest(ops, "model").document == {"active": first, "shadow": None}
+    assert latest(ops, "model").published_by == "sre@ops"
+    out = model_cli(ops, "rollback", "--reason", "it was the merchant, not the model")
+    assert out.returncode == 0, out.stderr
+    assert latest(ops, "model").document["active"] == second
+    # The folder was never the state: its pointer is what the first promote left.
+    assert Registry(local).pointer("ACTIVE") == second and \
+        Registry(local).pointer("SHADOW") is None
+    out = model_cli(ops, "history")
+    assert [line.split("\t")[5] for line in out.stdout.splitlines()] == [
+        "champion", "better AP", "keep watching it", "enough", "declines doubled",
+        "it was the merchant, not the model"]

@@ -2,14 +2,16 @@
 publish V [--shadow] | history | canary V | canary --status | canary --abort``.
 
 Acts on the registry folder (``FRAUDSTREAM_SCORING_MODELS_DIR``); running workers pick a
-change up within ``FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S``. A version that cannot be
-served (altered files, degenerate weights or thresholds, a probe batch scored all alike)
-is refused here already, with one line on stderr and exit code 1, and the pointers stay
-as they were. ``publish`` puts a version in force on every worker instead, through the
-control topic: workers fetch its files from the artifacts topic (no shared folder);
-``canary`` rolls it out in steps (:mod:`fraudstream.streams.cli.canary`).
-``list`` checks every version as a worker would and shows a broken one as
-broken, with the reason.
+change up within ``FRAUDSTREAM_SCORING_RELOAD_INTERVAL_S``. Once a model state is published
+on the control topic, ``promote``, ``shadow`` and ``rollback`` publish the change there
+instead (:mod:`fraudstream.streams.cli.model_state`): a folder's pointers would be undone
+by that state at the next start of its worker, and would move one machine only. A version
+that cannot be served (altered files, degenerate weights or thresholds, a probe batch
+scored all alike) is refused here already, with one line on stderr and exit code 1, and the
+pointers stay as they were. ``publish`` puts a version in force on every worker through
+the control topic: workers fetch its files from the artifacts topic (no shared folder);
+``canary`` rolls it out in steps (:mod:`fraudstream.streams.cli.canary`). ``list`` checks
+every version as a worker would and shows a broken one as broken, with the reason.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                 "whether each can be served")
     q = sub.add_parser("promote", help="make a version the active one")
     q.add_argument("version")
-    sub.add_parser("rollback", help="make the previously active version active again")
+    _published_change(q)
+    q = sub.add_parser("rollback", help="make the previously active version active again")
+    _published_change(q)
     q = sub.add_parser("shadow", help="score a version on live traffic, never deciding")
     q.add_argument("version", nargs="?")
     q.add_argument("--off", action="store_true", help="stop the shadow")
+    _published_change(q)
     q = sub.add_parser("seal", help="check a version trained by an older fraudstream and "
                                     "write its SHA256SUMS, so that it can be promoted")
     q.add_argument("version")
@@ -50,14 +55,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     canary_arguments(q)
 
 
+def _published_change(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--reason", default=None, help="why (required once a model state is "
+                                                  "published on the control topic: kept in "
+                                                  "its audit trail)")
+    q.add_argument("--by", default=None, help="who (default: user@host)")
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     registry = Registry(settings.scoring.models_dir)
+    if args.action in ("promote", "rollback", "shadow"):
+        from fraudstream.streams.cli.model_state import published_change
+
+        code = published_change(args, settings, registry)
+        if code is not None:
+            return code
     if args.action == "canary":
         from fraudstream.streams.cli.canary import run as canary
 
         return canary(args, settings, registry)
     if args.action in ("publish", "history"):
-        from fraudstream.streams.cli.rules import history, publish_model
+        from fraudstream.streams.cli.model_state import publish_model
+        from fraudstream.streams.cli.rules import history
 
         return publish_model(args, settings, registry) if args.action == "publish" \
             else history(settings, ("model", "canary"), autopilot=True)

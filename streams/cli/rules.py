@@ -29,11 +29,9 @@ from fraudstream.schemas.control import (
     decode,
     is_audit,
 )
-from fraudstream.scorers.onnx_model import ArtifactError
-from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.rules import RuleSet
 from fraudstream.scorers.rules_file import inline_document, read_toml
-from fraudstream.streams.control.topic import heads, latest
+from fraudstream.streams.control.topic import latest
 from fraudstream.streams.settings import Settings
 
 
@@ -76,48 +74,6 @@ def _not_sent(settings: Settings, record: ControlRecord, command: str) -> int:
 
 def _who(by: str | None) -> str:
     return by or f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-def publish_model(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
-    """``fraudstream model publish V [--shadow]``: the version's files to the artifacts
-    topic (checked as a worker loads them first), then the model state with it."""
-    from fraudstream.streams.control.artifacts import ArtifactTransferError, upload
-
-    if not args.reason.strip():
-        print("fraudstream model: --reason must say why", file=sys.stderr)
-        return 2
-    now_in_force = heads(settings)
-    if not args.shadow:
-        from fraudstream.streams.cli.canary import rollout_of
-
-        running = rollout_of(now_in_force.get("canary"))
-        if running is not None and running.status == "running":
-            # The rollout's gates judge its version against the champion it started with.
-            print(f"fraudstream model: rollout {running.rollout} of {running.version} "
-                  f"against {running.champion} is running: a new active version would "
-                  "change the champion it is judged against; abort it first (fraudstream "
-                  "model canary --abort --reason ...)", file=sys.stderr)
-            return 2
-    try:
-        upload(settings, registry, args.version)
-    except (ArtifactError, ArtifactTransferError, OSError) as exc:
-        print(f"fraudstream model: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-    state = now_in_force.get("model")
-    doc = dict(state.document) if state is not None else {"active": None, "shadow": None}
-    doc["shadow" if args.shadow else "active"] = args.version
-    if doc["active"] is None:
-        print("fraudstream model: no active version published yet: publish one without "
-              "--shadow first", file=sys.stderr)
-        return 2
-    code = _not_sent(settings, ControlRecord.make(
-        "model", args.version, doc, _who(args.by), int(time.time() * 1000),
-        args.reason.strip()).after(state), "model")
-    if code:
-        return code
-    print(f"models in force: active {doc['active']}, shadow {doc['shadow'] or 'none'} "
-          f"(published to {settings.topics.control})")
-    return 0
 
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer
 
 from fraudstream.schemas.control import (
+    APPLIED,
     SUPERSEDED,
     ControlError,
     ControlRecord,
@@ -94,19 +95,25 @@ def _audit_record(msg: Message) -> ControlRecord | None:
 
 def heads(settings: Settings) -> Heads:
     """The state of every kind in force on the control topic (none: nothing published)."""
-    found = Heads()
+    return changes(settings)[0]
+
+
+def changes(settings: Settings) -> tuple[Heads, list[ControlRecord]]:
+    """The state of every kind in force on the control topic, and every change applied
+    (not superseded, not repeated), in order."""
+    found, applied = Heads(), []
     try:
         consumer = control_consumer(settings, f"state-{time.time_ns()}")
     except LookupError:
-        return found
+        return found, applied
     try:
         for msg in read_to_end(consumer, 30.0):
             rec = _audit_record(msg)
-            if rec is not None:
-                found.offer(rec)
+            if rec is not None and found.offer(rec) == APPLIED:
+                applied.append(rec)
     finally:
         consumer.close()
-    return found
+    return found, applied
 
 
 def write_acked(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]],
