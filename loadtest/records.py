@@ -111,14 +111,14 @@ def run(n: int, rounds: int) -> dict[str, Any]:
                   "event_time": d["event_time"], "source_timestamp": d["source_timestamp"],
                   "decided_at": d["decided_at"], "amount": d["amount"],
                   "currency": d["currency"], "amount_ref": d["amount_ref"],
-                  "rules_version": d["rules_version"]}
+                  "rules_version": d["rules_version"], "rates_version": d["rates_version"]}
         return decision_codec.encode({**common, **verdict, "reasons": d["reasons"]})
 
     def from_parts(part: tuple[dict[str, Any], dict[str, Any]]) -> bytes:
         d, verdict = part
         return writer.encode_decided(d, verdict, d["reasons"], d["source_timestamp"],
                                      d["amount_ref"], d["timings_ms"], d["late_ms"],
-                                     d["decided_at"], d["rules_version"])
+                                     d["decided_at"], d["rules_version"], d["rates_version"])
 
     assert all(with_dicts(x) == from_parts(x) for x in parts)
     costs = {
@@ -152,7 +152,8 @@ def _decisions(txns: list[dict[str, Any]], batch: int = 500) -> list[dict[str, A
                       "timings_ms": timings, "late_ms": 0.0, "event_time": txn["event_time"],
                       "source_timestamp": txn["event_time"] + 40, "decided_at": decided_at,
                       "amount": txn["amount"], "currency": txn["currency"],
-                      "amount_ref": round(txn["amount_ref"], 4), "rules_version": "2026.12.1"}
+                      "amount_ref": round(txn["amount_ref"], 4), "rules_version": "2026.12.1",
+                      "rates_version": "2026-12-01"}
             verdict = {"decision": "approve", "score": (i % 97) / 97.0,
                        "reasons": list(reasons[i % 2:i % 2 + 3]),
                        "model_version": "v20261204-065412-05050505", "stage": "model",

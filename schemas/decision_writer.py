@@ -33,6 +33,7 @@ FIELDS = (
     ("late_ms", "double"), ("event_time", "long"), ("source_timestamp", "long"),
     ("decided_at", "long"), ("amount", "?double"), ("currency", "?string"),
     ("amount_ref", "?double"), ("rules_version", "?string"), ("variant", "?string"),
+    ("rates_version", "?string"),
 )
 OUTCOMES = ("approve", "review", "decline")
 #: Encoded strings kept per writer (reason codes, versions, stages, currencies).
@@ -61,7 +62,8 @@ def _string(value: str) -> bytes:
 
 def decision_fields(txn: Mapping[str, Any], source_timestamp: int, amount_ref: float,
                     timings_ms: Mapping[str, float], late_ms: float, decided_at: int,
-                    rules_version: str | None) -> dict[str, Any]:
+                    rules_version: str | None, rates_version: str | None = None
+                    ) -> dict[str, Any]:
     """A decision's fields that are not its verdict's (decision, score, reasons, model and
     stage, fallback, variant): the record is ``{**decision_fields(...), **verdict}``."""
     return {
@@ -76,6 +78,7 @@ def decision_fields(txn: Mapping[str, Any], source_timestamp: int, amount_ref: f
         "currency": txn["currency"],
         "amount_ref": amount_ref,
         "rules_version": rules_version,
+        "rates_version": rates_version,
     }
 
 
@@ -104,7 +107,7 @@ class DecisionWriter:
     def encode_decided(self, txn: Mapping[str, Any], verdict: Mapping[str, Any],
                        reasons: list[str], source_timestamp: int, amount_ref: float,
                        timings_ms: Mapping[str, float], late_ms: float, decided_at: int,
-                       rules_version: str | None) -> bytes:
+                       rules_version: str | None, rates_version: str | None = None) -> bytes:
         """The bytes of ``encode({**decision_fields(txn, ...), **verdict, "reasons":
         reasons})``, without building either dict (the worker's decision, one per
         transaction)."""
@@ -114,13 +117,13 @@ class DecisionWriter:
                 reasons, verdict["model_version"], verdict["stage"], verdict["fallback"],
                 timings_ms, late_ms, txn["event_time"], source_timestamp, decided_at,
                 txn["amount"], txn["currency"], amount_ref, rules_version,
-                verdict.get("variant"))
+                verdict.get("variant"), rates_version)
         except Exception:
             if self.fallback is None:
                 raise
             return self.fallback({
                 **decision_fields(txn, source_timestamp, amount_ref, timings_ms, late_ms,
-                                  decided_at, rules_version),
+                                  decided_at, rules_version, rates_version),
                 **verdict, "reasons": reasons})
 
     def _encode(self, d: Mapping[str, Any]) -> bytes:
@@ -129,14 +132,14 @@ class DecisionWriter:
             d["model_version"], d["stage"], d["fallback"], d["timings_ms"],
             d.get("late_ms", 0.0), d["event_time"], d["source_timestamp"], d["decided_at"],
             d.get("amount"), d.get("currency"), d.get("amount_ref"), d.get("rules_version"),
-            d.get("variant"))
+            d.get("variant"), d.get("rates_version"))
 
     def _write(self, transaction_id: str, card_id: str, decision: str, score: float,
                reasons: list[str], model_version: str, stage: str, fallback: bool,
                timings: Mapping[str, float], late_ms: float, event_time: int,
                source_timestamp: int, decided_at: int, amount: float | None,
                currency: str | None, amount_ref: float | None, rules_version: str | None,
-               variant: str | None) -> bytes:
+               variant: str | None, rates_version: str | None) -> bytes:
         if timings is not self._map:  # a batch's decisions share one map
             self._map, self._map_bytes = timings, _double_map(timings)
         if decided_at != self._decided_at[0]:
@@ -165,6 +168,8 @@ class DecisionWriter:
             b"\x00" if rules_version is None else b"\x02" + (known(rules_version)
                                                              or self._known(rules_version)),
             b"\x00" if variant is None else b"\x02" + _string(variant),
+            b"\x00" if rates_version is None else b"\x02" + (known(rates_version)
+                                                             or self._known(rates_version)),
         ))
 
     def _known(self, value: str) -> bytes:

@@ -289,6 +289,7 @@ class Pipeline:
         fresh_bytes: list[bytes] = []
         flags = self._flags(out.features, len(fresh))
         rules_version = getattr(getattr(self.scorer, "ruleset", None), "version", None)
+        rates_version = self.limits.rates.version
         for i, ((rec, txn), verdict) in enumerate(zip(fresh, verdicts, strict=True)):
             reasons = verdict["reasons"]
             if flags[i]:
@@ -297,11 +298,12 @@ class Pipeline:
             if writer is not None:  # the same bytes, with no dict built
                 value = writer.encode_decided(txn, verdict, reasons, rec.timestamp_ms,
                                               amount_ref, batch_timings, late_ms, decided_at,
-                                              rules_version)
+                                              rules_version, rates_version)
             elif self.decision_records:
                 value = encode({**decision_fields(txn, rec.timestamp_ms, amount_ref,
                                                   batch_timings, late_ms, decided_at,
-                                                  rules_version), **verdict, "reasons": reasons})
+                                                  rules_version, rates_version), **verdict,
+                                "reasons": reasons})
             else:
                 value = b""
             fresh_bytes.append(value)
@@ -312,7 +314,8 @@ class Pipeline:
             if shadow is not None:
                 out.shadow.append((txn["transaction_id"].encode(), encode({
                     **decision_fields(txn, rec.timestamp_ms, amount_ref, batch_timings,
-                                      late_ms, decided_at, rules_version), **shadow[i]})))
+                                      late_ms, decided_at, rules_version, rates_version),
+                    **shadow[i]})))
         outcomes = [v["decision"] for v in verdicts]
         out.outcomes.update(outcomes)
         out.stage_outcomes.update(zip([v["stage"] for v in verdicts], outcomes, strict=True))

@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 
 from fraudstream.schemas.codec import Codecs
+from fraudstream.schemas.fx import Rates
 from fraudstream.streams.api.service import json_ready
 from fraudstream.streams.embedded.broker import EmbeddedBroker, free_ports
 from fraudstream.streams.processes import die_with_parent, stop_process
@@ -231,6 +232,7 @@ def test_a_stopped_worker_gives_stand_ins_within_the_deadline_then_the_stream_de
             assert headers["x-fraudstream-decision-source"] == "standin"
             assert decision["fallback"] is True and "fallback:timeout" in decision["reasons"]
             assert decision["model_version"].startswith("rules@")
+            assert decision["rates_version"] == Rates.load().version  # as the worker's
             served_ms = float(headers["server-timing"].rsplit("total;dur=", 1)[1])
             assert served_ms <= 300 + 10, served_ms
             assert elapsed < 0.300 + 0.25, elapsed  # the client's view, on a loaded machine

@@ -52,6 +52,7 @@ def _decisions(n: int) -> list[dict]:
             "amount_ref": rng.choice([None, 10.5, 0.0]),
             "rules_version": rng.choice([None, "2026.12.1", "v-é"]),
             "variant": rng.choice([None, "champion", "canary"]),
+            "rates_version": rng.choice([None, "2026-12-01", "fx-é"]),
         })
     return out
 
@@ -121,7 +122,7 @@ def test_what_the_writer_does_not_take_as_is_goes_to_fastavro():
 
 _COMMON = ("transaction_id", "card_id", "timings_ms", "late_ms", "event_time",
            "source_timestamp", "decided_at", "amount", "currency", "amount_ref",
-           "rules_version")
+           "rules_version", "rates_version")
 _VERDICT = ("decision", "score", "model_version", "stage", "fallback", "variant")
 
 
@@ -138,7 +139,8 @@ def _decided(writer: DecisionWriter, record: dict) -> bytes:
     txn, verdict, reasons = _parts(record)
     return writer.encode_decided(txn, verdict, reasons, record["source_timestamp"],
                                  record["amount_ref"], record["timings_ms"], record["late_ms"],
-                                 record["decided_at"], record["rules_version"])
+                                 record["decided_at"], record["rules_version"],
+                                 record["rates_version"])
 
 
 def test_a_decision_written_from_its_parts_is_the_merged_records_bytes():

@@ -104,6 +104,7 @@ def test_a_currency_missing_from_the_table_goes_to_the_dlq_with_the_reason():
     # The decision keeps the original amount and currency, and the euro value judged.
     assert (decision["amount"], decision["currency"]) == (21_691.97, "NGN")
     assert decision["amount_ref"] == pytest.approx(21_691.97 / RATES.rate("NGN"), abs=1e-3)
+    assert decision["rates_version"] == RATES.version  # the table that converted it
     assert decision["decision"] != "decline"
 
 

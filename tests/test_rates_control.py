@@ -105,6 +105,7 @@ def test_a_published_rates_table_converts_amounts_without_a_restart(
             letter["reason"]
         usd = decide("USD", 100.0)
         assert usd["amount_ref"] == pytest.approx(100.0 / SHIPPED.rate("USD"), abs=1e-4)
+        assert usd["rates_version"] == SHIPPED.version
         probe = {"transaction_id": f"api-{card}-0", "event_time": T0_MS, "card_id": card,
                  "merchant_id": "m_fx", "amount": 2.0, "currency": "XAU", "mcc": "5411",
                  "country": "FR", "card_country": "FR", "channel": "ecom"}
@@ -122,6 +123,7 @@ def test_a_published_rates_table_converts_amounts_without_a_restart(
             assert time.monotonic() < deadline, worker.tail()
             time.sleep(0.5)
         assert gold["amount_ref"] == pytest.approx(2.0 / 0.0004, abs=1e-4)
+        assert gold["rates_version"] == "2026-12-05"
         assert decide("USD", 100.0)["amount_ref"] == pytest.approx(100.0 / 1.20, abs=1e-4)
         assert worker.running
         assert metric(port, 'fraudstream_rates_info{reference="EUR",version="2026-12-05"}') \
@@ -138,6 +140,7 @@ def test_a_published_rates_table_converts_amounts_without_a_restart(
             assert status == 422 and time.monotonic() < deadline, (status, body)
             time.sleep(0.5)
         assert body["amount_ref"] == pytest.approx(2.0 / 0.0004, abs=1e-4), body
+        assert body["rates_version"] == "2026-12-05", body
 
         # Published past the CLI: a table in dollars. The worker refuses it and keeps euros.
         by_hand = rates_file(tmp_path / "bad", "2026-12-05-usd", reference="USD")

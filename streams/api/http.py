@@ -211,7 +211,8 @@ class DecisionsHandler:
                             headers={"www-authenticate": 'Bearer realm="fraudstream"'})
         try:
             deadline = t0 + self.timeout_of(headers)
-            txn = read_transaction(body, self.settings, self.rates(),
+            rates = self.rates()
+            txn = read_transaction(body, self.settings, rates,
                                    int(self.service.clock() * 1000))
         except ValidationError as exc:
             self.answered(422, "error", t0)
@@ -220,7 +221,8 @@ class DecisionsHandler:
             self.answered(400, "error", t0)
             return _refused(400, "request", str(exc))
         try:
-            answer = await self.service.decide(txn, self.encode(txn), deadline)
+            answer = await self.service.decide(txn, self.encode(txn), deadline,
+                                               rates.version)
         except Overloaded as exc:
             self.answered(429, "error", t0)
             return _refused(429, "overloaded", str(exc), headers=self.retry)

@@ -329,10 +329,12 @@ class DecisionService:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    async def decide(self, txn: dict[str, Any], encoded: bytes, deadline: float) -> Answer:
-        """The answer for a validated transaction (``encoded`` as the topic takes it) by
-        ``deadline`` (``time.perf_counter()``); raises :class:`Overloaded` or
-        :class:`Unavailable` (see the module doc)."""
+    async def decide(self, txn: dict[str, Any], encoded: bytes, deadline: float,
+                     rates_version: str | None = None) -> Answer:
+        """The answer for a validated transaction (``encoded`` as the topic takes it,
+        ``rates_version`` the table it was read with) by ``deadline``
+        (``time.perf_counter()``); raises :class:`Overloaded` or :class:`Unavailable` (see
+        the module doc)."""
         txn_id = txn["transaction_id"]
         first = self.remembered(txn_id)
         if first is not None:
@@ -363,7 +365,8 @@ class DecisionService:
         try:
             value = await asyncio.wait_for(asyncio.shield(pending.decided), max(0.0, wait))
         except TimeoutError:
-            return self._finish(key, txn_id, pending, self._standin(txn, marks))
+            return self._finish(key, txn_id, pending,
+                                self._standin(txn, marks, rates_version))
         if isinstance(value, Answer):  # another instance's stand-in, read meanwhile
             return self._finish(key, txn_id, pending, value)
         marks["decision"] = (time.perf_counter() - t0) * 1000.0
@@ -433,7 +436,8 @@ class DecisionService:
         log.error("api: the stand-in answered for transaction %s is not on %s: %s", txn_id,
                   self.settings.topics.decisions_standins, why)
 
-    def _standin(self, txn: dict[str, Any], marks: dict[str, float]) -> Answer:
+    def _standin(self, txn: dict[str, Any], marks: dict[str, float],
+                 rates_version: str | None) -> Answer:
         scorer = self.rules()
         score = scorer.score_batch([txn])[0]
         now_ms = int(self.clock() * 1000)
@@ -446,5 +450,6 @@ class DecisionService:
             "source_timestamp": now_ms, "decided_at": now_ms, "amount": txn["amount"],
             "currency": txn["currency"], "amount_ref": round(txn["amount_ref"], 4),
             "rules_version": scorer.ruleset.version, "variant": None,
+            "rates_version": rates_version,
         }
         return Answer(decision, "standin", marks_ms=marks)
