@@ -114,6 +114,7 @@ def test_a_published_rates_table_converts_amounts_without_a_restart(
 
         # Treasury publishes the day's table: gold added, the dollar moved.
         path = rates_file(tmp_path / "ops", "2026-12-05", XAU=0.0004, USD=1.20)
+        started = time.monotonic()
         out = cli(settings, "publish", str(path), "--reason", "daily ECB rates",
                   "--by", "treasury-job")
         assert out.returncode == 0, out.stderr
@@ -124,6 +125,7 @@ def test_a_published_rates_table_converts_amounts_without_a_restart(
             time.sleep(0.5)
         assert gold["amount_ref"] == pytest.approx(2.0 / 0.0004, abs=1e-4)
         assert gold["rates_version"] == "2026-12-05"
+        took = time.monotonic() - started
         assert decide("USD", 100.0)["amount_ref"] == pytest.approx(100.0 / 1.20, abs=1e-4)
         assert worker.running
         assert metric(port, 'fraudstream_rates_info{reference="EUR",version="2026-12-05"}') \
@@ -185,4 +187,5 @@ def test_a_published_rates_table_converts_amounts_without_a_restart(
     gold = decide("XAU", 3.0, timeout_s=60)
     assert gold.get("amount_ref") == pytest.approx(3.0 / 0.0004, abs=1e-4), worker.tail()
     reader.close()
+    print(f"published table in force on the worker {took:.1f} s after the command started")
 
