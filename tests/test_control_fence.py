@@ -18,6 +18,7 @@ from fraudstream.schemas.control import (
     ControlRecord,
     Heads,
     decode,
+    is_audit,
 )
 from fraudstream.scorers.canary import Gates, Rollout, Step
 from fraudstream.scorers.rules import DEFAULT_RULES_PATH, RuleSet
@@ -174,3 +175,53 @@ def test_a_rollout_whose_champion_was_replaced_by_hand_is_aborted_not_judged(sta
     # record was not written) is promoted, without a second model state.
     again = controller._baseline_moved(dataclasses.replace(running, version="v9"))
     assert again is not None and again[0].status == "promoted"
+
+
+@pytest.mark.e2e
+def test_a_promotion_is_written_rollout_first_so_an_abort_never_leaves_the_canary_active(
+        stack_settings):
+    """The promotion's rollout record goes first: an abort made from the running rollout
+    is then superseded (its operator told), so no aborted canary is ever made active. A
+    controller stopped before the model state was written has it finished by the next one
+    that reads the topic; a champion put back by hand afterwards is not undone."""
+    settings = stack_settings
+    running = _running_rollout(settings)
+    running_record = latest(settings, "canary")
+    promoted = running.moved(T0_MS + 2, status="promoted", step=1)
+    publish_rollout(settings, promoted, "fraudstream-controller", "every step passed",
+                    running_record)
+    # (the controller stops here, before the model state)
+    with pytest.raises(Superseded):
+        publish_rollout(settings, running.moved(T0_MS + 3, status="aborted"), "bo@ops",
+                        "abort: complaints", running_record)
+    assert latest(settings, "model").document["active"] == "v0"
+
+    controller = _controller_that_read(settings)
+    assert controller.rollout == promoted and controller._unfinished(promoted)
+    controller._finish(promoted)
+    assert latest(settings, "model").document == {"active": "v1", "shadow": None}
+    assert not _controller_that_read(settings)._unfinished(promoted)
+
+    # The champion put back by hand after the promotion stays.
+    publish(settings, ControlRecord.make("model", "v0", {"active": "v0", "shadow": None},
+                                         "sre@ops", T0_MS + 4, "v1 declines too much"
+                                         ).after(latest(settings, "model")))
+    assert not _controller_that_read(settings)._unfinished(promoted)
+
+
+@pytest.mark.e2e
+def test_the_controller_promotes_with_the_rollout_record_first(stack_settings):
+    from fraudstream.streams.control.rollout import promote
+
+    settings = stack_settings
+    running = _running_rollout(settings)
+    promote(settings, running.moved(T0_MS + 2, status="promoted", step=1), "passed",
+            latest(settings, "canary"))
+    consumer = control_consumer(settings, "test-order")
+    try:
+        kinds = [decode(m.value()).kind for m in read_to_end(consumer, 30.0)
+                 if is_audit(m.key())]
+    finally:
+        consumer.close()
+    assert kinds == ["model", "canary", "canary", "model"]
+    assert latest(settings, "model").document == {"active": "v1", "shadow": None}

@@ -10,8 +10,11 @@ also made from the rollout state it read and fenced on the topic, so a move from
 that changed meanwhile (an abort, another controller) is superseded and applies nowhere.
 
 Each move is a record on the control topic (audit trail included), with the gate results
-that caused it in ``verdict``: ``running`` at the next step, ``promoted`` (after the model
-state naming the canary as the active version), or ``rolled_back``.
+that caused it in ``verdict``: ``running`` at the next step, ``promoted`` (then the model
+state naming the canary as the active version), or ``rolled_back``. A promotion writes the
+rollout first: an abort that came first supersedes it, and nothing is promoted; an abort
+that comes after it is superseded itself. A promotion whose model state was not written (a
+controller stopped between the two writes) is finished by the controller that reads it.
 """
 
 from __future__ import annotations
@@ -175,31 +178,39 @@ def publish_rollout(settings: Settings, rollout: Rollout, by: str, reason: str,
 
 def promote(settings: Settings, rollout: Rollout, reason: str,
             after: ControlRecord | None) -> None:
-    """The model state with the canary as the active version, then the rollout promoted
-    (workers stop the split; their model watcher makes the canary the active version).
-    The model state is made from the one in force, and is published only while the
-    champion in force is the one the rollout was judged against and the rollout is still
-    the state ``after`` (an abort read here stops the promotion before the model state;
-    one that lands between the two writes leaves the model promoted: said in the log)."""
+    """The rollout promoted (workers stop the split), then the model state with the canary
+    as the active version (their model watcher makes it active). Only while the champion
+    in force is the one the rollout was judged against and the rollout is still the state
+    ``after``; the rollout record is fenced on ``after``, so an abort that came first
+    stops the promotion before anything is written (see the module doc)."""
     in_force = heads(settings)
     state, rollout_now = in_force.get("model"), in_force.get("canary")
-    now = dict(state.document) if state is not None else {"active": None, "shadow": None}
-    shadow = now.get("shadow")
-    doc = {"active": rollout.version, "shadow": None if shadow == rollout.version else shadow}
-    record = ControlRecord.make("model", rollout.version, doc, BY, int(time.time() * 1000),
-                                reason).after(state)
-    if now.get("active") != rollout.champion:
+    record = _activation(rollout, reason, state)
+    if active_version(state) != rollout.champion:
         raise Superseded(record, state)
     moved = rollout_record(rollout, BY, reason, after)
     if ref_of(rollout_now) != ref_of(after):
         raise Superseded(moved, rollout_now)
-    publish(settings, record)
+    publish(settings, moved)
+    _activate(settings, rollout, record)
+
+
+def _activation(rollout: Rollout, reason: str, state: ControlRecord | None) -> ControlRecord:
+    """The model state made from ``state`` with the rollout's canary active (and no longer
+    the shadow, if it was)."""
+    now = dict(state.document) if state is not None else {"active": None, "shadow": None}
+    shadow = now.get("shadow")
+    doc = {"active": rollout.version, "shadow": None if shadow == rollout.version else shadow}
+    return ControlRecord.make("model", rollout.version, doc, BY, int(time.time() * 1000),
+                              reason).after(state)
+
+
+def _activate(settings: Settings, rollout: Rollout, record: ControlRecord) -> None:
     try:
-        publish(settings, moved)
-    except Superseded:
-        log.error("controller: rollout %s: the model state names %s active, but the "
-                  "rollout changed before its promotion was written", rollout.rollout,
-                  rollout.version)
+        publish(settings, record)
+    except Superseded as exc:  # a model state published in the moment between the writes
+        log.error("controller: rollout %s promoted, but the model state changed before %s "
+                  "was made active: %s", rollout.rollout, rollout.version, exc)
         raise
 
 
@@ -249,6 +260,8 @@ class Controller:
         #: The control topic's changes as every reader replays them; the rollout state in
         #: force is its ``canary`` head, which a move is made from.
         self.heads = Heads()
+        #: Per kind, the offset of its change in force (which came first).
+        self._offsets: dict[str, int] = {}
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -291,6 +304,8 @@ class Controller:
         r = self.rollout
         acting = self.lease is None or self.lease.held
         self.metrics.lease.set(float(acting))
+        if r is not None and acting and self._unfinished(r):
+            self._finish(r)
         if r is None or r.status != "running" or not acting:
             # (a standby keeps reading the rollout's state: it takes over where it is)
             self._close_reader()
@@ -329,6 +344,24 @@ class Controller:
         return (r.moved(now, status="aborted"), f"aborted: the active version is now "
                 f"{active}, not the champion {r.champion} it was judged against")
 
+    def _unfinished(self, r: Rollout) -> bool:
+        """A promoted rollout whose model state was not written: the champion is still the
+        active version, in a model state older than the promotion (a later one, such as a
+        rollback by hand, is not undone)."""
+        return (r.status == "promoted"
+                and active_version(self.heads.get("model")) == r.champion
+                and self._offsets.get("model", -1) < self._offsets.get("canary", -1))
+
+    def _finish(self, r: Rollout) -> None:
+        log.warning("controller: rollout %s was promoted, but %s is not active yet: "
+                    "finishing the promotion", r.rollout, r.version)
+        try:
+            _activate(self.settings, r, _activation(r, "finishing the promotion of "
+                                                    f"rollout {r.rollout}",
+                                                    self.heads.get("model")))
+        except Superseded:
+            return  # another model state came first: it stands
+
     def _close_reader(self) -> None:
         if self._reader is not None:
             self._reader.close()
@@ -341,7 +374,10 @@ class Controller:
             record = decode(msg.value())
         except ControlError:
             return
-        if self.heads.offer(record) != APPLIED or record.kind != "canary":
+        if self.heads.offer(record) != APPLIED:
+            return
+        self._offsets[record.kind] = msg.offset()
+        if record.kind != "canary":
             return
         try:
             rollout = Rollout.from_document(record.document)
