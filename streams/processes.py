@@ -66,3 +66,68 @@ def serve_until_signalled(registry: Any, port: int,
         signal.signal(sig, lambda *_: stop.set())
     run(stop)
     return 0
+
+
+class Stopped(RuntimeError):
+    """Work run by :func:`run_stoppable` was stopped before it ended."""
+
+
+def run_stoppable(fn: Callable[..., Any], args: tuple[Any, ...], stop: threading.Event,
+                  poll_s: float = 0.2) -> Any:
+    """``fn(*args)`` in a child process of its own (spawned: no thread of this one is
+    copied): its result, or its exception raised again here (the child's traceback among
+    its notes). Once ``stop`` is set the child is terminated and :class:`Stopped` raised,
+    so a long computation (a training) never holds up a SIGTERM. ``fn``, ``args`` and the
+    result must pickle; the memory the work took goes with the child."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_stoppable_child, args=(send, fn, args), daemon=True,
+                       name=f"fraudstream-{getattr(fn, '__name__', 'work')}")
+    proc.start()
+    send.close()
+    what = getattr(fn, "__name__", "the work")
+    try:
+        while not stop.is_set():
+            if receive.poll(poll_s):
+                try:
+                    ok, value = receive.recv()
+                except EOFError:  # the child closed its end without a result
+                    break
+                if ok:
+                    return value
+                raise value
+            if not proc.is_alive() and not receive.poll(0):
+                break
+        else:
+            raise Stopped(f"{what} was stopped before it ended")
+        proc.join()
+        raise RuntimeError(f"{what}: its process ended without a result (exit code "
+                           f"{proc.exitcode})")
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        receive.close()
+
+
+def _stoppable_child(send: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    import pickle
+    import traceback
+
+    die_with_parent()
+    try:
+        result: tuple[bool, Any] = (True, fn(*args))
+    except Exception as exc:  # (a KeyboardInterrupt ends the child: the parent's stop)
+        exc.add_note(traceback.format_exc())
+        result = (False, exc)
+    try:
+        send.send(result)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        send.send((False, RuntimeError(f"the result could not be sent back: {exc}")))
+    finally:
+        send.close()

@@ -15,7 +15,9 @@ It holds no state of its own: each step is an event on ``fraudstream.autopilot``
 (:mod:`fraudstream.streams.autopilot.events`), and a restarted autopilot resumes from the
 last one: a shadow or a canary goes on where it was, without a second training; a
 training that a stop cut short is recorded as failed (and backed off from). One training
-at a time: the loop trains in its own thread, and does nothing else meanwhile.
+at a time: the loop does nothing else meanwhile. The training runs in a child process of
+its own (:func:`~fraudstream.streams.processes.run_stoppable`): a SIGTERM ends it at once
+rather than after it, and its memory goes with the child.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from fraudstream.streams.autopilot.retrain import RetrainConfig, Retrained, retr
 from fraudstream.streams.control.lease import Lease
 from fraudstream.streams.control.rollout import codecs_for
 from fraudstream.streams.control.topic import latest, publish
+from fraudstream.streams.processes import run_stoppable
 from fraudstream.streams.replay.engine import REPLAY_HEADER
 from fraudstream.streams.replay.ranges import Bound, ReplayError
 from fraudstream.streams.settings import Settings
@@ -162,9 +165,12 @@ class Autopilot:
         self._champion: tuple[float, str | None] = (0.0, None)
         #: With no training on record, evidence counts from the autopilot's start.
         self._t0 = self._now()
+        #: Set to stop: a training under way is ended (see :meth:`run`).
+        self._stop = threading.Event()
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         recovered = False
         while not stop.is_set():
             if self.lease is not None and not self.lease.held:
@@ -286,10 +292,10 @@ class Autopilot:
                              details={"window_from": start, "window_to": end})
         s.last_training_at = started.at
         try:
-            done = retrain(self.settings, RetrainConfig(
+            done = run_stoppable(retrain, (self.settings, RetrainConfig(
                 start=Bound("time", start), end=Bound("time", end),
                 train=TrainConfig(valid_frac=a.valid_frac, test_frac=a.test_frac,
-                                  trees=a.trees)), self.models_dir)
+                                  trees=a.trees)), self.models_dir), self._stop)
             self.metrics.training_seconds.set(done.seconds)
             self._emit("trained", f"{done.seconds:.1f} s, {done.meta['data']['transactions']:,}"
                        f" transactions, {done.frauds_learned} fraud labels learned",
