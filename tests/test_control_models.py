@@ -157,6 +157,7 @@ def test_a_new_champion_is_refused_while_a_rollout_is_judged_against_the_old_one
     assert state is not None and state.document["active"] == second
 
 
+@pytest.mark.slow  # 30 s: make test-slow (CI runs both)
 def test_promote_shadow_and_rollback_change_the_published_state_once_there_is_one(
         models_registry, stack_settings, tmp_path):
     """A folder's pointers are undone by the published model state at its worker's next

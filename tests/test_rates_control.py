@@ -58,6 +58,7 @@ def test_a_rates_version_holding_a_card_number_is_refused():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 25 s: make test-slow (CI runs both)
 def test_a_published_rates_table_converts_amounts_without_a_restart(
         stack_settings, start_worker, codecs, tmp_path):
     port = free_port()
