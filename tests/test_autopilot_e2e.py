@@ -192,6 +192,23 @@ def test_autopilot_replaces_a_champion_blind_to_a_new_pattern_with_nobody_at_the
         wait_until(lambda: not [t["expr"] for p in row for t in p["targets"]
                                 if not _query(prom_url, t["expr"])], 30,
                    "every autopilot panel has data")
+
+        # 3. A SIGTERM during a training (a long one: 1,000 trees) ends it at once.
+        pilot.stop()
+        trainings = kinds(events).count("training_started")
+        slow = weak.replace(autopilot={"trees": 1000, "window_s": 600.0})
+        pilot = AutopilotProcess(slow, tmp_path / "autopilot-slow.log", port).start()
+        wait_until(lambda: kinds(read_events(base, 5.0)).count("training_started")
+                   > trainings, 120, "a training started", [pilot])
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        pilot.stop()
+        took = time.monotonic() - t0
+        assert pilot.proc is not None and pilot.proc.returncode == 0, pilot.tail()
+        assert took < 10.0, (took, pilot.tail())
+        last = read_events(base, 5.0)[-1]
+        assert last.kind == "training_failed" and "stopped" in last.reason, last
+        print(json.dumps({"sigterm_during_training_s": round(took, 2)}))
     finally:
         producer.stop()
         pilot.stop()
