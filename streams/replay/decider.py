@@ -29,6 +29,7 @@ from confluent_kafka import Producer
 
 from fraudstream.schemas.codec import Codecs, make_registry
 from fraudstream.schemas.control import active_version
+from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.cascade import ModelStage
 from fraudstream.scorers.online import OnlineStage
 from fraudstream.scorers.registry import ACTIVE, Registry
@@ -144,18 +145,20 @@ class DecideSide:
     """Decides prepared batches in order and keeps the report's part of them."""
 
     def __init__(self, settings: Settings, config: ReplayConfig, out_topic: str,
-                 models: tuple[Any, Any] | None = None, freeze: bool = False) -> None:
+                 models: tuple[Any, Any] | None = None, freeze: bool = False,
+                 rates: Rates | None = None) -> None:
         """``models``: the champion and the challenger, if the caller loaded them (else
-        :func:`load_models` loads them)."""
+        :func:`load_models` loads them); ``rates``: the table the reading side converted
+        amounts with, named by the decisions (else the one in force)."""
         #: Freeze the collector's survivors now and then (in a process of its own; in the
         #: reader's, the reader does).
         self.freeze = freeze
         self.codecs = codecs = replay_codecs(settings)
         champion, challenger = models or load_models(settings, config)
         self.store = store = MemoryStore()  # the learners and their feature log
-        rules, rates = in_force(settings)  # what the workers decide with now
+        rules, rates_now = in_force(settings)  # what the workers decide with now
         self.pipeline = Pipeline(
-            codecs, rules, replace(Limits.from_settings(settings), rates=rates),
+            codecs, rules, replace(Limits.from_settings(settings), rates=rates or rates_now),
             input_format=settings.codec.input_format,
             models=ModelStage(active=champion, shadow=challenger),
             budget_ms=float("inf"),
@@ -229,12 +232,13 @@ class RemoteDecider:
     """A :class:`DecideSide` in a child process, behind the same three calls. The child
     is started with ``spawn`` (no copy of this process's threads or client state)."""
 
-    def __init__(self, settings: Settings, config: ReplayConfig, out_topic: str) -> None:
+    def __init__(self, settings: Settings, config: ReplayConfig, out_topic: str,
+                 rates: Rates | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._inbox: Any = ctx.Queue(maxsize=QUEUE_BATCHES)
         self._outbox: Any = ctx.Queue()
         self._proc = ctx.Process(target=_serve, args=(settings, config, out_topic,
-                                                      self._inbox, self._outbox),
+                                                      self._inbox, self._outbox, rates),
                                  name="fraudstream-replay-decider", daemon=True)
         self._proc.start()
 
@@ -286,13 +290,13 @@ class RemoteDecider:
 
 
 def _serve(settings: Settings, config: ReplayConfig, out_topic: str, inbox: Any,
-           outbox: Any) -> None:
+           outbox: Any, rates: Rates | None = None) -> None:
     """The child process: decide every batch received, then send back the part. What it
     unpickles comes from the queue its parent, this replay, filled: prepared batches of
     decoded and validated transactions, never a record's bytes from a topic."""
     try:
         gc.set_threshold(50_000, 20, 20)  # as the reading side: batches make many objects
-        side = DecideSide(settings, config, out_topic, freeze=True)
+        side = DecideSide(settings, config, out_topic, freeze=True, rates=rates)
         while True:
             message = inbox.get()
             if message[0] == "batch":

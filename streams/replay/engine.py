@@ -68,6 +68,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fraudstream.schemas.codec import Codecs, DecodeError, decode_json
+from fraudstream.schemas.fx import Rates
 from fraudstream.schemas.validate import ValidationError
 from fraudstream.state.engine import FeatureConfig, FeatureEngine, MemoryStore
 from fraudstream.streams.control.follow import in_force
@@ -124,19 +125,18 @@ class ReplayResult(DecidedPart):
             setattr(self, f.name, getattr(part, f.name))
 
 
-def reading_pipeline(settings: Settings, codecs: Codecs, partitions: int
+def reading_pipeline(settings: Settings, codecs: Codecs, partitions: int, rates: Rates
                      ) -> tuple[Pipeline, MemoryStore]:
     """The live worker's pipeline up to the features (:meth:`Pipeline.prepare`), on a
     fresh in-memory state; the caller writes each batch's ``feature_writes`` to the
-    store, as the worker's committer does. It decides nothing: no rules, no model."""
+    store, as the worker's committer does; amounts converted with ``rates``. It decides
+    nothing: no rules, no model."""
     fs = settings.features
     store = MemoryStore(partitions)
     engine = FeatureEngine(
         FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                       label_delay_ms=int(fs.label_delay_s * 1000)), store)
-    # Amounts converted as the workers convert them now: with the rates table in force.
-    limits = replace(Limits.from_settings(settings), rates=in_force(settings)[1])
-    return Pipeline(codecs, None, limits,
+    return Pipeline(codecs, None, replace(Limits.from_settings(settings), rates=rates),
                     input_format=settings.codec.input_format, features=engine,
                     budget_ms=float("inf")), store
 
@@ -159,7 +159,10 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     reader = RangeReader(settings, config, group, event_time_of(settings, codecs),
                          by_event_time)
     label_delay_ms = int(settings.features.label_delay_s * 1000)
-    pipeline, store = reading_pipeline(settings, codecs, max(reader.partitions) + 1)
+    # Amounts converted as the workers convert them now: with the rates table in force,
+    # which the deciding side names in its decisions (one table for both sides).
+    rates = in_force(settings)[1]
+    pipeline, store = reading_pipeline(settings, codecs, max(reader.partitions) + 1, rates)
     result = ReplayResult(config=config, champion=champion, challenger=challenger)
     result.ranges = {p: (r.first, r.stop) for p, r in reader.ranges.items()}
     seen: set[bytes] = set()  # dedupe keys decided: a repeat is counted, not decided again
@@ -177,8 +180,9 @@ def run_replay(settings: Settings, config: ReplayConfig, progress: Any = None) -
     try:
         # The deciding process loads the versions named here, not ACTIVE again (it may
         # have moved meanwhile); in this process, the models already loaded.
-        decider = (RemoteDecider(settings, replace(config, champion=champion), out_topic)
-                   if config.processes == 2 else DecideSide(settings, config, out_topic, models))
+        decider = (RemoteDecider(settings, replace(config, champion=champion), out_topic,
+                                 rates) if config.processes == 2
+                   else DecideSide(settings, config, out_topic, models, rates=rates))
         del models
         for batch in reader.batches():
             if labels is None:
