@@ -30,6 +30,7 @@ from fraudstream.scorers.canary import (
 )
 from fraudstream.scorers.onnx_model import ArtifactError
 from fraudstream.scorers.registry import Registry
+from fraudstream.streams.cli.rules import who_and_why
 from fraudstream.streams.control.topic import heads, latest
 from fraudstream.streams.settings import Settings
 
@@ -52,8 +53,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--status", action="store_true", help="the rollout and its gates now")
     q.add_argument("--abort", action="store_true", help="stop the rollout: every card goes "
                                                         "back to the champion")
-    q.add_argument("--reason", default="", help="why: kept in the audit trail")
-    q.add_argument("--by", default=None, help="who (default: user@host)")
+    who_and_why(q, default="")
 
 
 def parse_steps(text: str, default_s: float) -> tuple[Step, ...]:

@@ -21,6 +21,7 @@ import sys
 
 from fraudstream.scorers.onnx_model import ArtifactError
 from fraudstream.scorers.registry import Registry
+from fraudstream.streams.cli.rules import who_and_why
 from fraudstream.streams.settings import Settings
 
 
@@ -44,8 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                        "the control topic (its files on the artifacts topic)")
     q.add_argument("version")
     q.add_argument("--shadow", action="store_true", help="as the shadow, not the active one")
-    q.add_argument("--reason", required=True, help="why: kept in the audit trail")
-    q.add_argument("--by", default=None, help="who (default: user@host)")
+    who_and_why(q)
     sub.add_parser("history", help="every model state and rollout published on the "
                                    "control topic, and every autopilot event")
     q = sub.add_parser("canary", help="roll a version out in steps, judged by gates against "
@@ -56,10 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _published_change(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--reason", default=None, help="why (required once a model state is "
-                                                  "published on the control topic: kept in "
-                                                  "its audit trail)")
-    q.add_argument("--by", default=None, help="who (default: user@host)")
+    who_and_why(q, "why (required once a model state is published on the control topic: "
+                   "kept in its audit trail)", default=None)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

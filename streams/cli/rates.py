@@ -30,24 +30,19 @@ from pathlib import Path
 from fraudstream.schemas.control import ControlRecord
 from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.rules import RuleSet
-from fraudstream.streams.cli.rules import _not_sent, _who, history
+from fraudstream.streams.cli.rules import _not_sent, _who, history, publish_arguments
 from fraudstream.streams.control.follow import ControlFollower
 from fraudstream.streams.settings import Settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True)
-    q = sub.add_parser("publish", help="check a rates table and put it in force on every "
-                                       "worker and API instance")
-    q.add_argument("file", type=Path, help="a rates file (TOML), as FRAUDSTREAM_WORKER_"
-                                           "RATES_PATH takes")
-    q.add_argument("--reason", required=True, help="why: kept in the audit trail")
-    q.add_argument("--by", default=None, help="who (default: user@host)")
+    q = publish_arguments(p, "check a rates table and put it in force on every worker and "
+                             "API instance",
+                          "a rates file (TOML), as FRAUDSTREAM_WORKER_RATES_PATH takes",
+                          "every table published: when, by whom, which version, why")
     q.add_argument("--allow-dropped", action="store_true",
                    help="publish even if the file lacks currencies the table in force has "
                         "(their transactions then go to the dead letters)")
-    sub.add_parser("history", help="every table published: when, by whom, which version, "
-                                   "why")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

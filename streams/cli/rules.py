@@ -36,14 +36,29 @@ from fraudstream.streams.settings import Settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    publish_arguments(p, "validate a rules file and put it in force on every worker",
+                      "a rules file (TOML), as FRAUDSTREAM_SCORING_RULES_PATH takes",
+                      "every publication: when, by whom, which version, why")
+
+
+def publish_arguments(p: argparse.ArgumentParser, publish_help: str, file_help: str,
+                      history_help: str) -> argparse.ArgumentParser:
+    """``publish FILE --reason --by`` and ``history``, for a document published on the
+    control topic; returns the ``publish`` parser."""
     sub = p.add_subparsers(dest="action", required=True)
-    q = sub.add_parser("publish", help="validate a rules file and put it in force on every "
-                                       "worker")
-    q.add_argument("file", type=Path, help="a rules file (TOML), as FRAUDSTREAM_SCORING_"
-                                           "RULES_PATH takes")
-    q.add_argument("--reason", required=True, help="why: kept in the audit trail")
+    q = sub.add_parser("publish", help=publish_help)
+    q.add_argument("file", type=Path, help=file_help)
+    who_and_why(q)
+    sub.add_parser("history", help=history_help)
+    return q
+
+
+def who_and_why(q: argparse.ArgumentParser, why: str = "why: kept in the audit trail",
+                **reason: object) -> None:
+    """``--reason`` (required unless ``reason`` says otherwise) and ``--by`` (see
+    :func:`_who`) of a change published on the control topic."""
+    q.add_argument("--reason", help=why, **(reason or {"required": True}))
     q.add_argument("--by", default=None, help="who (default: user@host)")
-    sub.add_parser("history", help="every publication: when, by whom, which version, why")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
