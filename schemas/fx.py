@@ -103,10 +103,15 @@ class Rates:
     @classmethod
     def load(cls, path: Path | str | None = None) -> Rates:
         path = Path(path) if path is not None else DEFAULT_RATES_PATH
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise RatesError(f"{path}: cannot read the rates file: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise RatesError(f"{path}: not valid TOML: {exc}") from exc
-        return cls.from_mapping(data, str(path))
+        return cls.from_mapping(read_file(path), str(path))
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """A rates file's TOML as a mapping (what :meth:`Rates.from_mapping` takes, and what
+    the control topic carries); :class:`RatesError` when unreadable or not TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise RatesError(f"{path}: cannot read the rates file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RatesError(f"{path}: not valid TOML: {exc}") from exc

@@ -78,7 +78,9 @@ def run_stoppable(fn: Callable[..., Any], args: tuple[Any, ...], stop: threading
     copied): its result, or its exception raised again here (the child's traceback among
     its notes). Once ``stop`` is set the child is terminated and :class:`Stopped` raised,
     so a long computation (a training) never holds up a SIGTERM. ``fn``, ``args`` and the
-    result must pickle; the memory the work took goes with the child."""
+    result must pickle; the memory the work took goes with the child. What this process
+    unpickles comes from that child, its own work's result: never a record's bytes from a
+    topic."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")

@@ -24,11 +24,10 @@ import argparse
 import logging
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from fraudstream.schemas.control import ControlRecord
-from fraudstream.schemas.fx import Rates
+from fraudstream.schemas.fx import Rates, read_file
 from fraudstream.scorers.rules import RuleSet
 from fraudstream.streams.cli.rules import _not_sent, _who, history, publish_arguments
 from fraudstream.streams.control.follow import ControlFollower
@@ -58,8 +57,8 @@ def _refused(message: str) -> int:
 
 def _publish(args: argparse.Namespace, settings: Settings) -> int:
     path: Path = args.file
-    table = Rates.load(path)  # a RatesError is one line (fraudstream.streams.cli.main)
-    document = tomllib.loads(path.read_text())
+    document = read_file(path)  # a RatesError is one line (fraudstream.streams.cli.main)
+    table = Rates.from_mapping(document, str(path))
     if not args.reason.strip():
         return _refused("--reason must say why")
     # The table in force as a worker reads it (a published table the workers refused is
