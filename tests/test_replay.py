@@ -425,3 +425,56 @@ def test_the_rate_by_tenth_shows_where_a_replay_slowed():
     assert [(x["records"], x["labels"], x["records_per_s"]) for x in short] == [
         (500, 0, 500.0), (200, 3, 200.0)]
     assert by_tenth([]) == []
+
+
+
+def test_the_autopilots_comparison_stops_after_the_batch_it_is_deciding(
+        models_registry, stack_settings, codecs, tmp_path):
+    # The autopilot's SIGTERM sets its stop: the comparison (a replay in two processes)
+    # ends after the batch it is deciding, its deciding process with it, rather than
+    # running through the test window first.
+    import multiprocessing
+    import threading
+    from datetime import UTC, datetime
+
+    from fraudstream.streams.autopilot.compare import replay_window, stopping
+    from fraudstream.streams.processes import Stopped
+
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = fresh_topics(stack_settings, 1, scoring={"models_dir": root, "online": False})
+    events = [(k, r) for k, r in history(37, 2.0, 1500) if k == "transaction"]
+    produce_arrivals(settings, codecs, events)
+    config = ReplayConfig(challenger=second, champion=first, start=Bound("offset", 0),
+                          publish=False, online=False)
+    stop = threading.Event()
+    check = stopping(stop)
+    batches: list[int] = []
+
+    def progress(read: int) -> None:
+        batches.append(read)
+        check(read)
+
+    whole = run_replay(settings, config, progress)
+    assert len(batches) > 4 and whole.read == len(events)
+
+    batches.clear()
+
+    def stop_in_first(read: int) -> None:
+        stop.set()  # as a SIGTERM arriving while the first batch is decided
+        progress(read)
+
+    with pytest.raises(Stopped, match="comparison was stopped"):
+        run_replay(settings, config, stop_in_first)
+    assert batches == [config.batch]  # not one batch more
+    assert not multiprocessing.active_children()  # the deciding process is gone
+
+    # The autopilot's own call, its stop already set: ends the same way.
+    def iso(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+    times = [r["event_time"] for _k, r in events]
+    meta = {"windows": {"valid": {"from": iso(times[0])},
+                        "test": {"from": iso(times[len(times) // 2]), "to": iso(times[-1])}}}
+    with pytest.raises(Stopped):
+        replay_window(settings, root, first, second, meta, stop)
+    assert not multiprocessing.active_children()

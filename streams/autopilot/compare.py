@@ -8,6 +8,8 @@ labelled-genuine transactions each declined."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 from fraudstream.scorers.registry import Registry
 from fraudstream.scorers.retraining import Policy, Side, Verdict, compare
 from fraudstream.streams.control.artifacts import download
+from fraudstream.streams.processes import Stopped
 from fraudstream.streams.replay.engine import OUTCOMES, ReplayResult, run_replay
 from fraudstream.streams.replay.ranges import Bound, ReplayConfig
 from fraudstream.streams.replay.report import analyse
@@ -30,9 +33,11 @@ def ms(iso: str) -> int:
 
 
 def replay_window(settings: Settings, models_dir: Path, champion: str, challenger: str,
-                  meta: dict[str, Any]) -> ReplayResult:
+                  meta: dict[str, Any], stop: threading.Event | None = None) -> ReplayResult:
     """Both versions over the test window of a training (its metadata), the champion
-    fetched from the artifacts topic if the folder lacks it."""
+    fetched from the artifacts topic if the folder lacks it. Once ``stop`` is set the
+    replay ends after the batch it is deciding (:class:`Stopped`), its deciding process
+    with it: a SIGTERM does not wait for the comparison."""
     if champion not in Registry(models_dir).versions():
         download(settings, champion, models_dir)
     windows = meta["windows"]
@@ -42,7 +47,17 @@ def replay_window(settings: Settings, models_dir: Path, champion: str, challenge
         start=Bound("event", start), end=Bound("event", end),
         warmup=Bound("event", ms(windows["valid"]["from"])),
         publish=False, online=False, replay_id=f"autopilot-{challenger}")
-    return run_replay(settings.replace(scoring={"models_dir": models_dir}), config)
+    return run_replay(settings.replace(scoring={"models_dir": models_dir}), config,
+                      None if stop is None else stopping(stop))
+
+
+def stopping(stop: threading.Event) -> Callable[[int], None]:
+    """A replay's ``progress``, called after each batch: :class:`Stopped` once ``stop``
+    is set."""
+    def progress(_read: int) -> None:
+        if stop.is_set():
+            raise Stopped("the comparison was stopped before it ended")
+    return progress
 
 
 def sides(result: ReplayResult) -> tuple[Side, Side, dict[str, Any]]:

@@ -17,7 +17,8 @@ last one: a shadow or a canary goes on where it was, without a second training; 
 training that a stop cut short is recorded as failed (and backed off from). One training
 at a time: the loop does nothing else meanwhile. The training runs in a child process of
 its own (:func:`~fraudstream.streams.processes.run_stoppable`): a SIGTERM ends it at once
-rather than after it, and its memory goes with the child.
+rather than after it, and its memory goes with the child; the comparison that follows
+stops after the batch it is deciding.
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ class Autopilot:
         s = self.state
         assert champion is not None
         result = replay_window(self.settings, self.models_dir, champion, done.version,
-                               done.meta)
+                               done.meta, self._stop)
         verdict, counts = judge(self.policy, result, done.frauds_learned)
         for side in ("champion", "challenger"):
             for measure, value in verdict.figures[side].items():
