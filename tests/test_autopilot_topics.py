@@ -98,3 +98,40 @@ def test_the_wait_for_a_canary_ends_with_its_outcome_or_a_rollout_started_over_i
     assert events[0].reason == "every step passed: promoted"
     assert "of vC replaced it" in events[1].reason
     assert resume(events).rollout_ended_at == events[1].at  # the cool-down starts there
+
+
+def test_what_an_autopilot_writes_after_another_took_over_is_not_resumed_from(
+        stack_settings, tmp_path):
+    # A holder whose lease lapsed mid-turn (a long pause) still believes it acts: the
+    # events it writes then must not be what the next takeover resumes from.
+    import uuid
+
+    from fraudstream.streams.autopilot.events import superseded
+    from fraudstream.streams.cli.autopilot import line
+
+    settings = stack_settings.replace(
+        topics={"autopilot": f"fraudstream.autopilot-{uuid.uuid4().hex[:8]}"},
+        autopilot={"models_dir": tmp_path / "am"})
+    ensure_topics(settings)
+    now = T0_MS
+    old = Autopilot(settings, clock=lambda: now / 1000)
+    old._recover()
+    old._emit("training_started", "drift: training")
+    new = Autopilot(settings, clock=lambda: (now + 1) / 1000)
+    new._recover()  # took the lease: the old one's training counts as interrupted
+    assert new.state.interrupted == "-"
+    # the old holder goes on as if it still acted
+    old._emit("trained", "4.0 s", version="v-stale")
+    old._emit("shadow_started", "for 60 s on every worker", version="v-stale")
+
+    events = read_events(settings)
+    assert [e.kind for e in events] == ["started", "training_started", "started",
+                                        "training_failed", "trained", "shadow_started"]
+    assert superseded(events) == [False, False, False, False, True, True]
+    r = resume(events)
+    assert (r.phase, r.version, r.interrupted) == ("idle", None, None)
+    assert "superseded" in line(events[-1], True)
+    # the holder now writes in its own term, and is resumed from
+    new._emit("shadow_started", "for 60 s on every worker", version="v-new")
+    r = resume(read_events(settings))
+    assert (r.phase, r.version) == ("shadow", "v-new")

@@ -168,6 +168,8 @@ class Autopilot:
         self._t0 = self._now()
         #: Set to stop: a training under way is ended (see :meth:`run`).
         self._stop = threading.Event()
+        #: The offset of this autopilot's last "started" event, in each event it writes.
+        self._term: int | None = None
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
@@ -210,13 +212,16 @@ class Autopilot:
     def _recover(self) -> None:
         self.state = s = resume(read_events(self.settings))
         what = {"phase": s.phase, "version": s.version}
+        # "started" first: its offset is this autopilot's term, which fences out what one
+        # that lost the lease still writes (see events.py)
+        started = self._emit("started", f"resuming the {s.phase} phase" + (
+            f" of {s.version}" if s.version else ""), version=s.version, details=what)
+        self._term = started.offset
         if s.interrupted is not None:
             self._emit("training_failed", "interrupted: the autopilot stopped during a "
                        "training or its comparison", version=None if s.interrupted == "-"
                        else s.interrupted)
             s.training_failed_at = self._now()
-        self._emit("started", f"resuming the {s.phase} phase" + (f" of {s.version}"
-                   if s.version else ""), version=s.version, details=what)
         self.metrics.set_phase(s.phase)
 
     def turn(self) -> None:
@@ -242,8 +247,9 @@ class Autopilot:
 
     def _emit(self, kind: str, reason: str, **fields: Any) -> Event:
         fields.setdefault("champion", self.champion())
-        event = Event(kind, self._now(), reason, **fields)
-        publish_event(self.settings, event)
+        event = publish_event(self.settings, Event(
+            kind, self._now(), reason, term=None if kind == "started" else self._term,
+            **fields))
         self.metrics.events.labels(kind).inc()
         log.warning("autopilot: %s%s: %s", kind,
                     f" {event.version}" if event.version else "", reason)

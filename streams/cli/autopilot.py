@@ -21,12 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from fraudstream.streams.autopilot.events import read_events, resume
+    from fraudstream.streams.autopilot.events import read_events, resume, superseded
 
     if args.status:
         events = read_events(settings)
-        for e in events[-args.last:]:
-            print(line(e))
+        stale = superseded(events)
+        for e, old in list(zip(events, stale, strict=True))[-args.last:]:
+            print(line(e, old))
         r = resume(events)
         print(f"phase {r.phase}" + (f" ({r.version} against {r.champion})" if r.version
                                     else ""))
@@ -43,9 +44,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return serve_until_signalled(metrics.registry, port, lease.around(pilot.run))
 
 
-def line(e: Event) -> str:
+def line(e: Event, stale: bool = False) -> str:
     """One event as a line of ``--status`` and ``model history``."""
     at = datetime.fromtimestamp(e.at / 1000, tz=UTC).isoformat(timespec="seconds")
     trigger = e.details.get("trigger")
     return (f"{at}\tautopilot\t{e.kind}\t{e.version or '-'}\t{e.reason}"
-            + (f"\t{json.dumps({'trigger': trigger})}" if trigger else ""))
+            + (f"\t{json.dumps({'trigger': trigger})}" if trigger else "")
+            + ("\t(superseded: written after another autopilot took the lease; not "
+               "resumed from)" if stale else ""))

@@ -144,13 +144,14 @@ def history(settings: Settings, kinds: tuple[str, ...] | None = None,
         if consumer is not None:
             consumer.close()
     if autopilot:
-        from fraudstream.streams.autopilot.events import read_events
+        from fraudstream.streams.autopilot.events import read_events, superseded
         from fraudstream.streams.cli.autopilot import line
 
         # merged by time, each in its own order (a record published by hand may carry
         # any time: the control topic's order is the order of publication)
-        rows = list(heapq.merge(rows, [(e.at, line(e)) for e in read_events(settings)],
-                                key=lambda r: r[0]))
+        events = read_events(settings)
+        rows = list(heapq.merge(rows, [(e.at, line(e, stale)) for e, stale in zip(
+            events, superseded(events), strict=True)], key=lambda r: r[0]))
     for _at, text in rows:
         print(text)
     if not rows:

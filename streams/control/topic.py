@@ -117,10 +117,11 @@ def changes(settings: Settings) -> tuple[Heads, list[ControlRecord]]:
 
 
 def write_acked(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]],
-                timeout_s: float, linger_ms: int = 20, max_bytes: int | None = None) -> None:
+                timeout_s: float, linger_ms: int = 20, max_bytes: int | None = None
+                ) -> list[int]:
     """``records`` (key, value) to ``topic``, in order, each acknowledged by the broker
-    (acks=all, idempotent); creates the topic if needed. Raises RuntimeError naming what
-    failed."""
+    (acks=all, idempotent); creates the topic if needed. Their offsets, in the order
+    written; raises RuntimeError naming what failed."""
     ensure_topics(settings, names=[topic])
     config = {**settings.kafka.client_config(), "acks": "all", "enable.idempotence": True,
               "linger.ms": linger_ms}
@@ -128,10 +129,13 @@ def write_acked(settings: Settings, topic: str, records: Iterable[tuple[bytes, b
         config["message.max.bytes"] = max_bytes
     producer = Producer(config)
     errors: list[str] = []
+    offsets: list[int] = []
 
-    def delivered(err: KafkaError | None, _msg: Message) -> None:
+    def delivered(err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             errors.append(err.str())
+        else:
+            offsets.append(msg.offset())
 
     for key, value in records:
         producer.produce(topic, key=key, value=value, on_delivery=delivered)
@@ -140,6 +144,7 @@ def write_acked(settings: Settings, topic: str, records: Iterable[tuple[bytes, b
     if left or errors:
         raise RuntimeError(f"not written to {topic}: "
                            f"{'; '.join(errors) or f'{left} record(s) undelivered'}")
+    return offsets
 
 
 def control_consumer(settings: Settings, name: str, topic: str | None = None) -> Consumer:
