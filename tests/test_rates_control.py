@@ -190,3 +190,52 @@ def test_a_published_rates_table_converts_amounts_without_a_restart(
     reader.close()
     print(f"published table in force on the worker {took:.1f} s after the command started")
 
+
+
+@pytest.mark.e2e
+def test_features_built_offline_take_the_table_in_force_when_asked(stack_settings, tmp_path):
+    # An analyst builds a training set after the rates were replaced on the control topic:
+    # with --in-force its amounts are converted as every worker converts them now, not
+    # with the machine's (older) rates file.
+    import csv
+
+    from fraudstream.streams.traffic.history import write_csv
+
+    settings = stack_settings
+    card = f"card_off_{uuid.uuid4().hex[:6]}"
+    txns = [{"transaction_id": f"off-{card}-{i}", "event_time": T0_MS + i * 60_000,
+             "card_id": card, "customer_id": None, "merchant_id": "m_off",
+             "terminal_id": None, "amount": 100.0, "currency": "USD", "mcc": "5411",
+             "country": "US", "card_country": "US", "lat": None, "lon": None,
+             "device_id": None, "ip": None, "channel": "ecom"} for i in range(2)]
+    history = tmp_path / "history.csv"
+    write_csv(history, txns, [])
+    usd = SHIPPED.rate("USD")
+    assert usd is not None
+    out = cli(settings, "publish", str(rates_file(tmp_path, "fx-offline", USD=usd * 2)),
+              "--reason", "USD halved against EUR")
+    assert out.returncode == 0, out.stderr
+
+    def max_1h(*flags: str, on: Settings = settings) -> tuple[float, str]:
+        target = tmp_path / f"features{len(flags)}.csv"
+        run = control_cli(on, str(history), "--keep-order", "--out", str(target), *flags,
+                          command="features")
+        assert run.returncode == 0, run.stderr
+        with target.open() as fh:
+            rows = list(csv.DictReader(fh))
+        return float(rows[1]["card_max_1h"]), run.stderr
+
+    from_file, _ = max_1h()
+    in_force_now, said = max_1h("--in-force")
+    assert from_file == pytest.approx(100.0 / usd)
+    assert in_force_now == pytest.approx(from_file / 2)
+    assert "rates fx-offline (EUR), as in force on" in said
+
+    # Asked for the tables in force, with no broker to read them from: one line, not the
+    # files in silence.
+    down = settings.replace(kafka={"bootstrap": f"127.0.0.1:{free_port()}",
+                                   "connect_timeout_s": 2.0})
+    run = control_cli(down, str(history), "--out", str(tmp_path / "x.csv"), "--in-force",
+                      command="features")
+    assert run.returncode == 3 and not (tmp_path / "x.csv").exists()
+    assert run.stderr.count("\n") == 1 and "cannot reach Kafka" in run.stderr, run.stderr

@@ -25,6 +25,7 @@ from fraudstream.streams.cli.history_input import (
     HistorySource,
     add_history_arguments,
     history_events,
+    tables,
 )
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.csv_source import CsvMappingError
@@ -43,7 +44,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     t0 = time.perf_counter()
     errors: list[str] = []
     try:
-        events = history_events(HistorySource.from_args(args, settings), errors, args.reader)
+        rates = tables(args, settings, "features")[1]
+        events = history_events(HistorySource.from_args(args, settings, rates), errors,
+                                args.reader)
     except (CsvMappingError, OSError) as exc:
         print(f"fraudstream features: {exc}", file=sys.stderr)
         return 2

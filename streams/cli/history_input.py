@@ -12,6 +12,7 @@ order and the errors are the same either way.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import subprocess
@@ -30,6 +31,7 @@ from fraudstream.schemas.validate import (
     validate_history_transaction,
     validate_label,
 )
+from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.csv_source import ColumnMapping, CsvMappingError, read_csv_events
 
@@ -54,10 +56,38 @@ def add_history_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-order", action="store_true",
                    help="rows are in arrival order (late events stay late); "
                         "default: sort by event time")
+    p.add_argument("--in-force", action="store_true",
+                   help="convert amounts with the rates table every worker applies now (the "
+                        "latest accepted on the control topic; train: the rules too) instead "
+                        "of the files FRAUDSTREAM_WORKER_RATES_PATH and "
+                        "FRAUDSTREAM_SCORING_RULES_PATH name")
     p.add_argument("--reader", choices=("auto", "process", "inline"), default="auto",
                    help="read and validate the file in a second process (process), in this "
                         "one (inline), or in a second process when there is a second core "
                         "(auto)")
+
+
+def tables(args: argparse.Namespace, settings: Settings, command: str
+           ) -> tuple[RulesScorer, Rates]:
+    """The rules and the rates table to build with: the files' (RatesError, RuleError
+    when one cannot be read), or with ``--in-force`` those every worker applies now, which
+    needs the broker (:class:`StartError` when it cannot be reached)."""
+    if not args.in_force:
+        return (RulesScorer(RuleSet.load(settings.scoring.rules_path)),
+                Rates.load(settings.worker.rates_path))
+    from fraudstream.streams.control.follow import in_force
+    from fraudstream.streams.topics import connect
+
+    connect(settings.kafka)  # one line and an exit code, not the files in silence
+    said = logging.getLogger("fraudstream.worker")
+    level, _ = said.level, said.setLevel(logging.ERROR)  # a worker's lines, not these
+    try:
+        rules, rates = in_force(settings)
+    finally:
+        said.setLevel(level)
+    print(f"fraudstream {command}: rules {rules.ruleset.version} and rates {rates.version} "
+          f"({rates.reference}), as in force on {settings.topics.control}", file=sys.stderr)
+    return rules, rates
 
 
 @dataclass(frozen=True)
@@ -70,11 +100,17 @@ class HistorySource:
     token_key: str | None
     keep_order: bool
     settings: Settings
+    #: The table amounts are converted with (the workers' in force, or the rates file).
+    rates: Rates
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, settings: Settings) -> HistorySource:
+    def from_args(cls, args: argparse.Namespace, settings: Settings,
+                  rates: Rates | None = None) -> HistorySource:
+        """``rates``: the table to convert with; by default the rates file's (raises
+        RatesError when it cannot be read)."""
         return cls(Path(args.input), ColumnMapping.from_flags(args.map, args.default),
-                   args.label_delay_days, args.token_key, args.keep_order, settings)
+                   args.label_delay_days, args.token_key, args.keep_order, settings,
+                   rates or Rates.load(settings.worker.rates_path))
 
     def raw(self) -> Iterator[Event]:
         """The mapped events; raises CsvMappingError or OSError before the first one."""
@@ -90,14 +126,14 @@ def history_events(source: HistorySource, errors: list[str], reader: str = "auto
     when the file and the mapping do not fit.
     """
     if reader == "inline" or (reader == "auto" and (os.cpu_count() or 1) < 2):
-        return checked_events(source.raw(), source.settings, errors)
+        return checked_events(source.raw(), source.settings, source.rates, errors)
     return _in_background(source, errors)
 
 
-def checked_events(events: Iterator[Event], settings: Settings,
+def checked_events(events: Iterator[Event], settings: Settings, rates: Rates,
                    errors: list[str]) -> Iterator[Event]:
-    """Events as the worker would accept them; the others reported in ``errors``."""
-    rates = Rates.load(settings.worker.rates_path)
+    """Events as the worker would accept them, amounts converted with ``rates``; the
+    others reported in ``errors``."""
     for kind, record in events:
         if kind == "error":
             errors.append(f"line {record['line']}: {_masked(str(record['reason']))}")
@@ -183,7 +219,7 @@ def _read(conn: Connection, source: HistorySource) -> None:
         conn.send(("ready",))
         errors: list[str] = []
         chunk: list[Event] = []
-        for event in checked_events(raw, source.settings, errors):
+        for event in checked_events(raw, source.settings, source.rates, errors):
             chunk.append(event)
             if len(chunk) >= CHUNK:
                 conn.send(("events", chunk, errors))

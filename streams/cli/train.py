@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from fraudstream.schemas.fx import Rates
-from fraudstream.scorers.rules import RuleSet, RulesScorer
 from fraudstream.scorers.train import TrainConfig, TrainingError, data_sha256, train
 from fraudstream.scorers.windows import WindowError, from_flags
 from fraudstream.state.features import FeatureConfig
@@ -23,6 +21,7 @@ from fraudstream.streams.cli.history_input import (
     HistorySource,
     add_history_arguments,
     history_events,
+    tables,
 )
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.csv_cells import parse_event_time
@@ -82,7 +81,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     errors: list[str] = []
     try:
-        events = history_events(HistorySource.from_args(args, settings), errors, args.reader)
+        rules, rates = tables(args, settings, "train")
+        events = history_events(HistorySource.from_args(args, settings, rates), errors,
+                                args.reader)
     except (CsvMappingError, OSError) as exc:
         print(f"fraudstream train: {exc}", file=sys.stderr)
         return 2
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     config = TrainConfig(
         valid_frac=args.valid_frac, test_frac=args.test_frac, review_rate=args.review_rate,
         decline_precision=args.decline_precision, trees=args.trees, seed=args.seed,
-        windows=windows, rates=Rates.load(settings.worker.rates_path),
+        windows=windows, rates=rates,
         features=FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                                label_delay_ms=int(fs.label_delay_s * 1000)),
     )
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     with tqdm(desc="features", unit=" txn", disable=args.quiet, file=sys.stderr) as bar:
         try:
             meta = train(events, args.out, config,
-                         data_sha256([args.input]),
-                         RulesScorer(RuleSet.load(settings.scoring.rules_path)), progress=bar,
+                         data_sha256([args.input]), rules, progress=bar,
                          phase=phase)
         except TrainingError as exc:
             print(f"fraudstream train: {exc}", file=sys.stderr)
