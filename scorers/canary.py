@@ -32,7 +32,10 @@ it holds, so a rebalance moves no card between variants.
   (bins at the champion's deciles, at least 0.01 wide) at most ``max_psi``;
 - ``precision_review`` and ``precision_decline``: the share of the cards the canary
   reviewed-or-declined (and declined) with a fraud labelled so far may be below the
-  champion's by ``max_precision_drop`` unless within ``rate_z`` standard errors. Cards, not
+  champion's by ``max_precision_drop`` unless within ``rate_z`` standard errors. These two
+  judge every decision of the rollout so far, from its first step, not the step's only:
+  a step's labels come days after its decisions, so a later step sees the frauds of
+  the earlier ones (:class:`Flagged`, ``labelled`` in :func:`judge`). Cards, not
   transactions: the split assigns cards, and one compromised card's burst is one piece of
   evidence, not fifty. Labels
   arrive days late (chargebacks; an unlabelled transaction is not known genuine yet), and
@@ -113,6 +116,14 @@ class Rollout:
     status: str = "running"
     #: Why it ended (or the last step's gate results): set by the controller.
     verdict: dict[str, Any] | None = None
+    #: When its first step started (epoch ms; 0 in a rollout published before this
+    #: field: its current step's start stands in).
+    started_at: int = 0
+
+    @property
+    def began(self) -> int:
+        """Where its decisions start: what the precision gates judge from."""
+        return self.started_at or self.step_started_at
 
     @property
     def share(self) -> float:
@@ -145,7 +156,8 @@ class Rollout:
             r = cls(rollout=str(doc["rollout"]), version=str(doc["version"]),
                     champion=str(doc["champion"]), steps=steps, gates=gates,
                     step=int(doc["step"]), step_started_at=int(doc["step_started_at"]),
-                    status=str(doc["status"]), verdict=doc.get("verdict"))
+                    status=str(doc["status"]), verdict=doc.get("verdict"),
+                    started_at=int(doc.get("started_at", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise CanaryError(f"a rollout needs rollout, version, champion, steps "
                               f"(share, duration_s), step, step_started_at, status: {exc}"
@@ -175,40 +187,23 @@ def check_steps(steps: Sequence[Step]) -> None:
 
 
 @dataclass
-class VariantStats:
-    """One variant's decisions within a step, as the controller reads them."""
+class Flagged:
+    """The decisions a variant flagged (reviewed or declined) and their labels so far: what
+    the precision gates judge."""
 
-    decisions: int = 0
-    fallbacks: int = 0
-    reviews: int = 0
-    declines: int = 0
-    #: Scores of the decisions its model made (for the PSI), and its model-stage ms, one
-    #: per batch, kept up to ``cap`` each (a step's traffic at most, in practice).
-    scores: list[float] = field(default_factory=list)
-    model_ms: list[float] = field(default_factory=list)
-    #: card_id -> what it got in the step: 1 a review, 2 a decline (bits).
-    cards: dict[str, int] = field(default_factory=dict)
     #: transaction_id -> (card_id, declined?), for the decisions it flagged (review or
-    #: decline).
+    #: decline), up to ``flagged_cap`` of them (a rollout's worth, in practice: the
+    #: labels of those kept still arrive).
     flagged: dict[str, tuple[str, bool]] = field(default_factory=dict)
     #: transaction_id -> is_fraud, for flagged decisions whose label arrived.
     labels: dict[str, bool] = field(default_factory=dict)
-    cap: int = 200_000
+    flagged_cap: int = 1_000_000
 
-    def add(self, d: dict[str, Any], model_ms: float | None) -> None:
-        self.decisions += 1
-        self.fallbacks += bool(d["fallback"])
+    def flag(self, d: dict[str, Any]) -> None:
+        """Keep ``d`` if it flagged its transaction."""
         outcome = d["decision"]
-        self.reviews += outcome == "review"
-        self.declines += outcome == "decline"
-        got = {"review": 1, "decline": 2}.get(outcome, 0)
-        self.cards[d["card_id"]] = self.cards.get(d["card_id"], 0) | got
-        if got:
+        if outcome in ("review", "decline") and len(self.flagged) < self.flagged_cap:
             self.flagged[d["transaction_id"]] = (d["card_id"], outcome == "decline")
-        if not d["fallback"] and len(self.scores) < self.cap:
-            self.scores.append(float(d["score"]))
-        if model_ms is not None and len(self.model_ms) < self.cap:
-            self.model_ms.append(model_ms)
 
     def label(self, transaction_id: str, is_fraud: bool) -> None:
         if transaction_id in self.flagged:
@@ -223,6 +218,38 @@ class VariantStats:
             if declined or not declines_only:
                 cards[card] = cards.get(card, False) or self.labels.get(txn, False)
         return sum(cards.values()), len(cards)
+
+
+@dataclass
+class VariantStats(Flagged):
+    """One variant's decisions within a step, as the controller reads them."""
+
+    decisions: int = 0
+    fallbacks: int = 0
+    reviews: int = 0
+    declines: int = 0
+    #: Scores of the decisions its model made (for the PSI), and its model-stage ms, one
+    #: per batch, kept up to ``cap`` each (a step's traffic at most, in practice).
+    scores: list[float] = field(default_factory=list)
+    model_ms: list[float] = field(default_factory=list)
+    #: card_id -> what it got in the step: 1 a review, 2 a decline (bits).
+    cards: dict[str, int] = field(default_factory=dict)
+    cap: int = 200_000
+
+    def add(self, d: dict[str, Any], model_ms: float | None) -> None:
+        self.decisions += 1
+        self.fallbacks += bool(d["fallback"])
+        outcome = d["decision"]
+        self.reviews += outcome == "review"
+        self.declines += outcome == "decline"
+        got = {"review": 1, "decline": 2}.get(outcome, 0)
+        self.cards[d["card_id"]] = self.cards.get(d["card_id"], 0) | got
+        if got:
+            self.flag(d)
+        if not d["fallback"] and len(self.scores) < self.cap:
+            self.scores.append(float(d["score"]))
+        if model_ms is not None and len(self.model_ms) < self.cap:
+            self.model_ms.append(model_ms)
 
     def summary(self) -> dict[str, Any]:
         n = max(1, self.decisions)
@@ -245,8 +272,11 @@ class GateResult:
                 f"{self.champion:.4g}, limit {self.limit:.4g}")
 
 
-def judge(champion: VariantStats, canary: VariantStats, gates: Gates) -> list[GateResult]:
-    """Every gate's result for one step (see the module's doc)."""
+def judge(champion: VariantStats, canary: VariantStats, gates: Gates,
+          labelled: tuple[Flagged, Flagged] | None = None) -> list[GateResult]:
+    """Every gate's result for one step (see the module's doc): the precision gates on
+    ``labelled`` (champion, canary: the rollout's flagged decisions so far) when given,
+    else on the step's."""
     nan = math.nan
     names = ("fallback", "latency", "decline_rate", "review_rate", "psi",
              "precision_review", "precision_decline")
@@ -277,9 +307,10 @@ def judge(champion: VariantStats, canary: VariantStats, gates: Gates) -> list[Ga
                               gates.max_psi))
     else:  # most decisions fell back: the fallback gate speaks for them
         out.append(GateResult("psi", "wait", nan, nan, gates.max_psi))
+    flagged_a, flagged_b = labelled or (champion, canary)
     for name, declines_only in (("precision_review", False), ("precision_decline", True)):
-        fa, na = champion.frauds(declines_only)
-        fb, nb = canary.frauds(declines_only)
+        fa, na = flagged_a.frauds(declines_only)
+        fb, nb = flagged_b.frauds(declines_only)
         pa, pb = fa / max(1, na), fb / max(1, nb)
         if fa + fb < gates.min_labelled or min(na, nb) < MIN_FLAGGED:
             out.append(GateResult(name, "wait", pb, pa, gates.min_labelled))

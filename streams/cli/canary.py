@@ -153,7 +153,7 @@ def start(settings: Settings, registry: Registry, version: str, steps: tuple[Ste
         return 1
     now = int(time.time() * 1000)
     rollout = Rollout(rollout=f"{version}@{now}", version=version, champion=champion,
-                      steps=steps, gates=gates, step=0, step_started_at=now)
+                      steps=steps, gates=gates, step=0, step_started_at=now, started_at=now)
     code = exit_code("model canary", lambda: publish_rollout(settings, rollout, by, reason,
                                                             head))
     if code:

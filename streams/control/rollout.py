@@ -46,6 +46,7 @@ from fraudstream.scorers.canary import (
     CANARY,
     CHAMPION,
     CanaryError,
+    Flagged,
     GateResult,
     Rollout,
     VariantStats,
@@ -72,12 +73,22 @@ def codecs_for(settings: Settings) -> Codecs:
 
 
 class StepReader:
-    """One step's decisions and labels, per variant, read from the step's start."""
+    """One step's decisions and labels, per variant, read from the step's start; and the
+    decisions each variant flagged since the rollout began, with their labels (what the
+    precision gates judge). ``carried``: those of the step before (its reader's
+    :attr:`flagged`), so the next step reads on from its own start; without them (a
+    controller that started mid-rollout, ``model canary --status``) the reader reads from
+    the rollout's first step."""
 
-    def __init__(self, settings: Settings, codecs: Codecs, rollout: Rollout) -> None:
+    def __init__(self, settings: Settings, codecs: Codecs, rollout: Rollout,
+                 carried: dict[str, Flagged] | None = None) -> None:
         self.key = (rollout.rollout, rollout.step)
         self.since = rollout.step_started_at
+        self.began = rollout.began
         self.stats = {CHAMPION: VariantStats(), CANARY: VariantStats()}
+        self.flagged = carried if carried is not None else {CHAMPION: Flagged(),
+                                                            CANARY: Flagged()}
+        read_from = self.since if carried is not None else self.began
         self.unreadable = 0
         self._seen: set[str] = set()
         self._batches: set[tuple[str, int, float | None]] = set()
@@ -95,7 +106,7 @@ class StepReader:
             if meta is None or meta.error is not None:
                 continue  # no labels yet: the precision gates wait
             parts += [TopicPartition(topic, p, offset) for p, offset in offsets_at(
-                self._consumer, topic, list(meta.partitions), self.since).items()]
+                self._consumer, topic, list(meta.partitions), read_from).items()]
         self._consumer.assign(parts)
 
     def poll(self, timeout_s: float) -> int:
@@ -109,19 +120,24 @@ class StepReader:
                     self._decision(self._decode_decision(m.value()))
                 else:
                     label = self._decode_label(m.value())
-                    for s in self.stats.values():
-                        s.label(str(label["transaction_id"]), bool(label["is_fraud"]))
+                    tid, is_fraud = str(label["transaction_id"]), bool(label["is_fraud"])
+                    for s in (*self.stats.values(), *self.flagged.values()):
+                        s.label(tid, is_fraud)
             except (DecodeError, KeyError, TypeError, ValueError):
                 self.unreadable += 1
         return len(msgs)
 
     def _decision(self, d: dict[str, Any]) -> None:
         variant = d.get("variant")
-        if variant not in self.stats or epoch_ms(d["decided_at"]) < self.since:
+        at = epoch_ms(d["decided_at"])
+        if variant not in self.stats or at < self.began:
             return
         if d["transaction_id"] in self._seen:  # a duplicate answered with its first decision
             return
         self._seen.add(d["transaction_id"])
+        self.flagged[variant].flag(d)
+        if at < self.since:
+            return  # an earlier step's: its precision only
         # a batch's model time once per batch and variant (every decision of the batch
         # carries it): one large batch must not weigh as hundreds of samples in the p99
         timings = d["timings_ms"]
@@ -131,7 +147,8 @@ class StepReader:
         self.stats[variant].add(d, ms)
 
     def judge(self, rollout: Rollout) -> list[GateResult]:
-        return judge(self.stats[CHAMPION], self.stats[CANARY], rollout.gates)
+        return judge(self.stats[CHAMPION], self.stats[CANARY], rollout.gates,
+                     (self.flagged[CHAMPION], self.flagged[CANARY]))
 
     def close(self) -> None:
         self._consumer.close()
@@ -313,8 +330,12 @@ class Controller:
             return
         reader = self._reader
         if reader is None or reader.key != (r.rollout, r.step):
+            # the step before's flagged decisions go on being judged (their labels come
+            # later); a new rollout starts from nothing
+            carried = reader.flagged if reader is not None and reader.key[0] == r.rollout \
+                else None
             self._close_reader()
-            reader = self._reader = StepReader(self.settings, self.codecs, r)
+            reader = self._reader = StepReader(self.settings, self.codecs, r, carried)
             log.warning("controller: judging rollout %s step %d (%s of cards on %s)",
                         r.rollout, r.step + 1, f"{r.share:.0%}", r.version)
         reader.poll(0.5)
