@@ -132,12 +132,12 @@ class StepReader:
         at = epoch_ms(d["decided_at"])
         if variant not in self.stats or at < self.began:
             return
+        self.flagged[variant].flag(d)  # by transaction: a duplicate changes nothing
+        if at < self.since:
+            return  # an earlier step's: its precision only
         if d["transaction_id"] in self._seen:  # a duplicate answered with its first decision
             return
         self._seen.add(d["transaction_id"])
-        self.flagged[variant].flag(d)
-        if at < self.since:
-            return  # an earlier step's: its precision only
         # a batch's model time once per batch and variant (every decision of the batch
         # carries it): one large batch must not weigh as hundreds of samples in the p99
         timings = d["timings_ms"]
