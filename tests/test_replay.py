@@ -478,3 +478,47 @@ def test_the_autopilots_comparison_stops_after_the_batch_it_is_deciding(
     with pytest.raises(Stopped):
         replay_window(settings, root, first, second, meta, stop)
     assert not multiprocessing.active_children()
+
+
+def test_a_replay_killed_outright_leaves_no_deciding_process_behind(
+        models_registry, stack_settings, tmp_path):
+    # A SIGKILL (an OOM kill, a node drained) runs no cleanup: the deciding process,
+    # which holds both models, must not live on blocked on its queue.
+    import os
+    import signal
+
+    root, first, second = registry_with(models_registry, tmp_path)
+    settings = stack_settings.replace(scoring={"models_dir": root})
+    script = (
+        "import time\n"
+        "from fraudstream.streams.replay.decider import RemoteDecider\n"
+        "from fraudstream.streams.replay.ranges import Bound, ReplayConfig\n"
+        "from fraudstream.streams.settings import Settings\n"
+        f"d = RemoteDecider(Settings.from_env(), ReplayConfig(challenger={second!r}, "
+        "start=Bound('offset', 0), publish=False), 'replay-test')\n"
+        "print(d._proc.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
+    env.update(settings.to_env())
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        time.sleep(2.0)  # the child is up (loading its models, or waiting for batches)
+        os.kill(child, 0)  # alive
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the deciding process outlived its replay")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

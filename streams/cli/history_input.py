@@ -32,6 +32,7 @@ from fraudstream.schemas.validate import (
     validate_label,
 )
 from fraudstream.scorers.rules import RuleSet, RulesScorer
+from fraudstream.streams.processes import die_with_parent
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.csv_source import ColumnMapping, CsvMappingError, read_csv_events
 
@@ -160,7 +161,8 @@ def _in_background(source: HistorySource, errors: list[str]) -> Iterator[Event]:
     # (which re-runs the caller's main module). Events come back on a pipe of our own.
     rfd, wfd = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", __name__, str(wfd)], stdin=subprocess.PIPE, pass_fds=(wfd,))
+        [sys.executable, "-m", __name__, str(wfd)], stdin=subprocess.PIPE, pass_fds=(wfd,),
+        preexec_fn=die_with_parent)
     os.close(wfd)
     conn = Connection(rfd, writable=False)
     try:

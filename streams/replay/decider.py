@@ -39,6 +39,7 @@ from fraudstream.streams.control.artifacts import ArtifactTransferError, downloa
 from fraudstream.streams.control.follow import in_force
 from fraudstream.streams.control.topic import latest
 from fraudstream.streams.pipeline import Limits, Pipeline
+from fraudstream.streams.processes import die_with_parent
 from fraudstream.streams.replay.ranges import ReplayConfig, ReplayError
 from fraudstream.streams.settings import Settings
 
@@ -294,6 +295,7 @@ def _serve(settings: Settings, config: ReplayConfig, out_topic: str, inbox: Any,
     """The child process: decide every batch received, then send back the part. What it
     unpickles comes from the queue its parent, this replay, filled: prepared batches of
     decoded and validated transactions, never a record's bytes from a topic."""
+    die_with_parent()  # a replay killed outright leaves no deciding process behind
     try:
         gc.set_threshold(50_000, 20, 20)  # as the reading side: batches make many objects
         side = DecideSide(settings, config, out_topic, freeze=True, rates=rates)
