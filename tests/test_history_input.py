@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fraudstream.schemas.fx import Rates
 from fraudstream.streams.cli.history_input import HistorySource, history_events
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.csv_source import ColumnMapping, CsvMappingError
@@ -38,7 +39,7 @@ def _source(path: Path, mapping: ColumnMapping | None = None,
     mapping = mapping or ColumnMapping.from_flags(
         ["transaction_id=id", "event_time=ts", "card_id=card", "merchant_id=shop",
          "amount=value", "currency=cur", "channel=kind", "label=fraud"], ["country=FR"])
-    return HistorySource(path, mapping, 0.5, key, False, Settings())
+    return HistorySource(path, mapping, 0.5, key, False, Settings(), Rates.load())
 
 
 def test_a_second_process_gives_the_same_events_and_errors(tmp_path: Path) -> None:
