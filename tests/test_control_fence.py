@@ -225,3 +225,33 @@ def test_the_controller_promotes_with_the_rollout_record_first(stack_settings):
         consumer.close()
     assert kinds == ["model", "canary", "canary", "model"]
     assert latest(settings, "model").document == {"active": "v1", "shadow": None}
+
+
+@pytest.mark.e2e
+def test_a_model_state_published_between_a_promotions_two_writes_leaves_the_rollout_aborted(
+        stack_settings):
+    """The hand-published model state stands (fenced), and the rollout's record says the
+    promotion did not take effect, rather than promoted with another version active."""
+    from fraudstream.streams.control.rollout import _activate, _activation
+
+    settings = stack_settings
+    running = _running_rollout(settings)
+    champion_state = latest(settings, "model")
+    promoted = running.moved(T0_MS + 2, status="promoted", step=1)
+    publish_rollout(settings, promoted, "fraudstream-controller", "every step passed",
+                    latest(settings, "canary"))
+    # between the controller's two writes, a model state published by hand
+    publish(settings, ControlRecord.make("model", "v9", {"active": "v9", "shadow": None},
+                                         "bo@ops", T0_MS + 3, "hotfix model"
+                                         ).after(champion_state))
+    with pytest.raises(Superseded):
+        _activate(settings, promoted, _activation(promoted, "every step passed",
+                                                  champion_state))
+    assert latest(settings, "model").document["active"] == "v9"
+    record = latest(settings, "canary")
+    assert record is not None and Rollout.from_document(record.document).status == "aborted"
+    assert "v9 is active" in record.reason and "did not take effect" in record.reason
+    # and a controller reading the topic now finishes nothing
+    controller = _controller_that_read(settings)
+    assert controller.rollout is not None and controller.rollout.status == "aborted"
+    assert not controller._unfinished(controller.rollout)

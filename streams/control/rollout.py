@@ -57,6 +57,7 @@ from fraudstream.streams.control.topic import (
     Superseded,
     control_consumer,
     heads,
+    latest,
     publish,
     read_to_end,
 )
@@ -223,12 +224,25 @@ def _activation(rollout: Rollout, reason: str, state: ControlRecord | None) -> C
 
 
 def _activate(settings: Settings, rollout: Rollout, record: ControlRecord) -> None:
+    """The promotion's model state. One published by hand in the moment between the
+    promotion's two writes stands: the rollout is then recorded ``aborted``, naming the
+    version in force, so it does not say promoted while another version is active (its
+    :class:`Superseded` raised again)."""
     try:
         publish(settings, record)
     except Superseded as exc:  # a model state published in the moment between the writes
-        log.error("controller: rollout %s promoted, but the model state changed before %s "
-                  "was made active: %s", rollout.rollout, rollout.version, exc)
-        raise
+        active = active_version(latest(settings, "model"))
+        why = (f"aborted: the model state changed before {rollout.version} was made "
+               f"active ({active} is active, published meanwhile), so the promotion did not "
+               "take effect")
+        log.error("controller: rollout %s %s", rollout.rollout, why)
+        try:
+            publish_rollout(settings, rollout.moved(int(time.time() * 1000),
+                                                    status="aborted"), BY, why,
+                            latest(settings, "canary"))
+        except Superseded:
+            pass  # the rollout changed too: what is in force says what happened
+        raise exc from None
 
 
 class RolloutMetrics:
