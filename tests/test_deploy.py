@@ -727,7 +727,7 @@ def role_problems(doc: dict[str, Any], container: dict[str, Any], settings: Sett
         problems.append(f"{where}: prometheus.io annotations do not scrape port {port}")
     if role in ("controller", "autopilot"):
         # controllers hold a lease and fence their moves: a standby replica takes over;
-        # the autopilot keeps a ReadWriteOnce volume and unfenced events: one, Recreate
+        # the autopilot keeps a ReadWriteOnce volume: one, Recreate
         replicas, strategy = ((2, "RollingUpdate") if role == "controller"
                               else (1, "Recreate"))
         if doc["kind"] != "Deployment" or spec.get("replicas") != replicas or \
