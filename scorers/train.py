@@ -29,7 +29,7 @@ import json
 import platform
 import time
 from array import array
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ import numpy as np
 from fraudstream.schemas.fx import Rates
 from fraudstream.scorers.artifact import ArtifactError, check_probe, choose_probe, write_sums
 from fraudstream.scorers.metrics import summary
+from fraudstream.scorers.sampling import Weigh, balanced, genuine_sampler, weighted_quantiles
 from fraudstream.scorers.train_report import write_report
 from fraudstream.scorers.windows import Windows
 from fraudstream.state.features import FEATURE_NAMES, FEATURE_VERSION, FeatureConfig
@@ -70,6 +71,11 @@ class TrainConfig:
     #: The rates table the history's amounts were converted with (``amount_ref``), kept
     #: in the metadata: a worker whose table differs materially says so at load.
     rates: Rates | None = None
+    #: Share of the unlabelled transactions before ``sample_until_ms`` (event time, inside
+    #: the training window) kept in the training set, each weighing 1 / share
+    #: (:mod:`fraudstream.scorers.sampling`); 1.0 keeps every one.
+    genuine_sample: float = 1.0
+    sample_until_ms: int | None = None
 
 
 #: Rows gathered before they are stacked into one block of the feature matrix.
@@ -107,9 +113,19 @@ class Dataset:
     #: (``build_dataset(..., records=True)``); empty otherwise.
     txns: list[Mapping[str, Any]] = field(default_factory=list)
     vectors: list[Any] = field(default_factory=list)
+    #: Each row's weight in the fit (1, or 1 / share for a sampled genuine row).
+    weights: np.ndarray | None = None
+    #: Transactions sampled out (their features were computed, their rows not kept), and
+    #: the first and last event time among them (the windows span every transaction).
+    sampled_out: int = 0
+    sampled_span: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.times)
+
+    @property
+    def w(self) -> np.ndarray:
+        return self.weights if self.weights is not None else np.ones(len(self), np.float32)
 
 
 class _Columns:
@@ -121,10 +137,11 @@ class _Columns:
         self.pending: list[tuple[Mapping[str, Any], Any]] = []
         self.blocks: list[np.ndarray] = []
         self.times, self.cards, self.keys = array("q"), array("Q"), array("Q")
-        self.rules = array("f")
+        self.rules, self.weights = array("f"), array("f")
 
-    def add(self, txn: Mapping[str, Any], vector: Any) -> None:
+    def add(self, txn: Mapping[str, Any], vector: Any, weight: float = 1.0) -> None:
         self.rows.append(vector.row)
+        self.weights.append(weight)
         self.times.append(int(txn["event_time"]))
         self.cards.append(token(txn["card_id"]))
         self.keys.append(token(txn["transaction_id"]))
@@ -157,17 +174,20 @@ class _Columns:
             else np.full(n, np.nan, dtype=np.float32)
         return (X, np.frombuffer(self.times, dtype=np.int64),
                 np.frombuffer(self.cards, dtype=np.uint64),
-                np.frombuffer(self.keys, dtype=np.uint64), rules)
+                np.frombuffer(self.keys, dtype=np.uint64), rules,
+                np.frombuffer(self.weights, dtype=np.float32))
 
 
 def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: FeatureConfig,
                   progress: Any = None, windows: Windows | None = None,
-                  rules_scorer: Any = None, records: bool = False) -> Dataset:
+                  rules_scorer: Any = None, records: bool = False,
+                  weigh: Weigh | None = None) -> Dataset:
     """Features for every transaction; its target is the label the history ends with.
     With ``windows``, events before the warm-up are not read, and only transactions of
     the three windows are kept (the others feed the features only). ``rules_scorer``
     scores the kept transactions as they go; ``records`` keeps the transactions and their
-    vectors too (for tools; a long history should not)."""
+    vectors too (for tools; a long history should not). ``weigh`` gives each kept
+    transaction its weight (0: sampled out, :mod:`fraudstream.scorers.sampling`)."""
     final: dict[int, bool] = {}
     arrived: list[tuple[int, int, bool]] = []
     compromised: dict[int, int] = {}
@@ -194,22 +214,31 @@ def build_dataset(events: Iterable[tuple[str, Mapping[str, Any]]], config: Featu
     stats = OfflineStats()
     columns = _Columns(rules_scorer)
     txns, vectors = [], []
+    sampled_out = 0
+    span: tuple[int, int] | None = None
     for txn, vector in offline_features(watch(), config, stats=stats):
         if progress is not None:
             progress.update(1)
         if windows is not None and not windows.keeps(int(txn["event_time"])):
             continue
-        columns.add(txn, vector)
+        weight = 1.0 if weigh is None else weigh(txn)
+        if not weight:
+            sampled_out += 1
+            at = int(txn["event_time"])
+            span = (at, at) if span is None else (min(span[0], at), max(span[1], at))
+            continue
+        columns.add(txn, vector, weight)
         if records:
             txns.append(txn)
             vectors.append(vector)
-    X, times, cards, keys, rules = columns.finish()
+    X, times, cards, keys, rules, weights = columns.finish()
     if not len(times):
         raise TrainingError("no transactions in the history")
     y = np.fromiter((final.get(k, False) for k in keys.tolist()), dtype=np.int8,
                     count=len(keys))
     return Dataset(X, y, times, cards, keys, rules, stats, arrived, compromised,
-                   int(np.median(delays)) if delays else 0, txns, vectors)
+                   int(np.median(delays)) if delays else 0, txns, vectors,
+                   weights if weigh is not None else None, sampled_out, span)
 
 
 def known_targets(ds: Dataset, before_ms: int) -> np.ndarray:
@@ -223,12 +252,15 @@ def known_targets(ds: Dataset, before_ms: int) -> np.ndarray:
                        count=len(ds.txn_keys))
 
 
-def split_by_time(times: np.ndarray, valid_frac: float, test_frac: float
-                  ) -> dict[str, np.ndarray]:
-    """Index arrays of the train, valid and test windows: consecutive spans of event time."""
+def split_by_time(times: np.ndarray, valid_frac: float, test_frac: float,
+                  also: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Index arrays of the train, valid and test windows: consecutive spans of event time
+    (of ``times``, and of ``also``: the first and last of rows not kept)."""
     if not (0 < valid_frac < 1 and 0 < test_frac < 1 and valid_frac + test_frac < 1):
         raise TrainingError("valid and test fractions must be in (0, 1) and sum below 1")
     lo, hi = int(times.min()), int(times.max()) + 1
+    if also is not None:
+        lo, hi = min(lo, also[0]), max(hi, also[1] + 1)
     valid_from = lo + int((hi - lo) * (1 - valid_frac - test_frac))
     test_from = lo + int((hi - lo) * (1 - test_frac))
     windows = {
@@ -237,24 +269,34 @@ def split_by_time(times: np.ndarray, valid_frac: float, test_frac: float
     return {name: np.flatnonzero((times >= a) & (times < b)) for name, (a, b) in windows.items()}
 
 
-def _fit(name: str, X: np.ndarray, y: np.ndarray, config: TrainConfig) -> Any:
+def _fit(name: str, X: np.ndarray, y: np.ndarray, config: TrainConfig,
+         weights: np.ndarray | None = None) -> Any:
+    """``weights``: each row's weight (a sampled training set); None: every row once."""
     if name == "lightgbm":
         import lightgbm as lgb
 
-        pos = max(1, int(y.sum()))
+        w = np.ones(len(y)) if weights is None else weights.astype(np.float64)
+        pos = max(1.0, float(w[y == 1].sum()))
         model = lgb.LGBMClassifier(
             n_estimators=config.trees, learning_rate=0.05, num_leaves=31,
             min_child_samples=20, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
-            scale_pos_weight=min(50.0, (len(y) - pos) / pos), random_state=config.seed,
-            verbose=-1,
-        ).fit(X, y)
+            scale_pos_weight=min(50.0, float(w[y == 0].sum()) / pos),
+            random_state=config.seed, verbose=-1,
+        ).fit(X, y, sample_weight=None if weights is None else w)
         return _float32_thresholds(model)
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if weights is None:
+        return make_pipeline(StandardScaler(), LogisticRegression(
+            max_iter=2000, C=0.5, class_weight="balanced", random_state=config.seed)
+        ).fit(X, y)
+    # the classes balanced by weight, as "balanced" balances them by count
     return make_pipeline(StandardScaler(), LogisticRegression(
-        max_iter=2000, C=0.5, class_weight="balanced", random_state=config.seed)).fit(X, y)
+        max_iter=2000, C=0.5, random_state=config.seed)).fit(
+        X, y, standardscaler__sample_weight=weights,
+        logisticregression__sample_weight=balanced(y, weights))
 
 
 def _float32_thresholds(model: Any) -> Any:
@@ -330,12 +372,15 @@ def _thresholds(score: np.ndarray, y: np.ndarray, config: TrainConfig) -> dict[s
     return {"review": review, "decline": max(decline, review)}
 
 
-def _histogram(values: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
-    """Quantile bin edges and the share of values in each bin (the drift reference)."""
-    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+def _histogram(values: np.ndarray, bins: int = 10, weights: np.ndarray | None = None
+               ) -> dict[str, list[float]]:
+    """Quantile bin edges and the share of values in each bin (the drift reference);
+    ``weights``: each value counted that many times (a sampled training set)."""
+    edges = np.unique(weighted_quantiles(values, np.linspace(0, 1, bins + 1), weights))
     if len(edges) < 2:
         edges = np.array([edges[0], edges[0] + 1.0])
-    counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
+    counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges,
+                             weights=weights)
     return {"edges": edges.tolist(), "proportions": (counts / max(1, counts.sum())).tolist()}
 
 
@@ -356,16 +401,27 @@ def _iso(ms: int) -> str:
 
 def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config: TrainConfig,
           data_hash: str, rules_scorer: Any, progress: Any = None,
-          phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+          phase: Callable[[str], None] | None = None,
+          labelled: Container[str] | None = None) -> dict[str, Any]:
     """Train, check and write an artifact under ``out_dir/<version>``; returns its metadata.
     ``progress.update(1)`` per transaction whose features are built; ``phase(name)`` as
-    each later phase starts."""
+    each later phase starts. ``labelled``: the ids of the transactions that have a label,
+    known before the first one is read (needed to sample, ``config.genuine_sample``)."""
     t0 = time.monotonic()
     windows = config.windows
     step = phase or (lambda _name: None)
-    ds = build_dataset(events, config.features, progress, windows, rules_scorer)
+    weigh = None
+    if config.genuine_sample < 1.0:
+        if labelled is None or config.sample_until_ms is None:
+            raise TrainingError("sampling genuine transactions needs the labelled "
+                                "transactions known before reading, and where the "
+                                "training window ends (a range with time bounds)")
+        weigh = genuine_sampler(config.genuine_sample, config.sample_until_ms, labelled)
+    ds = build_dataset(events, config.features, progress, windows, rules_scorer,
+                       weigh=weigh)
     if windows is None:
-        split = split_by_time(ds.times, config.valid_frac, config.test_frac)
+        split = split_by_time(ds.times, config.valid_frac, config.test_frac,
+                              ds.sampled_span)
         y_fit = ds.y
     else:
         split = windows.split(ds.times)
@@ -376,7 +432,17 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
                    "other windows (fraud labels known before --test-from for train and valid)")
             raise TrainingError(f"the {name} window has no fraud labels: a longer history, "
                                 f"or {how}, is needed")
+    row_weights = ds.weights
+    if row_weights is not None and ds.sampled_span is not None:
+        first_valid = int(ds.times[split["valid"]].min())
+        if ds.sampled_span[1] >= first_valid or np.any(row_weights[split["valid"]] != 1.0):
+            raise TrainingError(
+                f"transactions up to {_iso(config.sample_until_ms or 0)} were sampled, but "
+                f"the validation window starts at {_iso(first_valid)}: it must hold every "
+                "transaction. The range's bounds are wider than its data; give bounds "
+                "around it (or sample less far)")
     tr, va, te = split["train"], split["valid"], split["test"]
+    w_tr = None if row_weights is None else row_weights[tr]
 
     models: dict[str, Any] = {}
     onnx_models: dict[str, bytes] = {}
@@ -384,7 +450,7 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
     test_scores: dict[str, np.ndarray] = {}
     for name in MODELS:
         step(f"fit {name} on {len(tr):,} transactions, check its ONNX export")
-        models[name] = _fit(name, ds.X[tr], y_fit[tr], config)
+        models[name] = _fit(name, ds.X[tr], y_fit[tr], config, w_tr)
         onnx_models[name] = to_onnx(name, models[name], ds.X.shape[1])
         native = models[name].predict_proba(ds.X[te])[:, 1]
         test_scores[name] = onnx_scores(onnx_models[name], ds.X[te])
@@ -453,10 +519,15 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
             "coef": models["logistic"][-1].coef_[0].tolist(),
         },
         "windows": {name: {"from": _iso(int(ds.times[idx].min())),
-                           "to": _iso(int(ds.times[idx].max())), "transactions": len(idx),
+                           "to": _iso(int(ds.times[idx].max())),
+                           "transactions": len(idx) + (ds.sampled_out if name == "train"
+                                                       else 0),
                            "fraud": int(ds.y[idx].sum()),
                            "fraud_learned": int(y_fit[idx].sum()) if name != "test" else None}
                     for name, idx in split.items()},
+        "sampling": None if row_weights is None else {
+            "genuine_share": config.genuine_sample, "until": _iso(config.sample_until_ms or 0),
+            "rows_kept": len(ds), "sampled_out": ds.sampled_out},
         "protocol": {
             "windows": "explicit" if windows is not None else "fractions",
             "labels_learned_before": None if windows is None else _iso(windows.test_from),
@@ -465,8 +536,9 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
             "warnings": [] if windows is None or not (
                 gap := windows.gap_warning(ds.label_delay_ms)) else [gap],
         },
-        "data": {"sha256": data_hash, "transactions": len(ds),
-                 "labels": ds.stats.labels, "fraud_rate": float(ds.y.mean())},
+        "data": {"sha256": data_hash, "transactions": len(ds) + ds.sampled_out,
+                 "labels": ds.stats.labels,
+                 "fraud_rate": float(np.average(ds.y, weights=ds.w))},
         "rates": None if config.rates is None else {
             "version": config.rates.version, "reference": config.rates.reference,
             "rates": config.rates.units_per_ref},
@@ -476,7 +548,8 @@ def train(events: Iterable[tuple[str, Mapping[str, Any]]], out_dir: Path, config
         "libraries": _versions(),
         "metrics": {"test": metrics},
         "reference": {
-            "features": {n: _histogram(ds.X[tr][:, i]) for i, n in enumerate(FEATURE_NAMES)},
+            "features": {n: _histogram(ds.X[tr][:, i], weights=w_tr)
+                         for i, n in enumerate(FEATURE_NAMES)},
             "score": _histogram(ensemble(valid_scores)),
         },
         # Rows of the test window and the ensemble's scores for them: checked at each load.

@@ -350,6 +350,10 @@ class AutopilotSettings:
     valid_frac: float = 0.2
     test_frac: float = 0.2
     trees: int = 300
+    #: Share of the training window's unlabelled transactions kept, each weighing 1/share
+    #: (every labelled one is kept; validation and test keep all): a long window in less
+    #: memory. 1 keeps every one.
+    genuine_sample: float = 1.0
     #: Promotion: the challenger's average precision and card precision@100/day on the
     #: replayed test window at least this much above the champion's ...
     margin_ap: float = 0.01

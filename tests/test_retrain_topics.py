@@ -95,3 +95,29 @@ def test_retrain_writes_an_artifact_and_puts_it_on_the_artifacts_topic(
     fetched = download(stack_settings, version, tmp_path / "elsewhere")
     assert (fetched / "metadata.json").read_bytes() == \
         (tmp_path / "models" / version / "metadata.json").read_bytes()
+
+    # A share of the training window's unlabelled transactions, on a range with time
+    # bounds (where the training window ends is known from them before reading).
+    def run(share: str, *bounds: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fraudstream", "retrain", *bounds,
+                               "--genuine-sample", share, "--out", str(tmp_path / "models"),
+                               "--trees", "30", "--quiet", "--no-upload"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    def meta_of(out: subprocess.CompletedProcess) -> dict:
+        assert out.returncode == 0, out.stderr
+        return json.loads((tmp_path / "models" / json.loads(out.stdout)["version"]
+                           / "metadata.json").read_text())
+
+    out = run("0.3", "--from", "0")
+    assert out.returncode == 1 and "time bounds at both ends" in out.stderr, out.stderr
+    wide = run("0.3", "--from", f"@{T0_MS - 7 * DAY_MS}", "--to", f"@{T0_MS}")
+    assert wide.returncode == 1 and "wider than its data" in wide.stderr, wide.stderr
+    days = ("--from", f"@{T0_MS - 6 * DAY_MS}", "--to", f"@{T0_MS - DAY_MS}")
+    small, whole = meta_of(run("0.3", *days)), meta_of(run("1", *days))
+    s = small["sampling"]
+    assert whole["sampling"] is None and s["genuine_share"] == 0.3
+    assert s["sampled_out"] > 0.5 * small["windows"]["train"]["transactions"]
+    assert small["windows"]["valid"] == whole["windows"]["valid"]
+    assert small["windows"]["test"] == whole["windows"]["test"]
+    assert small["metrics"]["test"]["ensemble"]["average_precision"] > 0.3

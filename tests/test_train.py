@@ -178,3 +178,49 @@ def test_card_precision_leaves_out_cards_already_known_compromised():
     assert card_precision_at_k(cards, times, y, score, k=2, known={"known": DAY - 1}) == 0.5
     # known only later that day: still counted that day
     assert card_precision_at_k(cards, times, y, score, k=2, known={"known": DAY + 5}) == 1.0
+
+
+def test_a_sampled_training_window_keeps_what_the_models_and_measures_need(history, tmp_path):
+    # A long window trained with a share of its unlabelled transactions: every labelled
+    # one kept, validation and test whole, the drift reference and the class balance
+    # those of the whole window, the models about as good.
+    labelled = {rec["transaction_id"] for kind, rec in history if kind == "label"}
+    span = 8 * 86_400_000
+    until = START + int(span * 0.55)  # inside the training window (the first 60%)
+    rules = RulesScorer(RuleSet.default())
+    full = T.train(history, tmp_path / "full", T.TrainConfig(trees=60), "ab" * 32, rules)
+    config = T.TrainConfig(trees=60, genuine_sample=0.25, sample_until_ms=until)
+    with pytest.raises(T.TrainingError, match="labelled"):
+        T.train(history, tmp_path / "x", config, "ab" * 32, rules)
+    sampled = T.train(history, tmp_path / "sampled", config, "ab" * 32, rules,
+                      labelled=labelled)
+
+    s = sampled["sampling"]
+    assert full["sampling"] is None and s["genuine_share"] == 0.25
+    # about three in four of the unlabelled transactions before `until` left out
+    before = sum(1 for kind, rec in history if kind == "transaction"
+                 and rec["event_time"] < until and rec["transaction_id"] not in labelled)
+    assert 0.7 * before < s["sampled_out"] < 0.8 * before
+    assert s["rows_kept"] + s["sampled_out"] == full["data"]["transactions"]
+    assert sampled["data"]["transactions"] == full["data"]["transactions"]
+    for name in ("valid", "test"):  # whole
+        assert sampled["windows"][name] == full["windows"][name]
+    assert sampled["windows"]["train"]["fraud_learned"] == \
+        full["windows"]["train"]["fraud_learned"]
+    # the fraud rate and the drift reference as the whole window gives them
+    assert sampled["data"]["fraud_rate"] == pytest.approx(full["data"]["fraud_rate"],
+                                                          rel=0.1)
+    for feature in ("card_count_24h", "merchant_count_7d", "hour_of_day"):
+        a = np.asarray(full["reference"]["features"][feature]["proportions"])
+        b = np.asarray(sampled["reference"]["features"][feature]["proportions"])
+        if len(a) == len(b):
+            assert np.max(np.abs(a - b)) < 0.05, feature
+    # the models: about as good on the same test window
+    f, t = full["metrics"]["test"]["ensemble"], sampled["metrics"]["test"]["ensemble"]
+    assert t["auc_roc"] > f["auc_roc"] - 0.02
+    assert t["average_precision"] > f["average_precision"] - 0.05
+    # a share out of (0, 1] is refused
+    with pytest.raises(ValueError, match="share"):
+        T.train(history, tmp_path / "y", T.TrainConfig(genuine_sample=0.0,
+                                                       sample_until_ms=until),
+                "ab" * 32, rules, labelled=labelled)

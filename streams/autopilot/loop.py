@@ -302,7 +302,8 @@ class Autopilot:
             done = run_stoppable(retrain, (self.settings, RetrainConfig(
                 start=Bound("time", start), end=Bound("time", end),
                 train=TrainConfig(valid_frac=a.valid_frac, test_frac=a.test_frac,
-                                  trees=a.trees)), self.models_dir), self._stop)
+                                  trees=a.trees, genuine_sample=a.genuine_sample)),
+                self.models_dir), self._stop)
             self.metrics.training_seconds.set(done.seconds)
             self._emit("trained", f"{done.seconds:.1f} s, {done.meta['data']['transactions']:,}"
                        f" transactions, {done.frauds_learned} fraud labels learned",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fraudstream.scorers.registry import Registry
-from fraudstream.scorers.train import TrainConfig, train
+from fraudstream.scorers.train import TrainConfig, TrainingError, train
 from fraudstream.state.features import FeatureConfig
 from fraudstream.streams.autopilot.source import topic_events
 from fraudstream.streams.control.artifacts import upload
@@ -69,6 +69,27 @@ def data_hash(settings: Settings, config: RetrainConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
+#: Sampling stops this share of the range's span before the validation window begins:
+#: event times trail the Kafka times the bounds are in.
+SAMPLE_MARGIN = 0.02
+
+
+def sample_until(config: RetrainConfig) -> int | None:
+    """Where sampling genuine transactions stops (event time): inside the training window
+    of a range with time bounds at both ends; None without sampling. Raises
+    :class:`TrainingError` for a range whose span is not known before it is read."""
+    t = config.train
+    if t.genuine_sample >= 1.0:
+        return None
+    start, end = config.start, config.end
+    if end is None or start.kind == "offset" or end.kind == "offset":
+        raise TrainingError("sampling genuine transactions needs a range with time bounds "
+                         "at both ends (--from and --to as times): where the training "
+                         "window ends is known from them")
+    span = end.value - start.value
+    return int(start.value + span * (1.0 - t.valid_frac - t.test_frac - SAMPLE_MARGIN))
+
+
 def retrain(settings: Settings, config: RetrainConfig, models_dir: Path,
             progress: Any = None, phase: Callable[[str], None] | None = None) -> Retrained:
     """Train on the range into ``models_dir``; raises
@@ -79,18 +100,20 @@ def retrain(settings: Settings, config: RetrainConfig, models_dir: Path,
     t0 = time.monotonic()
     codecs = codecs_for(settings)
     errors: Counter[str] = Counter()
+    train_config = replace(config.train, sample_until_ms=sample_until(config))
     # What the workers decide with now: amounts converted with the rates table in force.
     rules, rates = in_force(settings)
+    labelled: set[str] = set()
     events = topic_events(
         settings, codecs,
         ReplayConfig(challenger="-", start=config.start, end=config.end,
                      partitions=config.partitions),
-        errors, progress, rates=rates)
+        errors, progress, rates=rates, labelled=labelled)
     fs = settings.features
     features = FeatureConfig(allowed_lateness_ms=int(fs.allowed_lateness_s * 1000),
                              label_delay_ms=int(fs.label_delay_s * 1000))
-    meta = train(events, models_dir, replace(config.train, features=features, rates=rates),
-                 data_hash(settings, config), rules, phase=phase)
+    meta = train(events, models_dir, replace(train_config, features=features, rates=rates),
+                 data_hash(settings, config), rules, phase=phase, labelled=labelled)
     if config.upload:
         upload(settings, Registry(models_dir), meta["version"])
     return Retrained(meta, models_dir / meta["version"], errors, time.monotonic() - t0)

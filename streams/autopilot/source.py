@@ -41,12 +41,13 @@ Event = tuple[str, dict[str, Any]]
 
 def topic_events(settings: Settings, codecs: Codecs, config: ReplayConfig,
                  errors: Counter[str], progress: Any = None, rates: Rates | None = None,
-                 ) -> Iterator[Event]:
+                 labelled: set[str] | None = None) -> Iterator[Event]:
     """Validated ``("transaction", dict)`` and ``("label", dict)`` events of the range.
     ``config`` takes the replay's bounds (``start``, ``end``, ``partitions``, ``batch``);
     unusable records are counted in ``errors`` by ``"<topic> <field>: <reason>"``.
     ``progress(n)`` after each batch of n records. Amounts convert with ``rates`` (default:
-    the rates file's table)."""
+    the rates file's table). ``labelled`` is filled with the ids of the transactions that
+    have a label before the first transaction is given (for a sampled training set)."""
     avro = settings.codec.input_format == "avro"
     decode = codecs.transaction.decode if avro else decode_json
     decode_label = codecs.label.decode if avro else decode_json
@@ -70,6 +71,8 @@ def topic_events(settings: Settings, codecs: Codecs, config: ReplayConfig,
                         errors[f"{settings.topics.labels} {_why(exc)}"] += 1
                         continue
                     waiting.append((int(label["label_time"]), k, label))
+                    if labelled is not None:
+                        labelled.add(str(label["transaction_id"]))
                 heapq.heapify(waiting)
             for _role, rec, _t in batch:
                 try:

@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_split_arguments(p)
     p.add_argument("--trees", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--genuine-sample", type=float, default=1.0, metavar="SHARE",
+                   help="keep this share of the training window's unlabelled transactions, "
+                        "each weighing 1/SHARE in the fit (every labelled one is kept; the "
+                        "validation and test windows keep every transaction): a long range "
+                        "in less memory. Needs --from and --to as times (default: 1, all)")
     p.add_argument("--no-upload", action="store_true",
                    help="keep the artifact in --out only (not on the artifacts topic)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     out = args.out or settings.scoring.models_dir
     try:
+        if not 0.0 < args.genuine_sample <= 1.0:
+            raise ValueError(f"--genuine-sample: a share in (0, 1], not {args.genuine_sample}")
         config = RetrainConfig(
             start=Bound.parse(args.start, args.event_time),
             end=Bound.parse(args.end, args.event_time) if args.end else None,
@@ -49,7 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             train=TrainConfig(valid_frac=args.valid_frac, test_frac=args.test_frac,
                               review_rate=args.review_rate,
                               decline_precision=args.decline_precision, trees=args.trees,
-                              seed=args.seed),
+                              seed=args.seed, genuine_sample=args.genuine_sample),
             upload=not args.no_upload)
     except (ReplayError, ValueError) as exc:
         print(f"fraudstream retrain: {exc}", file=sys.stderr)
