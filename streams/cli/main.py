@@ -132,9 +132,6 @@ def _cmd_autopilot(args: argparse.Namespace, settings: Settings) -> int:
         Policy.of(settings.autopilot)
     except ValueError as exc:
         raise StartError(f"FRAUDSTREAM_AUTOPILOT_*: {exc}") from None
-    if not 0.0 < settings.autopilot.genuine_sample <= 1.0:
-        raise StartError("FRAUDSTREAM_AUTOPILOT_GENUINE_SAMPLE: a share in (0, 1], not "
-                         f"{settings.autopilot.genuine_sample}")
     check_services(settings)  # broker and registry, or one line
     from fraudstream.streams.cli.autopilot import run
 
