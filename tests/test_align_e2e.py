@@ -93,6 +93,7 @@ def offline(order: list[dict[str, Any]], labels: list[dict[str, Any]]
     return {t["transaction_id"]: list(v.row) for t, v in offline_features(events, config)}
 
 
+@pytest.mark.slow  # 25 s: make test-slow (CI runs both)
 def test_a_backlog_in_four_partitions_gives_the_offline_features(stack_settings,
                                                                    start_worker):
     start = T0_MS - 3 * DAY_MS

@@ -39,6 +39,7 @@ def wait_for(log: Path, text: str, timeout_s: float) -> None:
         time.sleep(0.3)
 
 
+@pytest.mark.slow  # 24 s: make test-slow (CI runs both)
 def test_two_workers_without_a_shared_folder_serve_a_published_version(
         models_registry, stack_settings, start_worker, codecs, tmp_path):
     trainer = tmp_path / "trainer"  # where the version was trained: no worker reads it

@@ -98,6 +98,7 @@ def test_malformed_records_go_to_the_dlq_with_their_reason(stack_settings, codec
     assert per_kind == Counter(expected_bad.values())
 
 
+@pytest.mark.slow  # 26 s: make test-slow (CI runs both)
 def test_sigkill_mid_stream_loses_nothing_and_never_changes_a_decision(
     stack_settings: Settings, codecs, start_worker
 ):

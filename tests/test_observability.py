@@ -110,6 +110,7 @@ def panels(dashboard: dict, row: str | None = None) -> list[dict]:
     return next(g for title, g in groups.items() if title and title.startswith(row))
 
 
+@pytest.mark.slow  # 31 s: make test-slow (CI runs both)
 def test_dashboard_queries_return_data_and_alerts_fire(
         models_registry, stack_settings, start_worker, codecs, tmp_path):
     root = tmp_path / "models"

@@ -74,6 +74,7 @@ def test_the_topics_give_the_rows_a_history_file_gives(stack_settings, codecs, h
     assert not any(PAN in reason for reason in errors), errors
 
 
+@pytest.mark.slow  # 25 s: make test-slow (CI runs both)
 def test_retrain_writes_an_artifact_and_puts_it_on_the_artifacts_topic(
         stack_settings, history, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSTREAM_")}
