@@ -25,7 +25,7 @@ from fraudstream.streams.cli.history_input import (
     HistorySource,
     add_history_arguments,
     history_events,
-    tables,
+    rates_table,
 )
 from fraudstream.streams.settings import Settings
 from fraudstream.streams.traffic.csv_source import CsvMappingError
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     t0 = time.perf_counter()
     errors: list[str] = []
     try:
-        rates = tables(args, settings, "features")[1]
+        rates = rates_table(args, settings, "features")
         events = history_events(HistorySource.from_args(args, settings, rates), errors,
                                 args.reader)
     except (CsvMappingError, OSError) as exc:

@@ -68,9 +68,16 @@ def add_history_arguments(p: argparse.ArgumentParser) -> None:
                         "(auto)")
 
 
+def rates_table(args: argparse.Namespace, settings: Settings, command: str) -> Rates:
+    """:func:`tables`' rates table, for a build that takes no rules."""
+    if not args.in_force:
+        return Rates.load(settings.worker.rates_path)
+    return tables(args, settings, command)[1]
+
+
 def tables(args: argparse.Namespace, settings: Settings, command: str
            ) -> tuple[RulesScorer, Rates]:
-    """The rules and the rates table to build with: the files' (RatesError, RuleError
+    """The rules and the rates table to build with: the files' (RatesError, RulesError
     when one cannot be read), or with ``--in-force`` those every worker applies now, which
     needs the broker (:class:`StartError` when it cannot be reached)."""
     if not args.in_force:
