@@ -1,8 +1,9 @@
 """Genuine transactions sampled out of a long training window.
 
-A training set holds about 290 bytes per transaction, and the fit copies the training
-window again (about 850 more): a window of days at a payments team's rate does not fit in
-memory. Fraud is rare, so most of those rows are genuine and teach the models little each.
+A training set holds about 290 bytes per transaction, and the fits copy the training
+window's rows again. Fraud is rare, so most of those rows are genuine and teach the models
+little each. (What this does not shrink: the offline feature code's state, every card's
+events of its longest window, and the validation and test windows; docs/performance.md.)
 Sampling keeps every transaction that has a label (fraud or not) and a share of the
 unlabelled ones, chosen by a hash of the transaction id (the same rows on every run), each
 kept one weighing ``1 / share`` in the fit, so that the models learn the class balance of

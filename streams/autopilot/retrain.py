@@ -83,9 +83,9 @@ def sample_until(config: RetrainConfig) -> int | None:
         return None
     start, end = config.start, config.end
     if end is None or start.kind == "offset" or end.kind == "offset":
-        raise TrainingError("sampling genuine transactions needs a range with time bounds "
-                         "at both ends (--from and --to as times): where the training "
-                         "window ends is known from them")
+        raise TrainingError("sampling genuine transactions needs a range with time "
+                            "bounds at both ends (--from and --to as times): where the "
+                            "training window ends is known from them")
     span = end.value - start.value
     return int(start.value + span * (1.0 - t.valid_frac - t.test_frac - SAMPLE_MARGIN))
 
