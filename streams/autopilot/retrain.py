@@ -103,7 +103,8 @@ def retrain(settings: Settings, config: RetrainConfig, models_dir: Path,
     train_config = replace(config.train, sample_until_ms=sample_until(config))
     # What the workers decide with now: amounts converted with the rates table in force.
     rules, rates = in_force(settings)
-    labelled: set[str] = set()
+    # the labelled transactions, known before the first is read: only sampling needs them
+    labelled: set[str] | None = set() if train_config.sample_until_ms is not None else None
     events = topic_events(
         settings, codecs,
         ReplayConfig(challenger="-", start=config.start, end=config.end,

@@ -12,7 +12,6 @@ order and the errors are the same either way.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import pickle
 import subprocess
@@ -83,16 +82,12 @@ def tables(args: argparse.Namespace, settings: Settings, command: str
     if not args.in_force:
         return (RulesScorer(RuleSet.load(settings.scoring.rules_path)),
                 Rates.load(settings.worker.rates_path))
-    from fraudstream.streams.control.follow import in_force
+    from fraudstream.streams.control.follow import in_force, quiet
     from fraudstream.streams.topics import connect
 
     connect(settings.kafka)  # one line and an exit code, not the files in silence
-    said = logging.getLogger("fraudstream.worker")
-    level, _ = said.level, said.setLevel(logging.ERROR)  # a worker's lines, not these
-    try:
+    with quiet():
         rules, rates = in_force(settings)
-    finally:
-        said.setLevel(level)
     print(f"fraudstream {command}: rules {rules.ruleset.version} and rates {rates.version} "
           f"({rates.reference}), as in force on {settings.topics.control}", file=sys.stderr)
     return rules, rates
@@ -113,12 +108,10 @@ class HistorySource:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, settings: Settings,
-                  rates: Rates | None = None) -> HistorySource:
-        """``rates``: the table to convert with; by default the rates file's (raises
-        RatesError when it cannot be read)."""
+                  rates: Rates) -> HistorySource:
+        """``rates``: the table to convert with (:func:`tables`, :func:`rates_table`)."""
         return cls(Path(args.input), ColumnMapping.from_flags(args.map, args.default),
-                   args.label_delay_days, args.token_key, args.keep_order, settings,
-                   rates or Rates.load(settings.worker.rates_path))
+                   args.label_delay_days, args.token_key, args.keep_order, settings, rates)
 
     def raw(self) -> Iterator[Event]:
         """The mapped events; raises CsvMappingError or OSError before the first one."""

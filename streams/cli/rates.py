@@ -21,7 +21,6 @@ the amounts of their next batch with the new table; one that starts later starts
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from fraudstream.schemas.control import ControlRecord
 from fraudstream.schemas.fx import Rates, read_file
 from fraudstream.scorers.rules import RuleSet
 from fraudstream.streams.cli.rules import _not_sent, _who, history, publish_arguments
-from fraudstream.streams.control.follow import ControlFollower
+from fraudstream.streams.control.follow import ControlFollower, quiet
 from fraudstream.streams.settings import Settings
 
 
@@ -64,13 +63,11 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
     # The table in force as a worker reads it (a published table the workers refused is
     # not), and the last change of its kind, which this one is made from (the fence).
     follower = ControlFollower(settings, models=False)
-    said = logging.getLogger("fraudstream.worker")
-    level, _ = said.level, said.setLevel(logging.ERROR)  # a worker's lines, not this one's
     try:
-        follower.initial(RuleSet.load(settings.scoring.rules_path))
+        with quiet():
+            follower.initial(RuleSet.load(settings.scoring.rules_path))
     finally:
         follower.stop()
-        said.setLevel(level)
     now, head = follower.rates, follower.heads.get("rates")
     assert now is not None
     if head is not None and head.version != now.version:

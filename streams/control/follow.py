@@ -27,9 +27,11 @@ are in that one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -337,6 +339,18 @@ def rules_in_force(settings: Settings) -> RulesScorer:
     control topic, else the rules file's), without following the topic or touching the
     models folder: for a replay."""
     return in_force(settings)[0]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The follower's lines held back to errors while a command reads what is in force:
+    the command says it in its own words, not a worker's."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def in_force(settings: Settings) -> tuple[RulesScorer, Rates]:
